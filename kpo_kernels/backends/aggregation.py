@@ -1,0 +1,107 @@
+"""Per-row partial sums -> aggregation weights, loss and metrics (spec sections 4 and 5).
+
+Backends reduce each row to the statistics below; `finalize` turns them into the weight of
+every row (so the gradient needs no second pass over the tokens), the scalar loss and the
+metric vector. The Triton backend does the same in its finalize kernel, with the same column
+order; this is the torch version, and the definition of the aggregation weights.
+"""
+
+import torch
+
+from ..options import METRIC_NAMES
+
+# Columns of the (B, NUM_STATS) row statistics.
+STAT_NAMES = (
+    "tokens",  # valid tokens in the row
+    "loss_sum",  # sum of the per-token loss (is_weights included)
+    "clipped",  # tokens where the clipped branch won
+    "clipped_lower",  # tokens where the dual-clip floor won
+    "neg_log_ratio_sum",  # sum of -z (for ppo_kl)
+    "ratio_sum",  # sum of the filtered ratio
+    "ratio_max",
+    "raw_ratio_sum",  # sum of exp(z)
+    "raw_ratio_max",
+)
+NUM_STATS = len(STAT_NAMES)
+STAT = {name: i for i, name in enumerate(STAT_NAMES)}
+
+
+def row_stats(*, valid, token_loss, clipped, clipped_lower, log_ratio, ratio, raw_ratio):
+    """(B, NUM_STATS) statistics of (B, T) per-token quantities.
+
+    token_loss must already be 0 at invalid tokens, and the other quantities finite there
+    (clipped flags 0/1 or None, ratios positive): they are masked by multiplication.
+    """
+    valid_f = valid.to(token_loss.dtype)
+    none = torch.zeros_like(token_loss[:, 0])
+
+    def total(values):
+        return none if values is None else (values * valid_f).sum(-1)
+
+    columns = {
+        "tokens": valid_f.sum(-1),
+        "loss_sum": token_loss.sum(-1),
+        "clipped": total(clipped),
+        "clipped_lower": total(clipped_lower),
+        "neg_log_ratio_sum": -total(log_ratio),
+        "ratio_sum": total(ratio),
+        "ratio_max": (ratio * valid_f).amax(-1) if ratio.shape[-1] else none,
+        "raw_ratio_sum": total(raw_ratio),
+        "raw_ratio_max": (raw_ratio * valid_f).amax(-1) if ratio.shape[-1] else none,
+    }
+    return torch.stack([columns[name] for name in STAT_NAMES], dim=-1)
+
+
+def row_weights(tokens, options, horizon):
+    """Weight of each row's loss sum in the aggregated loss (verl's `agg_loss`, spec section 4).
+
+    An empty denominator (no valid token, no non-empty row) gives weight 0, hence loss 0,
+    instead of 0/0.
+    """
+    dp = float(options.dp_size)
+    if options.agg == "token-sum":
+        return torch.full_like(tokens, dp)
+    if options.agg == "token-mean":
+        count = tokens.sum() if options.batch_num_tokens is None else _scalar(options.batch_num_tokens, tokens)
+        return (_safe_inverse(count) * dp).expand_as(tokens)
+    nonempty = tokens > 0
+    sequences = nonempty.sum().to(tokens) if options.global_batch_size is None else _scalar(options.global_batch_size, tokens)
+    weight = _safe_inverse(sequences) * dp
+    if options.agg == "seq-mean-token-mean":
+        return torch.where(nonempty, weight * _safe_inverse(tokens), 0.0)
+    if options.agg == "seq-mean-token-sum-norm":
+        weight = weight / (horizon if options.loss_scale_factor is None else options.loss_scale_factor)
+    return torch.where(nonempty, weight, 0.0)
+
+
+def _scalar(value, like):
+    return torch.full((), float(value), dtype=like.dtype, device=like.device)
+
+
+def _safe_inverse(x):
+    return torch.where(x > 0, 1.0 / torch.where(x > 0, x, 1.0), 0.0)
+
+
+def finalize(stats, options, horizon):
+    """(row_scale (B,), loss (), metrics (len(METRIC_NAMES),)) from row statistics."""
+    tokens = stats[:, STAT["tokens"]]
+    row_scale = row_weights(tokens, options, horizon)
+    loss = (row_scale * stats[:, STAT["loss_sum"]]).sum()
+
+    total = stats.sum(0)
+    per_token = _safe_inverse(total[STAT["tokens"]])
+    # Maxima over the batch; a batch without valid tokens reports 0.
+    maxima = stats[:, [STAT["ratio_max"], STAT["raw_ratio_max"]]]
+    maxima = torch.cat([maxima, torch.full_like(maxima[:1], float("-inf"))]).amax(0)
+    maxima = torch.where(total[STAT["tokens"]] > 0, maxima, 0.0)
+    metrics = {
+        "clipfrac": total[STAT["clipped"]] * per_token,
+        "clipfrac_lower": total[STAT["clipped_lower"]] * per_token,
+        "ppo_kl": total[STAT["neg_log_ratio_sum"]] * per_token,
+        "ratio_mean": total[STAT["ratio_sum"]] * per_token,
+        "ratio_max": maxima[0],
+        "raw_ratio_mean": total[STAT["raw_ratio_sum"]] * per_token,
+        "raw_ratio_max": maxima[1],
+        "num_tokens": total[STAT["tokens"]],
+    }
+    return row_scale, loss, torch.stack([metrics[name] for name in METRIC_NAMES])

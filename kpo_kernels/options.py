@@ -1,0 +1,82 @@
+"""Checked hyperparameters and inputs, as the backends receive them."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+AGG_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
+MASK_MODES = ("skip", "position")
+
+# Order of the entries of a backend's metric vector; `kpo_loss` returns them as a dict.
+METRIC_NAMES = (
+    "clipfrac",
+    "clipfrac_lower",
+    "ppo_kl",
+    "ratio_mean",
+    "ratio_max",
+    "raw_ratio_mean",
+    "raw_ratio_max",
+    "num_tokens",
+)
+
+
+@dataclass(frozen=True)
+class FilterOptions:
+    q: float
+    r: float
+    p0: float
+    x0: float
+    mask_mode: str
+
+    @property
+    def skip(self):
+        return self.mask_mode == "skip"
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    filter: FilterOptions
+    clip: bool
+    clip_low: float
+    clip_high: float
+    dual_clip: Optional[float]
+    log_ratio_cap: Optional[float]
+    agg: str
+    dp_size: int
+    batch_num_tokens: Optional[float]
+    global_batch_size: Optional[float]
+    loss_scale_factor: Optional[float]
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """A (B, T) batch. `mask` is None when every token counts; `advantages` is (B,) or (B, T).
+
+    Tensors keep the caller's dtypes, strides and values: backends read them, never write them.
+    """
+
+    log_prob: torch.Tensor
+    old_log_prob: torch.Tensor
+    advantages: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]
+    is_weights: Optional[torch.Tensor]
+
+    @property
+    def shape(self):
+        return self.log_prob.shape
+
+    @property
+    def device(self):
+        return self.log_prob.device
+
+    @property
+    def result_dtype(self):
+        """Dtype of the loss and metrics: float64 for float64 inputs, float32 otherwise."""
+        return torch.float64 if self.log_prob.dtype == torch.float64 else torch.float32

@@ -1,0 +1,165 @@
+"""Argument checks, run before any kernel. Every error names the offending argument."""
+
+import math
+import numbers
+
+import torch
+
+from .options import AGG_MODES, MASK_MODES, FilterOptions, LossOptions, TokenBatch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _number(name, value, *, allow_inf=False):
+    """A Python float from an int/float (or a CPU 0-dim tensor); TypeError/ValueError otherwise."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.device.type != "cpu":
+            raise TypeError(
+                f"{name} must be a Python number (a {value.device.type} tensor would force a "
+                f"host synchronisation), got a tensor of shape {tuple(value.shape)} on {value.device}"
+            )
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_filter_params(*, q, r, p0, x0, mask_mode="skip"):
+    q = _number("q", q)
+    r = _number("r", r)
+    p0 = _number("p0", p0, allow_inf=True)
+    x0 = _number("x0", x0)
+    if q < 0:
+        raise ValueError(f"q (process noise variance) must be >= 0, got {q}")
+    if r <= 0:
+        raise ValueError(f"r (observation noise variance) must be > 0, got {r}")
+    if p0 < 0:
+        raise ValueError(f"p0 (prior variance) must be >= 0, got {p0}")
+    if not math.isfinite(q / r):
+        raise ValueError(f"q / r overflows (q={q}, r={r})")
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    return FilterOptions(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode)
+
+
+def _optional_count(name, value):
+    if value is None:
+        return None
+    value = _number(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0 when given, got {value}")
+    return value
+
+
+def check_loss_options(
+    *,
+    q,
+    r,
+    p0,
+    x0,
+    mask_mode,
+    clip,
+    clip_low,
+    clip_high,
+    dual_clip,
+    log_ratio_cap,
+    agg,
+    dp_size,
+    batch_num_tokens,
+    global_batch_size,
+    loss_scale_factor,
+):
+    filter_options = check_filter_params(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode)
+    if not isinstance(clip, bool):
+        raise TypeError(f"clip must be a bool, got {type(clip).__name__}")
+    clip_low = _number("clip_low", clip_low)
+    clip_high = _number("clip_high", clip_high)
+    if clip_low < 0:
+        raise ValueError(f"clip_low must be >= 0, got {clip_low}")
+    if clip_high < 0:
+        raise ValueError(f"clip_high must be >= 0, got {clip_high}")
+    if dual_clip is not None:
+        dual_clip = _number("dual_clip", dual_clip)
+        if dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1 (it bounds the loss at -dual_clip * A), got {dual_clip}")
+    if log_ratio_cap is not None:
+        log_ratio_cap = _number("log_ratio_cap", log_ratio_cap)
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    if isinstance(dp_size, bool) or not isinstance(dp_size, numbers.Integral) or dp_size < 1:
+        raise ValueError(f"dp_size must be an int >= 1, got {dp_size!r}")
+    batch_num_tokens = _optional_count("batch_num_tokens", batch_num_tokens)
+    global_batch_size = _optional_count("global_batch_size", global_batch_size)
+    loss_scale_factor = _optional_count("loss_scale_factor", loss_scale_factor)
+    if dp_size > 1 and agg == "token-mean" and batch_num_tokens is None:
+        raise ValueError("batch_num_tokens (the global valid-token count) is required when dp_size > 1")
+    if dp_size > 1 and agg.startswith("seq-mean") and global_batch_size is None:
+        raise ValueError("global_batch_size (the global sequence count) is required when dp_size > 1")
+    return LossOptions(
+        filter=filter_options,
+        clip=clip,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        log_ratio_cap=log_ratio_cap,
+        agg=agg,
+        dp_size=int(dp_size),
+        batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size,
+        loss_scale_factor=loss_scale_factor,
+    )
+
+
+def _tensor(name, value, *, floating=True):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and value.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}")
+    return value
+
+
+def _same_place(name, value, shape, device):
+    if value.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device}, expected {device} (the device of the log-probs)")
+
+
+def check_mask(mask, shape, device, name="mask"):
+    if mask is None:
+        return None
+    _tensor(name, mask, floating=False)
+    if mask.is_complex():
+        raise TypeError(f"{name} must be bool or 0/1 real numbers, got {mask.dtype}")
+    _same_place(name, mask, shape, device)
+    return mask
+
+
+def check_tokens(name, value):
+    _tensor(name, value)
+    if value.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (batch, tokens), got shape {tuple(value.shape)}")
+    return value
+
+
+def check_token_batch(log_prob, old_log_prob, advantages, mask, is_weights):
+    check_tokens("log_prob", log_prob)
+    shape, device = log_prob.shape, log_prob.device
+    _same_place("old_log_prob", _tensor("old_log_prob", old_log_prob), shape, device)
+    _tensor("advantages", advantages)
+    if advantages.device != device:
+        raise ValueError(f"advantages is on {advantages.device}, expected {device}")
+    if advantages.dim() == 2 and advantages.shape == (shape[0], 1):
+        advantages = advantages[:, 0]
+    if not (advantages.shape == shape or advantages.shape == shape[:1]):
+        raise ValueError(
+            f"advantages has shape {tuple(advantages.shape)}; expected ({shape[0]},) per sequence, "
+            f"({shape[0]}, 1) or {tuple(shape)} per token"
+        )
+    mask = check_mask(mask, shape, device)
+    if is_weights is not None:
+        _same_place("is_weights", _tensor("is_weights", is_weights), shape, device)
+    return TokenBatch(log_prob, old_log_prob, advantages, mask, is_weights)

@@ -1,0 +1,26 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="kpo-kernels",
+    version="0.1.0",
+    description="Exact, fused Kalman Policy Optimization (KPO) losses: Triton kernels and PyTorch backends",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kpo_kernels", "kpo_kernels.*"]),
+    install_requires=["torch>=2.4"],
+    extras_require={
+        # Triton ships with CUDA builds of torch; CPU installs add it for TRITON_INTERPRET=1 tests.
+        "triton": ["triton>=3.2"],
+        # numpy 2.4 removed the array-to-scalar conversion that Triton 3.6's interpreter relies on.
+        "test": ["triton>=3.2", "pytest>=8", "hypothesis>=6.100", "numpy<2.4"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "numpy<2.4"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
