@@ -27,27 +27,33 @@ STAT = {name: i for i, name in enumerate(STAT_NAMES)}
 
 
 def row_stats(*, valid, token_loss, clipped, clipped_lower, log_ratio, ratio, raw_ratio):
-    """(B, NUM_STATS) statistics of (B, T) per-token quantities.
+    """(B, NUM_STATS) statistics of (B, T) per-token quantities, in token_loss's dtype.
 
-    token_loss must already be 0 at invalid tokens, and the other quantities finite there
-    (clipped flags 0/1 or None, ratios positive): they are masked by multiplication.
+    valid: the mask as 0/1 floats. token_loss must be 0 at invalid tokens; the other quantities
+    must be finite there (flags bool or None, ratios positive): they are masked by the mask.
     """
-    valid_f = valid.to(token_loss.dtype)
+    dtype = token_loss.dtype
     none = torch.zeros_like(token_loss[:, 0])
 
     def total(values):
-        return none if values is None else (values * valid_f).sum(-1)
+        if values is None:
+            return none
+        # Row-wise dot product with the mask: no (B, T) temporary.
+        return torch.bmm(values.to(dtype)[:, None, :], valid[:, :, None]).view(-1)
+
+    def largest(values):
+        return (values * valid).amax(-1) if values.shape[-1] else none
 
     columns = {
-        "tokens": valid_f.sum(-1),
+        "tokens": valid.sum(-1),
         "loss_sum": token_loss.sum(-1),
         "clipped": total(clipped),
         "clipped_lower": total(clipped_lower),
-        "neg_log_ratio_sum": -total(log_ratio),
+        "neg_log_ratio_sum": -log_ratio.sum(-1).to(dtype),
         "ratio_sum": total(ratio),
-        "ratio_max": (ratio * valid_f).amax(-1) if ratio.shape[-1] else none,
+        "ratio_max": largest(ratio),
         "raw_ratio_sum": total(raw_ratio),
-        "raw_ratio_max": (raw_ratio * valid_f).amax(-1) if ratio.shape[-1] else none,
+        "raw_ratio_max": largest(raw_ratio),
     }
     return torch.stack([columns[name] for name in STAT_NAMES], dim=-1)
 

@@ -1,5 +1,6 @@
 """The interface every backend implements, and the choice of backend for a call."""
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -47,6 +48,11 @@ class Backend:
         raise NotImplementedError
 
 
+def log1p_neg(x):
+    """log(1 - x), and -inf for x >= 1: a lower clip bound <= 0 never binds."""
+    return math.log1p(-x) if x < 1 else -math.inf
+
+
 def check_backend_argument(backend):
     if not isinstance(backend, Backend) and (not isinstance(backend, str) or backend not in BACKEND_NAMES):
         raise ValueError(f"backend must be one of {BACKEND_NAMES} or a Backend instance, got {backend!r}")
@@ -67,11 +73,10 @@ def resolve_backend(backend, device, dtype):
             raise ValueError(f"backend='triton' needs Triton, which failed to import: {triton_import_error()}")
         chosen = TritonBackend()
     else:
+        # float64 inputs stay in float64 on the torch backend; Triton computes in float32.
         auto_triton = device.type == "cuda" and dtype != torch.float64 and triton_import_error() is None
         chosen = TritonBackend() if auto_triton else TorchBackend()
     reason = chosen.unavailable_reason(device)
-    if reason is None and isinstance(chosen, TritonBackend) and dtype == torch.float64:
-        reason = "it computes in float32; float64 inputs run on backend='torch'"
     if reason is not None:
         raise ValueError(f"backend={chosen.name!r} cannot run here: {reason}")
     return chosen

@@ -7,14 +7,16 @@ chunk totals. Factors (1 - c) are floored at e^-36 (below float64 resolution, so
 unchanged), which bounds 1 / P by e^(16 * 36) < float64 max: no overflow, no underflow, and no
 cancellation (every rounding error is relative to sum_s |b_s| P_t / P_s). No Python loop over
 tokens, O(T) work, in-place arithmetic (CPU allocations of large tensors are slow). The loss and
-its gradient are computed in float32 (float64 for float64 inputs).
+its gradient are computed in float64 too, and returned in float32 (float64 for float64 inputs).
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 from ..gains import gain_tables
-from .base import Backend, LossForward
+from .base import Backend, LossForward, log1p_neg
 from . import aggregation
 
 COMPUTE = torch.float64
@@ -80,59 +82,68 @@ class TorchBackend(Backend):
         return torch.where(valid, filter_states(z, valid, options), 0.0).to(out_dtype)
 
     def loss_forward(self, batch, options, need_grad):
-        # The scan runs in float64; the per-token loss in the result dtype (float32 unless the
-        # inputs are float64). Garbage under the mask is replaced once, with `where`; after that
-        # every masked quantity is finite and multiplying by the float mask zeroes it (cheaper
-        # than `where` on CPUs). A NaN at a valid token still propagates.
+        # The scan and every branch decision (cap, clip, dual clip) use the float64 filtered
+        # log-ratio, so decisions agree with a float64 definition token for token; values are
+        # computed in the result dtype. Garbage under the mask is replaced once; after that
+        # every masked quantity is finite and multiplying by the mask zeroes it (cheaper than
+        # `where` on CPUs). Arithmetic is in place where it can be: fresh multi-megabyte CPU
+        # allocations cost page faults.
         dtype = batch.result_dtype
         valid = _valid(batch.mask, batch.shape, batch.device)
-        weight = valid.to(dtype)
-        z = torch.where(valid, batch.log_prob.to(COMPUTE) - batch.old_log_prob.to(COMPUTE), 0.0)
-        x = filter_states(z, valid, options.filter).to(dtype) * weight
+        invalid = ~valid
+        valid_f = valid.to(dtype)
+        z = batch.log_prob.to(COMPUTE, copy=True).sub_(batch.old_log_prob).masked_fill_(invalid, 0.0)
+        x = filter_states(z, valid, options.filter)
 
-        # Filtered ratio; d rt / d log_prob is rt below the cap and 0 above it (torch.clamp).
-        if options.log_ratio_cap is None:
-            rt = torch.exp(x)
-            drt = rt
-        else:
-            rt = torch.exp(torch.clamp(x, max=options.log_ratio_cap))
-            drt = rt * (x <= options.log_ratio_cap)
+        capped = None
+        if options.log_ratio_cap is not None:
+            capped = x > options.log_ratio_cap
+            x.clamp_(max=options.log_ratio_cap)
+        rt = x.to(dtype, copy=True).mul_(valid_f).exp_()  # filtered ratio; 1 at invalid tokens
 
-        adv = batch.advantages.to(dtype)
-        if adv.dim() == 1:
-            adv = torch.where(valid.any(-1), adv, 0.0)[:, None]
+        neg_adv = batch.advantages.to(dtype)
+        if neg_adv.dim() == 1:
+            neg_adv = torch.where(valid.any(-1), neg_adv, 0.0)[:, None]
         else:
-            adv = torch.where(valid, adv, 0.0)
-        token_loss, dloss_drt = -adv * rt, -adv
+            neg_adv = neg_adv.masked_fill(invalid, 0.0)
+        neg_adv = neg_adv.neg_()
+        token_loss = rt * neg_adv
+        frozen = capped  # tokens whose loss does not depend on log_prob
         clipped = lower = None
         if options.clip:
-            clipped_loss = -adv * torch.clamp(rt, 1 - options.clip_low, 1 + options.clip_high)
-            clipped = (clipped_loss > token_loss).to(dtype)
-            token_loss = torch.maximum(token_loss, clipped_loss)
-            dloss_drt = dloss_drt * (1 - clipped)
+            clipped_loss = torch.clamp(rt, 1 - options.clip_low, 1 + options.clip_high).mul_(neg_adv)
+            torch.maximum(token_loss, clipped_loss, out=token_loss)
+            clipped = ((x > math.log1p(options.clip_high)) & (neg_adv < 0)) | (
+                (x < log1p_neg(options.clip_low)) & (neg_adv > 0)
+            )
+            frozen = clipped if frozen is None else frozen | clipped
         if options.dual_clip is not None:
-            floor = torch.where(adv < 0, -adv * options.dual_clip, float("inf"))
-            lower = (token_loss > floor).to(dtype)
-            tie = (token_loss == floor).to(dtype)  # torch.minimum splits a tie's gradient
-            token_loss = torch.minimum(token_loss, floor)
-            dloss_drt = dloss_drt * (1 - lower - 0.5 * tie)
+            negative = neg_adv > 0
+            torch.minimum(token_loss, torch.where(negative, neg_adv * options.dual_clip, math.inf), out=token_loss)
+            lower = (x > math.log(options.dual_clip)) & negative
+            frozen = lower if frozen is None else frozen | lower
+        weight = valid_f
         if batch.is_weights is not None:
-            weight = torch.where(valid, batch.is_weights.to(dtype), 0.0)
-        token_loss, dloss_drt = token_loss * weight, dloss_drt * weight
+            weight = batch.is_weights.to(dtype).masked_fill(invalid, 0.0)
+        token_loss.mul_(weight)
 
         stats = aggregation.row_stats(
-            valid=valid,
+            valid=valid_f,
             token_loss=token_loss,
             clipped=clipped,
             clipped_lower=lower,
-            log_ratio=z.to(dtype),
+            log_ratio=z,
             ratio=rt,
-            raw_ratio=torch.exp(z).to(dtype),
+            raw_ratio=z.to(dtype, copy=True).exp_(),
         )
         row_scale, loss, metrics = aggregation.finalize(stats, options, batch.shape[-1])
-        grad = dloss_drt * drt if need_grad else None
+        grad = None
+        if need_grad:  # d token_loss / d log_prob = -A * rt * w where the loss is not frozen
+            grad = rt.mul_(neg_adv).mul_(weight)
+            if frozen is not None:
+                grad.masked_fill_(frozen, 0.0)
         return LossForward(loss, metrics, grad, row_scale)
 
     def loss_backward(self, saved, grad_output, dtype):
-        scale = grad_output.to(COMPUTE) * saved.row_scale
+        scale = grad_output.to(saved.row_scale.dtype) * saved.row_scale
         return (saved.grad * scale[:, None]).to(dtype)

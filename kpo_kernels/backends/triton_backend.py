@@ -1,5 +1,6 @@
 """Triton backend: launches the kernels of `triton_kernels` (CUDA, or CPU under TRITON_INTERPRET=1)."""
 
+import math
 import os
 
 import torch
@@ -7,7 +8,7 @@ import torch
 from ..gains import gain_tables
 from ..options import METRIC_NAMES
 from .aggregation import NUM_STATS
-from .base import Backend, LossForward
+from .base import Backend, LossForward, log1p_neg
 
 _IMPORT_ERROR = None
 try:
@@ -152,7 +153,10 @@ class TritonBackend(Backend):
             options.log_ratio_cap if options.log_ratio_cap is not None else 0.0,
             1.0 - options.clip_low,
             1.0 + options.clip_high,
+            log1p_neg(options.clip_low),
+            math.log1p(options.clip_high),
             options.dual_clip if options.dual_clip is not None else 0.0,
+            math.log(options.dual_clip) if options.dual_clip is not None else 0.0,
             HAS_MASK=batch.mask is not None,
             SKIP=filt.skip,
             ADV_PER_TOKEN=adv.dim() == 2,

@@ -117,7 +117,10 @@ def kpo_loss_fwd_kernel(
     log_ratio_cap,
     ratio_low,
     ratio_high,
+    log_ratio_low,
+    log_ratio_high,
     dual_clip,
+    log_dual_clip,
     HAS_MASK: tl.constexpr,
     SKIP: tl.constexpr,
     ADV_PER_TOKEN: tl.constexpr,
@@ -161,43 +164,40 @@ def kpo_loss_fwd_kernel(
         x, seen, state = _filter_block(z, valid, in_bounds, pos, gains_ptr, seen, state, SKIP, BLOCK)
         x = tl.where(valid, x, 0.0)
 
-        # Filtered ratio; its derivative w.r.t. log_prob is rt below the cap and 0 above it.
+        # Branch decisions (cap, clip, dual clip) compare the filtered log-ratio with the log of
+        # each bound: rt = exp(x) would add its own rounding to the decision.
         if HAS_CAP:
-            capped = x > log_ratio_cap
-            rt = tl.exp(tl.where(capped, log_ratio_cap, x))
-            drt = tl.where(capped, 0.0, rt)
+            frozen = x > log_ratio_cap
+            x = tl.where(frozen, log_ratio_cap, x)
         else:
-            rt = tl.exp(x)
-            drt = rt
+            frozen = pos < 0  # all false
+        rt = tl.exp(x)
         if ADV_PER_TOKEN:
             adv = tl.load(adv_row + pos * stride_adv_tok, mask=valid, other=0.0).to(tl.float32)
         else:
             adv = tl.where(valid, adv_scalar, 0.0)
 
         loss = -adv * rt
-        dloss = -adv
         if CLIP:
-            rt_clipped = tl.where(rt < ratio_low, ratio_low, tl.where(rt > ratio_high, ratio_high, rt))
-            loss_clipped = -adv * rt_clipped
-            clipped = loss_clipped > loss
-            loss = tl.where(clipped, loss_clipped, loss)
-            dloss = tl.where(clipped, 0.0, dloss)
-            clipped_sum += clipped.to(tl.float32)
+            clip_high = (adv > 0) & (x > log_ratio_high)
+            clip_low = (adv < 0) & (x < log_ratio_low)
+            loss = tl.where(clip_high, -adv * ratio_high, tl.where(clip_low, -adv * ratio_low, loss))
+            frozen = frozen | clip_high | clip_low
+            clipped_sum += (clip_high | clip_low).to(tl.float32)
         if DUAL_CLIP:
-            floor = -adv * dual_clip
-            negative = adv < 0
-            lower = negative & (loss > floor)
-            tie = negative & (loss == floor)  # torch.minimum gives each side half the gradient
-            loss = tl.where(lower, floor, loss)
-            dloss = tl.where(lower, 0.0, tl.where(tie, 0.5 * dloss, dloss))
+            lower = (adv < 0) & (x > log_dual_clip)
+            loss = tl.where(lower, -adv * dual_clip, loss)
+            frozen = frozen | lower
             lower_sum += lower.to(tl.float32)
+        # d loss / d log_prob = -A * rt (the stop-gradient trick), 0 where a branch froze it.
+        dloss = tl.where(frozen, 0.0, -adv * rt)
         if HAS_WEIGHTS:
             w = tl.load(w_row + pos * stride_w_tok, mask=valid, other=0.0).to(tl.float32)
             loss = loss * w
             dloss = dloss * w
         loss = tl.where(valid, loss, 0.0)
         if STORE_GRAD:
-            tl.store(grad_row + pos, tl.where(valid, dloss * drt, 0.0), mask=in_bounds)
+            tl.store(grad_row + pos, tl.where(valid, dloss, 0.0), mask=in_bounds)
 
         raw = tl.exp(z)
         tokens += valid.to(tl.float32)
