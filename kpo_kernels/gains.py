@@ -41,8 +41,10 @@ def gain_schedule(n, q, r, p0, *, device="cpu"):
     e = torch.exp(steps * log_kappa)
     one_minus_e = -torch.expm1(steps * log_kappa)
     if diffuse:
-        return (p_star + e * p_neg) / one_minus_e
-    return (p0 * (p_star + e * p_neg) + q * one_minus_e) / (p0 * one_minus_e + p_neg + e * p_star)
+        gains = (p_star + e * p_neg) / one_minus_e
+    else:
+        gains = (p0 * (p_star + e * p_neg) + q * one_minus_e) / (p0 * one_minus_e + p_neg + e * p_star)
+    return gains.clamp_(max=1.0)  # K_1 = 1 for p0 = inf can round to 1 + 1 ulp
 
 
 def kalman_gains(n, *, q=1e-6, r=1.0, p0=0.0):

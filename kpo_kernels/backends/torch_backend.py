@@ -61,7 +61,7 @@ def filter_states(z, valid, options):
         observations = torch.cumsum(valid, dim=-1)  # gain index n(t) of spec section 2
         c = gains[(observations - 1).clamp_min(0)] * valid
     else:
-        c = gains[:length].expand(batch, length)
+        c = gains[:length].expand(batch, length).contiguous()  # affine_scan overwrites c
     c_total, b_total = affine_scan(c, c * z, need_c=options.x0 != 0)
     return b_total if options.x0 == 0 else options.x0 - c_total * options.x0 + b_total
 

@@ -1,0 +1,142 @@
+"""Bad input: a clear ValueError/TypeError naming the argument, before any kernel runs."""
+
+import math
+
+import pytest
+import torch
+
+import kpo_kernels
+from kpo_kernels.backends import triton_backend as triton_module
+
+
+class SpyBackend(kpo_kernels.TorchBackend):
+    """A backend that fails the test if it is ever asked to compute."""
+
+    name = "spy"
+
+    def filter(self, *args, **kwargs):
+        raise AssertionError("a kernel ran before the arguments were checked")
+
+    loss_forward = filter
+
+
+def good_inputs(batch=3, length=8):
+    return {
+        "log_prob": torch.zeros(batch, length),
+        "old_log_prob": torch.zeros(batch, length),
+        "advantages": torch.ones(batch),
+        "mask": torch.ones(batch, length, dtype=torch.bool),
+    }
+
+
+LOSS_CASES = [
+    # (override, argument named in the message, exception type)
+    ({"old_log_prob": torch.zeros(3, 7)}, "old_log_prob", ValueError),
+    ({"mask": torch.ones(3, 9, dtype=torch.bool)}, "mask", ValueError),
+    ({"advantages": torch.ones(4)}, "advantages", ValueError),
+    ({"advantages": torch.ones(3, 8, 1)}, "advantages", ValueError),
+    ({"is_weights": torch.ones(3, 7)}, "is_weights", ValueError),
+    ({"log_prob": torch.zeros(3, 8, dtype=torch.int64)}, "log_prob", TypeError),
+    ({"old_log_prob": torch.zeros(3, 8, dtype=torch.int32)}, "old_log_prob", TypeError),
+    ({"advantages": torch.ones(3, dtype=torch.int64)}, "advantages", TypeError),
+    ({"is_weights": torch.ones(3, 8, dtype=torch.int64)}, "is_weights", TypeError),
+    ({"log_prob": [[0.0] * 8] * 3}, "log_prob", TypeError),
+    ({"mask": [[1] * 8] * 3}, "mask", TypeError),
+    ({"mask": torch.ones(3, 8, dtype=torch.complex64)}, "mask", TypeError),
+    ({"log_prob": torch.zeros(8)}, "log_prob", ValueError),
+    ({"log_prob": torch.zeros(3, 8, 1)}, "log_prob", ValueError),
+    ({"old_log_prob": torch.zeros(3, 8, device="meta")}, "old_log_prob", ValueError),
+    ({"advantages": torch.ones(3, device="meta")}, "advantages", ValueError),
+    ({"mask": torch.ones(3, 8, dtype=torch.bool, device="meta")}, "mask", ValueError),
+    ({"q": -1e-6}, "q", ValueError),
+    ({"q": math.nan}, "q", ValueError),
+    ({"q": math.inf}, "q", ValueError),
+    ({"q": "1e-6"}, "q", TypeError),
+    ({"r": 0.0}, "r", ValueError),
+    ({"r": -1.0}, "r", ValueError),
+    ({"p0": -0.5}, "p0", ValueError),
+    ({"x0": math.nan}, "x0", ValueError),
+    ({"clip_low": -0.1}, "clip_low", ValueError),
+    ({"clip_high": -0.1}, "clip_high", ValueError),
+    ({"clip": 1}, "clip", TypeError),
+    ({"dual_clip": 1.0}, "dual_clip", ValueError),
+    ({"dual_clip": 0.5}, "dual_clip", ValueError),
+    ({"log_ratio_cap": math.nan}, "log_ratio_cap", ValueError),
+    ({"agg": "token_mean"}, "agg", ValueError),
+    ({"mask_mode": "ignore"}, "mask_mode", ValueError),
+    ({"backend": "cuda"}, "backend", ValueError),
+    ({"backend": None}, "backend", ValueError),
+    ({"dp_size": 0}, "dp_size", ValueError),
+    ({"dp_size": 2.0}, "dp_size", ValueError),
+    ({"dp_size": 2, "agg": "token-mean"}, "batch_num_tokens", ValueError),
+    ({"dp_size": 2, "agg": "seq-mean-token-mean"}, "global_batch_size", ValueError),
+    ({"batch_num_tokens": 0}, "batch_num_tokens", ValueError),
+    ({"global_batch_size": -3}, "global_batch_size", ValueError),
+    ({"loss_scale_factor": 0.0}, "loss_scale_factor", ValueError),
+    ({"batch_num_tokens": torch.ones(2)}, "batch_num_tokens", TypeError),
+]
+
+
+@pytest.mark.parametrize("override, name, exc", LOSS_CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(LOSS_CASES)])
+def test_kpo_loss_rejects(override, name, exc):
+    args = {**good_inputs(), "backend": SpyBackend(), **override}
+    with pytest.raises(exc) as info:
+        kpo_kernels.kpo_loss(**args)
+    assert name in str(info.value)
+
+
+def test_good_inputs_pass_the_checks():
+    kpo_kernels.kpo_loss(**good_inputs(), backend="torch")
+    kpo_kernels.kpo_loss(**good_inputs(), backend="torch", batch_num_tokens=torch.tensor(24), dp_size=2, agg="token-mean")
+
+
+FILTER_CASES = [
+    ({"log_ratio": torch.zeros(8)}, "log_ratio", ValueError),
+    ({"log_ratio": torch.zeros(3, 8, dtype=torch.int64)}, "log_ratio", TypeError),
+    ({"mask": torch.ones(3, 7)}, "mask", ValueError),
+    ({"q": -1.0}, "q", ValueError),
+    ({"r": 0}, "r", ValueError),
+    ({"p0": -1}, "p0", ValueError),
+    ({"mask_mode": "absolute"}, "mask_mode", ValueError),
+    ({"backend": "cpu"}, "backend", ValueError),
+]
+
+
+@pytest.mark.parametrize("override, name, exc", FILTER_CASES)
+def test_kalman_filter_rejects(override, name, exc):
+    args = {"log_ratio": torch.zeros(3, 8), "mask": None, "backend": SpyBackend(), **override}
+    with pytest.raises(exc) as info:
+        kpo_kernels.kalman_filter(**args)
+    assert name in str(info.value)
+
+
+def test_triton_backend_without_triton(monkeypatch):
+    monkeypatch.setattr(triton_module, "_IMPORT_ERROR", ImportError("No module named 'triton'"))
+    monkeypatch.setattr(triton_module, "kernels", None)
+    with pytest.raises(ValueError, match="triton"):
+        kpo_kernels.kpo_loss(**good_inputs(), backend="triton")
+    # auto falls back to the torch backend
+    loss, _ = kpo_kernels.kpo_loss(**good_inputs(), backend="auto")
+    assert torch.isfinite(loss)
+
+
+def test_triton_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setattr(triton_module, "INTERPRETED", False)
+    if triton_module.kernels is None:
+        pytest.skip("Triton is not importable")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        kpo_kernels.kpo_loss(**good_inputs(), backend="triton")
+
+
+def test_module_rejects_bad_configuration_at_construction():
+    with pytest.raises(ValueError, match="q"):
+        kpo_kernels.KPOLoss(q=-1.0)
+    with pytest.raises(TypeError, match="unexpected"):
+        kpo_kernels.KPOLoss(kalman_q=1.0)
+    with pytest.raises(ValueError, match="backend"):
+        kpo_kernels.KPOLoss(backend="gpu")
+
+
+def test_triton_backend_block_size_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="block_size"):
+        kpo_kernels.TritonBackend(block_size=24)
