@@ -27,7 +27,9 @@ LOG_FLOOR = -36.0  # 16 * 36 = 576 < log(float64 max) = 709
 def affine_scan(c, b, need_c=True):
     """(C, B) with x_t = (1 - C_t) x_0 + B_t for x_t = (1 - c_t) x_{t-1} + b_t along dim -1.
 
-    c and b (float64, c in [0, 1]) are overwritten: pass temporaries. C is None unless need_c.
+    c and b are float64 temporaries (both are overwritten), c in [0, 1]. c may be one (T,)
+    sequence shared by every row of b: the work on c is then done once. C is None unless
+    need_c, and has c's shape.
     """
     length = c.shape[-1]
     chunks = -(-length // CHUNK)
@@ -57,13 +59,26 @@ def filter_states(z, valid, options):
     value is the state carried over them (callers mask it)."""
     batch, length = z.shape
     gains = gain_tables.get(length, options.q, options.r, options.p0, z.device, COMPUTE)
-    if options.skip:
-        observations = torch.cumsum(valid, dim=-1)  # gain index n(t) of spec section 2
-        c = gains[(observations - 1).clamp_min(0)] * valid
+    if not options.skip or _is_prefix(valid):
+        # Position mode, or valid tokens forming a prefix of every row: the token at position t
+        # uses K_{t+1} in every row, so all rows share one coefficient sequence.
+        c = gains[:length].clone()
     else:
-        c = gains[:length].expand(batch, length).contiguous()  # affine_scan overwrites c
+        observations = torch.cumsum(valid, dim=-1)  # gain index n(t) of spec section 2
+        c = torch.take(gains, observations.sub_(1).clamp_min_(0)).mul_(valid)
     c_total, b_total = affine_scan(c, c * z, need_c=options.x0 != 0)
     return b_total if options.x0 == 0 else options.x0 - c_total * options.x0 + b_total
+
+
+def _is_prefix(valid):
+    """True if each row's valid tokens come before its invalid ones (right padding).
+
+    Answered only for CPU tensors: on an accelerator the answer would cost a host sync, and the
+    general path is taken instead.
+    """
+    if valid.device.type != "cpu" or valid.shape[-1] < 2:
+        return valid.device.type == "cpu"
+    return not bool((valid[:, 1:] > valid[:, :-1]).any())
 
 
 def _valid(mask, shape, device):

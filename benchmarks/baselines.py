@@ -1,0 +1,135 @@
+"""What users run today, as described in the KPO contract (spec section 6), for comparison.
+
+- `grpo_eager`: GRPO/PPO token-ratio clipped loss in eager PyTorch, verl's `vanilla` policy
+  loss (ratio exp(clamp(log_prob - old_log_prob, -20, 20)), clip, dual clip c = 3 for A < 0,
+  the same metrics) with verl's `agg_loss` aggregation.
+- `vectorized_cumsum`: the authors' vectorized KPO filter, reimplemented from its description:
+  gains from the sinh closed form in float32, then "divide by the running product of (1 - K),
+  cumulative sum, multiply back". Masked tokens are observations z = 0 at their absolute
+  position (their `position` semantics). Its numerical failures are the point of including it.
+
+Both are plain functions of a batch dict (log_prob, old_log_prob, advantages, mask).
+"""
+
+
+import torch
+
+
+def _agg(token_loss, mask, agg):
+    """verl's agg_loss without global-batch arguments."""
+    mask = mask.to(token_loss.dtype)
+    if agg == "token-mean":
+        return (token_loss * mask).sum() / mask.sum()
+    row_sum = (token_loss * mask).sum(-1)
+    row_tokens = mask.sum(-1)
+    nonempty = (row_tokens > 0).to(token_loss.dtype)
+    if agg == "seq-mean-token-mean":
+        return (row_sum / (row_tokens + 1e-8) * nonempty).sum() / nonempty.sum()
+    if agg == "seq-mean-token-sum":
+        return (row_sum * nonempty).sum() / nonempty.sum()
+    if agg == "seq-mean-token-sum-norm":
+        return (row_sum * nonempty).sum() / nonempty.sum() / mask.shape[-1]
+    raise ValueError(agg)
+
+
+def _broadcast(advantages, like):
+    return advantages[:, None].expand_as(like) if advantages.dim() == 1 else advantages
+
+
+def ppo_clip_loss(ratio, log_ratio, advantages, mask, agg, clip_low, clip_high, clip_ratio_c=3.0):
+    """verl's vanilla clipped surrogate for a given (differentiable) ratio; returns (loss, metrics)."""
+    adv = _broadcast(advantages, ratio)
+    valid = mask.to(ratio.dtype)
+    tokens = valid.sum()
+    loss1 = -adv * ratio
+    loss2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    clipped = torch.maximum(loss1, loss2)
+    loss3 = -adv * clip_ratio_c
+    lower = torch.min(loss3, clipped)
+    token_loss = torch.where(adv < 0, lower, clipped)
+    metrics = {
+        "clipfrac": (torch.gt(loss2, loss1).to(ratio.dtype) * valid).sum() / tokens,
+        "ppo_kl": (-log_ratio.detach() * valid).sum() / tokens,
+        "clipfrac_lower": (torch.gt(clipped, loss3) * (adv < 0) * valid).sum() / tokens,
+    }
+    return _agg(token_loss, mask, agg), metrics
+
+
+def grpo_eager(batch, agg="seq-mean-token-mean", clip_low=3e-4, clip_high=4e-4):
+    """GRPO's token-ratio PPO-clip loss, verl `vanilla` (the loss KPO replaces)."""
+    log_ratio = torch.clamp(batch["log_prob"] - batch["old_log_prob"], min=-20.0, max=20.0)
+    return ppo_clip_loss(torch.exp(log_ratio), log_ratio, batch["advantages"], batch["mask"], agg, clip_low, clip_high)
+
+
+def sinh_gains(length, q, device="cpu"):
+    """K_1..K_T from the sinh closed form of the gain recursion, in float32 (as published).
+
+    With cosh(theta) = 1 + q/2, p_n = q sinh(n theta) / ((1 + q) sinh(n theta) - sinh((n-1) theta)).
+    In float32, 1 + q/2 rounds to 1 for q <= 1e-7 (theta = 0, gains 0/0), theta is off by about
+    2% at q = 1e-6, and sinh overflows once n theta > 89.
+    """
+    q32 = torch.tensor(q, dtype=torch.float32, device=device)
+    theta = torch.acosh(1 + q32 / 2)
+    n = torch.arange(1, length + 1, dtype=torch.float32, device=device)
+    now, before = torch.sinh(n * theta), torch.sinh((n - 1) * theta)
+    return q32 * now / ((1 + q32) * now - before)
+
+
+def vectorized_cumsum_filter(log_ratio, mask, q, x0=0.0):
+    """The authors' float32 vectorized filter: x_t = A_t (x0 + cumsum(K z / A)), A = cumprod(1 - K)."""
+    z = torch.where(mask.bool(), log_ratio.float(), 0.0)
+    gains = sinh_gains(z.shape[-1], q, z.device)
+    running = torch.cumprod(1 - gains, dim=0)
+    return torch.where(mask.bool(), running * (x0 + torch.cumsum(gains * z / running, dim=-1)), 0.0)
+
+
+def vectorized_cumsum(batch, agg="seq-mean-token-mean", clip_low=3e-4, clip_high=4e-4, q=1e-6, log_ratio_cap=10.0):
+    """KPO with the authors' vectorized filter and the same clipped surrogate."""
+    new, old = batch["log_prob"], batch["old_log_prob"]
+    xhat = vectorized_cumsum_filter((new - old).detach(), batch["mask"], q)
+    log_rt = torch.clamp(new - new.detach() + xhat, max=log_ratio_cap)
+    return ppo_clip_loss(torch.exp(log_rt), (new - old), batch["advantages"], batch["mask"], agg, clip_low, clip_high)
+
+
+def float64_filter(log_ratio, mask, q, r=1.0, mask_mode="skip"):
+    """A float64 sequential recursion, vectorized over rows only (the accuracy yardstick)."""
+    z = torch.where(mask.bool(), log_ratio.double(), 0.0).cpu()
+    valid = mask.bool().cpu()
+    x = torch.zeros(z.shape[0], dtype=torch.float64)
+    seen = torch.zeros(z.shape[0], dtype=torch.int64)
+    gains = _float64_gains(z.shape[-1], q / r)
+    out = torch.zeros_like(z)
+    for t in range(z.shape[-1]):
+        observed = valid[:, t] if mask_mode == "skip" else torch.ones_like(valid[:, t])
+        seen = seen + observed
+        k = gains[(seen - 1).clamp_min(0)] * observed
+        x = x + k * (z[:, t] - x)
+        out[:, t] = torch.where(valid[:, t], x, 0.0)
+    return out
+
+
+def _float64_gains(length, q):
+    gains, p = [], 0.0
+    for _ in range(length):
+        p = (p + q) / (p + q + 1)
+        gains.append(p)
+    return torch.tensor(gains, dtype=torch.float64)
+
+
+def gain_error_onset(q, length, tol=1e-3):
+    """First 1-based n where the float32 sinh gains are NaN or off by > tol relative, or None."""
+    got = sinh_gains(length, q).double()
+    want = _float64_gains(length, q)
+    bad = ~torch.isfinite(got) | ((got - want).abs() > tol * want)
+    return int(bad.nonzero()[0]) + 1 if bool(bad.any()) else None
+
+
+__all__ = [
+    "float64_filter",
+    "gain_error_onset",
+    "grpo_eager",
+    "ppo_clip_loss",
+    "sinh_gains",
+    "vectorized_cumsum",
+    "vectorized_cumsum_filter",
+]
