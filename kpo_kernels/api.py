@@ -4,25 +4,43 @@ import inspect
 
 import torch
 
-from .backends import check_backend_argument, resolve_backend
+from .backends import LossForward, check_backend_argument, resolve_backend
 from .options import METRIC_NAMES
-from .validation import check_filter_params, check_loss_options, check_mask, check_token_batch, check_tokens
+from .validation import (
+    check_cu_seqlens,
+    check_filter_params,
+    check_loss_options,
+    check_mask,
+    check_token_batch,
+    check_tokens,
+)
 
 
 def kalman_filter(
-    log_ratio, mask=None, *, q=1e-6, r=1.0, p0=0.0, x0=0.0, mask_mode="skip", backend="auto"
+    log_ratio,
+    mask=None,
+    *,
+    q=1e-6,
+    r=1.0,
+    p0=0.0,
+    x0=0.0,
+    mask_mode="skip",
+    cu_seqlens=None,
+    backend="auto",
 ):
-    """Causal Kalman-filtered log-ratio of every token of a (B, T) batch (spec section 2).
+    """Causal Kalman-filtered log-ratio of every token (spec section 2).
 
-    Returns a float32 tensor of the same shape (float64 for float64 input on the torch backend),
-    0 where `mask` is 0. No autograd. Values of `log_ratio` under the mask are never read.
+    log_ratio is (B, T), or (N,) packed sequences with `cu_seqlens` (S + 1,) offsets. Returns a
+    float32 tensor of the same shape (float64 for float64 input on the torch backend), 0 where
+    `mask` is 0. No autograd. Values of `log_ratio` under the mask are never read.
     """
     options = check_filter_params(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode)
-    check_tokens("log_ratio", log_ratio)
+    check_tokens("log_ratio", log_ratio, cu_seqlens)
+    cu_seqlens = check_cu_seqlens(cu_seqlens, log_ratio.shape[0], log_ratio.device)
     mask = check_mask(mask, log_ratio.shape, log_ratio.device)
     impl = resolve_backend(backend, log_ratio.device, log_ratio.dtype)
     with torch.no_grad():
-        return impl.filter(log_ratio.detach(), mask, options)
+        return impl.filter(log_ratio.detach(), mask, options, cu_seqlens)
 
 
 class _KPOLossFunction(torch.autograd.Function):
@@ -32,7 +50,7 @@ class _KPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_prob, batch, options, impl):
         result = impl.loss_forward(batch, options, need_grad=ctx.needs_input_grad[0])
-        ctx.impl, ctx.dtype = impl, log_prob.dtype
+        ctx.impl, ctx.dtype, ctx.layout = impl, log_prob.dtype, result.layout
         if result.grad is not None:
             ctx.save_for_backward(result.grad, result.row_scale)
         ctx.mark_non_differentiable(result.metrics)
@@ -41,15 +59,8 @@ class _KPOLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_metrics):
         grad, row_scale = ctx.saved_tensors
-        saved = _Saved(grad, row_scale)
+        saved = LossForward(None, None, grad, row_scale, ctx.layout)
         return ctx.impl.loss_backward(saved, grad_loss, ctx.dtype), None, None, None
-
-
-class _Saved:
-    __slots__ = ("grad", "row_scale")
-
-    def __init__(self, grad, row_scale):
-        self.grad, self.row_scale = grad, row_scale
 
 
 def kpo_loss(
@@ -74,9 +85,11 @@ def kpo_loss(
     batch_num_tokens=None,
     global_batch_size=None,
     loss_scale_factor=None,
+    cu_seqlens=None,
     backend="auto",
 ):
-    """KPO policy loss of a (B, T) batch: returns (loss, metrics).
+    """KPO policy loss of a padded (B, T) batch, or of packed (N,) sequences with `cu_seqlens`:
+    returns (loss, metrics).
 
     loss is a 0-dim tensor (float32; float64 for float64 inputs on the torch backend),
     differentiable with respect to `log_prob` only. metrics maps `options.METRIC_NAMES` to
@@ -99,7 +112,7 @@ def kpo_loss(
         global_batch_size=global_batch_size,
         loss_scale_factor=loss_scale_factor,
     )
-    batch = check_token_batch(log_prob, old_log_prob, advantages, mask, is_weights)
+    batch = check_token_batch(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens)
     impl = resolve_backend(backend, batch.device, log_prob.dtype)
     loss, metric_vector = _KPOLossFunction.apply(log_prob, batch, options, impl)
     return loss, dict(zip(METRIC_NAMES, metric_vector.unbind()))
@@ -133,4 +146,4 @@ _LOSS_DEFAULTS = {
     for name, parameter in inspect.signature(kpo_loss).parameters.items()
     if parameter.kind is parameter.KEYWORD_ONLY
 }
-_TENSOR_OR_BACKEND = ("is_weights", "backend")
+_TENSOR_OR_BACKEND = ("is_weights", "cu_seqlens", "backend")

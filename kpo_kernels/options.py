@@ -57,9 +57,11 @@ class LossOptions:
 
 @dataclass(frozen=True)
 class TokenBatch:
-    """A (B, T) batch. `mask` is None when every token counts; `advantages` is (B,) or (B, T).
+    """A padded (B, T) batch, or a packed (N,) one with `cu_seqlens` (S + 1,) offsets.
 
-    Tensors keep the caller's dtypes, strides and values: backends read them, never write them.
+    `mask` is None when every token counts; `advantages` is per sequence ((B,) / (S,)) or per
+    token (same shape as log_prob). Tensors keep the caller's dtypes, strides and values:
+    backends read them, never write them.
     """
 
     log_prob: torch.Tensor
@@ -67,6 +69,11 @@ class TokenBatch:
     advantages: Optional[torch.Tensor]
     mask: Optional[torch.Tensor]
     is_weights: Optional[torch.Tensor]
+    cu_seqlens: Optional[torch.Tensor] = None
+
+    @property
+    def num_sequences(self):
+        return self.cu_seqlens.numel() - 1 if self.cu_seqlens is not None else self.log_prob.shape[0]
 
     @property
     def shape(self):

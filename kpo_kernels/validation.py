@@ -138,28 +138,75 @@ def check_mask(mask, shape, device, name="mask"):
     return mask
 
 
-def check_tokens(name, value):
+def check_tokens(name, value, cu_seqlens=None):
+    """A (B, T) tensor, or a packed (N,) one when cu_seqlens is given."""
     _tensor(name, value)
-    if value.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (batch, tokens), got shape {tuple(value.shape)}")
+    if cu_seqlens is None and value.dim() != 2:
+        hint = " (a packed batch needs cu_seqlens)" if value.dim() == 1 else ""
+        raise ValueError(f"{name} must be 2-D (batch, tokens), got shape {tuple(value.shape)}{hint}")
+    if cu_seqlens is not None and value.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (tokens,) when cu_seqlens is given, got shape {tuple(value.shape)}")
     return value
 
 
-def check_token_batch(log_prob, old_log_prob, advantages, mask, is_weights):
-    check_tokens("log_prob", log_prob)
+def check_cu_seqlens(cu_seqlens, num_tokens, device):
+    """Sequence offsets of a packed batch: integer (S + 1,), 0 first, non-decreasing, N last.
+
+    Values are checked on the host when the offsets are on the CPU. On an accelerator they are
+    checked asynchronously (torch._assert_async: no host synchronisation; a violation fails
+    the next synchronising call with a device-side assertion).
+    """
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be 1-D with S + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, expected {device} (the device of the log-probs)")
+    if cu_seqlens.dtype == torch.int32 and num_tokens >= 2**31:
+        raise ValueError("cu_seqlens must be int64 for 2^31 tokens or more")
+    first, last = cu_seqlens[0], cu_seqlens[-1]
+    steps = cu_seqlens[1:] - cu_seqlens[:-1]
+    if device.type == "cpu":
+        if int(first) != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {int(first)}")
+        if bool((steps < 0).any()):
+            raise ValueError("cu_seqlens must be non-decreasing")
+        if int(last) != num_tokens:
+            raise ValueError(f"cu_seqlens must end at the number of tokens {num_tokens}, got {int(last)}")
+    else:
+        torch._assert_async(first == 0, "cu_seqlens must start at 0")
+        torch._assert_async((steps >= 0).all(), "cu_seqlens must be non-decreasing")
+        torch._assert_async(last == num_tokens, "cu_seqlens must end at the number of tokens")
+    return cu_seqlens
+
+
+def _per_sequence_or_token(name, value, shape, sequences, device):
+    """(S,) / (B,) per sequence or the token shape per token; (B, 1) / (S, 1) squeezed."""
+    _tensor(name, value)
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device}, expected {device}")
+    if value.dim() == 2 and value.shape == (sequences, 1) and value.shape != shape:
+        value = value[:, 0]
+    if value.shape == shape or value.shape == (sequences,):
+        return value
+    raise ValueError(
+        f"{name} has shape {tuple(value.shape)}; expected ({sequences},) per sequence or "
+        f"{tuple(shape)} per token"
+    )
+
+
+def check_token_batch(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens=None):
+    check_tokens("log_prob", log_prob, cu_seqlens)
     shape, device = log_prob.shape, log_prob.device
+    cu_seqlens = check_cu_seqlens(cu_seqlens, shape[0], device)
+    sequences = cu_seqlens.numel() - 1 if cu_seqlens is not None else shape[0]
     _same_place("old_log_prob", _tensor("old_log_prob", old_log_prob), shape, device)
-    _tensor("advantages", advantages)
-    if advantages.device != device:
-        raise ValueError(f"advantages is on {advantages.device}, expected {device}")
-    if advantages.dim() == 2 and advantages.shape == (shape[0], 1):
-        advantages = advantages[:, 0]
-    if not (advantages.shape == shape or advantages.shape == shape[:1]):
-        raise ValueError(
-            f"advantages has shape {tuple(advantages.shape)}; expected ({shape[0]},) per sequence, "
-            f"({shape[0]}, 1) or {tuple(shape)} per token"
-        )
+    advantages = _per_sequence_or_token("advantages", advantages, shape, sequences, device)
     mask = check_mask(mask, shape, device)
     if is_weights is not None:
         _same_place("is_weights", _tensor("is_weights", is_weights), shape, device)
-    return TokenBatch(log_prob, old_log_prob, advantages, mask, is_weights)
+    return TokenBatch(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens)

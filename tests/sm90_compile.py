@@ -19,7 +19,15 @@ import kpo_kernels
 from kpo_kernels.backends import triton_backend as launcher
 from helpers import make_batch
 
-KERNELS = ("kalman_filter_kernel", "kpo_loss_fwd_kernel", "kpo_loss_finalize_kernel", "kpo_loss_bwd_kernel")
+KERNELS = (
+    "kalman_filter_kernel",
+    "kpo_loss_fwd_kernel",
+    "kpo_loss_finalize_kernel",
+    "kpo_loss_bwd_kernel",
+    "tile_count_kernel",
+    "tile_aggregate_kernel",
+    "tile_offsets_kernel",
+)
 TYPES = {
     torch.float32: "fp32",
     torch.float16: "fp16",
@@ -105,16 +113,27 @@ def resources(cubin):
     return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)), "local": int(re.search(r"LOCAL:(\d+)", usage).group(1))}
 
 
-def loss_run(batch, options):
+def loss_run(batch, options, backend=None):
     def run():
-        impl = kpo_kernels.TritonBackend()
+        impl = backend or kpo_kernels.TritonBackend()
         checked = kpo_kernels.validation.check_token_batch(
-            batch["log_prob"], batch["old_log_prob"], batch["advantages"], batch["mask"], batch.get("is_weights")
+            batch["log_prob"], batch["old_log_prob"], batch["advantages"], batch["mask"], batch.get("is_weights"),
+            batch.get("cu_seqlens"),
         )
         result = impl.loss_forward(checked, kpo_kernels.validation.check_loss_options(**{**LOSS_DEFAULTS, **options}), True)
         impl.loss_backward(result, torch.ones(()), batch["log_prob"].dtype)
 
     return run
+
+
+def packed(batch):
+    """The same tokens as a packed stream with cu_seqlens (rows become sequences)."""
+    rows, length = batch["log_prob"].shape
+    flat = {k: v.reshape(-1) for k, v in batch.items() if v is not None and v.dim() == 2}
+    flat["advantages"] = batch["advantages"] if batch["advantages"].dim() == 1 else flat["advantages"]
+    flat["mask"] = None if batch["mask"] is None else flat["mask"]
+    flat["cu_seqlens"] = torch.arange(0, rows * length + 1, length, dtype=torch.int32)
+    return flat
 
 
 def cases():
@@ -123,12 +142,23 @@ def cases():
         options = config.pop("options")
         for length in LENGTHS:
             yield f"loss-{name}-T{length}", loss_run(make_batch(3, length, seed=1, **config), options)
+        batch = make_batch(3, 700, seed=1, **config)
+        tiled = kpo_kernels.TritonBackend(tile_size=256)
+        yield f"loss-{name}-tiled", loss_run(batch, options, tiled)
+        yield f"loss-{name}-packed", loss_run(packed(batch), options)
+        yield f"loss-{name}-packed-tiled", loss_run(packed(batch), options, tiled)
     for mode in ("skip", "position"):
         for masked in (True, False):
             z = torch.zeros(2, 3000)
             mask = torch.ones(2, 3000, dtype=torch.bool) if masked else None
-            yield f"filter-{mode}-{'masked' if masked else 'unmasked'}", (
-                lambda z=z, mask=mask, mode=mode: kpo_kernels.kalman_filter(z, mask, mask_mode=mode, backend="triton")
+            label = f"filter-{mode}-{'masked' if masked else 'unmasked'}"
+            yield label, (lambda z=z, mask=mask, mode=mode: kpo_kernels.kalman_filter(z, mask, mask_mode=mode, backend="triton"))
+            tiled = kpo_kernels.TritonBackend(tile_size=512)
+            cu = torch.tensor([0, 1000, 6000], dtype=torch.int64)
+            yield label + "-packed-tiled", (
+                lambda z=z, mask=mask, mode=mode: kpo_kernels.kalman_filter(
+                    z.reshape(-1), None if mask is None else mask.reshape(-1), mask_mode=mode, cu_seqlens=cu, backend=tiled
+                )
             )
 
 

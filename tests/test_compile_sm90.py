@@ -36,7 +36,15 @@ def test_every_launch_compiles(compiled):
     failures = {k: v["error"] for k, v in compiled.items() if not v["ok"]}
     assert not failures, failures
     kernels = {key.split(":")[1] for key in compiled}
-    assert kernels == {"kalman_filter_kernel", "kpo_loss_fwd_kernel", "kpo_loss_finalize_kernel", "kpo_loss_bwd_kernel"}
+    assert kernels == {
+        "kalman_filter_kernel",
+        "kpo_loss_fwd_kernel",
+        "kpo_loss_finalize_kernel",
+        "kpo_loss_bwd_kernel",
+        "tile_count_kernel",
+        "tile_aggregate_kernel",
+        "tile_offsets_kernel",
+    }
 
 
 def test_no_register_spills(compiled):

@@ -49,7 +49,7 @@ def check_against_oracle(impl, batch, rtol, **options):
 @pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_options_and_aggregations(backend, agg, variant):
-    batch = make_batch(6, 37, layout="holes", seed=hash(variant) % 1000, device=DEVICE)
+    batch = make_batch(6, 37, layout="holes", seed=list(VARIANTS).index(variant), device=DEVICE)
     check_against_oracle(backend, batch, rtol=2e-6, agg=agg, **VARIANTS[variant])
 
 

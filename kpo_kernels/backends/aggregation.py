@@ -26,30 +26,44 @@ NUM_STATS = len(STAT_NAMES)
 STAT = {name: i for i, name in enumerate(STAT_NAMES)}
 
 
-def row_stats(*, valid, token_loss, clipped, clipped_lower, log_ratio, ratio, raw_ratio):
-    """(B, NUM_STATS) statistics of (B, T) per-token quantities, in token_loss's dtype.
+def row_stats(*, valid, token_loss, clipped, clipped_lower, log_ratio, ratio, raw_ratio, segments=None):
+    """(S, NUM_STATS) statistics per sequence of per-token quantities, in token_loss's dtype.
 
-    valid: the mask as 0/1 floats. token_loss must be 0 at invalid tokens; the other quantities
-    must be finite there (flags bool or None, ratios positive): they are masked by the mask.
+    Tokens are (B, T) rows, or a packed (N,) stream with segments = (sum, max), functions
+    reducing a per-token tensor to its sequences. valid: the mask as 0/1 floats. token_loss must
+    be 0 at invalid tokens; the other quantities must be finite there (flags bool or None,
+    ratios positive): they are masked by the mask.
     """
     dtype = token_loss.dtype
-    none = torch.zeros_like(token_loss[:, 0])
+    if segments is None:
 
-    def total(values):
-        if values is None:
-            return none
-        # Row-wise dot product with the mask: no (B, T) temporary.
-        return torch.bmm(values.to(dtype)[:, None, :], valid[:, :, None]).view(-1)
+        def total(values):  # row-wise dot product with the mask: no (B, T) temporary
+            return torch.bmm(values.to(dtype)[:, None, :], valid[:, :, None]).view(-1)
 
-    def largest(values):
-        return (values * valid).amax(-1) if values.shape[-1] else none
+        def largest(values):
+            return (values * valid).amax(-1) if values.shape[-1] else none
 
+        def plain_sum(values):
+            return values.sum(-1)
+
+    else:
+        segment_sum, segment_max = segments
+
+        def total(values):
+            return segment_sum(values.to(dtype) * valid)
+
+        def largest(values):
+            return segment_max(values * valid)
+
+        plain_sum = segment_sum
+
+    none = torch.zeros_like(plain_sum(token_loss))
     columns = {
-        "tokens": valid.sum(-1),
-        "loss_sum": token_loss.sum(-1),
-        "clipped": total(clipped),
-        "clipped_lower": total(clipped_lower),
-        "neg_log_ratio_sum": -log_ratio.sum(-1).to(dtype),
+        "tokens": plain_sum(valid),
+        "loss_sum": plain_sum(token_loss),
+        "clipped": none if clipped is None else total(clipped),
+        "clipped_lower": none if clipped_lower is None else total(clipped_lower),
+        "neg_log_ratio_sum": -plain_sum(log_ratio).to(dtype),
         "ratio_sum": total(ratio),
         "ratio_max": largest(ratio),
         "raw_ratio_sum": total(raw_ratio),
@@ -76,7 +90,8 @@ def row_weights(tokens, options, horizon):
     if options.agg == "seq-mean-token-mean":
         return torch.where(nonempty, weight * _safe_inverse(tokens), 0.0)
     if options.agg == "seq-mean-token-sum-norm":
-        weight = weight / (horizon if options.loss_scale_factor is None else options.loss_scale_factor)
+        # The horizon: T for padded batches, the longest sequence for packed ones.
+        weight = weight * _safe_inverse(torch.as_tensor(horizon if options.loss_scale_factor is None else options.loss_scale_factor, dtype=tokens.dtype, device=tokens.device))
     return torch.where(nonempty, weight, 0.0)
 
 
@@ -89,7 +104,9 @@ def _safe_inverse(x):
 
 
 def finalize(stats, options, horizon):
-    """(row_scale (B,), loss (), metrics (len(METRIC_NAMES),)) from row statistics."""
+    """(row_scale (S,), loss (), metrics (len(METRIC_NAMES),)) from per-sequence statistics.
+
+    horizon: the constant of seq-mean-token-sum-norm (T, or the longest packed sequence)."""
     tokens = stats[:, STAT["tokens"]]
     row_scale = row_weights(tokens, options, horizon)
     loss = (row_scale * stats[:, STAT["loss_sum"]]).sum()

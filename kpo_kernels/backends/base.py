@@ -15,14 +15,15 @@ class LossForward:
 
     loss: 0-dim aggregated loss. metrics: vector in `options.METRIC_NAMES` order.
     grad: per-token d(token loss)/d(log_prob), masked, *without* the aggregation weights, or
-    None when no gradient is needed. row_scale: (B,) aggregation weight of each row, so that
-    d loss / d log_prob[b, t] = row_scale[b] * grad[b, t].
+    None when no gradient is needed. row_scale: (B,) or (S,) aggregation weight of each row or
+    packed sequence, so that d loss / d log_prob[b, t] = row_scale[b] * grad[b, t].
     """
 
     loss: torch.Tensor
     metrics: torch.Tensor
     grad: Optional[torch.Tensor]
     row_scale: torch.Tensor
+    layout: object = None  # backend-specific launch layout that backward reuses
 
 
 class Backend:
@@ -34,9 +35,10 @@ class Backend:
         """None if this backend can run on tensors of `device`, else why not (for the error)."""
         return None
 
-    def filter(self, log_ratio, mask, options):
-        """Filtered log-ratio of a (B, T) batch: float32 (float64 for float64 input where the
-        backend supports it), 0 where the mask is 0."""
+    def filter(self, log_ratio, mask, options, cu_seqlens=None):
+        """Filtered log-ratio of a (B, T) batch, or of a packed (N,) one with `cu_seqlens`:
+        float32 (float64 for float64 input where the backend supports it), 0 where the mask
+        is 0."""
         raise NotImplementedError
 
     def loss_forward(self, batch, options, need_grad):

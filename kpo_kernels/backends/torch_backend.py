@@ -55,8 +55,8 @@ def affine_scan(c, b, need_c=True):
 
 
 def filter_states(z, valid, options):
-    """Filtered log-ratio (float64) of z (float64, 0 where invalid). At invalid tokens the
-    value is the state carried over them (callers mask it)."""
+    """Filtered log-ratio (float64) of a (B, T) z (float64, 0 where invalid). At invalid tokens
+    the value is the state carried over them (callers mask it)."""
     batch, length = z.shape
     gains = gain_tables.get(length, options.q, options.r, options.p0, z.device, COMPUTE)
     if not options.skip or _is_prefix(valid):
@@ -87,14 +87,88 @@ def _valid(mask, shape, device):
     return mask if mask.dtype == torch.bool else mask != 0
 
 
+class _Rows:
+    """A padded (B, T) batch: each row is a sequence."""
+
+    def __init__(self, shape):
+        self.num_seqs, self.horizon = shape
+
+    def filter(self, z, valid, options):
+        return filter_states(z, valid, options)
+
+    def per_token(self, per_sequence):
+        return per_sequence[:, None]
+
+    def any_valid(self, valid):
+        return valid.any(-1)
+
+    def row_stats(self, **columns):
+        return aggregation.row_stats(**columns)
+
+    def scale(self, grad, row_scale):
+        return grad * row_scale[:, None]
+
+
+class _Packed:
+    """A packed (N,) stream of sequences delimited by cu_seqlens (S + 1,)."""
+
+    def __init__(self, cu_seqlens, num_tokens):
+        self.cu_seqlens = cu_seqlens.long()
+        self.num_seqs = cu_seqlens.numel() - 1
+        tokens = torch.arange(num_tokens, device=cu_seqlens.device)
+        self.seq = torch.searchsorted(self.cu_seqlens[1:], tokens, right=True)  # sequence of each token
+        self.pos = tokens - self.cu_seqlens[self.seq]  # position in its sequence
+        lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+        self.horizon = lengths.max() if self.num_seqs else 0  # the longest sequence (no host sync)
+
+    def filter(self, z, valid, options):
+        """Filtered log-ratio of a packed z: one scan over the stream, where the first token of
+        each sequence forgets the state (its map is x -> x0 (1 - c) + c z)."""
+        gains = gain_tables.get(z.shape[0], options.q, options.r, options.p0, z.device, COMPUTE)
+        if options.skip:
+            count = torch.cumsum(valid, 0)
+            before = F.pad(count, (1, 0))[self.cu_seqlens[:-1]][self.seq]  # valid tokens before the sequence
+            c = torch.take(gains, (count - before).sub_(1).clamp_min_(0)).mul_(valid)
+        else:
+            c = torch.take(gains, self.pos)
+        b = c * z
+        first = self.pos == 0
+        b = torch.where(first, options.x0 * (1 - c) + b, b)
+        c = c.masked_fill_(first, 1.0)
+        return affine_scan(c[None], b[None], need_c=False)[1][0]
+
+    def per_token(self, per_sequence):
+        return per_sequence[self.seq]
+
+    def any_valid(self, valid):
+        return self._sum(valid.to(torch.int64)) > 0
+
+    def _sum(self, values):
+        # index_add_ accumulates token by token: in float64, so that float32 inputs lose nothing.
+        wide = values.to(torch.float64 if values.is_floating_point() else values.dtype)
+        total = torch.zeros(self.num_seqs, dtype=wide.dtype, device=values.device).index_add_(0, self.seq, wide)
+        return total.to(values.dtype)
+
+    def _max(self, values):
+        empty = torch.full((self.num_seqs,), -math.inf, dtype=values.dtype, device=values.device)
+        return empty.scatter_reduce_(0, self.seq, values, "amax")
+
+    def row_stats(self, **columns):
+        return aggregation.row_stats(**columns, segments=(self._sum, self._max))
+
+    def scale(self, grad, row_scale):
+        return grad * row_scale[self.seq]
+
+
 class TorchBackend(Backend):
     name = "torch"
 
-    def filter(self, log_ratio, mask, options):
+    def filter(self, log_ratio, mask, options, cu_seqlens=None):
         valid = _valid(mask, log_ratio.shape, log_ratio.device)
         z = torch.where(valid, log_ratio.to(COMPUTE), 0.0)
+        layout = _Rows(log_ratio.shape) if cu_seqlens is None else _Packed(cu_seqlens, log_ratio.shape[0])
         out_dtype = torch.float64 if log_ratio.dtype == torch.float64 else torch.float32
-        return torch.where(valid, filter_states(z, valid, options), 0.0).to(out_dtype)
+        return torch.where(valid, layout.filter(z, valid, options), 0.0).to(out_dtype)
 
     def loss_forward(self, batch, options, need_grad):
         # The scan and every branch decision (cap, clip, dual clip) use the float64 filtered
@@ -104,11 +178,12 @@ class TorchBackend(Backend):
         # `where` on CPUs). Arithmetic is in place where it can be: fresh multi-megabyte CPU
         # allocations cost page faults.
         dtype = batch.result_dtype
+        layout = _Rows(batch.shape) if batch.cu_seqlens is None else _Packed(batch.cu_seqlens, batch.shape[0])
         valid = _valid(batch.mask, batch.shape, batch.device)
         invalid = ~valid
         valid_f = valid.to(dtype)
         z = batch.log_prob.to(COMPUTE, copy=True).sub_(batch.old_log_prob).masked_fill_(invalid, 0.0)
-        x = filter_states(z, valid, options.filter)
+        x = layout.filter(z, valid, options.filter)
 
         capped = None
         if options.log_ratio_cap is not None:
@@ -117,8 +192,8 @@ class TorchBackend(Backend):
         rt = x.to(dtype, copy=True).mul_(valid_f).exp_()  # filtered ratio; 1 at invalid tokens
 
         neg_adv = batch.advantages.to(dtype)
-        if neg_adv.dim() == 1:
-            neg_adv = torch.where(valid.any(-1), neg_adv, 0.0)[:, None]
+        if neg_adv.shape != batch.shape:  # one advantage per sequence
+            neg_adv = layout.per_token(torch.where(layout.any_valid(valid), neg_adv, 0.0))
         else:
             neg_adv = neg_adv.masked_fill(invalid, 0.0)
         neg_adv = neg_adv.neg_()
@@ -142,7 +217,7 @@ class TorchBackend(Backend):
             weight = batch.is_weights.to(dtype).masked_fill(invalid, 0.0)
         token_loss.mul_(weight)
 
-        stats = aggregation.row_stats(
+        stats = layout.row_stats(
             valid=valid_f,
             token_loss=token_loss,
             clipped=clipped,
@@ -151,14 +226,13 @@ class TorchBackend(Backend):
             ratio=rt,
             raw_ratio=z.to(dtype, copy=True).exp_(),
         )
-        row_scale, loss, metrics = aggregation.finalize(stats, options, batch.shape[-1])
+        row_scale, loss, metrics = aggregation.finalize(stats, options, layout.horizon)
         grad = None
         if need_grad:  # d token_loss / d log_prob = -A * rt * w where the loss is not frozen
             grad = rt.mul_(neg_adv).mul_(weight)
             if frozen is not None:
                 grad.masked_fill_(frozen, 0.0)
-        return LossForward(loss, metrics, grad, row_scale)
+        return LossForward(loss, metrics, grad, row_scale, layout)
 
     def loss_backward(self, saved, grad_output, dtype):
-        scale = grad_output.to(saved.row_scale.dtype) * saved.row_scale
-        return (saved.grad * scale[:, None]).to(dtype)
+        return saved.layout.scale(saved.grad, grad_output.to(saved.row_scale.dtype) * saved.row_scale).to(dtype)

@@ -1,7 +1,9 @@
 """Triton backend: launches the kernels of `triton_kernels` (CUDA, or CPU under TRITON_INTERPRET=1)."""
 
+import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +22,11 @@ except Exception as error:  # noqa: BLE001 - any failure means "no Triton here"
 # Triton decides at import time whether @triton.jit functions are interpreted.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+MAX_BLOCK = 512  # tokens per scan block (2 per thread at 8 warps: 64 registers, no spills on sm_90)
+PREFIX = 64  # earlier tiles folded per reduction step
+UNDERFILLED_ROWS_PER_SM = 2  # fewer rows than this per SM: split rows into tiles
+PROGRAMS_PER_SM = 4  # tiles are sized for about this many programs per SM
+
 
 def triton_import_error():
     """The exception raised while importing Triton, or None if it imported."""
@@ -30,22 +37,63 @@ def _pow2_at_least(n):
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@dataclass
+class _Tiling:
+    """How the tokens of a batch are cut into tiles (see triton_kernels)."""
+
+    varlen: bool
+    num_seqs: int
+    width: int  # T for padded batches (0 for packed ones)
+    tile_size: int
+    num_slots: int
+    grid: tuple
+    multi_tile: bool
+    search_steps: int
+    cu_seqlens: torch.Tensor  # the packed offsets (a dummy for padded batches)
+    tile_offsets: torch.Tensor  # first tile slot of each sequence (a dummy for padded batches)
+
+    @property
+    def tiles_per_seq(self):
+        return self.grid[1] if not self.varlen else 0
+
+    def launch_args(self):
+        return self.cu_seqlens, self.tile_offsets
+
+
 class TritonBackend(Backend):
     """Fused Triton kernels.
 
-    block_size: tokens per scan block (a power of two; default: up to 1024, fitted to T).
-    num_warps: warps per program. poison: fill every output buffer with NaN before the kernels
-    run, so that a position a kernel forgot to write shows up (tests use it).
+    block_size: tokens per scan block (a power of two; default: up to 512, fitted to the data).
+    tile_size: tokens per program; sequences longer than a tile are split across programs
+    (default on CUDA: whole rows when there are enough rows to fill the GPU, else tiles sized
+    for about 4 programs per SM; on the CPU interpreter: whole sequences). num_warps: warps per
+    program. poison: fill every output buffer with NaN before the kernels run, so that a
+    position a kernel forgot to write shows up (tests use it).
     """
 
     name = "triton"
 
-    def __init__(self, block_size=None, num_warps=None, poison=False):
+    def __init__(self, block_size=None, tile_size=None, num_warps=None, poison=False):
         if block_size is not None and (block_size < 2 or block_size & (block_size - 1)):
             raise ValueError(f"block_size must be a power of two >= 2, got {block_size}")
+        if tile_size is not None and tile_size < 1:
+            raise ValueError(f"tile_size must be >= 1, got {tile_size}")
         self.block_size = block_size
+        self.tile_size = tile_size
         self.num_warps = num_warps
         self.poison = poison
+
+    def __repr__(self):
+        return f"TritonBackend(block_size={self.block_size}, tile_size={self.tile_size}, num_warps={self.num_warps})"
 
     def unavailable_reason(self, device):
         if kernels is None:
@@ -59,97 +107,145 @@ class TritonBackend(Backend):
             "TRITON_INTERPRET=1 set before kpo_kernels is imported"
         )
 
-    def _block(self, length):
+    # ------------------------------------------------------------------ launch configuration
+
+    def _block(self, typical_length):
         if self.block_size is not None:
             return self.block_size
-        return min(512, max(16, _pow2_at_least(length)))
+        return min(MAX_BLOCK, max(16, _pow2_at_least(typical_length)))
 
     def _warps(self, block):
-        # Two tokens per thread: 64 registers and no spills for the fused loss on sm_90.
         if self.num_warps is not None:
             return self.num_warps
-        return max(1, min(8, block // 64))
+        return max(1, min(8, block // 64))  # two tokens per thread
+
+    def _tile(self, rows, tokens, longest, block, device):
+        """Tokens per tile, a multiple of the block."""
+        if self.tile_size is not None:
+            wanted = self.tile_size
+        elif device.type != "cuda":
+            wanted = longest  # the interpreter runs programs one at a time: no point splitting
+        else:
+            sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+            if rows >= UNDERFILLED_ROWS_PER_SM * sms:
+                wanted = longest
+            else:
+                wanted = max(4 * block, _pow2_at_least(_cdiv(tokens, PROGRAMS_PER_SM * sms)))
+        return _cdiv(max(1, min(wanted, longest)), block) * block
+
+    def _tiling(self, shape, cu_seqlens, device, block):
+        if cu_seqlens is None:
+            rows, width = shape
+            tile = self._tile(rows, rows * width, width, block, device)
+            tiles = _cdiv(width, tile)
+            dummy = torch.empty(1, dtype=torch.int32, device=device)
+            return _Tiling(False, rows, width, tile, rows * tiles, (rows, tiles), tiles > 1, 1, dummy, dummy)
+        tokens, sequences = shape[0], cu_seqlens.numel() - 1
+        tile = self._tile(sequences, tokens, max(tokens, 1), block, device)
+        slots = _cdiv(tokens, tile) + sequences
+        offsets = torch.empty(sequences + 1, dtype=torch.int32, device=device)
+        kernels.tile_offsets_kernel[(1,)](cu_seqlens, offsets, sequences, tile, BLOCK_S=1024)
+        steps = max(1, sequences.bit_length())
+        return _Tiling(True, sequences, 0, tile, slots, (slots,), tokens > tile, steps, cu_seqlens, offsets)
 
     def _empty(self, shape, dtype, device):
         if self.poison:
-            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+            return torch.full(shape, float("nan") if dtype.is_floating_point else -(2**30), dtype=dtype, device=device)
         return torch.empty(shape, dtype=dtype, device=device)
 
     @staticmethod
-    def _mask_args(mask, dummy):
-        if mask is None:
-            return dummy, 0, 0
-        if mask.dtype == torch.bool:
-            mask = mask.view(torch.uint8)
-        return mask, mask.stride(0), mask.stride(1)
+    def _strides(tensor, varlen):
+        """(row stride, token stride) of a (B, T) tensor or of a packed (N,) one."""
+        if tensor is None:
+            return 0, 0
+        return (0, tensor.stride(0)) if varlen else (tensor.stride(0), tensor.stride(1))
 
-    def filter(self, log_ratio, mask, options):
-        rows, length = log_ratio.shape
-        out = self._empty((rows, length), torch.float32, log_ratio.device)
-        if rows == 0 or length == 0:
+    @staticmethod
+    def _mask(mask):
+        return mask.view(torch.uint8) if mask is not None and mask.dtype == torch.bool else mask
+
+    def _tile_passes(self, tiling, new, old, mask, gains, options, block, warps):
+        """Passes 1 and 2 for sequences longer than a tile: (valid counts, tile maps)."""
+        device = new.device
+        if not tiling.multi_tile:
+            dummy = torch.empty(1, dtype=torch.float32, device=device)
+            return dummy.int(), dummy
+        layout = dict(IS_VARLEN=tiling.varlen, SEARCH_STEPS=tiling.search_steps)
+        counts = self._empty((tiling.num_slots,), torch.int32, device)
+        mask_arg = self._mask(mask)
+        if options.skip and mask is not None:
+            kernels.tile_count_kernel[tiling.grid](
+                mask_arg, *tiling.launch_args(), counts, tiling.num_seqs, tiling.width, tiling.tile_size,
+                *self._strides(mask, tiling.varlen), **layout, BLOCK=block, num_warps=warps,
+            )
+        aggregates = self._empty((2, tiling.num_slots), torch.float32, device)
+        kernels.tile_aggregate_kernel[tiling.grid](
+            new, old if old is not None else new, mask_arg if mask is not None else new, gains,
+            *tiling.launch_args(), counts, aggregates, tiling.num_seqs, tiling.num_slots, tiling.width,
+            tiling.tile_size, *self._strides(new, tiling.varlen), *self._strides(old if old is not None else new, tiling.varlen),
+            *self._strides(mask, tiling.varlen), HAS_OLD=old is not None, HAS_MASK=mask is not None,
+            SKIP=options.skip, **layout, PREFIX=PREFIX, BLOCK=block, num_warps=warps,
+        )
+        return counts, aggregates
+
+    # ------------------------------------------------------------------ the filter
+
+    def filter(self, log_ratio, mask, options, cu_seqlens=None):
+        device = log_ratio.device
+        out = self._empty(log_ratio.shape, torch.float32, device)
+        if log_ratio.numel() == 0 or (cu_seqlens is None and log_ratio.shape[1] == 0):
             return out.zero_()
-        gains = gain_tables.get(length, options.q, options.r, options.p0, log_ratio.device, torch.float32)
-        mask_arg, mask_row, mask_tok = self._mask_args(mask, log_ratio)
-        block = self._block(length)
-        kernels.kalman_filter_kernel[(rows,)](
-            log_ratio,
-            mask_arg,
-            gains,
-            out,
-            length,
-            log_ratio.stride(0),
-            log_ratio.stride(1),
-            mask_row,
-            mask_tok,
-            options.x0,
-            HAS_MASK=mask is not None,
-            SKIP=options.skip,
-            BLOCK=block,
-            num_warps=self._warps(block),
+        longest = log_ratio.shape[-1] if cu_seqlens is None else log_ratio.shape[0]
+        block = self._block(longest if cu_seqlens is None else _cdiv(longest, max(1, cu_seqlens.numel() - 1)))
+        warps = self._warps(block)
+        tiling = self._tiling(log_ratio.shape, cu_seqlens, device, block)
+        gains = gain_tables.get(longest, options.q, options.r, options.p0, device, torch.float32)
+        counts, aggregates = self._tile_passes(tiling, log_ratio, None, mask, gains, options, block, warps)
+        kernels.kalman_filter_kernel[tiling.grid](
+            log_ratio, self._mask(mask) if mask is not None else log_ratio, gains, *tiling.launch_args(),
+            counts, aggregates, out, tiling.num_seqs, tiling.num_slots, tiling.width, tiling.tile_size,
+            *self._strides(log_ratio, tiling.varlen), *self._strides(mask, tiling.varlen), options.x0,
+            HAS_MASK=mask is not None, SKIP=options.skip, IS_VARLEN=tiling.varlen,
+            SEARCH_STEPS=tiling.search_steps, PREFIX=PREFIX, BLOCK=block, num_warps=warps,
         )
         return out
 
-    def loss_forward(self, batch, options, need_grad):
-        rows, length = batch.shape
-        device = batch.device
-        stats = self._empty((NUM_STATS, rows), torch.float32, device)
-        grad = self._empty((rows, length), torch.float32, device) if need_grad else None
-        if rows > 0:
-            self._launch_rows(batch, options, stats, grad)
-        row_scale = self._empty((rows,), torch.float32, device)
-        out = self._empty((1 + len(METRIC_NAMES),), torch.float32, device)
-        self._launch_finalize(options, stats, row_scale, out, rows, length)
-        return LossForward(loss=out[0], metrics=out[1:], grad=grad, row_scale=row_scale)
+    # ------------------------------------------------------------------ the loss
 
-    def _launch_rows(self, batch, options, stats, grad):
-        rows, length = batch.shape
+    def loss_forward(self, batch, options, need_grad):
+        device = batch.device
+        varlen = batch.cu_seqlens is not None
+        longest = batch.shape[0] if varlen else batch.shape[1]
+        sequences = batch.num_sequences
+        typical = _cdiv(longest, max(1, sequences)) if varlen else longest
+        block = self._block(typical)
+        warps = self._warps(block)
+        empty = batch.log_prob.numel() == 0 and not varlen  # packed: sequence offsets still needed
+        tiling = None if empty else self._tiling(batch.shape, batch.cu_seqlens, device, block)
+        slots = 0 if empty else tiling.num_slots
+        stats = self._empty((NUM_STATS, slots), torch.float32, device)
+        grad = self._empty(batch.shape, torch.float32, device) if need_grad else None
+        if not empty:
+            self._launch_loss(batch, options, tiling, stats, grad, block, warps)
+        row_scale = self._empty((sequences,), torch.float32, device)
+        out = self._empty((1 + len(METRIC_NAMES),), torch.float32, device)
+        self._launch_finalize(batch, options, tiling, stats, row_scale, out)
+        return LossForward(loss=out[0], metrics=out[1:], grad=grad, row_scale=row_scale, layout=tiling)
+
+    def _launch_loss(self, batch, options, tiling, stats, grad, block, warps):
         filt = options.filter
-        gains = gain_tables.get(max(length, 1), filt.q, filt.r, filt.p0, batch.device, torch.float32)
-        lp, old, adv = batch.log_prob, batch.old_log_prob, batch.advantages
-        mask_arg, mask_row, mask_tok = self._mask_args(batch.mask, lp)
-        weights = batch.is_weights
-        block = self._block(length)
-        kernels.kpo_loss_fwd_kernel[(rows,)](
-            lp,
-            old,
-            mask_arg,
-            adv,
-            weights if weights is not None else lp,
-            gains,
-            grad if grad is not None else stats,
-            stats,
-            rows,
-            length,
-            lp.stride(0),
-            lp.stride(1),
-            old.stride(0),
-            old.stride(1),
-            mask_row,
-            mask_tok,
-            adv.stride(0),
-            adv.stride(1) if adv.dim() == 2 else 0,
-            weights.stride(0) if weights is not None else 0,
-            weights.stride(1) if weights is not None else 0,
+        varlen = tiling.varlen
+        gains = gain_tables.get(batch.shape[0] if varlen else batch.shape[1], filt.q, filt.r, filt.p0, batch.device, torch.float32)
+        lp, old, adv, mask, weights = batch.log_prob, batch.old_log_prob, batch.advantages, batch.mask, batch.is_weights
+        counts, aggregates = self._tile_passes(tiling, lp, old, mask, gains, filt, block, warps)
+        adv_per_token = adv.shape == lp.shape
+        adv_strides = self._strides(adv, varlen) if adv_per_token else (adv.stride(0), 0)
+        kernels.kpo_loss_fwd_kernel[tiling.grid](
+            lp, old, self._mask(mask) if mask is not None else lp, adv, weights if weights is not None else lp,
+            gains, *tiling.launch_args(), counts, aggregates, grad if grad is not None else stats, stats,
+            tiling.num_seqs, tiling.num_slots, tiling.width, tiling.tile_size,
+            *self._strides(lp, varlen), *self._strides(old, varlen), *self._strides(mask, varlen),
+            *adv_strides, *self._strides(weights, varlen),
             filt.x0,
             options.log_ratio_cap if options.log_ratio_cap is not None else 0.0,
             1.0 - options.clip_low,
@@ -158,48 +254,60 @@ class TritonBackend(Backend):
             math.log1p(options.clip_high),
             options.dual_clip if options.dual_clip is not None else 0.0,
             math.log(options.dual_clip) if options.dual_clip is not None else 0.0,
-            HAS_MASK=batch.mask is not None,
+            HAS_MASK=mask is not None,
             SKIP=filt.skip,
-            ADV_PER_TOKEN=adv.dim() == 2,
+            ADV_PER_TOKEN=adv_per_token,
             HAS_WEIGHTS=weights is not None,
             HAS_CAP=options.log_ratio_cap is not None,
             CLIP=options.clip,
             DUAL_CLIP=options.dual_clip is not None,
             STORE_GRAD=grad is not None,
+            IS_VARLEN=varlen,
+            SEARCH_STEPS=tiling.search_steps,
+            PREFIX=PREFIX,
             BLOCK=block,
-            num_warps=self._warps(block),
+            num_warps=warps,
         )
 
-    def _launch_finalize(self, options, stats, row_scale, out, rows, length):
-        norm = options.loss_scale_factor if options.loss_scale_factor is not None else float(length)
+    def _launch_finalize(self, batch, options, tiling, stats, row_scale, out):
+        device = batch.device
+        varlen = batch.cu_seqlens is not None
+        dummy = torch.empty(1, dtype=torch.int32, device=device)
         kernels.kpo_loss_finalize_kernel[(1,)](
             stats,
+            tiling.tile_offsets if tiling is not None else dummy,
+            batch.cu_seqlens if varlen else dummy,
             row_scale,
             out,
-            rows,
+            batch.num_sequences,
+            stats.shape[1],
+            tiling.tiles_per_seq if tiling is not None else 0,
+            0 if varlen else batch.shape[1],
             float(options.dp_size),
             options.batch_num_tokens or 0.0,
             options.global_batch_size or 0.0,
-            norm if norm > 0 else 1.0,
+            options.loss_scale_factor or 0.0,
             AGG=kernels.AGG_CODES[options.agg],
             HAS_TOKEN_COUNT=options.batch_num_tokens is not None,
             HAS_SEQUENCE_COUNT=options.global_batch_size is not None,
-            BLOCK_B=min(1024, max(16, _pow2_at_least(rows))),
+            HAS_SCALE_FACTOR=options.loss_scale_factor is not None,
+            IS_VARLEN=varlen,
+            BLOCK_S=1024,
             num_warps=4,
         )
 
     def loss_backward(self, saved, grad_output, dtype):
-        rows, length = saved.grad.shape
-        out = torch.empty((rows, length), dtype=dtype, device=saved.grad.device)
+        out = torch.empty(saved.grad.shape, dtype=dtype, device=saved.grad.device)
         if out.numel() == 0:
             return out
-        block = min(1024, max(16, _pow2_at_least(length)))
-        grid = (rows, triton_cdiv(length, block))
-        kernels.kpo_loss_bwd_kernel[grid](
-            saved.grad, saved.row_scale, grad_output.reshape(1), out, length, BLOCK=block, num_warps=4
+        tiling = saved.layout
+        if not tiling.varlen:  # elementwise: any split will do, so use many small tiles
+            tile = min(1024, _pow2_at_least(tiling.width))
+            tiling = _Tiling(False, tiling.num_seqs, tiling.width, tile, 0, (tiling.num_seqs, _cdiv(tiling.width, tile)),
+                             False, 1, tiling.cu_seqlens, tiling.tile_offsets)
+        kernels.kpo_loss_bwd_kernel[tiling.grid](
+            saved.grad, saved.row_scale, grad_output.reshape(1), out, *tiling.launch_args(),
+            tiling.num_seqs, tiling.width, tiling.tile_size, IS_VARLEN=tiling.varlen,
+            SEARCH_STEPS=tiling.search_steps, BLOCK=min(1024, _pow2_at_least(tiling.tile_size)), num_warps=4,
         )
         return out
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
