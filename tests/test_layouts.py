@@ -188,7 +188,7 @@ def test_tile_boundaries(length):
         assert_close("filter", got, expected, rtol=2e-6)
 
 
-@pytest.mark.parametrize("cu", [[0, 0], [0, 0, 0], [0, 5, 5, 9], [0, 3]])
+@pytest.mark.parametrize("cu", [[0], [0, 0], [0, 0, 0], [0, 5, 5, 9], [0, 3]])
 def test_empty_and_tiny_sequences(backend, cu):
     cu = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
     total = int(cu[-1])

@@ -115,7 +115,7 @@ def finalize(stats, options, horizon):
     per_token = _safe_inverse(total[STAT["tokens"]])
     # Maxima over the batch; a batch without valid tokens reports 0.
     maxima = stats[:, [STAT["ratio_max"], STAT["raw_ratio_max"]]]
-    maxima = torch.cat([maxima, torch.full_like(maxima[:1], float("-inf"))]).amax(0)
+    maxima = torch.cat([maxima, maxima.new_full((1, 2), float("-inf"))]).amax(0)
     maxima = torch.where(total[STAT["tokens"]] > 0, maxima, 0.0)
     metrics = {
         "clipfrac": total[STAT["clipped"]] * per_token,

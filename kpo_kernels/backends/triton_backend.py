@@ -193,8 +193,8 @@ class TritonBackend(Backend):
     def filter(self, log_ratio, mask, options, cu_seqlens=None):
         device = log_ratio.device
         out = self._empty(log_ratio.shape, torch.float32, device)
-        if log_ratio.numel() == 0 or (cu_seqlens is None and log_ratio.shape[1] == 0):
-            return out.zero_()
+        if log_ratio.numel() == 0:
+            return out
         longest = log_ratio.shape[-1] if cu_seqlens is None else log_ratio.shape[0]
         block = self._block(longest if cu_seqlens is None else _cdiv(longest, max(1, cu_seqlens.numel() - 1)))
         warps = self._warps(block)
@@ -225,7 +225,7 @@ class TritonBackend(Backend):
         slots = 0 if empty else tiling.num_slots
         stats = self._empty((NUM_STATS, slots), torch.float32, device)
         grad = self._empty(batch.shape, torch.float32, device) if need_grad else None
-        if not empty:
+        if slots > 0:
             self._launch_loss(batch, options, tiling, stats, grad, block, warps)
         row_scale = self._empty((sequences,), torch.float32, device)
         out = self._empty((1 + len(METRIC_NAMES),), torch.float32, device)
