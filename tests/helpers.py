@@ -117,8 +117,8 @@ def assert_close(name, actual, expected, rtol, atol=None):
 
     atol defaults to rtol times the largest |expected| (errors relative to the data's scale).
     """
-    actual = torch.as_tensor(actual).detach().cpu().double()
-    expected = torch.as_tensor(expected).detach().cpu().double()
+    actual = torch.as_tensor(actual, dtype=None if isinstance(actual, torch.Tensor) else torch.float64).detach().cpu().double()
+    expected = torch.as_tensor(expected, dtype=None if isinstance(expected, torch.Tensor) else torch.float64).detach().cpu().double()
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     nan_a, nan_e = torch.isnan(actual), torch.isnan(expected)
     assert torch.equal(nan_a, nan_e), f"{name}: NaN at {nan_a.sum()} positions, expected at {nan_e.sum()}"

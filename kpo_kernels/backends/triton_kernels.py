@@ -99,10 +99,10 @@ def _locate(cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, IS_VARLEN:
             hi = tl.where(right, hi, mid)
         seq = lo
         first = tl.load(tile_offsets_ptr + seq)
-        tile = slot - first
+        active = slot < tl.load(tile_offsets_ptr + num_seqs)
+        tile = tl.where(active, slot - first, 0)  # spare programs: an empty first tile, no prefix reads
         seq_start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
         length = (tl.load(cu_seqlens_ptr + seq + 1) - seq_start).to(tl.int32)
-        active = slot < tl.load(tile_offsets_ptr + num_seqs)
     else:
         seq = tl.program_id(0)
         tile = tl.program_id(1)
