@@ -7,6 +7,7 @@ import torch
 from .backends import LossForward, check_backend_argument, resolve_backend
 from .options import METRIC_NAMES
 from .validation import (
+    check_count_devices,
     check_cu_seqlens,
     check_filter_params,
     check_loss_options,
@@ -113,6 +114,7 @@ def kpo_loss(
         loss_scale_factor=loss_scale_factor,
     )
     batch = check_token_batch(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens)
+    check_count_devices(options, batch.device)
     impl = resolve_backend(backend, batch.device, log_prob.dtype)
     loss, metric_vector = _KPOLossFunction.apply(log_prob, batch, options, impl)
     return loss, dict(zip(METRIC_NAMES, metric_vector.unbind()))

@@ -1,7 +1,7 @@
 """Checked hyperparameters and inputs, as the backends receive them."""
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -50,8 +50,8 @@ class LossOptions:
     log_ratio_cap: Optional[float]
     agg: str
     dp_size: int
-    batch_num_tokens: Optional[float]
-    global_batch_size: Optional[float]
+    batch_num_tokens: Optional[Union[float, torch.Tensor]]  # a device tensor is read by the kernels
+    global_batch_size: Optional[Union[float, torch.Tensor]]
     loss_scale_factor: Optional[float]
 
 

@@ -46,12 +46,31 @@ def check_filter_params(*, q, r, p0, x0, mask_mode="skip"):
 
 
 def _optional_count(name, value):
+    """None, a positive Python float, or a one-element tensor on an accelerator (kept on the
+    device and read by the kernels: no host synchronisation, so its value is not checked; a
+    count <= 0 there gives weight 0)."""
     if value is None:
         return None
+    if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a number or a one-element real tensor, got {value.dtype} {tuple(value.shape)}")
+        return value.reshape(())
+    return _positive(name, value)
+
+
+def _positive(name, value):
     value = _number(name, value)
     if value <= 0:
         raise ValueError(f"{name} must be > 0 when given, got {value}")
     return value
+
+
+def check_count_devices(options, device):
+    """Counts given as device tensors must be on the batch's device."""
+    for name in ("batch_num_tokens", "global_batch_size"):
+        value = getattr(options, name)
+        if isinstance(value, torch.Tensor) and value.device != device:
+            raise ValueError(f"{name} is on {value.device}, expected {device} (the device of the log-probs)")
 
 
 def check_loss_options(
@@ -93,7 +112,7 @@ def check_loss_options(
         raise ValueError(f"dp_size must be an int >= 1, got {dp_size!r}")
     batch_num_tokens = _optional_count("batch_num_tokens", batch_num_tokens)
     global_batch_size = _optional_count("global_batch_size", global_batch_size)
-    loss_scale_factor = _optional_count("loss_scale_factor", loss_scale_factor)
+    loss_scale_factor = None if loss_scale_factor is None else _positive("loss_scale_factor", loss_scale_factor)
     if dp_size > 1 and agg == "token-mean" and batch_num_tokens is None:
         raise ValueError("batch_num_tokens (the global valid-token count) is required when dp_size > 1")
     if dp_size > 1 and agg.startswith("seq-mean") and global_batch_size is None:

@@ -43,6 +43,10 @@ def test_no_host_synchronisation():
         loss.backward()
         loss, metrics = kpo_kernels.kpo_loss(log_prob.reshape(-1), **flat, cu_seqlens=cu)
         loss.backward()
+        # Global counts that stay on the device (e.g. an all-reduced token count).
+        count = batch["mask"].sum() * 2
+        loss, metrics = kpo_kernels.kpo_loss(log_prob, **batch, agg="token-mean", dp_size=2, batch_num_tokens=count)
+        loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)

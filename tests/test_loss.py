@@ -263,3 +263,28 @@ def test_default_block_sizes_on_triton():
     small = run_loss(triton_backend(block_size=64), batch, q=1e-3)
     torch.testing.assert_close(default[0], small[0], rtol=1e-5, atol=0)
     torch.testing.assert_close(default[2], small[2], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_counts_given_as_device_tensors(backend, agg):
+    """Global counts may stay on the device (read by the kernels, no host sync). CPU tensors are
+    read on the host by the checks, so this drives the backends directly."""
+    import dataclasses
+
+    from kpo_kernels.validation import check_loss_options, check_token_batch
+
+    batch = make_batch(4, 30, layout="holes", seed=22, device=DEVICE)
+    checked = check_token_batch(batch["log_prob"], batch["old_log_prob"], batch["advantages"], batch["mask"], None)
+    options = check_loss_options(
+        q=1e-3, r=1.0, p0=0.0, x0=0.0, mask_mode="skip", clip=True, clip_low=0.1, clip_high=0.1, dual_clip=None,
+        log_ratio_cap=10.0, agg=agg, dp_size=2, batch_num_tokens=250, global_batch_size=9, loss_scale_factor=None,
+    )
+    as_numbers = backend.loss_forward(checked, options, need_grad=True)
+    tensors = dataclasses.replace(
+        options,
+        batch_num_tokens=torch.tensor(250, device=DEVICE),
+        global_batch_size=torch.tensor(9.0, dtype=torch.float64, device=DEVICE),
+    )
+    as_tensors = backend.loss_forward(checked, tensors, need_grad=True)
+    assert torch.equal(as_numbers.loss, as_tensors.loss)
+    assert torch.equal(as_numbers.row_scale, as_tensors.row_scale)

@@ -96,6 +96,8 @@ def row_weights(tokens, options, horizon):
 
 
 def _scalar(value, like):
+    if isinstance(value, torch.Tensor):
+        return value.to(like)
     return torch.full((), float(value), dtype=like.dtype, device=like.device)
 
 

@@ -273,6 +273,16 @@ class TritonBackend(Backend):
         device = batch.device
         varlen = batch.cu_seqlens is not None
         dummy = torch.empty(1, dtype=torch.int32, device=device)
+
+        def count(value):  # (mode, scalar, pointer): see kpo_loss_finalize_kernel
+            if value is None:
+                return 0, 0.0, dummy
+            if isinstance(value, torch.Tensor):
+                return 2, 0.0, value
+            return 1, float(value), dummy
+
+        token_mode, token_value, token_ptr = count(options.batch_num_tokens)
+        sequence_mode, sequence_value, sequence_ptr = count(options.global_batch_size)
         kernels.kpo_loss_finalize_kernel[(1,)](
             stats,
             tiling.tile_offsets if tiling is not None else dummy,
@@ -284,12 +294,14 @@ class TritonBackend(Backend):
             tiling.tiles_per_seq if tiling is not None else 0,
             0 if varlen else batch.shape[1],
             float(options.dp_size),
-            options.batch_num_tokens or 0.0,
-            options.global_batch_size or 0.0,
+            token_value,
+            sequence_value,
+            token_ptr,
+            sequence_ptr,
             options.loss_scale_factor or 0.0,
             AGG=kernels.AGG_CODES[options.agg],
-            HAS_TOKEN_COUNT=options.batch_num_tokens is not None,
-            HAS_SEQUENCE_COUNT=options.global_batch_size is not None,
+            TOKEN_COUNT=token_mode,
+            SEQUENCE_COUNT=sequence_mode,
             HAS_SCALE_FACTOR=options.loss_scale_factor is not None,
             IS_VARLEN=varlen,
             BLOCK_S=1024,

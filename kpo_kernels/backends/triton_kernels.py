@@ -479,10 +479,12 @@ def kpo_loss_finalize_kernel(
     dp_size,
     token_count,
     sequence_count,
+    token_count_ptr,
+    sequence_count_ptr,
     loss_scale_factor,
     AGG: tl.constexpr,
-    HAS_TOKEN_COUNT: tl.constexpr,
-    HAS_SEQUENCE_COUNT: tl.constexpr,
+    TOKEN_COUNT: tl.constexpr,
+    SEQUENCE_COUNT: tl.constexpr,
     HAS_SCALE_FACTOR: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -491,7 +493,8 @@ def kpo_loss_finalize_kernel(
 
     out = [loss] + the metric vector in options.METRIC_NAMES order. Deterministic: fixed
     reduction order, no atomics. The horizon of seq-mean-token-sum-norm is T for padded batches
-    and the longest sequence for packed ones, unless loss_scale_factor is given.
+    and the longest sequence for packed ones, unless loss_scale_factor is given. TOKEN_COUNT and
+    SEQUENCE_COUNT: 0 = count this batch, 1 = the scalar argument, 2 = read it from the pointer.
     """
     # Metrics: sums and maxima over every tile slot (slots past the last tile hold zeros).
     tokens_acc = tl.zeros([BLOCK_S], tl.float32)
@@ -533,14 +536,18 @@ def kpo_loss_finalize_kernel(
             )
             longest = tl.maximum(longest, lengths.to(tl.int32))
 
-    if HAS_TOKEN_COUNT:
-        token_weight = dp_size * _safe_inverse(token_count + 0.0 * num_tokens)
-    else:
+    if TOKEN_COUNT == 2:
+        token_count = tl.load(token_count_ptr).to(tl.float32)
+    if TOKEN_COUNT == 0:
         token_weight = dp_size * _safe_inverse(num_tokens)
-    if HAS_SEQUENCE_COUNT:
-        sequence_weight = dp_size * _safe_inverse(sequence_count + 0.0 * num_tokens)
     else:
+        token_weight = dp_size * _safe_inverse(token_count + 0.0 * num_tokens)
+    if SEQUENCE_COUNT == 2:
+        sequence_count = tl.load(sequence_count_ptr).to(tl.float32)
+    if SEQUENCE_COUNT == 0:
         sequence_weight = dp_size * _safe_inverse(tl.sum(nonempty_acc, 0))
+    else:
+        sequence_weight = dp_size * _safe_inverse(sequence_count + 0.0 * num_tokens)
     if AGG == AGG_SEQ_MEAN_TOKEN_SUM_NORM:
         if HAS_SCALE_FACTOR:
             horizon = loss_scale_factor + 0.0 * num_tokens
