@@ -18,6 +18,9 @@ setup(
         # numpy 2.4 removed the array-to-scalar conversion that Triton 3.6's interpreter relies on.
         "test": ["triton>=3.2", "pytest>=8", "hypothesis>=6.100", "numpy<2.4"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "numpy<2.4"],
+        # Trainer integrations (kpo_kernels.integrations), pinned to the versions they are tested with.
+        "verl": ["verl==0.9.1"],
+        "trl": ["trl==1.16.0"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

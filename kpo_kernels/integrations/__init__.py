@@ -1,0 +1,9 @@
+"""Integrations of the KPO loss with RL trainers.
+
+- `kpo_kernels.integrations.verl`: importing it registers `loss_mode=kpo` in verl's policy-loss
+  registry and defines `KPOPolicyLossConfig` (verl 0.9.x).
+- `kpo_kernels.integrations.trl`: `KPOGRPOConfig` and `KPOGRPOTrainer`, TRL's GRPOTrainer with the
+  KPO policy loss (TRL 1.16.x).
+
+Neither is imported here: `import kpo_kernels` (and this package) never imports verl or TRL.
+"""

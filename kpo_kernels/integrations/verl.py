@@ -1,0 +1,152 @@
+"""KPO as a verl policy loss (verl 0.9.x): `actor_rollout_ref.actor.policy_loss.loss_mode=kpo`.
+
+Importing this module registers `kpo` in verl's policy-loss registry
+(`verl.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY`), so that verl's actor finds it through
+`get_policy_loss_fn("kpo")`. The import has to happen in every process that computes the actor
+loss (verl's Ray workers), not only in the driver: see README.md, "verl", for the overrides that
+do that (`actor_rollout_ref.model.external_lib`, which verl imports in each worker, or the
+policy-loss config's `_target_`, which Hydra imports wherever the actor config is built).
+
+Where the loss takes its settings from (verl's actor config, an `ActorConfig` or a DictConfig):
+
+- `clip_ratio_low` / `clip_ratio_high` (falling back to `clip_ratio`, as verl's `vanilla` loss
+  does): the clip range of the filtered ratio;
+- `policy_loss`: a `KPOPolicyLossConfig` with the filter's and the surrogate's hyperparameters
+  (a plain `PolicyLossConfig` gives KPO's defaults);
+- the `loss_agg_mode` argument and `global_batch_info` (`dp_size`, `batch_num_tokens`,
+  `global_batch_size`, `loss_scale_factor`): the aggregation, exactly as verl's `agg_loss`;
+- `rollout_is_weights` multiplies the per-token loss.
+
+verl's `clip_ratio_c` is not used: the dual clip is `policy_loss.dual_clip` (None: off).
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from verl.trainer.ppo.core_algos import register_policy_loss
+from verl.workers.config import PolicyLossConfig
+
+from ..api import KPOLoss, kpo_loss
+
+__all__ = ["LOSS_MODE", "METRICS", "KPOPolicyLossConfig", "compute_policy_loss_kpo", "kpo_loss_options"]
+
+LOSS_MODE = "kpo"
+
+# Metric name logged by verl -> key of `kpo_loss`'s metrics. The first three are the names verl's
+# own PPO losses log, with the same meaning (for the filtered ratio).
+METRICS = {
+    "actor/pg_clipfrac": "clipfrac",
+    "actor/ppo_kl": "ppo_kl",
+    "actor/pg_clipfrac_lower": "clipfrac_lower",
+    "actor/kpo_ratio_mean": "ratio_mean",
+    "actor/kpo_ratio_max": "ratio_max",
+    "actor/kpo_raw_ratio_mean": "raw_ratio_mean",
+    "actor/kpo_raw_ratio_max": "raw_ratio_max",
+}
+
+# Keys of verl's `ActorConfig.global_batch_info`, passed by name to `kpo_loss` (as verl passes them
+# to `agg_loss`).
+GLOBAL_BATCH_KEYS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
+
+
+@dataclass
+class KPOPolicyLossConfig(PolicyLossConfig):
+    """verl's `PolicyLossConfig` with KPO's hyperparameters (README.md and the spec define them).
+
+    kalman_q, kalman_r, kalman_p0, kalman_x0: process noise Q, observation noise R, prior variance
+        and prior log-ratio of the filter (`kpo_loss`'s q, r, p0, x0).
+    is_clip: clipped surrogate ("KPO-clipped") or plain filtered-ratio surrogate ("KPO").
+    dual_clip: c > 1 bounds the loss of a negative-advantage token at -c A; None disables it.
+    mask_mode: "skip" (masked tokens are invisible to the filter) or "position".
+    log_ratio_cap: the filtered log-ratio is clamped above at this value (None: no cap).
+
+    Build it from Hydra with `policy_loss._target_=kpo_kernels.integrations.verl.KPOPolicyLossConfig`;
+    the hyperparameters are checked here, when verl builds the config, not at the first step.
+    """
+
+    loss_mode: str = LOSS_MODE
+    kalman_q: float = 1e-6
+    kalman_r: float = 1.0
+    kalman_p0: float = 0.0
+    kalman_x0: float = 0.0
+    is_clip: bool = True
+    dual_clip: Optional[float] = None
+    mask_mode: str = "skip"
+    log_ratio_cap: Optional[float] = 10.0
+
+    def __post_init__(self):
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        KPOLoss(**_hyperparameters(self))  # checks every value, as kpo_loss will
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(KPOPolicyLossConfig)}
+# KPOPolicyLossConfig field -> kpo_loss keyword
+_HYPERPARAMETERS = {
+    "kalman_q": "q",
+    "kalman_r": "r",
+    "kalman_p0": "p0",
+    "kalman_x0": "x0",
+    "is_clip": "clip",
+    "dual_clip": "dual_clip",
+    "mask_mode": "mask_mode",
+    "log_ratio_cap": "log_ratio_cap",
+}
+
+
+def _hyperparameters(policy_loss):
+    """kpo_loss keywords from a policy-loss config; fields it lacks take KPO's defaults."""
+    if policy_loss is None:
+        policy_loss = {}
+    return {keyword: policy_loss.get(field, _DEFAULTS[field]) for field, keyword in _HYPERPARAMETERS.items()}
+
+
+def kpo_loss_options(config) -> dict[str, Any]:
+    """The `kpo_loss` keywords (all but agg and is_weights) that a verl actor config defines."""
+    options = _hyperparameters(config.get("policy_loss", None))
+    clip_ratio = config.get("clip_ratio", None)
+    clip_low, clip_high = config.get("clip_ratio_low", None), config.get("clip_ratio_high", None)
+    options["clip_low"] = clip_ratio if clip_low is None else clip_low
+    options["clip_high"] = clip_ratio if clip_high is None else clip_high
+    info = config.get("global_batch_info", None) or {}
+    unknown = sorted(set(info) - set(GLOBAL_BATCH_KEYS))
+    if unknown:
+        raise ValueError(
+            f"global_batch_info has keys {unknown} that the kpo loss does not know (known: {GLOBAL_BATCH_KEYS})"
+        )
+    options.update({key: info[key] for key in GLOBAL_BATCH_KEYS if info.get(key) is not None})
+    return options
+
+
+@register_policy_loss(LOSS_MODE)
+def compute_policy_loss_kpo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """verl policy loss `kpo`: (loss, metrics), metrics as the floats verl logs (one host sync).
+
+    The arguments are those of every verl policy loss (see `verl.trainer.ppo.core_algos.PolicyLossFn`):
+    (B, T) log-probs, advantages and response mask, the aggregation mode, the actor config and
+    optional (B, T) rollout importance weights.
+    """
+    if config is None:
+        raise ValueError("the kpo policy loss needs verl's actor config (clip ratios, policy_loss, global_batch_info)")
+    loss, metrics = kpo_loss(
+        log_prob,
+        old_log_prob,
+        advantages,
+        response_mask,
+        agg=loss_agg_mode,
+        is_weights=rollout_is_weights,
+        **kpo_loss_options(config),
+    )
+    values = torch.stack([metrics[name] for name in METRICS.values()]).tolist()  # the one host sync
+    return loss, dict(zip(METRICS, values))
