@@ -37,8 +37,8 @@ def row_stats(*, valid, token_loss, clipped, clipped_lower, log_ratio, ratio, ra
     dtype = token_loss.dtype
     if segments is None:
 
-        def total(values):  # row-wise dot product with the mask: no (B, T) temporary
-            return torch.bmm(values.to(dtype)[:, None, :], valid[:, :, None]).view(-1)
+        def total(values):  # torch.sum's pairwise summation: BLAS dot products lose ~1e-4 on 128k tokens
+            return (values.to(dtype) * valid).sum(-1)
 
         def largest(values):
             return (values * valid).amax(-1) if values.shape[-1] else none
