@@ -7,11 +7,19 @@
   gains from the sinh closed form in float32, then "divide by the running product of (1 - K),
   cumulative sum, multiply back". Masked tokens are observations z = 0 at their absolute
   position (their `position` semantics). Its numerical failures are the point of including it.
+  z is subtracted in float32 (the authors' plug-in gets float32 log-probs from verl).
 
 Both are plain functions of a batch dict (log_prob, old_log_prob, advantages, mask).
+
+- `float64_filter` / `float64_recursion` / `float64_gains`: the accuracy yardstick, a float64
+  sequential recursion (numpy, vectorized over rows only), bitwise equal to `reference/`'s
+  filter in float64 and independent of kpo_kernels.
 """
 
 
+import math
+
+import numpy as np
 import torch
 
 
@@ -86,34 +94,73 @@ def vectorized_cumsum_filter(log_ratio, mask, q, x0=0.0):
 def vectorized_cumsum(batch, agg="seq-mean-token-mean", clip_low=3e-4, clip_high=4e-4, q=1e-6, log_ratio_cap=10.0):
     """KPO with the authors' vectorized filter and the same clipped surrogate."""
     new, old = batch["log_prob"], batch["old_log_prob"]
-    xhat = vectorized_cumsum_filter((new - old).detach(), batch["mask"], q)
+    xhat = vectorized_cumsum_filter((new.float() - old.float()).detach(), batch["mask"], q)
     log_rt = torch.clamp(new - new.detach() + xhat, max=log_ratio_cap)
     return ppo_clip_loss(torch.exp(log_rt), (new - old), batch["advantages"], batch["mask"], agg, clip_low, clip_high)
 
 
-def float64_filter(log_ratio, mask, q, r=1.0, mask_mode="skip"):
-    """A float64 sequential recursion, vectorized over rows only (the accuracy yardstick)."""
-    z = torch.where(mask.bool(), log_ratio.double(), 0.0).cpu()
-    valid = mask.bool().cpu()
-    x = torch.zeros(z.shape[0], dtype=torch.float64)
-    seen = torch.zeros(z.shape[0], dtype=torch.int64)
-    gains = _float64_gains(z.shape[-1], q / r)
-    out = torch.zeros_like(z)
-    for t in range(z.shape[-1]):
-        observed = valid[:, t] if mask_mode == "skip" else torch.ones_like(valid[:, t])
-        seen = seen + observed
-        k = gains[(seen - 1).clamp_min(0)] * observed
-        x = x + k * (z[:, t] - x)
-        out[:, t] = torch.where(valid[:, t], x, 0.0)
-    return out
+def float64_gains(length, q, r=1.0, p0=0.0):
+    """K_1..K_length by iterating the variance recursion in float64 (Python floats).
+
+    P- = P + Q, K = P- / (P- + R), P = P- R / (P- + R): the textbook recursion, written as in
+    `reference/` and independent of kpo_kernels' closed form. Cached per (length, q, r, p0).
+    """
+    key = (float(q), float(r), float(p0))
+    cached = _GAINS.get(key)
+    if cached is None or cached.size < length:
+        gains = np.empty(length)
+        p, q, r = float(p0), float(q), float(r)
+        for n in range(length):
+            p_pred = p + q
+            if p_pred == math.inf:
+                gains[n], p = 1.0, r
+            else:
+                gains[n], p = p_pred / (p_pred + r), p_pred * r / (p_pred + r)
+        _GAINS[key] = cached = gains
+    return cached[:length]
+
+
+_GAINS = {}
+
+
+def float64_recursion(z, gains, x0=0.0):
+    """x_t = x_{t-1} + K_t (z_t - x_{t-1}) for every row, in float64, one step per token.
+
+    z and gains: (B, T) numpy float64 arrays (gain 0 where a token is not observed). Sequential
+    over tokens and vectorized over rows only: the accuracy yardstick, affordable for T = 131072
+    (numpy, about 3 microseconds a step) and sharing nothing with kpo_kernels.
+    """
+    steps_z, steps_k = np.ascontiguousarray(z.T), np.ascontiguousarray(gains.T)
+    out = np.empty_like(steps_z)
+    x = np.full(z.shape[0], float(x0))
+    tmp = np.empty_like(x)
+    for t in range(steps_z.shape[0]):
+        np.subtract(steps_z[t], x, out=tmp)
+        tmp *= steps_k[t]
+        x += tmp
+        out[t] = x
+    return out.T
+
+
+def float64_filter(log_ratio, mask, q, r=1.0, p0=0.0, x0=0.0, mask_mode="skip"):
+    """The KPO filter (spec section 2) by the float64 sequential recursion: (B, T) float64 CPU
+    tensor, 0 where the mask is 0. mask None means every token is valid."""
+    z = log_ratio.detach().to("cpu", torch.float64)
+    valid = torch.ones(z.shape, dtype=torch.bool) if mask is None else mask.detach().to("cpu").bool()
+    z = torch.where(valid, z, 0.0).numpy()
+    valid_np = valid.numpy()
+    table = float64_gains(z.shape[-1], q, r, p0)
+    if mask_mode == "skip":
+        index = np.maximum(np.cumsum(valid_np, axis=-1) - 1, 0)
+        gains = table[index] * valid_np
+    else:  # position: masked tokens are observations z = 0 at their position
+        gains = np.broadcast_to(table, z.shape)
+    out = float64_recursion(z, gains, x0)
+    return torch.from_numpy(np.where(valid_np, out, 0.0))
 
 
 def _float64_gains(length, q):
-    gains, p = [], 0.0
-    for _ in range(length):
-        p = (p + q) / (p + q + 1)
-        gains.append(p)
-    return torch.tensor(gains, dtype=torch.float64)
+    return torch.from_numpy(float64_gains(length, q).copy())
 
 
 def gain_error_onset(q, length, tol=1e-3):
@@ -126,6 +173,8 @@ def gain_error_onset(q, length, tol=1e-3):
 
 __all__ = [
     "float64_filter",
+    "float64_gains",
+    "float64_recursion",
     "gain_error_onset",
     "grpo_eager",
     "ppo_clip_loss",

@@ -1,8 +1,17 @@
-"""Every implementation the benchmarks compare, behind one call: loss = run(batch).
+"""Every implementation the benchmarks compare, by its exact `impl` name.
 
-`run` computes the loss (and metrics) from a batch dict whose log_prob requires grad; the
-benchmarks then call loss.backward(). `filter` returns the filtered log-ratio (for the error
-column), or None for implementations that do not filter.
+- `kpo`: this package, `kpo_kernels.kpo_loss(backend="auto")` (Triton on CUDA, torch otherwise).
+- `kpo-torch`, `kpo-triton`: the same with the backend forced.
+- `sequential-reference`: `reference/` (a Python loop over tokens; slow by design).
+- `vectorized-cumsum`: the authors' float32 sinh-gain and running-product filter (spec section 6),
+  reimplemented in `baselines.py`, with the same clipped surrogate.
+- `grpo-eager`: verl's `vanilla` token-ratio PPO-clip loss in eager PyTorch (a different loss:
+  no filter).
+- `copy`: a device-to-device copy of the bytes a fused implementation must move (GPU only): the
+  bandwidth ceiling. Handled by the harness; it has no loss.
+
+`run(batch, settings)` returns (loss, metrics) from a batch dict whose log_prob requires grad;
+`filter(batch, settings)` the filtered log-ratio (None for implementations that do not filter).
 """
 
 from dataclasses import dataclass
@@ -16,67 +25,90 @@ from kpo_kernels.backends.triton_backend import INTERPRETED, triton_import_error
 
 from . import baselines
 
-# Hyperparameters shared by every implementation (the paper's defaults).
-Q = 1e-6
-CLIP_LOW, CLIP_HIGH = 3e-4, 4e-4
-AGG = "seq-mean-token-mean"
+
+@dataclass(frozen=True)
+class Settings:
+    """Hyperparameters shared by every implementation (the paper's defaults)."""
+
+    q: float = 1e-6
+    clip_low: float = 3e-4
+    clip_high: float = 4e-4
+    agg: str = "seq-mean-token-mean"
+    log_ratio_cap: float = 10.0
+
+
+DEFAULT = Settings()
+# Kept for older callers.
+Q, CLIP_LOW, CLIP_HIGH, AGG = DEFAULT.q, DEFAULT.clip_low, DEFAULT.clip_high, DEFAULT.agg
 
 
 @dataclass(frozen=True)
 class Implementation:
     name: str
-    run: Callable
+    run: Optional[Callable]
     filter: Optional[Callable]
-    native_on: tuple  # device types where it runs natively (for "where it runs natively")
+    native_on: tuple  # device types where it runs natively
+    kpo: bool = False  # this package: checked against the float64 reference
+
+
+def _log_ratio(batch):
+    """z = log_prob - old_log_prob, subtracted in float32 at least (as the losses do inside):
+    a bfloat16 subtraction would round z before any filter sees it."""
+    new, old = batch["log_prob"].detach(), batch["old_log_prob"].detach()
+    if new.dtype in (torch.float16, torch.bfloat16):
+        new, old = new.float(), old.float()
+    return new - old
 
 
 def _kpo(backend):
-    def run(batch):
+    def run(batch, s):
         return kpo_kernels.kpo_loss(
             batch["log_prob"], batch["old_log_prob"], batch["advantages"], batch["mask"],
-            q=Q, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, agg=AGG, backend=backend,
+            q=s.q, clip_low=s.clip_low, clip_high=s.clip_high, agg=s.agg,
+            log_ratio_cap=s.log_ratio_cap, backend=backend,
         )
 
-    def filt(batch):
-        z = (batch["log_prob"] - batch["old_log_prob"]).detach()
-        return kpo_kernels.kalman_filter(z, batch["mask"], q=Q, backend=backend)
+    def filt(batch, s):
+        return kpo_kernels.kalman_filter(_log_ratio(batch), batch["mask"], q=s.q, backend=backend)
 
     return run, filt
 
 
-def _reference(batch):
+def _reference(batch, s):
     return reference.kpo_loss(
         batch["log_prob"], batch["old_log_prob"], batch["advantages"], batch["mask"],
-        q=Q, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, agg=AGG,
+        q=s.q, clip_low=s.clip_low, clip_high=s.clip_high, agg=s.agg, log_ratio_cap=s.log_ratio_cap,
     )
 
 
-def _reference_filter(batch):
-    z = (batch["log_prob"] - batch["old_log_prob"]).detach()
-    return reference.kalman_filter(z, batch["mask"], q=Q)
+def _reference_filter(batch, s):
+    return reference.kalman_filter(_log_ratio(batch), batch["mask"], q=s.q)
 
 
-def _grpo(batch):
-    return baselines.grpo_eager(batch, agg=AGG, clip_low=CLIP_LOW, clip_high=CLIP_HIGH)
+def _grpo(batch, s):
+    return baselines.grpo_eager(batch, agg=s.agg, clip_low=s.clip_low, clip_high=s.clip_high)
 
 
-def _cumsum(batch):
-    return baselines.vectorized_cumsum(batch, agg=AGG, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, q=Q)
+def _cumsum(batch, s):
+    return baselines.vectorized_cumsum(
+        batch, agg=s.agg, clip_low=s.clip_low, clip_high=s.clip_high, q=s.q, log_ratio_cap=s.log_ratio_cap
+    )
 
 
-def _cumsum_filter(batch):
-    z = (batch["log_prob"] - batch["old_log_prob"]).detach()
-    return baselines.vectorized_cumsum_filter(z, batch["mask"], Q)
+def _cumsum_filter(batch, s):
+    return baselines.vectorized_cumsum_filter(_log_ratio(batch), batch["mask"], s.q)
 
 
 IMPLEMENTATIONS = {
-    "kpo": Implementation("kpo", *_kpo("auto"), native_on=("cpu", "cuda")),
-    "kpo-torch": Implementation("kpo-torch", *_kpo("torch"), native_on=("cpu", "cuda")),
-    "kpo-triton": Implementation("kpo-triton", *_kpo("triton"), native_on=("cuda",)),
+    "kpo": Implementation("kpo", *_kpo("auto"), native_on=("cpu", "cuda"), kpo=True),
+    "kpo-torch": Implementation("kpo-torch", *_kpo("torch"), native_on=("cpu", "cuda"), kpo=True),
+    "kpo-triton": Implementation("kpo-triton", *_kpo("triton"), native_on=("cuda",), kpo=True),
     "sequential-reference": Implementation("sequential-reference", _reference, _reference_filter, ("cpu", "cuda")),
     "vectorized-cumsum": Implementation("vectorized-cumsum", _cumsum, _cumsum_filter, ("cpu", "cuda")),
     "grpo-eager": Implementation("grpo-eager", _grpo, None, ("cpu", "cuda")),
+    "copy": Implementation("copy", None, None, ("cuda",)),
 }
+NAMES = tuple(IMPLEMENTATIONS)
 
 
 def available(name, device):
@@ -85,15 +117,31 @@ def available(name, device):
     if device.type not in impl.native_on:
         return f"runs natively only on {', '.join(impl.native_on)}"
     if name == "kpo-triton" and triton_import_error() is not None:
-        return "Triton is not importable"
+        return f"Triton is not importable ({triton_import_error()})"
     if name == "kpo-triton" and INTERPRETED:
         return "TRITON_INTERPRET=1 is set (interpreted kernels are not benchmarked)"
     return None
 
 
-def forward_backward(name, batch):
+def auto_backend(device, dtype):
+    """The backend `kpo` (backend="auto") resolves to for these inputs: 'torch' or 'triton'."""
+    from kpo_kernels.backends.base import resolve_backend
+
+    return resolve_backend("auto", device, dtype).name
+
+
+def forward_backward(name, batch, settings=DEFAULT):
     """One training step's worth of work: the loss, its metrics and d loss / d log_prob."""
     log_prob = batch["log_prob"].detach().requires_grad_()
-    loss, metrics = IMPLEMENTATIONS[name].run({**batch, "log_prob": log_prob})
+    loss, metrics = IMPLEMENTATIONS[name].run({**batch, "log_prob": log_prob}, settings)
     loss.backward()
     return loss, metrics, log_prob.grad
+
+
+def filtered(name, batch, settings=DEFAULT):
+    """The filtered log-ratio of `name`, or None if it does not filter."""
+    impl = IMPLEMENTATIONS[name]
+    if impl.filter is None:
+        return None
+    with torch.no_grad():
+        return impl.filter(batch, settings)

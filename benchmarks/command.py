@@ -1,0 +1,174 @@
+"""The body of `python -m kpo_kernels` (the arguments are parsed in kpo_kernels/__main__.py)."""
+
+import os
+import sys
+import time
+from collections import OrderedDict
+
+import kpo_kernels
+
+from . import report
+from .harness import (
+    DTYPES,
+    FILTER_TOL,
+    Case,
+    Progress,
+    RunOptions,
+    TimingPolicy,
+    default_cases,
+    environment,
+    failures,
+    grad_tol,
+    reference_agrees,
+    resolve_device,
+    run,
+    skip_reason,
+    sweep_cases,
+)
+from .implementations import IMPLEMENTATIONS, Settings, auto_backend
+
+
+def _cases(args, device):
+    if args.rows is not None or args.length is not None:
+        if args.rows is None or args.length is None or args.rows < 1 or args.length < 1:
+            raise SystemExit("--rows and --length go together, both >= 1")
+        dtypes = [DTYPES[d] for d in (args.dtype or "fp32").split(",")]
+        return [Case(args.rows, args.length, dtype) for dtype in dtypes]
+    cases = sweep_cases(device) if args.full else default_cases(device)
+    if args.dtype:
+        wanted = {DTYPES[d] for d in args.dtype.split(",")}
+        cases = [c for c in cases if c.dtype in wanted]
+    return cases
+
+
+def _names(args):
+    if not args.impl:
+        return tuple(IMPLEMENTATIONS)
+    names = tuple(n.strip() for n in args.impl.split(",") if n.strip())
+    unknown = [n for n in names if n not in IMPLEMENTATIONS]
+    if unknown:
+        raise SystemExit(f"--impl: unknown {unknown}; choose from {list(IMPLEMENTATIONS)}")
+    if "kpo" not in names:
+        names = ("kpo",) + names  # the reference point of t/kpo
+    return names
+
+
+def _print_header(device, cases, settings, env):
+    print(f"kpo_kernels {kpo_kernels.__version__}: the KPO loss, checked against float64 and timed against today's baselines")
+    print(report.environment_line(env))
+    print(
+        "batch: synthetic off-policy GRPO micro-batch (benchmarks/data.py): groups of 8 responses, lengths T/8..T\n"
+        "       right-padded, log-ratio = drift + noise + 1% spikes; "
+        f"q={settings.q:g} r=1 clip [1-{settings.clip_low:g}, 1+{settings.clip_high:g}] {settings.agg}"
+    )
+    backends = sorted({auto_backend(device, c.dtype) for c in cases})
+    print(f'kpo = kpo_kernels.kpo_loss(backend="auto"): the {"/".join(backends)} backend here')
+    print("cases: " + ", ".join(c.label for c in cases))
+    print()
+
+
+def _print_check(case, rows, batch, yard, settings):
+    difference, tokens = reference_agrees(batch, yard, settings)
+    print(f"Correctness before timing ({case.label}), against a float64 recursion and reference/ in float64:")
+    print(f"  reference/ filter in float64 (its Python loop) vs the recursion: max |diff| {difference:.1e}"
+          f" (first {tokens} tokens)")
+    for row in rows:
+        if row["status"] != "ok":
+            print(f"  {row['impl']:21s} {row['status']}")
+            continue
+        if row.get("err_filter") is None:
+            continue
+        verdict = {"pass": "pass", "fail": "FAIL"}.get(row["check"], "")
+        print(
+            f"  {row['impl']:21s} filter {report._err(row['err_filter'])}  loss {report._err(row['err_loss'])}"
+            f"  grad {report._err(row['err_grad'])}  metrics {report._err(row['err_metrics'])}  {verdict}"
+        )
+    print(f"  (pass: filter, loss, metrics within {FILTER_TOL:g}; gradient within {grad_tol(case.dtype):g})")
+    print(flush=True)
+
+
+def _print_skipped(skipped):
+    grouped = OrderedDict()
+    for case, name, reason in skipped:
+        grouped.setdefault((name, reason), []).append(case.label)
+    for (name, reason), labels in grouped.items():
+        where = f" ({len(labels)} cases)" if len(labels) > 3 else f" ({', '.join(labels)})"
+        print(f"not run: {name}{where}: {reason}")
+
+
+def run_command(args):
+    start = time.perf_counter()
+    device = resolve_device(args.device)
+    settings = Settings(q=args.q)
+    cases = _cases(args, device)
+    if not cases:
+        raise SystemExit("no case to run (check --dtype)")
+    if args.reference_max_length is None:  # a Python loop over tokens: short on CPUs
+        args.reference_max_length = 4096 if device.type == "cuda" else 1024
+    options = RunOptions(
+        settings=settings,
+        names=_names(args),
+        reference_max_length=args.reference_max_length,
+        seed=args.seed,
+        measure_memory=not args.no_memory,
+        policy=TimingPolicy(budget_s=args.budget, warmup_s=min(0.2, args.budget / 2)),
+    )
+    env = environment(device)
+    _print_header(device, cases, settings, env)
+    busy = env.get("load_avg_1m")
+    if device.type == "cpu" and busy is not None and busy > 0.5:
+        print(f"note: load average {busy} over the last minute on {os.cpu_count()} cores: if other processes are "
+              "running, CPU timings are slower and noisier than on an idle machine\n")
+
+    total = sum(1 for c in cases for n in options.names if skip_reason(n, c, device, options) is None)
+    progress = Progress(total, enabled=not args.quiet)
+
+    def on_case(rows):  # partial results survive an interrupted run
+        if args.json:
+            report.write_json(rows, args.json)
+
+    rows, skipped = run(
+        cases, device, options, progress,
+        on_checked=lambda case, rs, batch, yard: _print_check(case, rs, batch, yard, settings),
+        on_case=on_case,
+    )
+
+    print(report.table(rows))
+    print()
+    print(report.LEGEND)
+    _print_skipped(skipped)
+    if device.type == "cuda":
+        print("GPU goals (issue 4), measured:")
+        print("\n".join("  " + line for line in report.goals(rows)))
+    if any(r["impl"] == "sequential-reference" and r["status"] == "ok" for r in rows):
+        print("sequential-reference: timed on 3 rounds after 1 warm-up (a Python loop over tokens), "
+              f"only up to T = {args.reference_max_length} (--reference-max-length).")
+    print()
+
+    if args.json:
+        report.write_json(rows, args.json)
+        print(f"wrote {args.json} ({len(rows)} rows)")
+    if args.markdown:
+        report.write_markdown(rows, args.markdown, skipped)
+        print(f"wrote {args.markdown}")
+    if args.plot:
+        report.plot_time_vs_tokens(rows, args.plot)
+        print(f"wrote {args.plot}")
+
+    failed = [r for r in rows if r.get("check") == "fail"]
+    if failed:
+        print("FAILED: disagreement with the float64 reference:")
+        for r in failed:
+            print(f"  {r['impl']} on {report.shape(r)}: {', '.join(failures(r))}")
+    else:
+        checked = sum(1 for r in rows if r.get("check") == "pass")
+        print(f"all {checked} kpo results agree with the float64 reference within tolerance")
+    if not args.full and args.rows is None:
+        print("more: python -m kpo_kernels --full (the sweep), python -m benchmarks.accuracy (q and T), "
+              "pytest benchmarks/")
+    print(f"total {time.perf_counter() - start:.1f} s", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit("run `python -m kpo_kernels`")

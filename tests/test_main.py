@@ -1,0 +1,209 @@
+"""`python -m kpo_kernels` (the README's first command), run as a user runs it, on small CPU shapes.
+
+Also the pieces it stands on: the float64 yardstick equals `reference/`, the error columns can
+fail, and the accuracy sweep finds the vectorized-cumsum failures.
+"""
+
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kpo_kernels.__main__ as main_module
+import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_IMPLS = {"kpo", "kpo-torch", "sequential-reference", "vectorized-cumsum", "grpo-eager"}
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # the `bench` extra
+
+
+def _installed():
+    try:
+        importlib.metadata.distribution("kpo-kernels")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def main_run(tmp_path_factory):
+    """One run from a directory outside the checkout: q = 1e-8 breaks vectorized-cumsum."""
+    out = tmp_path_factory.mktemp("main")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if not _installed():  # e.g. the GPU image: no editable install, so point Python at the checkout
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    args = [
+        sys.executable, "-m", "kpo_kernels", "--device", "cpu", "--rows", "8", "--length", "384",
+        "--q", "1e-8", "--budget", "0.02", "--reference-max-length", "512",
+        "--json", str(out / "rows.json"), "--markdown", str(out / "table.md"),
+    ] + (["--plot", str(out / "plot.png")] if HAS_MATPLOTLIB else [])
+    proc = subprocess.run(args, cwd=out, env=env, capture_output=True, text=True, timeout=300)
+    return proc, out
+
+
+def test_main_command_runs_and_agrees(main_run):
+    proc, out = main_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "agree with the float64 reference" in proc.stdout
+    assert "vectorized-cumsum" in proc.stdout and "err filter" in proc.stdout
+    assert " 5/5 8x384 fp32" in proc.stderr  # progress lines
+    assert "| kpo (torch) | 8x384 fp32 |" in (out / "table.md").read_text()
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed (pip install -e '.[bench]')")
+def test_main_command_plot(main_run):
+    proc, out = main_run
+    assert proc.returncode == 0
+    png = (out / "plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_main_command_json_rows(main_run):
+    _, out = main_run
+    rows = json.loads((out / "rows.json").read_text())
+    by_impl = {row["impl"]: row for row in rows}
+    assert set(by_impl) == CPU_IMPLS and len(rows) == len(CPU_IMPLS)
+    for row in rows:
+        assert row["status"] == "ok"
+        assert (row["rows"], row["length"], row["dtype"], row["device"]) == (8, 384, "fp32", "cpu")
+        assert row["bytes"] == 8 * 384 * (3 * 4 + 1) + 8 * 4
+        assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        assert row["gbps"] == pytest.approx(row["bytes"] / row["median_ms"] / 1e6)
+    kpo = by_impl["kpo"]
+    assert kpo["backend"] == "torch" and kpo["time_vs_kpo"] == 1.0 and kpo["q"] == 1e-8
+    assert kpo["peak_mb"] > 0  # the gradient alone is 12 KB
+    for name in ("kpo", "kpo-torch"):
+        row = by_impl[name]
+        assert row["check"] == "pass"
+        for key in ("err_filter", "err_loss", "err_grad", "err_metrics"):
+            assert isinstance(row[key], float) and row[key] <= 1e-5, (name, key, row[key])
+    # The authors' float32 sinh gains are 0/0 at q = 1e-8: the error column shows it.
+    assert by_impl["vectorized-cumsum"]["err_filter"] == "NaN"
+    assert by_impl["vectorized-cumsum"]["check"] is None
+    grpo = by_impl["grpo-eager"]
+    assert grpo["err_filter"] is None and grpo["err_grad"] is None
+    assert by_impl["sequential-reference"]["err_filter"] < 1e-5
+
+
+def test_checkout_root(tmp_path, capsys, monkeypatch):
+    assert main_module.checkout_root() == ROOT
+    assert main_module.checkout_root(tmp_path / "kpo_kernels") is None  # an installed copy elsewhere
+    monkeypatch.setattr(main_module, "checkout_root", lambda: None)
+    assert main_module.main(["--device", "cpu"]) == 2
+    assert "needs the source checkout" in capsys.readouterr().err
+
+
+def _batch(rows=8, length=256, seed=3):
+    from benchmarks.data import rl_batch
+
+    return rl_batch(rows, length, seed=seed)
+
+
+@pytest.mark.parametrize("mask_mode", ["skip", "position"])
+def test_yardstick_recursion_is_reference(mask_mode):
+    from benchmarks.baselines import float64_filter
+
+    batch = _batch()
+    mask = batch["mask"].clone()
+    mask[2, 10:40] = False  # a hole
+    mask[3, :5] = False  # left padding
+    z = (batch["log_prob"] - batch["old_log_prob"]).double()
+    for kwargs in (dict(q=1e-6), dict(q=3e-3, r=2.0, p0=0.5, x0=0.1), dict(q=1e-2, p0=math.inf)):
+        want = reference.kalman_filter(z, mask, mask_mode=mask_mode, **kwargs)
+        assert torch.equal(float64_filter(z, mask, mask_mode=mask_mode, **kwargs), want)
+
+
+def test_error_columns_can_fail():
+    from benchmarks.harness import errors_against, yardstick
+    from benchmarks.implementations import forward_backward
+
+    batch = _batch()
+    yard = yardstick(batch)
+    assert float(yard.grad.abs().max()) > 0 and yard.loss_scale > 0  # nothing vacuous
+    loss, metrics, grad = forward_backward("kpo", batch)
+    good = errors_against(yard, loss, grad)
+    assert good["err_grad"] <= 1e-6 and good["err_loss"] <= 1e-6
+    off = errors_against(yard, loss, grad * (1 + 1e-3))
+    assert 5e-4 < off["err_grad"] < 2e-3
+    broken = grad.clone()
+    broken[0, 0] = math.nan
+    assert math.isnan(errors_against(yard, loss, broken)["err_grad"])
+    shifted = errors_against(yard, loss + 1e-3 * yard.loss_scale, grad)
+    assert shifted["err_loss"] == pytest.approx(1e-3, rel=1e-2)
+
+
+def test_accuracy_sweep_finds_the_failures():
+    from benchmarks import accuracy
+
+    results = accuracy.sweep(torch.device("cpu"), rows=2, q_values=(1e-8, 1e-6, 1e-2), lengths=(256, 1024))
+    status = {(r["impl"], r["q"], r["length"]): r["status"] for r in results}
+    assert all(status[("kpo", q, t)] == "exact" for q in (1e-8, 1e-6, 1e-2) for t in (256, 1024))
+    assert status[("vectorized-cumsum", 1e-8, 256)] == "NaN"  # 1 + q/2 rounds to 1 in float32
+    assert status[("vectorized-cumsum", 1e-2, 1024)] == "NaN"  # running product underflows
+    assert status[("vectorized-cumsum", 1e-6, 1024)] == "broken"  # gains 2.5% off
+    text = accuracy.markdown(results, accuracy.gain_onsets((1e-8, 1e-6, 1e-2), 1024))
+    assert "## vectorized-cumsum" in text and "**NaN**" in text
+
+
+def test_cuda_timer_protocol_with_host_events(monkeypatch):
+    """The CUDA timing loop (warm-up from an estimate, flushed rounds, synchronized wall time),
+    run with host-clock stand-ins for CUDA events so that it is exercised without a GPU."""
+    import time
+
+    from benchmarks import harness
+
+    class HostEvent:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", HostEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.002)
+
+    timer = harness.CudaTimer(torch.device("cpu"), flush_bytes=1024)
+    policy = harness.TimingPolicy(warmup=2, min_rounds=5, max_rounds=100, warmup_ms=10, rep_ms=20, wall_rounds=3)
+    result = timer(fn, policy)
+    # estimate >= 2 ms: warm-up max(2, 10 ms / estimate) <= 5 calls, max(5, 20 ms / estimate) <= 10 rounds
+    assert 5 <= result["rounds"] <= 10
+    assert 1 + 2 + result["rounds"] + 3 <= len(calls) <= 1 + 5 + result["rounds"] + 3
+    assert 2.0 <= result["p20_ms"] <= result["median_ms"] <= result["p80_ms"] < 50
+    assert result["wall_ms"] >= 2.0
+    calls.clear()
+    slow = timer(fn, harness.SLOW)
+    assert slow["rounds"] == 3 and len(calls) == 1 + 1 + 3 + 1
+
+
+def test_goals_and_tables_from_rows():
+    from benchmarks import report
+
+    def row(impl, ms, rows=512, length=8192, dtype="fp32", **extra):
+        tokens = rows * length
+        return dict(impl=impl, rows=rows, length=length, dtype=dtype, tokens=tokens, status="ok", median_ms=ms,
+                    p20_ms=ms, p80_ms=ms, gbps=tokens * 13 / ms / 1e6, device="cuda", regime="short rows", **extra)
+
+    rows = [row("kpo", 1.0, time_vs_kpo=1.0), row("vectorized-cumsum", 12.0), row("grpo-eager", 1.5), row("copy", 0.5),
+            dict(row("kpo-torch", 1.0), status="error: OutOfMemoryError: CUDA out of memory")]
+    lines = report.goals(rows)
+    assert any("12.0x faster than vectorized-cumsum (goal 10x): met" in line for line in lines)
+    assert any("1.5x faster than grpo-eager (goal 2x): MISSED" in line for line in lines)
+    assert any("50% of copy" in line and "MISSED" in line for line in lines)
+    text = report.table(rows)
+    assert "error: OutOfMemoryError" in text and "GB/s" in text
+    assert "kpo" in report.brief(rows)[0] and "50% of copy" in report.brief(rows)[0]
