@@ -224,7 +224,11 @@ class TritonBackend(Backend):
         tiling = None if empty else self._tiling(batch.shape, batch.cu_seqlens, device, block)
         slots = 0 if empty else tiling.num_slots
         stats = self._empty((NUM_STATS, slots), torch.float32, device)
-        grad = self._empty(batch.shape, torch.float32, device) if need_grad else None
+        # The per-token derivative waits for backward in float32, or in bfloat16 for bfloat16
+        # inputs: the gradient ends in bfloat16 anyway and the round trip then moves half the
+        # bytes. (float16 keeps float32: an unweighted -A * rt can exceed its range.)
+        scratch = torch.bfloat16 if batch.log_prob.dtype == torch.bfloat16 else torch.float32
+        grad = self._empty(batch.shape, scratch, device) if need_grad else None
         if slots > 0:
             self._launch_loss(batch, options, tiling, stats, grad, block, warps)
         row_scale = self._empty((sequences,), torch.float32, device)

@@ -418,7 +418,7 @@ def kpo_loss_fwd_kernel(
             dloss = dloss * w
         loss = tl.where(valid, loss, 0.0)
         if STORE_GRAD:
-            tl.store(grad_row + pos, tl.where(valid, dloss, 0.0), mask=in_bounds)
+            tl.store(grad_row + pos, tl.where(valid, dloss, 0.0).to(grad_ptr.dtype.element_ty), mask=in_bounds)
 
         raw = tl.exp(z)
         tokens += valid.to(tl.float32)
@@ -614,7 +614,7 @@ def kpo_loss_bwd_kernel(
     for start in range(tile_start, tile_end, BLOCK):
         pos = seq_start + start + tl.arange(0, BLOCK)
         in_bounds = start + tl.arange(0, BLOCK) < tile_end
-        grad = tl.load(grad_ptr + pos, mask=in_bounds, other=0.0)
+        grad = tl.load(grad_ptr + pos, mask=in_bounds, other=0.0).to(tl.float32)
         tl.store(out_ptr + pos, (grad * scale).to(out_ptr.dtype.element_ty), mask=in_bounds)
 
 
