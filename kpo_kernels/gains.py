@@ -83,8 +83,5 @@ class GainTables:
             self._tables.popitem(last=False)
         return table
 
-    def clear(self):
-        self._tables.clear()
-
 
 gain_tables = GainTables()

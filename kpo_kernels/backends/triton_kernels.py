@@ -31,7 +31,7 @@ from ..options import AGG_MODES
 # Aggregation modes as compile-time constants, numbered in options.AGG_MODES order.
 AGG_TOKEN_MEAN = tl.constexpr(0)
 AGG_TOKEN_SUM = tl.constexpr(1)
-AGG_SEQ_MEAN_TOKEN_SUM = tl.constexpr(2)
+AGG_SEQ_MEAN_TOKEN_SUM = tl.constexpr(2)  # the default branch of the weights
 AGG_SEQ_MEAN_TOKEN_MEAN = tl.constexpr(3)
 AGG_SEQ_MEAN_TOKEN_SUM_NORM = tl.constexpr(4)
 AGG_CODES = {name: code for code, name in enumerate(AGG_MODES)}
