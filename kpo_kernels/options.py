@@ -59,8 +59,8 @@ class LossOptions:
 class TokenBatch:
     """A padded (B, T) batch, or a packed (N,) one with `cu_seqlens` (S + 1,) offsets.
 
-    `mask` is None when every token counts; `advantages` is per sequence ((B,) / (S,)) or per
-    token (same shape as log_prob). Tensors keep the caller's dtypes, strides and values:
+    `mask` is None when every token counts; `advantages` is per sequence ((B,) / (S,)) or, when
+    `advantages_per_token`, per token (same shape as log_prob). Tensors keep the caller's dtypes, strides and values:
     backends read them, never write them.
     """
 
@@ -70,6 +70,7 @@ class TokenBatch:
     mask: Optional[torch.Tensor]
     is_weights: Optional[torch.Tensor]
     cu_seqlens: Optional[torch.Tensor] = None
+    advantages_per_token: bool = False
 
     @property
     def num_sequences(self):

@@ -203,18 +203,34 @@ def check_cu_seqlens(cu_seqlens, num_tokens, device):
     return cu_seqlens
 
 
-def _per_sequence_or_token(name, value, shape, sequences, device):
-    """(S,) / (B,) per sequence or the token shape per token; (B, 1) / (S, 1) squeezed."""
-    _tensor(name, value)
+def _advantages(value, shape, cu_seqlens, device):
+    """(advantages, per_token): one per sequence ((B,) or (B, 1); packed (S,) or (S, 1)) or one
+    per token (the shape of the log-probs)."""
+    _tensor("advantages", value)
     if value.device != device:
-        raise ValueError(f"{name} is on {value.device}, expected {device}")
-    if value.dim() == 2 and value.shape == (sequences, 1) and value.shape != shape:
-        value = value[:, 0]
-    if value.shape == shape or value.shape == (sequences,):
-        return value
+        raise ValueError(f"advantages is on {value.device}, expected {device}")
+    sequences = shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    if value.shape == shape:
+        if cu_seqlens is not None and sequences == shape[0] and sequences > 0:
+            # As many sequences as tokens: (N,) could also mean one per sequence. The two readings
+            # agree only if every sequence has exactly one token.
+            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+            if device.type == "cpu":
+                if bool((lengths != 1).any()):
+                    raise ValueError(
+                        "advantages of shape (N,) is ambiguous when there are as many sequences as tokens "
+                        "(some empty): pass one advantage per sequence as (S, 1)"
+                    )
+            else:
+                torch._assert_async((lengths == 1).all(), "advantages (N,) with N == S needs one token per sequence")
+        return value, True
+    if value.shape == (sequences, 1):
+        return value[:, 0], False
+    if value.shape == (sequences,):
+        return value, False
     raise ValueError(
-        f"{name} has shape {tuple(value.shape)}; expected ({sequences},) per sequence or "
-        f"{tuple(shape)} per token"
+        f"advantages has shape {tuple(value.shape)}; expected ({sequences},) or ({sequences}, 1) per sequence, "
+        f"or {tuple(shape)} per token"
     )
 
 
@@ -222,10 +238,9 @@ def check_token_batch(log_prob, old_log_prob, advantages, mask, is_weights, cu_s
     check_tokens("log_prob", log_prob, cu_seqlens)
     shape, device = log_prob.shape, log_prob.device
     cu_seqlens = check_cu_seqlens(cu_seqlens, shape[0], device)
-    sequences = cu_seqlens.numel() - 1 if cu_seqlens is not None else shape[0]
     _same_place("old_log_prob", _tensor("old_log_prob", old_log_prob), shape, device)
-    advantages = _per_sequence_or_token("advantages", advantages, shape, sequences, device)
+    advantages, per_token = _advantages(advantages, shape, cu_seqlens, device)
     mask = check_mask(mask, shape, device)
     if is_weights is not None:
         _same_place("is_weights", _tensor("is_weights", is_weights), shape, device)
-    return TokenBatch(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens)
+    return TokenBatch(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens, per_token)

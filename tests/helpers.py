@@ -113,7 +113,8 @@ def run_loss(impl, batch, **options):
 
 
 def assert_close(name, actual, expected, rtol, atol=None):
-    """Elementwise |actual - expected| <= atol + rtol |expected|, NaN only where expected.
+    """Elementwise |actual - expected| <= atol + rtol |expected|; NaN and +-inf exactly where
+    expected.
 
     atol defaults to rtol times the largest |expected| (errors relative to the data's scale).
     """
@@ -122,7 +123,9 @@ def assert_close(name, actual, expected, rtol, atol=None):
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     nan_a, nan_e = torch.isnan(actual), torch.isnan(expected)
     assert torch.equal(nan_a, nan_e), f"{name}: NaN at {nan_a.sum()} positions, expected at {nan_e.sum()}"
-    finite = ~nan_e
+    inf_e = torch.isinf(expected)
+    assert torch.equal(actual[inf_e], expected[inf_e]), f"{name}: infinities differ"
+    finite = ~nan_e & ~inf_e
     a, e = actual[finite], expected[finite]
     if e.numel() == 0:
         return

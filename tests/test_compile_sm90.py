@@ -46,6 +46,7 @@ def test_no_register_spills(compiled):
 
 
 def test_fused_loss_kernel_register_budget(compiled):
-    """<= 128 registers per thread keeps at least 4 programs of 8 warps resident per SM."""
-    heavy = {k: v["registers"] for k, v in compiled.items() if "kpo_loss_fwd_kernel" in k and v["registers"] > 128}
+    """<= 85 registers a thread keeps 3 programs of 8 warps resident per SM (65536 registers),
+    the occupancy the launcher's tile sizes assume (triton_backend.PROGRAMS_PER_SM)."""
+    heavy = {k: v["registers"] for k, v in compiled.items() if "kpo_loss_fwd_kernel" in k and v["registers"] > 85}
     assert not heavy, heavy

@@ -321,3 +321,76 @@ def test_advantages_per_token_or_per_sequence_packed():
     per_token, _ = kpo_kernels.kpo_loss(**{**base, "advantages": torch.ones(10)}, backend="torch")
     column, _ = kpo_kernels.kpo_loss(**{**base, "advantages": torch.ones(3, 1)}, backend="torch")
     assert torch.equal(per_seq, per_token) and torch.equal(per_seq, column)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("mask_mode", ["skip", "position"])
+def test_non_finite_observation_at_a_valid_token(backend, value, mask_mode):
+    """IEEE semantics of the recursion, as the reference: inf (or NaN) at that token, NaN after it
+    in its sequence, nothing in other sequences, whatever the layout."""
+    cu = torch.tensor([0, 20, 20, 45], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(15)
+    z = torch.randn(45, generator=gen, dtype=torch.float64) * 0.1
+    mask = torch.rand(45, generator=gen) > 0.2
+    mask[7] = True
+    z[7] = value
+    padded = torch.zeros(3, 25, dtype=torch.float64)
+    padded_mask = torch.zeros(3, 25, dtype=torch.bool)
+    padded[0, :20], padded_mask[0, :20] = z[:20], mask[:20]
+    padded[2, :25], padded_mask[2, :25] = z[20:], mask[20:]
+    want = reference.kalman_filter(padded, padded_mask, q=1e-2, mask_mode=mask_mode)
+    want_packed = torch.cat([want[0, :20], want[2, :25]])
+    packed = kpo_kernels.kalman_filter(z.float().to(DEVICE), mask.to(DEVICE), q=1e-2, mask_mode=mask_mode, cu_seqlens=cu.to(DEVICE), backend=backend)
+    rows = kpo_kernels.kalman_filter(padded.float().to(DEVICE), padded_mask.to(DEVICE), q=1e-2, mask_mode=mask_mode, backend=backend)
+    assert_close("packed", packed, want_packed, rtol=2e-6)
+    assert_close("rows", rows, want, rtol=2e-6)
+    assert not torch.isnan(packed[20:].cpu()).any()
+
+
+def test_per_sequence_advantages_when_as_many_sequences_as_tokens():
+    """cu_seqlens [0, 0, 2, 2, 4]: 4 sequences, 4 tokens. (S, 1) says "per sequence"; a 1-D
+    tensor is refused, because it could mean either."""
+    cu = torch.tensor([0, 0, 2, 2, 4], dtype=torch.int32)
+    new, old = torch.tensor([0.1, -0.2, 0.3, 0.05]), torch.zeros(4)
+    adv = torch.tensor([5.0, 1.0, 7.0, -1.0])
+    with pytest.raises(ValueError, match="ambiguous"):
+        kpo_kernels.kpo_loss(new, old, adv, cu_seqlens=cu, backend="torch")
+    packed, _ = kpo_kernels.kpo_loss(new, old, adv[:, None], cu_seqlens=cu, q=1.0, agg="token-mean", backend="torch")
+    rows = torch.tensor([[0.0, 0.0], [0.1, -0.2], [0.0, 0.0], [0.3, 0.05]])
+    row_mask = torch.tensor([[False, False], [True, True], [False, False], [True, True]])
+    padded, _ = kpo_kernels.kpo_loss(rows, torch.zeros(4, 2), adv, row_mask, q=1.0, agg="token-mean", backend="torch")
+    torch.testing.assert_close(packed, padded)
+    single = torch.tensor([0, 1, 2], dtype=torch.int32)  # one token each: both readings agree
+    kpo_kernels.kpo_loss(new[:2], old[:2], adv[:2], cu_seqlens=single, backend="torch")
+
+
+def test_result_does_not_depend_on_the_order_of_reductions(monkeypatch):
+    """On GPUs tl.reduce combines lanes in butterfly order (it assumes commutativity); the
+    interpreter folds in order. Re-run the multi-tile path with the interpreter's custom
+    reductions folding in the sm_90 butterfly order: nothing may change."""
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    if DEVICE.type != "cpu":
+        pytest.skip("checks the interpreter; on a GPU the other tests run the real order")
+    original = interpreter.ReduceOps.generic_reduce
+    calls = []
+
+    def butterfly(self, inputs):
+        calls.append(1)
+        size = inputs[0].handle.data.shape[0] if inputs[0].handle.data.ndim == 1 else 0
+        if size and size & (size - 1) == 0:
+            bits = max(1, size.bit_length() - 1)
+            order = [int(f"{i:0{bits}b}"[::-1], 2) for i in range(size)]
+            inputs = tuple(
+                interpreter.tl.core.tensor(interpreter.TensorHandle(t.handle.data[order].copy(), t.handle.dtype), t.type)
+                for t in inputs
+            )
+        return original(self, inputs)
+
+    gen = torch.Generator().manual_seed(16)
+    z = (torch.randn(2, 600, generator=gen) * 0.05 + 0.02).to(DEVICE)
+    mask = (torch.rand(2, 600, generator=gen) > 0.2).to(DEVICE)
+    impl = triton_backend(block_size=16, tile_size=32)  # 19 tiles a row
+    in_order = kpo_kernels.kalman_filter(z, mask, q=1e-3, backend=impl)
+    monkeypatch.setattr(interpreter.ReduceOps, "generic_reduce", butterfly)
+    permuted = kpo_kernels.kalman_filter(z, mask, q=1e-3, backend=impl)
+    torch.testing.assert_close(permuted, in_order, rtol=1e-6, atol=1e-9)

@@ -66,8 +66,29 @@ def filter_states(z, valid, options):
     else:
         observations = torch.cumsum(valid, dim=-1)  # gain index n(t) of spec section 2
         c = torch.take(gains, observations.sub_(1).clamp_min_(0)).mul_(valid)
-    c_total, b_total = affine_scan(c, c * z, need_c=options.x0 != 0)
-    return b_total if options.x0 == 0 else options.x0 - c_total * options.x0 + b_total
+    bad = _nonfinite(z)
+    kept = None if bad is None else c.clone()  # affine_scan overwrites c
+    c_total, b_total = affine_scan(c, c * (z if bad is None else z.masked_fill(bad, 0.0)), need_c=options.x0 != 0)
+    x = b_total if options.x0 == 0 else options.x0 - c_total * options.x0 + b_total
+    return x if bad is None else _ieee_nonfinite(x, z, kept, bad, lambda v: torch.cumsum(v, dim=-1))
+
+
+def _nonfinite(z):
+    """Where z (0 at invalid tokens) is inf or NaN, or None when nowhere (known without a host
+    sync only for CPU tensors; on an accelerator the mask is always built)."""
+    bad = ~torch.isfinite(z)
+    if z.device.type == "cpu" and not bool(bad.any()):
+        return None
+    return bad
+
+
+def _ieee_nonfinite(x, z, c, bad, running_count):
+    """What the recursion x + K (z - x) gives once an observation is inf or NaN: K z (inf, or NaN)
+    at that token and NaN (inf - inf) at every later one of its sequence. The scan itself ran on
+    finite values: its closed form would carry an inf along where the recursion has NaN, and in
+    a packed stream could carry it into the next sequence."""
+    earlier = running_count(bad) > bad
+    return torch.where(earlier, math.nan, torch.where(bad, c * z, x))
 
 
 def _is_prefix(valid):
@@ -126,16 +147,23 @@ class _Packed:
         each sequence forgets the state (its map is x -> x0 (1 - c) + c z)."""
         gains = gain_tables.get(z.shape[0], options.q, options.r, options.p0, z.device, COMPUTE)
         if options.skip:
-            count = torch.cumsum(valid, 0)
-            before = F.pad(count, (1, 0))[self.cu_seqlens[:-1]][self.seq]  # valid tokens before the sequence
-            c = torch.take(gains, (count - before).sub_(1).clamp_min_(0)).mul_(valid)
+            count = self._running(valid)  # gain index n(t) within the sequence
+            c = torch.take(gains, count.sub_(1).clamp_min_(0)).mul_(valid)
         else:
             c = torch.take(gains, self.pos)
-        b = c * z
+        bad = _nonfinite(z)
+        b = c * (z if bad is None else z.masked_fill(bad, 0.0))
         first = self.pos == 0
         b = torch.where(first, options.x0 * (1 - c) + b, b)
-        c = c.masked_fill_(first, 1.0)
-        return affine_scan(c[None], b[None], need_c=False)[1][0]
+        # A start's map is x -> b: c = 1, floored to 1 - e^-36 by the scan, so a (finite) state
+        # leaks into the next sequence only at float64 rounding.
+        x = affine_scan(c.masked_fill(first, 1.0)[None], b[None], need_c=False)[1][0]
+        return x if bad is None else _ieee_nonfinite(x, z, c, bad, self._running)
+
+    def _running(self, flags):
+        """Inclusive count of `flags` within each token's sequence."""
+        count = torch.cumsum(flags, 0)
+        return count - F.pad(count, (1, 0))[self.cu_seqlens[:-1]][self.seq]
 
     def per_token(self, per_sequence):
         return per_sequence[self.seq]
@@ -192,7 +220,7 @@ class TorchBackend(Backend):
         rt = x.to(dtype, copy=True).mul_(valid_f).exp_()  # filtered ratio; 1 at invalid tokens
 
         neg_adv = batch.advantages.to(dtype)
-        if neg_adv.shape != batch.shape:  # one advantage per sequence
+        if not batch.advantages_per_token:  # one advantage per sequence
             neg_adv = layout.per_token(torch.where(layout.any_valid(valid), neg_adv, 0.0))
         else:
             neg_adv = neg_adv.masked_fill(invalid, 0.0)

@@ -22,10 +22,13 @@ except Exception as error:  # noqa: BLE001 - any failure means "no Triton here"
 # Triton decides at import time whether @triton.jit functions are interpreted.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-MAX_BLOCK = 512  # tokens per scan block (2 per thread at 8 warps: 64 registers, no spills on sm_90)
-PREFIX = 64  # earlier tiles folded per reduction step
+# Tokens per scan block: 2 per thread at 8 warps. The fused loss kernel then needs 68-78
+# registers on sm_90 without spills: 3 programs of 8 warps fit on an SM.
+MAX_BLOCK = 512
+PREFIX = 64  # earlier tiles folded per scan step
 UNDERFILLED_ROWS_PER_SM = 2  # fewer rows than this per SM: split rows into tiles
-PROGRAMS_PER_SM = 4  # tiles are sized for about this many programs per SM
+PROGRAMS_PER_SM = 3  # tiles are sized for about this many programs per SM (see MAX_BLOCK)
+INT32_OFFSETS = 2**31  # kernels index tokens with int32 positions times strides
 
 
 def triton_import_error():
@@ -130,7 +133,7 @@ class TritonBackend(Backend):
             if rows >= UNDERFILLED_ROWS_PER_SM * sms:
                 wanted = longest
             else:
-                wanted = max(4 * block, _pow2_at_least(_cdiv(tokens, PROGRAMS_PER_SM * sms)))
+                wanted = max(block, _pow2_at_least(_cdiv(tokens, PROGRAMS_PER_SM * sms)))
         return _cdiv(max(1, min(wanted, longest)), block) * block
 
     def _tiling(self, shape, cu_seqlens, device, block):
@@ -161,6 +164,16 @@ class TritonBackend(Backend):
         return (0, tensor.stride(0)) if varlen else (tensor.stride(0), tensor.stride(1))
 
     @staticmethod
+    def _addressable(tensor):
+        """The tensor, or a contiguous copy when a position times the token stride would
+        overflow the kernels' int32 offsets (a transposed view of 2^31 elements or more)."""
+        if tensor is None or tensor.numel() == 0:
+            return tensor
+        if (tensor.shape[-1] - 1) * abs(tensor.stride(-1)) < INT32_OFFSETS:
+            return tensor
+        return tensor.contiguous()
+
+    @staticmethod
     def _mask(mask):
         return mask.view(torch.uint8) if mask is not None and mask.dtype == torch.bool else mask
 
@@ -170,27 +183,29 @@ class TritonBackend(Backend):
         if not tiling.multi_tile:
             dummy = torch.empty(1, dtype=torch.float32, device=device)
             return dummy.int(), dummy
-        layout = dict(IS_VARLEN=tiling.varlen, SEARCH_STEPS=tiling.search_steps)
         counts = self._empty((tiling.num_slots,), torch.int32, device)
         mask_arg = self._mask(mask)
         if options.skip and mask is not None:
             kernels.tile_count_kernel[tiling.grid](
                 mask_arg, *tiling.launch_args(), counts, tiling.num_seqs, tiling.width, tiling.tile_size,
-                *self._strides(mask, tiling.varlen), **layout, BLOCK=block, num_warps=warps,
+                tiling.search_steps, *self._strides(mask, tiling.varlen), IS_VARLEN=tiling.varlen, BLOCK=block,
+                num_warps=warps,
             )
         aggregates = self._empty((2, tiling.num_slots), torch.float32, device)
         kernels.tile_aggregate_kernel[tiling.grid](
             new, old if old is not None else new, mask_arg if mask is not None else new, gains,
             *tiling.launch_args(), counts, aggregates, tiling.num_seqs, tiling.num_slots, tiling.width,
-            tiling.tile_size, *self._strides(new, tiling.varlen), *self._strides(old if old is not None else new, tiling.varlen),
-            *self._strides(mask, tiling.varlen), HAS_OLD=old is not None, HAS_MASK=mask is not None,
-            SKIP=options.skip, **layout, PREFIX=PREFIX, BLOCK=block, num_warps=warps,
+            tiling.tile_size, tiling.search_steps, *self._strides(new, tiling.varlen),
+            *self._strides(old if old is not None else new, tiling.varlen), *self._strides(mask, tiling.varlen),
+            HAS_OLD=old is not None, HAS_MASK=mask is not None, SKIP=options.skip, IS_VARLEN=tiling.varlen,
+            PREFIX=PREFIX, BLOCK=block, num_warps=warps,
         )
         return counts, aggregates
 
     # ------------------------------------------------------------------ the filter
 
     def filter(self, log_ratio, mask, options, cu_seqlens=None):
+        log_ratio, mask = self._addressable(log_ratio), self._addressable(mask)
         device = log_ratio.device
         out = self._empty(log_ratio.shape, torch.float32, device)
         if log_ratio.numel() == 0:
@@ -204,9 +219,9 @@ class TritonBackend(Backend):
         kernels.kalman_filter_kernel[tiling.grid](
             log_ratio, self._mask(mask) if mask is not None else log_ratio, gains, *tiling.launch_args(),
             counts, aggregates, out, tiling.num_seqs, tiling.num_slots, tiling.width, tiling.tile_size,
-            *self._strides(log_ratio, tiling.varlen), *self._strides(mask, tiling.varlen), options.x0,
-            HAS_MASK=mask is not None, SKIP=options.skip, IS_VARLEN=tiling.varlen,
-            SEARCH_STEPS=tiling.search_steps, PREFIX=PREFIX, BLOCK=block, num_warps=warps,
+            tiling.search_steps, *self._strides(log_ratio, tiling.varlen), *self._strides(mask, tiling.varlen),
+            options.x0, HAS_MASK=mask is not None, SKIP=options.skip, IS_VARLEN=tiling.varlen,
+            PREFIX=PREFIX, BLOCK=block, num_warps=warps,
         )
         return out
 
@@ -240,14 +255,16 @@ class TritonBackend(Backend):
         filt = options.filter
         varlen = tiling.varlen
         gains = gain_tables.get(batch.shape[0] if varlen else batch.shape[1], filt.q, filt.r, filt.p0, batch.device, torch.float32)
-        lp, old, adv, mask, weights = batch.log_prob, batch.old_log_prob, batch.advantages, batch.mask, batch.is_weights
+        lp, old, adv, mask, weights = (
+            self._addressable(t) for t in (batch.log_prob, batch.old_log_prob, batch.advantages, batch.mask, batch.is_weights)
+        )
         counts, aggregates = self._tile_passes(tiling, lp, old, mask, gains, filt, block, warps)
-        adv_per_token = adv.shape == lp.shape
+        adv_per_token = batch.advantages_per_token
         adv_strides = self._strides(adv, varlen) if adv_per_token else (adv.stride(0), 0)
         kernels.kpo_loss_fwd_kernel[tiling.grid](
             lp, old, self._mask(mask) if mask is not None else lp, adv, weights if weights is not None else lp,
             gains, *tiling.launch_args(), counts, aggregates, grad if grad is not None else stats, stats,
-            tiling.num_seqs, tiling.num_slots, tiling.width, tiling.tile_size,
+            tiling.num_seqs, tiling.num_slots, tiling.width, tiling.tile_size, tiling.search_steps,
             *self._strides(lp, varlen), *self._strides(old, varlen), *self._strides(mask, varlen),
             *adv_strides, *self._strides(weights, varlen),
             filt.x0,
@@ -267,7 +284,6 @@ class TritonBackend(Backend):
             DUAL_CLIP=options.dual_clip is not None,
             STORE_GRAD=grad is not None,
             IS_VARLEN=varlen,
-            SEARCH_STEPS=tiling.search_steps,
             PREFIX=PREFIX,
             BLOCK=block,
             num_warps=warps,
@@ -323,7 +339,7 @@ class TritonBackend(Backend):
                              False, 1, tiling.cu_seqlens, tiling.tile_offsets)
         kernels.kpo_loss_bwd_kernel[tiling.grid](
             saved.grad, saved.row_scale, grad_output.reshape(1), out, *tiling.launch_args(),
-            tiling.num_seqs, tiling.width, tiling.tile_size, IS_VARLEN=tiling.varlen,
-            SEARCH_STEPS=tiling.search_steps, BLOCK=min(1024, _pow2_at_least(tiling.tile_size)), num_warps=4,
+            tiling.num_seqs, tiling.width, tiling.tile_size, tiling.search_steps, IS_VARLEN=tiling.varlen,
+            BLOCK=min(1024, _pow2_at_least(tiling.tile_size)), num_warps=4,
         )
         return out

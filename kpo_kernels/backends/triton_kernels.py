@@ -78,12 +78,12 @@ def _last(values, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _locate(cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, IS_VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+def _locate(cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN: tl.constexpr):
     """Where this program works.
 
     Returns (sequence, tile index in the sequence, slot of the sequence's first tile, this
-    tile's slot, token offset of the sequence in the packed stream, tile start, tile end);
-    start/end are positions inside the sequence. Padded batches use a 2-D grid (row, tile).
+    tile's slot, token offset of the sequence in the packed stream, tile start, tile end,
+    sequence length); start/end are positions inside the sequence. Padded batches use a 2-D grid (row, tile).
     Packed batches use a 1-D grid over tile slots, an upper bound of the tile count;
     tile_offsets[s] is the first slot of sequence s, found by binary search. Programs past the
     last tile get an empty range.
@@ -92,7 +92,7 @@ def _locate(cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, IS_VARLEN:
         slot = tl.program_id(0)
         lo = slot * 0
         hi = lo + num_seqs
-        for _ in tl.static_range(SEARCH_STEPS):  # largest s < num_seqs with tile_offsets[s] <= slot
+        for _ in range(search_steps):  # largest s < num_seqs with tile_offsets[s] <= slot
             mid = (lo + hi) // 2
             right = tl.load(tile_offsets_ptr + mid) <= slot
             lo = tl.where(right, mid, lo)
@@ -113,7 +113,7 @@ def _locate(cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, IS_VARLEN:
         active = tile >= 0
     tile_start = tile * tile_size
     tile_end = tl.where(active, tl.minimum(tile_start + tile_size, length), tile_start)
-    return seq, tile, first, slot, seq_start, tile_start, tile_end
+    return seq, tile, first, slot, seq_start, tile_start, tile_end, length
 
 
 @triton.jit
@@ -156,7 +156,12 @@ def _tile_seen(counts_ptr, first, tile, tile_start, USE_COUNTS: tl.constexpr, PR
 @triton.jit
 def _tile_state(agg_ptr, num_slots, first, tile, x0, PREFIX: tl.constexpr):
     """State entering the tile: x0 pushed through the composed maps of the sequence's earlier
-    tiles (tree reductions of PREFIX tiles at a time)."""
+    tiles, PREFIX tiles at a time.
+
+    The composition is not commutative, so it is folded with a scan, which keeps the order, and
+    never with tl.reduce: on GPUs tl.reduce combines lanes in butterfly order (it assumes a
+    commutative operation), which the interpreter's in-order fold would not reveal.
+    """
     c_in = x0 * 0.0
     b_in = x0 * 0.0
     for k in range(0, tile, PREFIX):
@@ -164,8 +169,8 @@ def _tile_state(agg_ptr, num_slots, first, tile, x0, PREFIX: tl.constexpr):
         earlier = ks < tile
         c = tl.load(agg_ptr + first + ks, mask=earlier, other=0.0)
         b = tl.load(agg_ptr + num_slots + first + ks, mask=earlier, other=0.0)
-        c_blk, b_blk = tl.reduce((c, b), 0, _compose)
-        c_in, b_in = _compose(c_in, b_in, c_blk, b_blk)
+        c_scan, b_scan = tl.associative_scan((c, b), 0, _compose)
+        c_in, b_in = _compose(c_in, b_in, _last(c_scan, PREFIX), _last(b_scan, PREFIX))
     return x0 - c_in * x0 + b_in
 
 
@@ -181,16 +186,17 @@ def tile_count_kernel(
     num_seqs,
     T,
     tile_size,
+    search_steps,
     stride_mask_row,
     stride_mask_tok,
     IS_VARLEN: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Pass 1: valid tokens in each tile."""
-    seq, tile, first, slot, seq_start, tile_start, tile_end = _locate(
-        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, IS_VARLEN, SEARCH_STEPS
+    """Pass 1: valid tokens in each tile (but the last of a sequence: no tile after it reads it)."""
+    seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
+        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
     )
+    tile_end = tl.where(tile_end == length, tile_start, tile_end)
     mask_row = _seq_base(mask_ptr, seq, seq_start, stride_mask_row, stride_mask_tok, IS_VARLEN)
     total = tl.zeros([BLOCK], tl.int32)
     for start in range(tile_start, tile_end, BLOCK):
@@ -213,6 +219,7 @@ def tile_aggregate_kernel(
     num_slots,
     T,
     tile_size,
+    search_steps,
     stride_new_row,
     stride_new_tok,
     stride_old_row,
@@ -223,14 +230,15 @@ def tile_aggregate_kernel(
     HAS_MASK: tl.constexpr,
     SKIP: tl.constexpr,
     IS_VARLEN: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,
     PREFIX: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Pass 2: the composed affine map of each tile, stored as agg[0, slot] = C, agg[1, slot] = B."""
-    seq, tile, first, slot, seq_start, tile_start, tile_end = _locate(
-        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, IS_VARLEN, SEARCH_STEPS
+    """Pass 2: the composed affine map of each tile, stored as agg[0, slot] = C, agg[1, slot] = B
+    (but for the last tile of a sequence: no tile after it reads it)."""
+    seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
+        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
     )
+    tile_end = tl.where(tile_end == length, tile_start, tile_end)
     new_row = _seq_base(new_ptr, seq, seq_start, stride_new_row, stride_new_tok, IS_VARLEN)
     old_row = _seq_base(old_ptr, seq, seq_start, stride_old_row, stride_old_tok, IS_VARLEN)
     mask_row = _seq_base(mask_ptr, seq, seq_start, stride_mask_row, stride_mask_tok, IS_VARLEN)
@@ -265,6 +273,7 @@ def kalman_filter_kernel(
     num_slots,
     T,
     tile_size,
+    search_steps,
     stride_z_row,
     stride_z_tok,
     stride_mask_row,
@@ -273,13 +282,12 @@ def kalman_filter_kernel(
     HAS_MASK: tl.constexpr,
     SKIP: tl.constexpr,
     IS_VARLEN: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,
     PREFIX: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Filtered log-ratio of every token (0 where masked), written contiguously."""
-    seq, tile, first, slot, seq_start, tile_start, tile_end = _locate(
-        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, IS_VARLEN, SEARCH_STEPS
+    seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
+        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
     )
     z_row = _seq_base(z_ptr, seq, seq_start, stride_z_row, stride_z_tok, IS_VARLEN)
     mask_row = _seq_base(mask_ptr, seq, seq_start, stride_mask_row, stride_mask_tok, IS_VARLEN)
@@ -318,6 +326,7 @@ def kpo_loss_fwd_kernel(
     num_slots,
     T,
     tile_size,
+    search_steps,
     stride_lp_row,
     stride_lp_tok,
     stride_old_row,
@@ -345,12 +354,11 @@ def kpo_loss_fwd_kernel(
     DUAL_CLIP: tl.constexpr,
     STORE_GRAD: tl.constexpr,
     IS_VARLEN: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,
     PREFIX: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    seq, tile, first, slot, seq_start, tile_start, tile_end = _locate(
-        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, IS_VARLEN, SEARCH_STEPS
+    seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
+        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
     )
     lp_row = _seq_base(log_prob_ptr, seq, seq_start, stride_lp_row, stride_lp_tok, IS_VARLEN)
     old_row = _seq_base(old_log_prob_ptr, seq, seq_start, stride_old_row, stride_old_tok, IS_VARLEN)
@@ -602,13 +610,13 @@ def kpo_loss_bwd_kernel(
     num_seqs,
     T,
     tile_size,
+    search_steps,
     IS_VARLEN: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """d loss / d log_prob = grad_output * sequence weight * stored per-token derivative."""
-    seq, tile, first, slot, seq_start, tile_start, tile_end = _locate(
-        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, IS_VARLEN, SEARCH_STEPS
+    seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
+        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
     )
     scale = tl.load(grad_output_ptr).to(tl.float32) * tl.load(row_scale_ptr + seq)
     for start in range(tile_start, tile_end, BLOCK):
