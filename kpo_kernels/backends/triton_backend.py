@@ -1,9 +1,9 @@
 """Triton backend: launches the kernels of `triton_kernels` (CUDA, or CPU under TRITON_INTERPRET=1)."""
 
+import dataclasses
 import functools
 import math
 import os
-from dataclasses import dataclass
 
 import torch
 
@@ -49,7 +49,7 @@ def _sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-@dataclass
+@dataclasses.dataclass
 class _Tiling:
     """How the tokens of a batch are cut into tiles (see triton_kernels)."""
 
@@ -63,6 +63,7 @@ class _Tiling:
     search_steps: int
     cu_seqlens: torch.Tensor  # the packed offsets (a dummy for padded batches)
     tile_offsets: torch.Tensor  # first tile slot of each sequence (a dummy for padded batches)
+    longest: int  # a bound of the sequence length (T, or N tokens when packed): the gain table's length
 
     @property
     def tiles_per_seq(self):
@@ -136,20 +137,29 @@ class TritonBackend(Backend):
                 wanted = max(block, _pow2_at_least(_cdiv(tokens, PROGRAMS_PER_SM * sms)))
         return _cdiv(max(1, min(wanted, longest)), block) * block
 
+    def _plan(self, shape, cu_seqlens, device):
+        """(block, warps, tiling) of a padded (B, T) or packed (N,) batch."""
+        if cu_seqlens is None:
+            typical = shape[1]
+        else:
+            typical = _cdiv(shape[0], max(1, cu_seqlens.numel() - 1))  # mean sequence length
+        block = self._block(typical)
+        return block, self._warps(block), self._tiling(shape, cu_seqlens, device, block)
+
     def _tiling(self, shape, cu_seqlens, device, block):
         if cu_seqlens is None:
             rows, width = shape
             tile = self._tile(rows, rows * width, width, block, device)
             tiles = _cdiv(width, tile)
             dummy = torch.empty(1, dtype=torch.int32, device=device)
-            return _Tiling(False, rows, width, tile, rows * tiles, (rows, tiles), tiles > 1, 1, dummy, dummy)
+            return _Tiling(False, rows, width, tile, rows * tiles, (rows, tiles), tiles > 1, 1, dummy, dummy, width)
         tokens, sequences = shape[0], cu_seqlens.numel() - 1
         tile = self._tile(sequences, tokens, max(tokens, 1), block, device)
         slots = _cdiv(tokens, tile) + sequences
         offsets = torch.empty(sequences + 1, dtype=torch.int32, device=device)
         kernels.tile_offsets_kernel[(1,)](cu_seqlens, offsets, sequences, tile, BLOCK_S=1024)
         steps = max(1, sequences.bit_length())
-        return _Tiling(True, sequences, 0, tile, slots, (slots,), tokens > tile, steps, cu_seqlens, offsets)
+        return _Tiling(True, sequences, 0, tile, slots, (slots,), tokens > tile, steps, cu_seqlens, offsets, max(tokens, 1))
 
     def _empty(self, shape, dtype, device):
         if self.poison:
@@ -210,11 +220,8 @@ class TritonBackend(Backend):
         out = self._empty(log_ratio.shape, torch.float32, device)
         if log_ratio.numel() == 0:
             return out
-        longest = log_ratio.shape[-1] if cu_seqlens is None else log_ratio.shape[0]
-        block = self._block(longest if cu_seqlens is None else _cdiv(longest, max(1, cu_seqlens.numel() - 1)))
-        warps = self._warps(block)
-        tiling = self._tiling(log_ratio.shape, cu_seqlens, device, block)
-        gains = gain_tables.get(longest, options.q, options.r, options.p0, device, torch.float32)
+        block, warps, tiling = self._plan(log_ratio.shape, cu_seqlens, device)
+        gains = gain_tables.get(tiling.longest, options.q, options.r, options.p0, device, torch.float32)
         counts, aggregates = self._tile_passes(tiling, log_ratio, None, mask, gains, options, block, warps)
         kernels.kalman_filter_kernel[tiling.grid](
             log_ratio, self._mask(mask) if mask is not None else log_ratio, gains, *tiling.launch_args(),
@@ -229,14 +236,10 @@ class TritonBackend(Backend):
 
     def loss_forward(self, batch, options, need_grad):
         device = batch.device
-        varlen = batch.cu_seqlens is not None
-        longest = batch.shape[0] if varlen else batch.shape[1]
         sequences = batch.num_sequences
-        typical = _cdiv(longest, max(1, sequences)) if varlen else longest
-        block = self._block(typical)
-        warps = self._warps(block)
-        empty = batch.log_prob.numel() == 0 and not varlen  # packed: sequence offsets still needed
-        tiling = None if empty else self._tiling(batch.shape, batch.cu_seqlens, device, block)
+        # Packed batches need their tile table even without tokens (the finalize reads it).
+        empty = batch.log_prob.numel() == 0 and batch.cu_seqlens is None
+        block, warps, tiling = (None, None, None) if empty else self._plan(batch.shape, batch.cu_seqlens, device)
         slots = 0 if empty else tiling.num_slots
         stats = self._empty((NUM_STATS, slots), torch.float32, device)
         # The per-token derivative waits for backward in float32, or in bfloat16 for bfloat16
@@ -254,7 +257,7 @@ class TritonBackend(Backend):
     def _launch_loss(self, batch, options, tiling, stats, grad, block, warps):
         filt = options.filter
         varlen = tiling.varlen
-        gains = gain_tables.get(batch.shape[0] if varlen else batch.shape[1], filt.q, filt.r, filt.p0, batch.device, torch.float32)
+        gains = gain_tables.get(tiling.longest, filt.q, filt.r, filt.p0, batch.device, torch.float32)
         lp, old, adv, mask, weights = (
             self._addressable(t) for t in (batch.log_prob, batch.old_log_prob, batch.advantages, batch.mask, batch.is_weights)
         )
@@ -335,8 +338,7 @@ class TritonBackend(Backend):
         tiling = saved.layout
         if not tiling.varlen:  # elementwise: any split will do, so use many small tiles
             tile = min(1024, _pow2_at_least(tiling.width))
-            tiling = _Tiling(False, tiling.num_seqs, tiling.width, tile, 0, (tiling.num_seqs, _cdiv(tiling.width, tile)),
-                             False, 1, tiling.cu_seqlens, tiling.tile_offsets)
+            tiling = dataclasses.replace(tiling, tile_size=tile, grid=(tiling.num_seqs, _cdiv(tiling.width, tile)))
         kernels.kpo_loss_bwd_kernel[tiling.grid](
             saved.grad, saved.row_scale, grad_output.reshape(1), out, *tiling.launch_args(),
             tiling.num_seqs, tiling.width, tiling.tile_size, tiling.search_steps, IS_VARLEN=tiling.varlen,
