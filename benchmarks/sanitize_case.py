@@ -64,7 +64,7 @@ def run_case(spec, device, gen):
         mask = torch.rand(shape, generator=gen) > 0.1  # holes inside packed sequences
     old = -torch.rand(shape, generator=gen) * 3
     new = old + torch.randn(shape, generator=gen) * 0.05
-    adv = torch.randn(shape, generator=gen) if spec.get("adv_per_token") else torch.randn(sequences, generator=gen)
+    adv = torch.randn(shape, generator=gen) if spec.get("adv_per_token") else torch.randn(sequences, 1, generator=gen)
     weights = torch.rand(shape, generator=gen) if spec.get("is_weights") else None
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
     new, old, adv, mask, weights = to(new.to(dtype)), to(old.to(dtype)), to(adv.to(dtype)), to(mask), to(weights)

@@ -1,8 +1,7 @@
 """Exact, fused Kalman Policy Optimization (KPO) losses for RL training of language models."""
 
-from .api import KPOLoss, kalman_filter, kpo_loss
+from .api import KPOLoss, kalman_filter, kalman_gains, kpo_loss
 from .backends import Backend, TorchBackend, TritonBackend
-from .gains import kalman_gains
 from .options import AGG_MODES, MASK_MODES, METRIC_NAMES
 
 __version__ = "0.1.0"

@@ -10,14 +10,26 @@ kappa = (1 - p*) / (1 + p* + q):
 
 Every term is non-negative, so nothing cancels; E_n = exp(n log kappa) and 1 - E_n =
 -expm1(n log kappa) are accurate for all n, and log kappa = -log1p(h) - log1p(p* + q) needs no
-subtraction either. This holds from q = 1e-300 to q = 1e300; q = 0 and p0 = inf (a diffuse
-prior) are the limits of the same formula.
+subtraction either. The evaluation order keeps every intermediate in range: quotients are taken
+before products (q (1 - E_n) would underflow for q < 1e-220), a prior p0 > 1 is divided out
+(p0 (1 - E_n) would overflow), and h is computed as q (1 + sqrt(1 + 4/q)) / 2 for q >= 1
+(q + sqrt(q^2 + 4q) would overflow). q = 0 and p0 = inf (a diffuse prior) are limits of the
+same formula.
+
+Supported: q = Q/R equal to 0 or a normal float64 (>= 2.2e-308, so that n q never turns
+subnormal), any finite value up to float64's maximum; p0 = P0/R in [0, inf].
 """
 
 import math
+import sys
 from collections import OrderedDict
 
 import torch
+
+# Gains beyond the saturation index equal the steady state p* to this relative precision
+# (below float64's half ulp, 2^-53): a table may stop there and be read with a clamped index.
+SATURATION_PRECISION = 2.0**-64
+MIN_RATIO = sys.float_info.min  # smallest positive q/r and p0/r: smaller ones would be subnormal
 
 
 def _normalise(q, r, p0):
@@ -27,61 +39,99 @@ def _normalise(q, r, p0):
     return q_n, p0_n
 
 
+def _fixed_point(q):
+    """(p*, |p'|, log kappa) of the Moebius map for q > 0, every one without overflow."""
+    if q >= 1.0:
+        h = 0.5 * q * (1.0 + math.sqrt(1.0 + 4.0 / q))
+    else:
+        h = 0.5 * (q + math.sqrt(q) * math.sqrt(q + 4.0))
+    p_star = h / (1.0 + h)
+    p_neg = p_star + q  # |p'|
+    return p_star, p_neg, -math.log1p(h) - math.log1p(p_neg)
+
+
+def saturation_index(q, r, p0):
+    """Smallest n with K_m = K_n to SATURATION_PRECISION for every m >= n (None: never, q = 0).
+
+    From the Moebius form, |p_n - p*| <= E_n (1 + |p'|), so E_n <= precision p* / (1 + |p'|)
+    suffices for any p0.
+    """
+    q, _ = _normalise(q, r, p0)
+    if q == 0.0:
+        return None
+    p_star, p_neg, log_kappa = _fixed_point(q)
+    needed = math.log(SATURATION_PRECISION) + math.log(p_star) - math.log1p(p_neg)
+    return max(1, math.ceil(needed / log_kappa))
+
+
 def gain_schedule(n, q, r, p0, *, device="cpu"):
     """Float64 tensor of K_1..K_n on `device` (computed there: no host round trip)."""
     q, p0 = _normalise(q, r, p0)
     steps = torch.arange(1, n + 1, dtype=torch.float64, device=device)
-    diffuse = math.isinf(p0)
-    if q == 0.0:  # No process noise: p_n = p0 / (1 + n p0), i.e. 1/n (a running mean) for p0 = inf.
-        return 1.0 / steps if diffuse else p0 / (1.0 + steps * p0)
-    h = 0.5 * (q + math.sqrt(q) * math.sqrt(q + 4.0))
-    p_star = h / (1.0 + h)
-    p_neg = p_star + q  # |p'|
-    log_kappa = -math.log1p(h) - math.log1p(p_neg)
+    # u = 1 / p0 for a large prior: the formulas below divide numerator and denominator by p0.
+    large_prior = p0 > 1.0
+    u = 1.0 / p0 if large_prior else 0.0  # 0 for p0 = inf
+    if q == 0.0:  # No process noise: p_n = p0 / (1 + n p0); 1/n (a running mean) for p0 = inf.
+        return 1.0 / (steps + u) if large_prior else p0 / (1.0 + steps * p0)
+    p_star, p_neg, log_kappa = _fixed_point(q)
     e = torch.exp(steps * log_kappa)
     one_minus_e = -torch.expm1(steps * log_kappa)
-    if diffuse:
-        gains = (p_star + e * p_neg) / one_minus_e
+    if large_prior:
+        gains = (p_star + e * p_neg + (q * u) * one_minus_e) / (one_minus_e + u * (p_neg + e * p_star))
     else:
-        gains = (p0 * (p_star + e * p_neg) + q * one_minus_e) / (p0 * one_minus_e + p_neg + e * p_star)
+        denominator = p0 * one_minus_e + p_neg + e * p_star
+        gains = (p_star + e * p_neg) / denominator * p0 + one_minus_e / denominator * q
     return gains.clamp_(max=1.0)  # K_1 = 1 for p0 = inf can round to 1 + 1 ulp
 
 
-def kalman_gains(n, *, q=1e-6, r=1.0, p0=0.0):
-    """K_1..K_n as a float64 CPU tensor (the gain used at the n-th observation of a sequence).
-
-    Accurate to a few float64 ulps for any q in [0, 1e300], p0 in [0, inf] and any n; never NaN.
-    """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
-    from .validation import check_filter_params
-
-    check_filter_params(q=q, r=r, p0=p0, x0=0.0)
-    return gain_schedule(n, q, r, p0)
-
-
 class GainTables:
-    """Float32/float64 gain tables on each device, grown in powers of two and reused.
+    """Float32/float64 gain tables on each device, reused across calls, bounded in bytes.
 
-    Kernels index the table with the observation count (skip mode) or the position (position
-    mode), so a table of length >= the longest sequence serves every call with the same q, r, p0.
+    Kernels read entry min(i, len - 1) for gain index i (the observation count minus one in skip
+    mode, the position in position mode). A table is exact for every index if it is as long as
+    the longest sequence, or reaches the saturation index (after which every gain is the steady
+    state to float64 rounding); `get` makes it the shorter of the two. Tables grow in powers of
+    two; the least recently used ones are dropped once a device holds more than `max_bytes`
+    (the table just asked for always stays).
     """
 
-    def __init__(self, max_entries=16):
+    def __init__(self, max_bytes=64 << 20):
         self._tables = OrderedDict()
-        self._max_entries = max_entries
+        self.max_bytes = max_bytes
 
-    def get(self, length, q, r, p0, device, dtype):
-        key = (float(q) / float(r), float(p0) / float(r), torch.device(device), dtype)
+    @staticmethod
+    def length(longest, q, r, p0):
+        """Entries a table needs to serve sequences of up to `longest` tokens."""
+        size = 1 << max(0, int(longest) - 1).bit_length()
+        saturation = saturation_index(q, r, p0)
+        if saturation is not None:
+            size = min(size, 1 << saturation.bit_length())  # > saturation: K_{size} is saturated
+        return max(1, size)
+
+    def get(self, longest, q, r, p0, device, dtype):
+        device = torch.device(device)
+        key = (float(q) / float(r), float(p0) / float(r), device, dtype)
+        wanted = self.length(longest, q, r, p0)
         table = self._tables.get(key)
-        if table is None or table.numel() < length:
-            size = max(1024, 1 << max(0, length - 1).bit_length())
-            table = gain_schedule(size, q, r, p0, device=device).to(dtype)
+        if table is None or table.numel() < wanted:
+            table = gain_schedule(wanted, q, r, p0, device=device).to(dtype)
             self._tables[key] = table
         self._tables.move_to_end(key)
-        while len(self._tables) > self._max_entries:
-            self._tables.popitem(last=False)
+        self._evict(device, keep=key)
         return table
+
+    def nbytes(self, device=None):
+        """Bytes held (on `device`, or on every device)."""
+        return sum(t.numel() * t.element_size() for k, t in self._tables.items() if device is None or k[2] == device)
+
+    def clear(self):
+        self._tables.clear()
+
+    def _evict(self, device, keep):
+        for key in [k for k in self._tables if k[2] == device and k != keep]:  # oldest first
+            if self.nbytes(device) <= self.max_bytes:
+                break
+            del self._tables[key]
 
 
 gain_tables = GainTables()

@@ -2,29 +2,63 @@
 
 import math
 import numbers
+import sys
 
 import torch
 
+from .gains import MIN_RATIO
 from .options import AGG_MODES, MASK_MODES, FilterOptions, LossOptions, TokenBatch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _is_numpy_bool(value):
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+
+
 def _number(name, value, *, allow_inf=False):
-    """A Python float from an int/float (or a CPU 0-dim tensor); TypeError/ValueError otherwise."""
+    """A Python float from a real number (Python, numpy, or a CPU one-element tensor);
+    TypeError/ValueError naming the argument otherwise."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.device.type != "cpu":
             raise TypeError(
                 f"{name} must be a Python number (a {value.device.type} tensor would force a "
                 f"host synchronisation), got a tensor of shape {tuple(value.shape)} on {value.device}"
             )
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or _is_numpy_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if math.isnan(value) or (math.isinf(value) and not allow_inf):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
+
+
+def check_bool(name, value):
+    """A Python bool from a bool or a numpy bool; TypeError otherwise (0/1 are refused: a
+    number where a flag belongs is usually a misplaced argument)."""
+    if isinstance(value, bool) or _is_numpy_bool(value):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def check_count(name, value, *, minimum=0):
+    """A Python int >= minimum from an int or a numpy integer; TypeError/ValueError otherwise."""
+    if isinstance(value, bool) or _is_numpy_bool(value) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return value
+
+
+def _ratio_range(name, value, *, allow_inf=False):
+    """q / r and p0 / r: 0 or a normal float64 (subnormal ratios would make n q subnormal)."""
+    if value != 0 and value < MIN_RATIO:
+        top = "inf" if allow_inf else f"{sys.float_info.max:.4g}"
+        raise ValueError(f"{name} = {value:.3g} is outside the supported range: 0 or [{MIN_RATIO:.4g}, {top}]")
 
 
 def check_filter_params(*, q, r, p0, x0, mask_mode="skip"):
@@ -39,23 +73,28 @@ def check_filter_params(*, q, r, p0, x0, mask_mode="skip"):
     if p0 < 0:
         raise ValueError(f"p0 (prior variance) must be >= 0, got {p0}")
     if not math.isfinite(q / r):
-        raise ValueError(f"q / r overflows (q={q}, r={r})")
+        raise ValueError(f"q / r overflows (q={q}, r={r}); supported: q / r <= {sys.float_info.max:.4g}")
+    _ratio_range("q / r", q / r)
+    _ratio_range("p0 / r", p0 / r, allow_inf=True)
     if mask_mode not in MASK_MODES:
         raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
     return FilterOptions(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode)
 
 
 def _optional_count(name, value):
-    """None, a positive Python float, or a one-element tensor on an accelerator (kept on the
-    device and read by the kernels: no host synchronisation, so its value is not checked; a
-    count <= 0 there gives weight 0)."""
+    """None, a Python float >= 0, or a one-element tensor on an accelerator (kept on the device
+    and read by the kernels: no host synchronisation, so its value is not checked). A count of 0
+    (an empty global batch) gives weight 0, hence loss 0."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor) and value.device.type != "cpu":
         if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must be a number or a one-element real tensor, got {value.dtype} {tuple(value.shape)}")
         return value.reshape(())
-    return _positive(name, value)
+    value = _number(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 when given, got {value}")
+    return value
 
 
 def _positive(name, value):
@@ -90,10 +129,12 @@ def check_loss_options(
     batch_num_tokens,
     global_batch_size,
     loss_scale_factor,
+    per_call=True,
 ):
+    """Checked `LossOptions`. per_call=False checks only what is fixed at construction (a
+    `KPOLoss`): the global counts that dp_size > 1 needs change every step and come per call."""
     filter_options = check_filter_params(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode)
-    if not isinstance(clip, bool):
-        raise TypeError(f"clip must be a bool, got {type(clip).__name__}")
+    clip = check_bool("clip", clip)
     clip_low = _number("clip_low", clip_low)
     clip_high = _number("clip_high", clip_high)
     if clip_low < 0:
@@ -108,14 +149,13 @@ def check_loss_options(
         log_ratio_cap = _number("log_ratio_cap", log_ratio_cap)
     if agg not in AGG_MODES:
         raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
-    if isinstance(dp_size, bool) or not isinstance(dp_size, numbers.Integral) or dp_size < 1:
-        raise ValueError(f"dp_size must be an int >= 1, got {dp_size!r}")
+    dp_size = check_count("dp_size", dp_size, minimum=1)
     batch_num_tokens = _optional_count("batch_num_tokens", batch_num_tokens)
     global_batch_size = _optional_count("global_batch_size", global_batch_size)
     loss_scale_factor = None if loss_scale_factor is None else _positive("loss_scale_factor", loss_scale_factor)
-    if dp_size > 1 and agg == "token-mean" and batch_num_tokens is None:
+    if per_call and dp_size > 1 and agg == "token-mean" and batch_num_tokens is None:
         raise ValueError("batch_num_tokens (the global valid-token count) is required when dp_size > 1")
-    if dp_size > 1 and agg.startswith("seq-mean") and global_batch_size is None:
+    if per_call and dp_size > 1 and agg.startswith("seq-mean") and global_batch_size is None:
         raise ValueError("global_batch_size (the global sequence count) is required when dp_size > 1")
     return LossOptions(
         filter=filter_options,
@@ -125,7 +165,7 @@ def check_loss_options(
         dual_clip=dual_clip,
         log_ratio_cap=log_ratio_cap,
         agg=agg,
-        dp_size=int(dp_size),
+        dp_size=dp_size,
         batch_num_tokens=batch_num_tokens,
         global_batch_size=global_batch_size,
         loss_scale_factor=loss_scale_factor,
@@ -148,12 +188,24 @@ def _same_place(name, value, shape, device):
 
 
 def check_mask(mask, shape, device, name="mask"):
+    """bool, or real numbers that are all 0 or 1 (a weight belongs in is_weights, and NaN must
+    never count silently). Values are checked on the host for CPU tensors and asynchronously
+    on an accelerator (torch._assert_async: no host synchronisation; a violation fails the next
+    synchronising call). A bool mask needs no check at all."""
     if mask is None:
         return None
     _tensor(name, mask, floating=False)
     if mask.is_complex():
         raise TypeError(f"{name} must be bool or 0/1 real numbers, got {mask.dtype}")
     _same_place(name, mask, shape, device)
+    if mask.dtype != torch.bool and mask.numel():
+        binary = ((mask == 0) | (mask == 1)).all()
+        message = f"{name} must hold only 0 and 1 (got other values, or NaN); pass weights as is_weights"
+        if device.type == "cpu":
+            if not bool(binary):
+                raise ValueError(message)
+        else:
+            torch._assert_async(binary, message)
     return mask
 
 
@@ -187,6 +239,7 @@ def check_cu_seqlens(cu_seqlens, num_tokens, device):
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, expected {device} (the device of the log-probs)")
     if cu_seqlens.dtype == torch.int32 and num_tokens >= 2**31:
         raise ValueError("cu_seqlens must be int64 for 2^31 tokens or more")
+    cu_seqlens = cu_seqlens.contiguous()  # kernels read it as a plain array; S + 1 entries are cheap to copy
     first, last = cu_seqlens[0], cu_seqlens[-1]
     steps = cu_seqlens[1:] - cu_seqlens[:-1]
     if device.type == "cpu":
@@ -204,33 +257,35 @@ def check_cu_seqlens(cu_seqlens, num_tokens, device):
 
 
 def _advantages(value, shape, cu_seqlens, device):
-    """(advantages, per_token): one per sequence ((B,) or (B, 1); packed (S,) or (S, 1)) or one
-    per token (the shape of the log-probs)."""
+    """(advantages, per_token). The shape alone decides, never the data:
+
+    - the shape of the log-probs, (B, T) or packed (N,): one advantage per token;
+    - padded (B,) or (B, 1), packed (S, 1): one per sequence.
+
+    A packed (S,) tensor is refused: it would read differently in the batch where S == N.
+    """
     _tensor("advantages", value)
     if value.device != device:
         raise ValueError(f"advantages is on {value.device}, expected {device}")
-    sequences = shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     if value.shape == shape:
-        if cu_seqlens is not None and sequences == shape[0] and sequences > 0:
-            # As many sequences as tokens: (N,) could also mean one per sequence. The two readings
-            # agree only if every sequence has exactly one token.
-            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-            if device.type == "cpu":
-                if bool((lengths != 1).any()):
-                    raise ValueError(
-                        "advantages of shape (N,) is ambiguous when there are as many sequences as tokens "
-                        "(some empty): pass one advantage per sequence as (S, 1)"
-                    )
-            else:
-                torch._assert_async((lengths == 1).all(), "advantages (N,) with N == S needs one token per sequence")
         return value, True
+    if cu_seqlens is None:
+        sequences = shape[0]
+        if value.shape in ((sequences,), (sequences, 1)):
+            return value.reshape(sequences), False
+        raise ValueError(
+            f"advantages has shape {tuple(value.shape)}; expected {tuple(shape)} (one per token), "
+            f"or ({sequences},) or ({sequences}, 1) (one per sequence)"
+        )
+    sequences = cu_seqlens.numel() - 1
     if value.shape == (sequences, 1):
         return value[:, 0], False
+    hint = ""
     if value.shape == (sequences,):
-        return value, False
+        hint = f"; for one advantage per sequence pass advantages[:, None], of shape ({sequences}, 1)"
     raise ValueError(
-        f"advantages has shape {tuple(value.shape)}; expected ({sequences},) or ({sequences}, 1) per sequence, "
-        f"or {tuple(shape)} per token"
+        f"advantages has shape {tuple(value.shape)}; a packed batch takes ({shape[0]},) (one per token, "
+        f"like log_prob) or ({sequences}, 1) (one per sequence){hint}"
     )
 
 

@@ -130,7 +130,7 @@ def packed(batch):
     """The same tokens as a packed stream with cu_seqlens (rows become sequences)."""
     rows, length = batch["log_prob"].shape
     flat = {k: v.reshape(-1) for k, v in batch.items() if v is not None and v.dim() == 2}
-    flat["advantages"] = batch["advantages"] if batch["advantages"].dim() == 1 else flat["advantages"]
+    flat["advantages"] = batch["advantages"][:, None] if batch["advantages"].dim() == 1 else flat["advantages"]
     flat["mask"] = None if batch["mask"] is None else flat["mask"]
     flat["cu_seqlens"] = torch.arange(0, rows * length + 1, length, dtype=torch.int32)
     return flat

@@ -69,7 +69,7 @@ def test_empty_schedule():
     "kwargs, exc",
     [
         ({"n": -1}, ValueError),
-        ({"n": 2.5}, ValueError),
+        ({"n": 2.5}, TypeError),
         ({"n": 3, "q": -1e-6}, ValueError),
         ({"n": 3, "r": 0.0}, ValueError),
         ({"n": 3, "p0": -1.0}, ValueError),

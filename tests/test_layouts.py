@@ -135,7 +135,7 @@ def test_every_layout_gives_the_same_valid_tokens(lengths, seed, q):
             x = kpo_kernels.kalman_filter(z, dev["mask"], q=q, cu_seqlens=dev.get("cu_seqlens"), backend=impl).cpu()
             assert_close(f"{impl!r} {layout} filter", gather(x, index), want, rtol=2e-6)
             agg = AGGS_WITHOUT_WIDTH[seed % len(AGGS_WITHOUT_WIDTH)]
-            loss, _, grad = run(dev, impl, adv.float().to(DEVICE), q=q, agg=agg, clip_low=0.05, clip_high=0.05)
+            loss, _, grad = run(dev, impl, adv[:, None].float().to(DEVICE), q=q, agg=agg, clip_low=0.05, clip_high=0.05)
             losses.setdefault(agg, []).append((f"{impl!r} {layout}", loss, gather(grad, index)))
     for agg, results in losses.items():
         name0, loss0, grad0 = results[0]
@@ -159,7 +159,7 @@ def test_packed_matches_the_reference_on_uneven_boundaries(impl, agg, mask_mode)
     data["mask"] &= torch.rand(data["mask"].shape, generator=gen) > 0.1  # holes inside sequences
     adv = torch.randn(len(lengths), generator=gen, dtype=torch.float64)
     options = dict(q=1e-3, agg=agg, mask_mode=mask_mode, dual_clip=3.0, clip_low=0.05, clip_high=0.05)
-    loss, metrics, grad = run(to_device(data), backend, adv.float().to(DEVICE), **options)
+    loss, metrics, grad = run(to_device(data), backend, adv[:, None].float().to(DEVICE), **options)
 
     padded, padded_index = scatter(pairs, "right", 5)
     padded_mask = torch.zeros_like(padded["mask"])
@@ -195,7 +195,7 @@ def test_empty_and_tiny_sequences(backend, cu):
     gen = torch.Generator().manual_seed(total)
     new = (torch.randn(total, generator=gen) * 0.1).to(DEVICE)
     old = torch.zeros(total, device=DEVICE)
-    adv = torch.ones(cu.numel() - 1, device=DEVICE)
+    adv = torch.ones(cu.numel() - 1, 1, device=DEVICE)
     log_prob = new.clone().requires_grad_()
     loss, metrics = kpo_kernels.kpo_loss(log_prob, old, adv, cu_seqlens=cu, q=1.0, agg="seq-mean-token-mean", backend=backend)
     loss.backward()
@@ -267,7 +267,7 @@ def test_one_sequence_of_2_to_the_20_tokens_on_the_torch_backend():
         got32 = kpo_kernels.kalman_filter(z.float(), cu_seqlens=cu, q=q, backend="torch")
         assert_close("float32 filter", got32, float64_recursion(z.float().double(), q), rtol=1e-5)
     log_prob = z.float().clone().requires_grad_()
-    loss, metrics = kpo_kernels.kpo_loss(log_prob, torch.zeros(n), torch.ones(1), cu_seqlens=cu, backend="torch")
+    loss, metrics = kpo_kernels.kpo_loss(log_prob, torch.zeros(n), torch.ones(1, 1), cu_seqlens=cu, backend="torch")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(log_prob.grad).all() and float(metrics["num_tokens"]) == n
 
@@ -279,7 +279,7 @@ def packed_inputs():
     return {
         "log_prob": torch.zeros(10),
         "old_log_prob": torch.zeros(10),
-        "advantages": torch.ones(3),
+        "advantages": torch.ones(3, 1),
         "cu_seqlens": torch.tensor([0, 4, 4, 10], dtype=torch.int32),
     }
 
@@ -295,7 +295,9 @@ def packed_inputs():
         ({"cu_seqlens": torch.tensor([[0, 4, 10]], dtype=torch.int32)}, "cu_seqlens", ValueError),
         ({"cu_seqlens": torch.tensor([0, 4, 4, 10], dtype=torch.int32, device="meta")}, "cu_seqlens", ValueError),
         ({"advantages": torch.ones(4)}, "advantages", ValueError),
+        ({"advantages": torch.ones(3)}, r"advantages\[:, None\]", ValueError),
         ({"advantages": torch.ones(3, 2)}, "advantages", ValueError),
+        ({"advantages": torch.ones(10, 1)}, "advantages", ValueError),
         ({"mask": torch.ones(9, dtype=torch.bool)}, "mask", ValueError),
         ({"is_weights": torch.ones(3)}, "is_weights", ValueError),
         ({"old_log_prob": torch.zeros(2, 5)}, "old_log_prob", ValueError),
@@ -303,9 +305,8 @@ def packed_inputs():
     ],
 )
 def test_bad_packed_input(override, name, exc):
-    with pytest.raises(exc) as info:
+    with pytest.raises(exc, match=name):
         kpo_kernels.kpo_loss(**{**packed_inputs(), **override}, backend="torch")
-    assert name in str(info.value)
 
 
 def test_one_dimensional_input_needs_cu_seqlens():
@@ -319,8 +320,7 @@ def test_advantages_per_token_or_per_sequence_packed():
     base = packed_inputs()
     per_seq, _ = kpo_kernels.kpo_loss(**base, backend="torch")
     per_token, _ = kpo_kernels.kpo_loss(**{**base, "advantages": torch.ones(10)}, backend="torch")
-    column, _ = kpo_kernels.kpo_loss(**{**base, "advantages": torch.ones(3, 1)}, backend="torch")
-    assert torch.equal(per_seq, per_token) and torch.equal(per_seq, column)
+    assert torch.equal(per_seq, per_token)
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
@@ -347,21 +347,28 @@ def test_non_finite_observation_at_a_valid_token(backend, value, mask_mode):
     assert not torch.isnan(packed[20:].cpu()).any()
 
 
-def test_per_sequence_advantages_when_as_many_sequences_as_tokens():
-    """cu_seqlens [0, 0, 2, 2, 4]: 4 sequences, 4 tokens. (S, 1) says "per sequence"; a 1-D
-    tensor is refused, because it could mean either."""
-    cu = torch.tensor([0, 0, 2, 2, 4], dtype=torch.int32)
-    new, old = torch.tensor([0.1, -0.2, 0.3, 0.05]), torch.zeros(4)
-    adv = torch.tensor([5.0, 1.0, 7.0, -1.0])
-    with pytest.raises(ValueError, match="ambiguous"):
-        kpo_kernels.kpo_loss(new, old, adv, cu_seqlens=cu, backend="torch")
-    packed, _ = kpo_kernels.kpo_loss(new, old, adv[:, None], cu_seqlens=cu, q=1.0, agg="token-mean", backend="torch")
-    rows = torch.tensor([[0.0, 0.0], [0.1, -0.2], [0.0, 0.0], [0.3, 0.05]])
-    row_mask = torch.tensor([[False, False], [True, True], [False, False], [True, True]])
-    padded, _ = kpo_kernels.kpo_loss(rows, torch.zeros(4, 2), adv, row_mask, q=1.0, agg="token-mean", backend="torch")
-    torch.testing.assert_close(packed, padded)
-    single = torch.tensor([0, 1, 2], dtype=torch.int32)  # one token each: both readings agree
-    kpo_kernels.kpo_loss(new[:2], old[:2], adv[:2], cu_seqlens=single, backend="torch")
+@pytest.mark.parametrize("cu", [[0, 0, 2, 2, 4], [0, 2, 2, 3], [0, 1, 2]])
+def test_advantages_shape_alone_decides_when_as_many_sequences_as_tokens(backend, cu):
+    """S == N: (N,) still means per token and (S, 1) per sequence, exactly as in every other
+    batch; the data (cu_seqlens) never changes the meaning of a shape."""
+    cu = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+    n = int(cu[-1])
+    new = torch.tensor([0.1, -0.2, 0.3, 0.05][:n], device=DEVICE)
+    old = torch.zeros(n, device=DEVICE)
+    per_seq = torch.tensor([5.0, 1.0, 7.0, -1.0][: cu.numel() - 1], device=DEVICE)
+    lengths = (cu[1:] - cu[:-1]).long()
+    per_token = torch.repeat_interleave(per_seq, lengths)
+    options = dict(q=1.0, agg="token-mean", cu_seqlens=cu, backend=backend)
+    packed_seq, _ = kpo_kernels.kpo_loss(new, old, per_seq[:, None], **options)
+    packed_tok, _ = kpo_kernels.kpo_loss(new, old, per_token, **options)
+    assert_close("per sequence vs per token", packed_seq, packed_tok, rtol=1e-6)
+    # Without filtering (q = 1e8: K = 1) and with token-mean, the loss is a flat token average,
+    # so a reference row of the N tokens checks that a (N,) tensor was read per token.
+    unfiltered = {**options, "q": 1e8, "clip": False}
+    values = torch.linspace(-2.0, 3.0, n, device=DEVICE)
+    got, _ = kpo_kernels.kpo_loss(new, old, values, **unfiltered)
+    want, _ = reference.kpo_loss(new.double().cpu()[None], old.double().cpu()[None], values.double().cpu()[None], q=1e8, clip=False, agg="token-mean")
+    assert_close("(N,) is per token", got, want, rtol=1e-6)
 
 
 def test_result_does_not_depend_on_the_order_of_reductions(monkeypatch):

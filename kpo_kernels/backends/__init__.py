@@ -1,6 +1,6 @@
 """Backends: one interface (`Backend`), two implementations (PyTorch, Triton)."""
 
-from .base import BACKEND_NAMES, Backend, LossForward, check_backend_argument, resolve_backend
+from .base import BACKEND_NAMES, Backend, LossForward, check_backend_argument, expand_rows, resolve_backend
 from .torch_backend import TorchBackend
 from .triton_backend import TritonBackend
 
@@ -11,5 +11,6 @@ __all__ = [
     "TorchBackend",
     "TritonBackend",
     "check_backend_argument",
+    "expand_rows",
     "resolve_backend",
 ]

@@ -35,6 +35,10 @@ class Backend:
         """None if this backend can run on tensors of `device`, else why not (for the error)."""
         return None
 
+    def check_options(self, options):
+        """Refuse (ValueError naming the argument) `FilterOptions` this backend cannot compute
+        exactly; called before any kernel runs."""
+
     def filter(self, log_ratio, mask, options, cu_seqlens=None):
         """Filtered log-ratio of a (B, T) batch, or of a packed (N,) one with `cu_seqlens`:
         float32 (float64 for float64 input where the backend supports it), 0 where the mask
@@ -48,6 +52,15 @@ class Backend:
     def loss_backward(self, saved, grad_output, dtype):
         """d loss / d log_prob in `dtype`, given the `LossForward` and d out / d loss."""
         raise NotImplementedError
+
+
+def expand_rows(row_values, shape, cu_seqlens):
+    """Per-row values broadcast to every token of a (B, T) batch, or repeated over the tokens of
+    each packed sequence (no host synchronisation: the output size is known)."""
+    if cu_seqlens is None:
+        return row_values[:, None].expand(shape)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(row_values, lengths, output_size=shape[0])
 
 
 def log1p_neg(x):

@@ -1,13 +1,14 @@
 """Vectorized, exact PyTorch backend (any device; the default on CPUs).
 
-The filter is the inclusive scan of the affine maps x -> (1 - c_t) x + b_t. Inside chunks of 16
-tokens it is evaluated in closed form in float64, x_t = P_t * cumsum_s(b_s / P_s) with P_t the
-product of (1 - c) since the chunk start; across chunks the same scan runs recursively on the
-chunk totals. Factors (1 - c) are floored at e^-36 (below float64 resolution, so the result is
-unchanged), which bounds 1 / P by e^(16 * 36) < float64 max: no overflow, no underflow, and no
-cancellation (every rounding error is relative to sum_s |b_s| P_t / P_s). No Python loop over
-tokens, O(T) work, in-place arithmetic (CPU allocations of large tensors are slow). The loss and
-its gradient are computed in float64 too, and returned in float32 (float64 for float64 inputs).
+The filter is the inclusive scan of the affine maps x -> a_t x + b_t (a_t = 1 - c_t, with c_t the
+gain at a valid token and 0 elsewhere). It runs as the recursion itself, in float64, blocked for
+vectorization: the tokens are cut into chunks of CHUNK, one loop step per position inside a chunk
+runs on every chunk of every row at once, and the same scan runs recursively on the chunk totals
+to carry the state across chunks. There is no closed form and no floor: products of a_t
+underflow to 0 as they should, and a packed sequence start (a = 0) is an exact reset. O(T) work,
+O(CHUNK log T) tensor operations, in-place arithmetic (CPU allocations of large tensors are
+slow). The loss and its gradient are computed in float64 too, and returned in float32 (float64
+for float64 inputs).
 """
 
 import math
@@ -21,37 +22,38 @@ from . import aggregation
 
 COMPUTE = torch.float64
 CHUNK = 16
-LOG_FLOOR = -36.0  # 16 * 36 = 576 < log(float64 max) = 709
 
 
-def affine_scan(c, b, need_c=True):
-    """(C, B) with x_t = (1 - C_t) x_0 + B_t for x_t = (1 - c_t) x_{t-1} + b_t along dim -1.
+def affine_scan(a, b, need_a=True):
+    """(A, B) with x_t = A_t x_0 + B_t for x_t = a_t x_{t-1} + b_t along dim -1.
 
-    c and b are float64 temporaries (both are overwritten), c in [0, 1]. c may be one (T,)
-    sequence shared by every row of b: the work on c is then done once. C is None unless
-    need_c, and has c's shape.
+    a and b are float64 temporaries (both are overwritten). a may be one (T,) sequence shared by
+    every row of b: the work on a is then done once. A is None unless need_a, and has a's shape.
     """
-    length = c.shape[-1]
+    length = b.shape[-1]
     chunks = -(-length // CHUNK)
-    pad = chunks * CHUNK - length  # (0, 0) is the identity map
+    pad = chunks * CHUNK - length  # (1, 0) is the identity map
     if pad:
-        c, b = F.pad(c, (0, pad)), F.pad(b, (0, pad))
-    c, b = c.unflatten(-1, (chunks, CHUNK)), b.unflatten(-1, (chunks, CHUNK))
-
-    log_p = c.neg_().log1p_().clamp_(min=LOG_FLOOR).cumsum_(-1)  # log P_t within each chunk
-    log_p_end = log_p[..., -1].clone()
-    c_local = torch.expm1(log_p).neg_() if need_c else None  # 1 - P_t, without cancellation
-    inv_p = log_p.neg_().exp_()
-    b.mul_(inv_p).cumsum_(-1).div_(inv_p)  # B_t within each chunk
+        a, b = F.pad(a, (0, pad), value=1.0), F.pad(b, (0, pad))
+    a, b = a.unflatten(-1, (chunks, CHUNK)), b.unflatten(-1, (chunks, CHUNK))
+    for t in range(1, CHUNK):  # within each chunk: B_t = a_t B_{t-1} + b_t, A_t = a_t A_{t-1}
+        b[..., t].addcmul_(b[..., t - 1], a[..., t])
+        if need_a or chunks > 1:
+            a[..., t].mul_(a[..., t - 1])
 
     if chunks > 1:
         # State entering chunk k: the scan of the chunk totals, shifted by one chunk.
-        c_through, b_through = affine_scan(torch.expm1(log_p_end).neg_(), b[..., -1].clone(), need_c)
-        b.addcdiv_(F.pad(b_through[..., :-1], (1, 0))[..., None], inv_p)
-        if need_c:
-            c_local.addcdiv_(F.pad(c_through[..., :-1], (1, 0))[..., None], inv_p)
+        a_through, b_through = affine_scan(a[..., -1].clone(), b[..., -1].clone(), need_a)
+        b.addcmul_(F.pad(b_through[..., :-1], (1, 0))[..., None], a)
+        if need_a:
+            a.mul_(F.pad(a_through[..., :-1], (1, 0), value=1.0)[..., None])
     b = b.flatten(-2)[..., :length]
-    return (c_local.flatten(-2)[..., :length] if need_c else None), b
+    return (a.flatten(-2)[..., :length] if need_a else None), b
+
+
+def _gain_lookup(gains, index):
+    """Gains at 0-based gain indices (clamped: beyond the table every gain is saturated)."""
+    return torch.take(gains, index.clamp(0, gains.numel() - 1))
 
 
 def filter_states(z, valid, options):
@@ -62,15 +64,15 @@ def filter_states(z, valid, options):
     if not options.skip or _is_prefix(valid):
         # Position mode, or valid tokens forming a prefix of every row: the token at position t
         # uses K_{t+1} in every row, so all rows share one coefficient sequence.
-        c = gains[:length].clone()
+        c = _gain_lookup(gains, torch.arange(length, device=z.device))
     else:
         observations = torch.cumsum(valid, dim=-1)  # gain index n(t) of spec section 2
-        c = torch.take(gains, observations.sub_(1).clamp_min_(0)).mul_(valid)
+        c = _gain_lookup(gains, observations.sub_(1)).mul_(valid)
     bad = _nonfinite(z)
-    kept = None if bad is None else c.clone()  # affine_scan overwrites c
-    c_total, b_total = affine_scan(c, c * (z if bad is None else z.masked_fill(bad, 0.0)), need_c=options.x0 != 0)
-    x = b_total if options.x0 == 0 else options.x0 - c_total * options.x0 + b_total
-    return x if bad is None else _ieee_nonfinite(x, z, kept, bad, lambda v: torch.cumsum(v, dim=-1))
+    b = c * (z if bad is None else z.masked_fill(bad, 0.0))
+    a_total, b_total = affine_scan(torch.sub(1.0, c), b, need_a=options.x0 != 0)
+    x = b_total if options.x0 == 0 else b_total.add_(a_total * options.x0)
+    return x if bad is None else _ieee_nonfinite(x, z, c, bad, lambda v: torch.cumsum(v, dim=-1))
 
 
 def _nonfinite(z):
@@ -141,23 +143,23 @@ class _Packed:
         self.pos = tokens - self.cu_seqlens[self.seq]  # position in its sequence
         lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
         self.horizon = lengths.max() if self.num_seqs else 0  # the longest sequence (no host sync)
+        # Gain-table length bound: the longest sequence where it is known without a sync.
+        self.longest = int(self.horizon) if cu_seqlens.device.type == "cpu" else num_tokens
 
     def filter(self, z, valid, options):
         """Filtered log-ratio of a packed z: one scan over the stream, where the first token of
-        each sequence forgets the state (its map is x -> x0 (1 - c) + c z)."""
-        gains = gain_tables.get(z.shape[0], options.q, options.r, options.p0, z.device, COMPUTE)
+        each sequence forgets the state exactly (its map is x -> x0 (1 - c) + c z, a = 0)."""
+        gains = gain_tables.get(self.longest, options.q, options.r, options.p0, z.device, COMPUTE)
         if options.skip:
             count = self._running(valid)  # gain index n(t) within the sequence
-            c = torch.take(gains, count.sub_(1).clamp_min_(0)).mul_(valid)
+            c = _gain_lookup(gains, count.sub_(1)).mul_(valid)
         else:
-            c = torch.take(gains, self.pos)
+            c = _gain_lookup(gains, self.pos)
         bad = _nonfinite(z)
         b = c * (z if bad is None else z.masked_fill(bad, 0.0))
         first = self.pos == 0
         b = torch.where(first, options.x0 * (1 - c) + b, b)
-        # A start's map is x -> b: c = 1, floored to 1 - e^-36 by the scan, so a (finite) state
-        # leaks into the next sequence only at float64 rounding.
-        x = affine_scan(c.masked_fill(first, 1.0)[None], b[None], need_c=False)[1][0]
+        x = affine_scan(torch.sub(1.0, c).masked_fill_(first, 0.0)[None], b[None], need_a=False)[1][0]
         return x if bad is None else _ieee_nonfinite(x, z, c, bad, self._running)
 
     def _running(self, flags):
@@ -258,8 +260,8 @@ class TorchBackend(Backend):
         grad = None
         if need_grad:  # d token_loss / d log_prob = -A * rt * w where the loss is not frozen
             grad = rt.mul_(neg_adv).mul_(weight)
-            if frozen is not None:
-                grad.masked_fill_(frozen, 0.0)
+            # Exactly 0 at masked tokens, even where rt is NaN (after an infinite log-ratio).
+            grad.masked_fill_(invalid if frozen is None else frozen | invalid, 0.0)
         return LossForward(loss, metrics, grad, row_scale, layout)
 
     def loss_backward(self, saved, grad_output, dtype):

@@ -9,6 +9,7 @@ import torch
 
 from ..gains import gain_tables
 from ..options import METRIC_NAMES
+from ..validation import check_bool, check_count
 from .aggregation import NUM_STATS
 from .base import Backend, LossForward, log1p_neg
 
@@ -29,6 +30,8 @@ PREFIX = 64  # earlier tiles folded per scan step
 UNDERFILLED_ROWS_PER_SM = 2  # fewer rows than this per SM: split rows into tiles
 PROGRAMS_PER_SM = 3  # tiles are sized for about this many programs per SM (see MAX_BLOCK)
 INT32_OFFSETS = 2**31  # kernels index tokens with int32 positions times strides
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def triton_import_error():
@@ -63,7 +66,7 @@ class _Tiling:
     search_steps: int
     cu_seqlens: torch.Tensor  # the packed offsets (a dummy for padded batches)
     tile_offsets: torch.Tensor  # first tile slot of each sequence (a dummy for padded batches)
-    longest: int  # a bound of the sequence length (T, or N tokens when packed): the gain table's length
+    longest: int  # a bound of the sequence length (T; packed: the longest, or N): the gain table's length
 
     @property
     def tiles_per_seq(self):
@@ -87,14 +90,28 @@ class TritonBackend(Backend):
     name = "triton"
 
     def __init__(self, block_size=None, tile_size=None, num_warps=None, poison=False):
-        if block_size is not None and (block_size < 2 or block_size & (block_size - 1)):
-            raise ValueError(f"block_size must be a power of two >= 2, got {block_size}")
-        if tile_size is not None and tile_size < 1:
-            raise ValueError(f"tile_size must be >= 1, got {tile_size}")
+        if block_size is not None:
+            block_size = check_count("block_size", block_size, minimum=2)
+            if block_size & (block_size - 1):
+                raise ValueError(f"block_size must be a power of two >= 2, got {block_size}")
+        if tile_size is not None:
+            tile_size = check_count("tile_size", tile_size, minimum=1)
+        if num_warps is not None:
+            num_warps = check_count("num_warps", num_warps, minimum=1)
+            if num_warps & (num_warps - 1) or num_warps > 32:
+                raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps}")
         self.block_size = block_size
         self.tile_size = tile_size
         self.num_warps = num_warps
-        self.poison = poison
+        self.poison = check_bool("poison", poison)
+
+    def check_options(self, options):
+        """The kernels take x0 as a float32 scalar: refuse what float32 cannot hold."""
+        if abs(options.x0) > FLOAT32_MAX:
+            raise ValueError(
+                f"x0 = {options.x0:.3g} is outside the Triton backend's float32 range "
+                f"(|x0| <= {FLOAT32_MAX:.4g}); use backend='torch' for float64"
+            )
 
     def __repr__(self):
         return f"TritonBackend(block_size={self.block_size}, tile_size={self.tile_size}, num_warps={self.num_warps})"
@@ -159,7 +176,12 @@ class TritonBackend(Backend):
         offsets = torch.empty(sequences + 1, dtype=torch.int32, device=device)
         kernels.tile_offsets_kernel[(1,)](cu_seqlens, offsets, sequences, tile, BLOCK_S=1024)
         steps = max(1, sequences.bit_length())
-        return _Tiling(True, sequences, 0, tile, slots, (slots,), tokens > tile, steps, cu_seqlens, offsets, max(tokens, 1))
+        # The gain table's length bound: the longest sequence where that is known without a
+        # host sync (CPU offsets), else every token (the table saturates long before, see gains).
+        longest = tokens
+        if cu_seqlens.device.type == "cpu" and sequences:
+            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return _Tiling(True, sequences, 0, tile, slots, (slots,), tokens > tile, steps, cu_seqlens, offsets, max(longest, 1))
 
     def _empty(self, shape, dtype, device):
         if self.poison:
@@ -185,7 +207,13 @@ class TritonBackend(Backend):
 
     @staticmethod
     def _mask(mask):
-        return mask.view(torch.uint8) if mask is not None and mask.dtype == torch.bool else mask
+        """The mask as integers for the kernels: bools as bytes, floats as their bit patterns
+        (a view, no copy; the kernels compare with 0 ignoring the sign bit). Kernels then never
+        compare floats of the mask's dtype, which Triton's interpreter gets wrong for 16-bit
+        floats."""
+        if mask is None or not mask.dtype.is_floating_point and mask.dtype != torch.bool:
+            return mask
+        return mask.view(_SAME_SIZE_INT[mask.element_size()])
 
     def _tile_passes(self, tiling, new, old, mask, gains, options, block, warps):
         """Passes 1 and 2 for sequences longer than a tile: (valid counts, tile maps)."""
@@ -203,7 +231,7 @@ class TritonBackend(Backend):
             )
         aggregates = self._empty((2, tiling.num_slots), torch.float32, device)
         kernels.tile_aggregate_kernel[tiling.grid](
-            new, old if old is not None else new, mask_arg if mask is not None else new, gains,
+            new, old if old is not None else new, mask_arg if mask is not None else new, gains, gains.numel() - 1,
             *tiling.launch_args(), counts, aggregates, tiling.num_seqs, tiling.num_slots, tiling.width,
             tiling.tile_size, tiling.search_steps, *self._strides(new, tiling.varlen),
             *self._strides(old if old is not None else new, tiling.varlen), *self._strides(mask, tiling.varlen),
@@ -224,7 +252,7 @@ class TritonBackend(Backend):
         gains = gain_tables.get(tiling.longest, options.q, options.r, options.p0, device, torch.float32)
         counts, aggregates = self._tile_passes(tiling, log_ratio, None, mask, gains, options, block, warps)
         kernels.kalman_filter_kernel[tiling.grid](
-            log_ratio, self._mask(mask) if mask is not None else log_ratio, gains, *tiling.launch_args(),
+            log_ratio, self._mask(mask) if mask is not None else log_ratio, gains, gains.numel() - 1, *tiling.launch_args(),
             counts, aggregates, out, tiling.num_seqs, tiling.num_slots, tiling.width, tiling.tile_size,
             tiling.search_steps, *self._strides(log_ratio, tiling.varlen), *self._strides(mask, tiling.varlen),
             options.x0, HAS_MASK=mask is not None, SKIP=options.skip, IS_VARLEN=tiling.varlen,
@@ -266,7 +294,7 @@ class TritonBackend(Backend):
         adv_strides = self._strides(adv, varlen) if adv_per_token else (adv.stride(0), 0)
         kernels.kpo_loss_fwd_kernel[tiling.grid](
             lp, old, self._mask(mask) if mask is not None else lp, adv, weights if weights is not None else lp,
-            gains, *tiling.launch_args(), counts, aggregates, grad if grad is not None else stats, stats,
+            gains, gains.numel() - 1, *tiling.launch_args(), counts, aggregates, grad if grad is not None else stats, stats,
             tiling.num_seqs, tiling.num_slots, tiling.width, tiling.tile_size, tiling.search_steps,
             *self._strides(lp, varlen), *self._strides(old, varlen), *self._strides(mask, varlen),
             *adv_strides, *self._strides(weights, varlen),

@@ -50,20 +50,21 @@ def _compose(c1, b1, c2, b2):
 
 
 @triton.jit
-def _block_maps(z, valid, in_bounds, pos, gains_ptr, seen, SKIP: tl.constexpr):
+def _block_maps(z, valid, in_bounds, pos, gains_ptr, gains_last, seen, SKIP: tl.constexpr):
     """Inclusive composition of the affine maps of one block: (C, B) with
     x_t = (1 - C_t) x_before + B_t, and the observations consumed after the block.
 
     z: log-ratios, 0 where not valid. seen: observations consumed before the block (skip mode).
     pos: positions in the sequence (the gain index in position mode). Out-of-bounds tokens are
-    identity maps.
+    identity maps. Gain indices are clamped to gains_last, the table's last entry: the table
+    ends where the gains have saturated (gains.GainTables).
     """
     if SKIP:
         count = seen + tl.cumsum(valid.to(tl.int32), 0)
-        gain = tl.load(gains_ptr + (count - 1), mask=valid, other=0.0)
+        gain = tl.load(gains_ptr + tl.minimum(count - 1, gains_last), mask=valid, other=0.0)
         seen = seen + tl.sum(valid.to(tl.int32), 0)
     else:
-        gain = tl.load(gains_ptr + pos, mask=in_bounds, other=0.0)
+        gain = tl.load(gains_ptr + tl.minimum(pos, gains_last), mask=in_bounds, other=0.0)
     c, b = tl.associative_scan((gain, gain * z), 0, _compose)
     return c, b, seen
 
@@ -126,8 +127,10 @@ def _seq_base(ptr, seq, seq_start, stride_row, stride_tok, IS_VARLEN: tl.constex
 
 @triton.jit
 def _load_valid(mask_row, stride, pos, in_bounds, HAS_MASK: tl.constexpr):
+    """The mask as bools. Masks arrive as integers (float masks as their bit patterns, see
+    TritonBackend._mask); the shift drops the sign bit, so that -0.0 reads as 0."""
     if HAS_MASK:
-        return (tl.load(mask_row + pos * stride, mask=in_bounds, other=0) != 0) & in_bounds
+        return ((tl.load(mask_row + pos * stride, mask=in_bounds, other=0) << 1) != 0) & in_bounds
     return in_bounds
 
 
@@ -211,6 +214,7 @@ def tile_aggregate_kernel(
     old_ptr,
     mask_ptr,
     gains_ptr,
+    gains_last,
     cu_seqlens_ptr,
     tile_offsets_ptr,
     counts_ptr,
@@ -250,7 +254,7 @@ def tile_aggregate_kernel(
         in_bounds = pos < tile_end
         valid = _load_valid(mask_row, stride_mask_tok, pos, in_bounds, HAS_MASK)
         z = _load_log_ratio(new_row, old_row, stride_new_tok, stride_old_tok, pos, valid, HAS_OLD)
-        c, b, seen = _block_maps(z, valid, in_bounds, pos, gains_ptr, seen, SKIP)
+        c, b, seen = _block_maps(z, valid, in_bounds, pos, gains_ptr, gains_last, seen, SKIP)
         c_tile, b_tile = _compose(c_tile, b_tile, _last(c, BLOCK), _last(b, BLOCK))
     tl.store(agg_ptr + slot, c_tile)
     tl.store(agg_ptr + num_slots + slot, b_tile)
@@ -264,6 +268,7 @@ def kalman_filter_kernel(
     z_ptr,
     mask_ptr,
     gains_ptr,
+    gains_last,
     cu_seqlens_ptr,
     tile_offsets_ptr,
     counts_ptr,
@@ -299,7 +304,7 @@ def kalman_filter_kernel(
         in_bounds = pos < tile_end
         valid = _load_valid(mask_row, stride_mask_tok, pos, in_bounds, HAS_MASK)
         z = _load_log_ratio(z_row, z_row, stride_z_tok, stride_z_tok, pos, valid, False)
-        c, b, seen = _block_maps(z, valid, in_bounds, pos, gains_ptr, seen, SKIP)
+        c, b, seen = _block_maps(z, valid, in_bounds, pos, gains_ptr, gains_last, seen, SKIP)
         x = state - c * state + b
         state = _last(x, BLOCK)
         tl.store(out_row + pos, tl.where(valid, x, 0.0), mask=in_bounds)
@@ -316,6 +321,7 @@ def kpo_loss_fwd_kernel(
     adv_ptr,
     weights_ptr,
     gains_ptr,
+    gains_last,
     cu_seqlens_ptr,
     tile_offsets_ptr,
     counts_ptr,
@@ -388,7 +394,7 @@ def kpo_loss_fwd_kernel(
         in_bounds = pos < tile_end
         valid = _load_valid(mask_row, stride_mask_tok, pos, in_bounds, HAS_MASK)
         z = _load_log_ratio(lp_row, old_row, stride_lp_tok, stride_old_tok, pos, valid, True)
-        c, b, seen = _block_maps(z, valid, in_bounds, pos, gains_ptr, seen, SKIP)
+        c, b, seen = _block_maps(z, valid, in_bounds, pos, gains_ptr, gains_last, seen, SKIP)
         x = state - c * state + b
         state = _last(x, BLOCK)
         x = tl.where(valid, x, 0.0)
