@@ -95,7 +95,10 @@ class _KPOLossFunction(torch.autograd.Function):
             saved = LossForward(None, None, grad, row_scale, ctx.layout)
             return (ctx.impl.loss_backward(saved, grad_loss, ctx.dtype),) + (None,) * 9
         scale = expand_rows(row_scale.to(grad_loss.dtype) * grad_loss, log_prob.shape, cu_seqlens)
-        ratio = torch.exp(log_prob - log_prob.detach()).to(scale.dtype)  # 1, with derivative 1
+        # exp(log_prob - sg(log_prob)): 1, with derivative 1. Only where the gradient is not 0:
+        # elsewhere log_prob may be garbage (NaN under the mask), which must not leak.
+        delta = torch.where(grad != 0, log_prob - log_prob.detach(), 0.0)
+        ratio = torch.exp(delta).to(scale.dtype)
         return ((grad.to(scale.dtype) * scale * ratio).to(ctx.dtype),) + (None,) * 9
 
     @staticmethod

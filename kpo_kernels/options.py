@@ -14,6 +14,9 @@ AGG_MODES = (
 )
 MASK_MODES = ("skip", "position")
 
+# ppo_kl averages -z with z clamped to [-KL_CLAMP, KL_CLAMP], as verl's PPO losses compute it.
+KL_CLAMP = 20.0
+
 # Order of the entries of a backend's metric vector; `kpo_loss` returns them as a dict.
 METRIC_NAMES = (
     "clipfrac",

@@ -137,7 +137,8 @@ def kpo_loss(
     metrics = {
         "clipfrac": _masked_mean(clipped.to(dtype), valid),
         "clipfrac_lower": _masked_mean(clipped_lower.to(dtype), valid),
-        "ppo_kl": _masked_mean(-z, valid),
+        # verl's definition: the log-ratio clamped to [-20, 20] (NaN stays NaN).
+        "ppo_kl": _masked_mean(-torch.clamp(z, -20.0, 20.0), valid),
         "ratio_mean": _masked_mean(rt.detach(), valid),
         "ratio_max": _masked_max(rt.detach(), valid),
         "raw_ratio_mean": _masked_mean(raw_ratio, valid),

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..gains import gain_tables
+from ..options import KL_CLAMP
 from .base import Backend, LossForward, log1p_neg
 from . import aggregation
 
@@ -252,7 +253,7 @@ class TorchBackend(Backend):
             token_loss=token_loss,
             clipped=clipped,
             clipped_lower=lower,
-            log_ratio=z,
+            log_ratio=z.clamp(-KL_CLAMP, KL_CLAMP),  # ppo_kl as verl computes it
             ratio=rt,
             raw_ratio=z.to(dtype, copy=True).exp_(),
         )

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ..options import AGG_MODES
+from ..options import KL_CLAMP as _KL_CLAMP
 
 # Aggregation modes as compile-time constants, numbered in options.AGG_MODES order.
 AGG_TOKEN_MEAN = tl.constexpr(0)
@@ -35,6 +36,7 @@ AGG_SEQ_MEAN_TOKEN_SUM = tl.constexpr(2)  # the default branch of the weights
 AGG_SEQ_MEAN_TOKEN_MEAN = tl.constexpr(3)
 AGG_SEQ_MEAN_TOKEN_SUM_NORM = tl.constexpr(4)
 AGG_CODES = {name: code for code, name in enumerate(AGG_MODES)}
+KL_CLAMP = tl.constexpr(_KL_CLAMP)
 
 
 # ----------------------------------------------------------------------------- the scan
@@ -44,9 +46,11 @@ AGG_CODES = {name: code for code, name in enumerate(AGG_MODES)}
 def _compose(c1, b1, c2, b2):
     """Affine map (c1, b1) followed by (c2, b2), with x -> (1 - c) x + b.
 
-    Carrying c = 1 - a instead of a keeps the digits of tiny gains (spec section 2).
+    Carrying c = 1 - a instead of a keeps the digits of tiny gains (spec section 2). Both parts
+    are exact resets: c1 = 1 (a gain of 1, e.g. the first token under a diffuse prior) gives
+    c = 1 whatever c2, and c2 = 1 gives b = b2; the state before them leaves no trace.
     """
-    return c1 + c2 - c1 * c2, b1 - c2 * b1 + b2
+    return c1 + c2 * (1.0 - c1), b1 - c2 * b1 + b2
 
 
 @triton.jit
@@ -437,7 +441,8 @@ def kpo_loss_fwd_kernel(
         raw = tl.exp(z)
         tokens += valid.to(tl.float32)
         loss_sum += loss
-        neg_z_sum -= z
+        # ppo_kl as verl computes it: z clamped to [-KL_CLAMP, KL_CLAMP] (NaN stays NaN).
+        neg_z_sum -= tl.where(z < -KL_CLAMP, -KL_CLAMP, tl.where(z > KL_CLAMP, KL_CLAMP, z))
         ratio_sum += tl.where(valid, rt, 0.0)
         ratio_max = tl.maximum(ratio_max, tl.where(valid, rt, float("-inf")))
         raw_sum += tl.where(valid, raw, 0.0)
