@@ -562,3 +562,42 @@ def test_one_host_sync_per_call(agg):
         assert len(sync_warnings) == 1, [str(w.message) for w in sync_warnings]
     assert all(isinstance(v, float) for v in metrics.values())
     loss.backward()
+
+
+def test_ppo_kl_matches_vanilla_beyond_its_clamp():
+    """verl's vanilla loss clamps the log-ratio to [-20, 20] before its ppo_kl; so does kpo's
+    (one token at -30 gave 7.5 instead of verl's 5.0)."""
+    batch = multi_turn_batch(seed=7, garbage=False)
+    mask = batch["mask"]
+    row, col = (int(i) for i in mask.nonzero()[0])
+    batch["log_prob"][row, col] = batch["old_log_prob"][row, col] - 30.0
+    second = mask.nonzero()[1]
+    batch["log_prob"][tuple(second)] = batch["old_log_prob"][tuple(second)] + 25.0
+    config = actor_config("token-mean", kalman_q=1e8)
+    _, metrics, _ = call_verl_loss("kpo", batch, config)
+    _, want, _ = call_verl_loss("vanilla", batch, config)
+    assert_close("actor/ppo_kl", f64(metrics["actor/ppo_kl"]), f64(want["actor/ppo_kl"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("empty", [{"batch_num_tokens": 0}, {"global_batch_size": 0}])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_an_empty_global_batch_gives_loss_zero(empty, agg):
+    """A global batch without valid tokens (every rank's responses empty) must give loss 0, as
+    the README promises, not a ValueError."""
+    batch = multi_turn_batch(seed=8)
+    batch["mask"] = torch.zeros_like(batch["mask"])
+    info = {"dp_size": 2, "batch_num_tokens": 0, "global_batch_size": 0, **empty}
+    config = actor_config(agg, global_batch_info=info)
+    loss, metrics, grad = call_verl_loss("kpo", batch, config)
+    assert float(loss) == 0.0 and (grad == 0).all() and metrics["actor/pg_clipfrac"] == 0.0
+
+
+def test_extreme_noise_ratio_configs_are_accepted_and_exact():
+    """kalman_q = 1e308 (K = 1: no filtering) is accepted and gives verl's vanilla loss."""
+    batch = multi_turn_batch(seed=9, garbage=False)
+    config = actor_config("token-mean", kalman_q=1e308)
+    loss, _, grad = call_verl_loss("kpo", batch, config)
+    want_loss, _, want_grad = call_verl_loss("vanilla", batch, actor_config("token-mean"))
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert_close("loss", loss, want_loss, rtol=1e-6)
+    assert_close("grad", grad, want_grad, rtol=1e-6)
