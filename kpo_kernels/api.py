@@ -74,7 +74,9 @@ class _KPOLossFunction(torch.autograd.Function):
     def forward(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens, per_token, options, impl, need_grad):
         batch = TokenBatch(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens, per_token)
         result = impl.loss_forward(batch, options, need_grad=need_grad)
-        return result.loss, result.metrics, result.grad, result.row_scale, _Layout(result.layout)
+        # Fresh outputs (a backend may return loss and metrics as views of one buffer), so that
+        # callers may update the loss in place (verl's ppo_loss does `policy_loss -= ...`).
+        return result.loss.clone(), result.metrics.clone(), result.grad, result.row_scale, _Layout(result.layout)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -191,12 +193,14 @@ def kpo_loss(
     check_count_devices(options, batch.device)
     impl = resolve_backend(backend, batch.device, log_prob.dtype)
     impl.check_options(options.filter)
+    # Only log_prob gets a gradient: the others are constants of the loss (spec section 3).
+    constant = lambda t: None if t is None else t.detach()  # noqa: E731
     loss, metric_vector, *_ = _KPOLossFunction.apply(
         log_prob,
-        batch.old_log_prob,
-        batch.advantages,
+        constant(batch.old_log_prob),
+        constant(batch.advantages),
         batch.mask,
-        batch.is_weights,
+        constant(batch.is_weights),
         batch.cu_seqlens,
         batch.advantages_per_token,
         options,

@@ -78,6 +78,8 @@ def gain_schedule(n, q, r, p0, *, device="cpu"):
     one_minus_e = -torch.expm1(steps * log_kappa)
     if large_prior:
         gains = (p_star + e * p_neg + (q * u) * one_minus_e) / (one_minus_e + u * (p_neg + e * p_star))
+        if u == 0.0 and n:
+            gains[0] = 1.0  # a diffuse prior: K_1 = 1 exactly (the formula can give 1 - 1 ulp)
     else:
         denominator = p0 * one_minus_e + p_neg + e * p_star
         gains = (p_star + e * p_neg) / denominator * p0 + one_minus_e / denominator * q

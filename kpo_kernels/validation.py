@@ -10,6 +10,10 @@ from .gains import MIN_RATIO
 from .options import AGG_MODES, MASK_MODES, FilterOptions, LossOptions, TokenBatch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Counts (global tokens, sequences) and the -norm horizon: they and their inverses stay normal
+# float32 numbers, so that float32 kernels and float64 code give the same weights.
+COUNT_RANGE = (1e-30, 1e30)
+MAX_DP_SIZE = 2**31 - 1
 
 
 def _is_numpy_bool(value):
@@ -30,7 +34,10 @@ def _number(name, value, *, allow_inf=False):
         value = value.item()
     if isinstance(value, bool) or _is_numpy_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} = {value} is beyond float64's range") from None
     if math.isnan(value) or (math.isinf(value) and not allow_inf):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
@@ -92,15 +99,15 @@ def _optional_count(name, value):
             raise TypeError(f"{name} must be a number or a one-element real tensor, got {value.dtype} {tuple(value.shape)}")
         return value.reshape(())
     value = _number(name, value)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0 when given, got {value}")
+    if value != 0 and not COUNT_RANGE[0] <= value <= COUNT_RANGE[1]:
+        raise ValueError(f"{name} must be 0 (an empty global batch) or in [{COUNT_RANGE[0]:g}, {COUNT_RANGE[1]:g}], got {value}")
     return value
 
 
 def _positive(name, value):
     value = _number(name, value)
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0 when given, got {value}")
+    if not COUNT_RANGE[0] <= value <= COUNT_RANGE[1]:
+        raise ValueError(f"{name} must be in [{COUNT_RANGE[0]:g}, {COUNT_RANGE[1]:g}] when given, got {value}")
     return value
 
 
@@ -150,6 +157,8 @@ def check_loss_options(
     if agg not in AGG_MODES:
         raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
     dp_size = check_count("dp_size", dp_size, minimum=1)
+    if dp_size > MAX_DP_SIZE:
+        raise ValueError(f"dp_size must be <= {MAX_DP_SIZE}, got {dp_size}")
     batch_num_tokens = _optional_count("batch_num_tokens", batch_num_tokens)
     global_batch_size = _optional_count("global_batch_size", global_batch_size)
     loss_scale_factor = None if loss_scale_factor is None else _positive("loss_scale_factor", loss_scale_factor)

@@ -531,3 +531,74 @@ def test_property_both_backends_agree_with_the_reference(drawn):
             assert (grad[~batch["mask"]] == 0).all()
         assert_close(f"{impl!r} num_tokens", metrics["num_tokens"], want_metrics["num_tokens"], rtol=0)
         assert_close(f"{impl!r} ppo_kl", metrics["ppo_kl"], want_metrics["ppo_kl"], rtol=rtol, atol=rtol)
+
+
+# ----------------------------------------------------------------------------- a second review
+
+
+def test_the_loss_can_be_updated_in_place(backend):
+    """verl's ppo_loss does `policy_loss -= entropy_coeff * entropy`: the loss must be its own
+    tensor on every backend, not a view of a buffer shared with the metrics."""
+    batch = make_batch(2, 8, layout="right", seed=1, device=DEVICE)
+    log_prob = batch["log_prob"].clone().requires_grad_()
+    loss, metrics = kpo_kernels.kpo_loss(log_prob, batch["old_log_prob"], batch["advantages"], batch["mask"], backend=backend)
+    before = metrics["clipfrac"].clone()
+    loss -= 0.01 * log_prob.sum()
+    loss += 1.0
+    loss.backward()
+    assert torch.equal(metrics["clipfrac"], before) and torch.isfinite(log_prob.grad).all()
+
+
+@pytest.mark.parametrize("grad_on", ["old_log_prob", "advantages", "is_weights"])
+def test_inputs_other_than_log_prob_get_no_gradient_and_no_error(backend, grad_on):
+    batch = make_batch(2, 8, layout="right", seed=1, device=DEVICE, is_weights=True)
+    batch[grad_on] = batch[grad_on].clone().requires_grad_()
+    loss, _ = kpo_kernels.kpo_loss(**batch, backend=backend)
+    assert not loss.requires_grad  # log_prob needs none: nothing to differentiate
+    log_prob = batch["log_prob"].clone().requires_grad_()
+    loss, _ = kpo_kernels.kpo_loss(**{**batch, "log_prob": log_prob}, backend=backend)
+    grads = torch.autograd.grad(loss, [log_prob, batch[grad_on]], allow_unused=True)
+    assert grads[1] is None and torch.isfinite(grads[0]).all()
+
+
+def test_a_diffuse_prior_has_a_first_gain_of_exactly_one():
+    qs = torch.logspace(-12, 12, 400, dtype=torch.float64).tolist() + [0.3, 10.0, 0.0]
+    assert all(float(kpo_kernels.kalman_gains(1, q=q, p0=math.inf)[0]) == 1.0 for q in qs)
+    z = torch.tensor([[1e-20, 2e-20]], dtype=torch.float64)
+    a = kpo_kernels.kalman_filter(z, q=0.3, p0=math.inf, x0=1000.0, backend="torch")
+    b = kpo_kernels.kalman_filter(z, q=0.3, p0=math.inf, x0=0.0, backend="torch")
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"q": 10**400}, "q"),
+        ({"dp_size": 10**400, "global_batch_size": 2}, "dp_size"),
+        ({"dp_size": 2**40, "global_batch_size": 2}, "dp_size"),
+        ({"agg": "token-mean", "batch_num_tokens": 1e39}, "batch_num_tokens"),
+        ({"agg": "token-mean", "batch_num_tokens": 1e-46}, "batch_num_tokens"),
+        ({"global_batch_size": 1e39}, "global_batch_size"),
+        ({"global_batch_size": 1e-46}, "global_batch_size"),
+        ({"agg": "seq-mean-token-sum-norm", "loss_scale_factor": 1e-300}, "loss_scale_factor"),
+        ({"agg": "seq-mean-token-sum-norm", "loss_scale_factor": 1e39}, "loss_scale_factor"),
+    ],
+)
+def test_numbers_beyond_what_the_kernels_can_weigh_are_refused(kwargs, name):
+    batch = make_batch(2, 8, layout="right", seed=1)
+    with pytest.raises(ValueError, match=name):
+        kpo_kernels.kpo_loss(**batch, **kwargs)
+
+
+@pytest.mark.parametrize("clip", [{"clip_low": 1e39}, {"clip_high": 1e39}, {"clip_low": 1e308, "clip_high": 1e308}])
+def test_clip_bounds_beyond_float32_never_bind_on_either_backend(backend, clip):
+    batch = make_batch(3, 12, layout="holes", seed=2, device=DEVICE)
+    loss, _, grad = run_loss(backend, batch, q=1e-2, **clip)
+    want_loss, _, want_grad = oracle(batch, q=1e-2, **clip)
+    assert_close("loss", loss, want_loss, rtol=2e-6)
+    assert_close("grad", grad, want_grad, rtol=2e-6)
+
+
+def test_block_sizes_beyond_tritons_limit_are_refused_at_construction():
+    with pytest.raises(ValueError, match="block_size"):
+        kpo_kernels.TritonBackend(block_size=2**21)

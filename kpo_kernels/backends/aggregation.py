@@ -76,8 +76,13 @@ def row_weights(tokens, options, horizon):
     """Weight of each row's loss sum in the aggregated loss (verl's `agg_loss`, spec section 4).
 
     An empty denominator (no valid token, no non-empty row) gives weight 0, hence loss 0,
-    instead of 0/0.
+    instead of 0/0. Computed in float64, returned in the dtype of `tokens`.
     """
+    dtype = tokens.dtype
+    return _row_weights(tokens.double(), options, horizon).to(dtype)
+
+
+def _row_weights(tokens, options, horizon):
     dp = float(options.dp_size)
     if options.agg == "token-sum":
         return torch.full_like(tokens, dp)

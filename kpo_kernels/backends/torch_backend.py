@@ -52,6 +52,12 @@ def affine_scan(a, b, need_a=True):
     return (a.flatten(-2)[..., :length] if need_a else None), b
 
 
+def _bounds(low, high, dtype):
+    """Clip bounds as `dtype` scalars: beyond its range a bound cannot bind (rt > 0)."""
+    biggest = torch.finfo(dtype).max
+    return max(low, -biggest), (high if high <= biggest else math.inf)
+
+
 def _gain_lookup(gains, index):
     """Gains at 0-based gain indices (clamped: beyond the table every gain is saturated)."""
     return torch.take(gains, index.clamp(0, gains.numel() - 1))
@@ -232,7 +238,7 @@ class TorchBackend(Backend):
         frozen = capped  # tokens whose loss does not depend on log_prob
         clipped = lower = None
         if options.clip:
-            clipped_loss = torch.clamp(rt, 1 - options.clip_low, 1 + options.clip_high).mul_(neg_adv)
+            clipped_loss = torch.clamp(rt, *_bounds(1 - options.clip_low, 1 + options.clip_high, dtype)).mul_(neg_adv)
             torch.maximum(token_loss, clipped_loss, out=token_loss)
             clipped = ((x > math.log1p(options.clip_high)) & (neg_adv < 0)) | (
                 (x < log1p_neg(options.clip_low)) & (neg_adv > 0)

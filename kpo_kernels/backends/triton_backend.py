@@ -31,6 +31,7 @@ UNDERFILLED_ROWS_PER_SM = 2  # fewer rows than this per SM: split rows into tile
 PROGRAMS_PER_SM = 3  # tiles are sized for about this many programs per SM (see MAX_BLOCK)
 INT32_OFFSETS = 2**31  # kernels index tokens with int32 positions times strides
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+MAX_TENSOR_NUMEL = 2**20  # Triton's limit on the elements of one block
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -92,8 +93,8 @@ class TritonBackend(Backend):
     def __init__(self, block_size=None, tile_size=None, num_warps=None, poison=False):
         if block_size is not None:
             block_size = check_count("block_size", block_size, minimum=2)
-            if block_size & (block_size - 1):
-                raise ValueError(f"block_size must be a power of two >= 2, got {block_size}")
+            if block_size & (block_size - 1) or block_size > MAX_TENSOR_NUMEL:
+                raise ValueError(f"block_size must be a power of two from 2 to {MAX_TENSOR_NUMEL} (Triton's largest block), got {block_size}")
         if tile_size is not None:
             tile_size = check_count("tile_size", tile_size, minimum=1)
         if num_warps is not None:
