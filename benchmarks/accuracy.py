@@ -3,7 +3,7 @@
     python -m benchmarks.accuracy [--device cpu|cuda] [--json PATH] [--markdown PATH] [--plot PATH]
 
 For q = Q/R in 1e-9, 1e-8, ..., 1e2 and T in 256, 512, ..., 131072: ROWS rows of float32
-log-ratios from the model of `data.py` (drift + noise + 1% spikes, every token valid), filtered by
+log-ratios from the model of `kpo_kernels/bench/data.py` (drift + noise + 1% spikes, every token valid), filtered by
 each implementation on the first T tokens and compared with the float64 yardstick:
 
     error = max |x - x64| / max |x64| over those T tokens and rows.
@@ -31,8 +31,8 @@ import torch
 
 import kpo_kernels
 
-from . import baselines
-from .data import log_ratio_stream
+from kpo_kernels.bench import baselines
+from kpo_kernels.bench.data import log_ratio_stream
 
 Q_VALUES = tuple(10.0**e for e in range(-9, 3))
 LENGTHS = tuple(2**k for k in range(8, 18))
@@ -171,7 +171,7 @@ def markdown(results, onsets, env_line=""):
         out += [env_line, ""]
     out += [
         "max |x - x64| / max |x64| over the first T tokens of "
-        f"{results[0]['rows']} rows (benchmarks/data.py log-ratio model, float32 inputs). "
+        f"{results[0]['rows']} rows (kpo_kernels/bench/data.py log-ratio model, float32 inputs). "
         f"Bold: above {BROKEN:g} or NaN.",
         "",
     ]
@@ -245,8 +245,8 @@ def main(argv=None):
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
 
-    from .harness import environment, resolve_device
-    from .report import environment_line
+    from kpo_kernels.bench.environment import environment, resolve_device
+    from kpo_kernels.bench.report import environment_line
 
     device = resolve_device(args.device)
     lengths = tuple(t for t in LENGTHS if t <= args.max_length) or (args.max_length,)

@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `reference`, `benchmarks`
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` and this checkout's `kpo_kernels`
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -13,7 +13,7 @@
 #   tests.log           python3 -m pytest on CUDA, Triton compiled natively (no interpreter)
 #   results.json        the full sweep (python -m kpo_kernels --full): rows, each with `impl`
 #   results.md          the same as a markdown table, with issue 4's GPU goals as measured
-#   time_vs_tokens.png  time against tokens per implementation
+#   accuracy_and_time.png  error against float64 vs T (kpo, vectorized-cumsum), time vs tokens
 #   accuracy.md         python -m benchmarks.accuracy on CUDA (the Triton filter, q x T)
 #   sanitizer.log       compute-sanitizer memcheck of the fused forward+backward, small cases
 #   tune.json           block_size x num_warps (and tile_size) sweep of TritonBackend (benchmarks/tune.py)
@@ -90,7 +90,7 @@ EOF
 
 if ((DRY)); then
     DEVICE=cpu
-    SWEEP=(--device cpu --rows 8 --length 300 --dtype fp32,bf16 --reference-max-length 512 --budget 0.05)
+    SWEEP=(--device cpu --rows 8 --length 300 --dtype fp32,bf16 --reference-max-length 512 --budget 0.05 --accuracy-max-length 1024)
     ACCURACY=(--device cpu --max-length 2048 --q 1e-8,1e-6,1e-2)
     TUNE=(--device cpu --shapes 4x200 --blocks 16,64 --warps 1,2 --tiles 64)
     TESTS=(tests/test_main.py)
@@ -114,9 +114,9 @@ XDIST=""
 stage tests 200 bash -c "$PY -m pytest -q -p no:cacheprovider $XDIST --durations=15 ${TESTS[*]:-} >'$OUT/tests.log' 2>&1; rc=\$?; tail -n 5 '$OUT/tests.log'; exit \$rc"
 
 # ---------------------------------------------------------------- 2. the full sweep (before the sanitizer: the goals matter most)
-stage sweep 180 $PY -m kpo_kernels "${SWEEP[@]}" --json "$OUT/results.json" --markdown "$OUT/results.md" --plot "$OUT/time_vs_tokens.png"
-if [ -s "$OUT/results.json" ] && [ ! -s "$OUT/time_vs_tokens.png" ]; then  # stopped part-way: render what was measured
-    stage report 30 $PY -m benchmarks.report "$OUT/results.json" --markdown "$OUT/results.md" --plot "$OUT/time_vs_tokens.png" --goals
+stage sweep 180 $PY -m kpo_kernels "${SWEEP[@]}" --json "$OUT/results.json" --markdown "$OUT/results.md" --plot "$OUT/accuracy_and_time.png"
+if [ -s "$OUT/results.json" ] && [ ! -s "$OUT/accuracy_and_time.png" ]; then  # stopped part-way: render what was measured
+    stage report 30 $PY -m kpo_kernels.bench.report "$OUT/results.json" --markdown "$OUT/results.md" --plot "$OUT/accuracy_and_time.png" --goals
 fi
 
 # ---------------------------------------------------------------- 3. compute-sanitizer memcheck
@@ -167,7 +167,7 @@ rm -rf "$TMP"
     grep -E "ERROR SUMMARY|agree|MISMATCH|not found" "$OUT/sanitizer.log" 2>/dev/null | tail -n 3
     if [ -s "$OUT/results.json" ]; then
         echo "--- sweep: kpo per case (x: the baseline's time over kpo's; err: filter/grad) and the goals:"
-        $PY -m benchmarks.report "$OUT/results.json" --brief --goals 2>&1 | head -n 90
+        $PY -m kpo_kernels.bench.report "$OUT/results.json" --brief --goals 2>&1 | head -n 90
     fi
     if [ -s "$OUT/accuracy.md" ]; then
         echo "--- accuracy findings:"

@@ -1,7 +1,7 @@
 """CPU benchmarks of one training step (loss + metrics + backward): `pytest benchmarks/`.
 
 Not collected by the default test run (testpaths = tests). The cases, batches, implementations
-and checks are those of `python -m kpo_kernels` (benchmarks/harness.py): each benchmark first
+and checks are those of `python -m kpo_kernels` (kpo_kernels/bench/): each benchmark first
 measures its implementation's errors against the float64 yardstick (this package must pass),
 then pytest-benchmark times it. Compare within a group; the summary prints the ratios.
 Issue 2's target to watch on 2 CPU cores: kpo-torch within 1.5x of grpo-eager at 64x4096.
@@ -10,9 +10,11 @@ Issue 2's target to watch on 2 CPU cores: kpo-torch within 1.5x of grpo-eager at
 import pytest
 import torch
 
-from benchmarks.data import rl_batch
-from benchmarks.harness import RunOptions, default_cases, failures, measure_errors, skip_reason, yardstick
-from benchmarks.implementations import IMPLEMENTATIONS, forward_backward
+from kpo_kernels.bench.cases import default_cases
+from kpo_kernels.bench.correctness import failures, measure_errors, yardstick
+from kpo_kernels.bench.data import rl_batch
+from kpo_kernels.bench.implementations import IMPLEMENTATIONS, forward_backward
+from kpo_kernels.bench.run import RunOptions, skip_reason
 
 CPU = torch.device("cpu")
 CASES = default_cases(CPU)

@@ -5,10 +5,10 @@
 
 For each shape: the defaults (`TritonBackend()`), every `TritonBackend(block_size, num_warps)` of
 the grid, and `TritonBackend(tile_size=t)` for each tile size (tokens per program; rows longer
-than a tile are split across programs). Each configuration's
-fused forward + backward of `kpo_loss` is first checked against the float64 yardstick of
-`harness.py` (loss and gradient, the same error columns as the main command), then timed as the
-main command times on CUDA (events, L2 flushed before each call). Rows are printed fastest first
+than a tile are split across programs). Each configuration's fused forward + backward of
+`kpo_loss` is first checked against the float64 yardstick of `kpo_kernels/bench/correctness.py`
+(loss and gradient, the same error columns as the main command), then timed as the main command
+times on CUDA (events, L2 flushed before each call). Rows are printed fastest first
 and written as JSON. Only the public API is used: whatever the backend chooses inside (issue 3's
 multi-tile path for few long rows, say) is what gets timed.
 
@@ -27,22 +27,12 @@ import torch
 
 import kpo_kernels
 
-from .data import rl_batch
-from .harness import (
-    DTYPES,
-    CudaTimer,
-    TimingPolicy,
-    environment,
-    errors_against,
-    fused_bytes,
-    Case,
-    grad_tol,
-    resolve_device,
-    time_cpu,
-    yardstick,
-    LOSS_TOL,
-)
-from .implementations import DEFAULT
+from kpo_kernels.bench.cases import DTYPES, Case, fused_bytes
+from kpo_kernels.bench.correctness import LOSS_TOL, errors_against, grad_tol, yardstick
+from kpo_kernels.bench.data import rl_batch
+from kpo_kernels.bench.environment import environment, resolve_device
+from kpo_kernels.bench.implementations import DEFAULT
+from kpo_kernels.bench.timing import CudaTimer, TimingPolicy, time_cpu
 
 
 def _shape(text):

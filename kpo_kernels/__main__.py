@@ -1,23 +1,17 @@
 """`python -m kpo_kernels`: is it right, and how fast is it, on this machine?
 
 On the best device here (CUDA if there is one, else the CPU): builds synthetic off-policy GRPO
-batches, checks this package's loss, gradient and filter against `reference/` in float64 and a
-float64 recursion, then times forward + backward of every implementation (this package and
-today's baselines) and prints a table. The harness lives in `benchmarks/` of the source
-checkout; this module only parses the arguments.
+batches, checks this package's filter, loss, gradient and metrics against the sequential
+reference in float64 and a float64 recursion, measures how the errors of this package and of the
+authors' vectorized filter grow with the sequence length, then times forward + backward of every
+implementation (this package and today's baselines) and prints a table. Everything it needs
+ships with the package (`kpo_kernels.bench`, `kpo_kernels._reference`): it runs the same from an
+installed wheel as from a source checkout. This module only parses the arguments.
 """
 
 import argparse
 import sys
 from pathlib import Path
-
-
-def checkout_root(package_dir=None):
-    """The source checkout holding this package, `benchmarks/` and `reference/`, or None."""
-    root = Path(package_dir or Path(__file__).resolve().parent).parent
-    if (root / "benchmarks" / "harness.py").is_file() and (root / "reference" / "__init__.py").is_file():
-        return root
-    return None
 
 
 def parse_args(argv=None):
@@ -34,12 +28,18 @@ def parse_args(argv=None):
     parser.add_argument("--impl", help="comma-separated implementation names (default: all that run here; kpo is always included)")
     parser.add_argument("--q", type=float, default=1e-6, help="process noise Q/R of the filter (default 1e-6, the paper's)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the rows as JSON (a list, each with an `impl` field)")
-    parser.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG of time against tokens per implementation")
+    parser.add_argument("--plot", type=Path, metavar="PATH",
+                        help="write a PNG: error against float64 vs T, and time vs tokens, per implementation")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="write the table as markdown")
     parser.add_argument("--reference-max-length", type=int, default=None, metavar="T",
                         help="time sequential-reference only up to this T (default 1024 on CPUs, 4096 on GPUs)")
     parser.add_argument("--budget", type=float, default=0.4, metavar="SECONDS",
                         help="CPU: time each implementation for at least this long (default 0.4)")
+    parser.add_argument("--accuracy-max-length", type=int, default=131072, metavar="T",
+                        help="accuracy sweep (kpo and vectorized-cumsum vs float64, 4 rows, T = 256 ...) up to this T "
+                        "(default 131072; 0: no sweep)")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (torch.set_num_threads); "
+                        "fewer give steadier CPU timings on a busy machine")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -54,21 +54,12 @@ def _importable(name):
 
 def main(argv=None):
     args = parse_args(argv)
-    root = checkout_root()
-    if root is None:
-        print(
-            "python -m kpo_kernels needs the source checkout (its benchmarks/ and reference/ folders are not\n"
-            "installed with the package). Clone the repository and install it editable: pip install -e \".[bench]\"",
-            file=sys.stderr,
-        )
-        return 2
     missing = [name for name in ("numpy",) + (("matplotlib",) if args.plot else ()) if not _importable(name)]
     if missing:
-        print(f"python -m kpo_kernels needs {' and '.join(missing)}: pip install -e \".[bench]\"", file=sys.stderr)
+        print(f"python -m kpo_kernels needs {' and '.join(missing)}: install the package with its `bench` extra, "
+              "e.g. pip install \".[bench]\" from a checkout", file=sys.stderr)
         return 2
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from benchmarks.command import run_command
+    from kpo_kernels.bench.command import run_command
 
     return run_command(args)
 

@@ -4,7 +4,6 @@ Also the pieces it stands on: the float64 yardstick equals `reference/`, the err
 fail, and the accuracy sweep finds the vectorized-cumsum failures.
 """
 
-import importlib.metadata
 import importlib.util
 import json
 import math
@@ -16,35 +15,33 @@ from pathlib import Path
 import pytest
 import torch
 
-import kpo_kernels.__main__ as main_module
+import kpo_kernels
 import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_IMPLS = {"kpo", "kpo-torch", "sequential-reference", "vectorized-cumsum", "grpo-eager"}
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # the `bench` extra
+ACCURACY_LENGTHS = [256, 1024]
 
 
-def _installed():
-    try:
-        importlib.metadata.distribution("kpo-kernels")
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
+def package_env():
+    """The environment of a child process that imports the kpo_kernels under test (this
+    checkout's, even where an installed copy of another checkout is on the path)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(kpo_kernels.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    return env
 
 
 @pytest.fixture(scope="module")
 def main_run(tmp_path_factory):
     """One run from a directory outside the checkout: q = 1e-8 breaks vectorized-cumsum."""
     out = tmp_path_factory.mktemp("main")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if not _installed():  # e.g. the GPU image: no editable install, so point Python at the checkout
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     args = [
         sys.executable, "-m", "kpo_kernels", "--device", "cpu", "--rows", "8", "--length", "384",
-        "--q", "1e-8", "--budget", "0.02", "--reference-max-length", "512",
-        "--json", str(out / "rows.json"), "--markdown", str(out / "table.md"),
+        "--q", "1e-8", "--budget", "0.02", "--reference-max-length", "512", "--accuracy-max-length", "1024",
+        "--threads", "1", "--json", str(out / "rows.json"), "--markdown", str(out / "table.md"),
     ] + (["--plot", str(out / "plot.png")] if HAS_MATPLOTLIB else [])
-    proc = subprocess.run(args, cwd=out, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(args, cwd=out, env=package_env(), capture_output=True, text=True, timeout=300)
     return proc, out
 
 
@@ -53,8 +50,18 @@ def test_main_command_runs_and_agrees(main_run):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "agree with the float64 reference" in proc.stdout
     assert "vectorized-cumsum" in proc.stdout and "err filter" in proc.stdout
+    assert "1 torch threads" in proc.stdout  # --threads 1
     assert " 5/5 8x384 fp32" in proc.stderr  # progress lines
-    assert "| kpo (torch) | 8x384 fp32 |" in (out / "table.md").read_text()
+    assert "accuracy 4x1024 fp32: kpo filter" in proc.stderr
+    table = (out / "table.md").read_text()
+    assert "| kpo (torch) | 8x384 fp32 |" in table
+    assert "## Accuracy against float64 as T grows" in table and "| 1024 |" in table
+    accuracy = proc.stdout.split("Accuracy against float64 as T grows", 1)[1].split("\n\n", 1)[0]
+    lines = {line.split()[0]: line.split()[1:] for line in accuracy.splitlines()[3:]}
+    # kpo's filter and gradient, then vectorized-cumsum's: its filter is NaN at q = 1e-8 (its
+    # gradient is not: torch.clamp's backward is 0 where the ratio is NaN)
+    assert set(lines) == {"256", "1024"} and all(len(cells) == 4 and cells[2] == "NaN" for cells in lines.values())
+    assert all(float(cell) <= 1e-5 for cells in lines.values() for cell in cells[:2])
 
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed (pip install -e '.[bench]')")
@@ -67,9 +74,22 @@ def test_main_command_plot(main_run):
 
 def test_main_command_json_rows(main_run):
     _, out = main_run
-    rows = json.loads((out / "rows.json").read_text())
+    everything = json.loads((out / "rows.json").read_text())
+    rows = [row for row in everything if row["kind"] == "timing"]
+    accuracy = [row for row in everything if row["kind"] == "accuracy"]
+    assert len(rows) + len(accuracy) == len(everything)
     by_impl = {row["impl"]: row for row in rows}
     assert set(by_impl) == CPU_IMPLS and len(rows) == len(CPU_IMPLS)
+    assert sorted((r["impl"], r["length"]) for r in accuracy) == sorted(
+        (name, t) for name in ("kpo", "vectorized-cumsum") for t in ACCURACY_LENGTHS
+    )
+    for row in accuracy:
+        assert (row["rows"], row["dtype"], row["q"], row["status"]) == (4, "fp32", 1e-8, "ok")
+        assert "median_ms" not in row  # errors only
+        if row["impl"] == "kpo":
+            assert row["check"] == "pass" and row["err_filter"] <= 1e-5 and row["err_grad"] <= 1e-5
+        else:  # the authors' gains are 0/0 at q = 1e-8
+            assert row["check"] is None and row["err_filter"] == "NaN"
     for row in rows:
         assert row["status"] == "ok"
         assert (row["rows"], row["length"], row["dtype"], row["device"]) == (8, 384, "fp32", "cpu")
@@ -92,23 +112,34 @@ def test_main_command_json_rows(main_run):
     assert by_impl["sequential-reference"]["err_filter"] < 1e-5
 
 
-def test_checkout_root(tmp_path, capsys, monkeypatch):
-    assert main_module.checkout_root() == ROOT
-    assert main_module.checkout_root(tmp_path / "kpo_kernels") is None  # an installed copy elsewhere
-    monkeypatch.setattr(main_module, "checkout_root", lambda: None)
-    assert main_module.main(["--device", "cpu"]) == 2
-    assert "needs the source checkout" in capsys.readouterr().err
+def test_main_command_fails_on_a_disagreement(tmp_path):
+    """Exit status 1 and a FAILED line when this package disagrees with float64 (here: a
+    backend whose filter is off by 1e-4 relative, monkeypatched into the child process)."""
+    script = (
+        "import sys, kpo_kernels.bench.implementations as impls\n"
+        "real = impls.IMPLEMENTATIONS['kpo']\n"
+        "impls.IMPLEMENTATIONS['kpo'] = real.__class__('kpo', real.run, lambda b, s: real.filter(b, s) * (1 + 1e-4),"
+        " real.native_on, kpo=True)\n"
+        "from kpo_kernels.__main__ import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    args = [sys.executable, "-c", script, "--device", "cpu", "--rows", "4", "--length", "64", "--impl", "kpo",
+            "--budget", "0.01", "--accuracy-max-length", "256", "--no-memory", "--quiet"]
+    proc = subprocess.run(args, cwd=tmp_path, env=package_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAILED: disagreement with the float64 reference" in proc.stdout
+    assert "kpo on 4x256 fp32 (accuracy sweep): filter" in proc.stdout and "kpo on 4x64 fp32: filter" in proc.stdout
 
 
 def _batch(rows=8, length=256, seed=3):
-    from benchmarks.data import rl_batch
+    from kpo_kernels.bench.data import rl_batch
 
     return rl_batch(rows, length, seed=seed)
 
 
 @pytest.mark.parametrize("mask_mode", ["skip", "position"])
 def test_yardstick_recursion_is_reference(mask_mode):
-    from benchmarks.baselines import float64_filter
+    from kpo_kernels.bench.baselines import float64_filter
 
     batch = _batch()
     mask = batch["mask"].clone()
@@ -121,8 +152,8 @@ def test_yardstick_recursion_is_reference(mask_mode):
 
 
 def test_error_columns_can_fail():
-    from benchmarks.harness import errors_against, yardstick
-    from benchmarks.implementations import forward_backward
+    from kpo_kernels.bench.correctness import errors_against, yardstick
+    from kpo_kernels.bench.implementations import forward_backward
 
     batch = _batch()
     yard = yardstick(batch)
@@ -146,7 +177,7 @@ def test_accuracy_sweep_finds_the_failures():
     status = {(r["impl"], r["q"], r["length"]): r["status"] for r in results}
     assert all(status[("kpo", q, t)] == "exact" for q in (1e-8, 1e-6, 1e-2) for t in (256, 1024))
     assert status[("vectorized-cumsum", 1e-8, 256)] == "NaN"  # 1 + q/2 rounds to 1 in float32
-    assert status[("vectorized-cumsum", 1e-2, 1024)] == "NaN"  # running product underflows
+    assert status[("vectorized-cumsum", 1e-2, 1024)] == "NaN"  # sinh((k + 1) eta) overflows from k ~ 890
     assert status[("vectorized-cumsum", 1e-6, 1024)] == "broken"  # gains 2.5% off
     text = accuracy.markdown(results, accuracy.gain_onsets((1e-8, 1e-6, 1e-2), 1024))
     assert "## vectorized-cumsum" in text and "**NaN**" in text
@@ -157,7 +188,7 @@ def test_cuda_timer_protocol_with_host_events(monkeypatch):
     run with host-clock stand-ins for CUDA events so that it is exercised without a GPU."""
     import time
 
-    from benchmarks import harness
+    from kpo_kernels.bench import timing
 
     class HostEvent:
         def __init__(self, enable_timing=False):
@@ -177,8 +208,8 @@ def test_cuda_timer_protocol_with_host_events(monkeypatch):
         calls.append(1)
         time.sleep(0.002)
 
-    timer = harness.CudaTimer(torch.device("cpu"), flush_bytes=1024)
-    policy = harness.TimingPolicy(warmup=2, min_rounds=5, max_rounds=100, warmup_ms=10, rep_ms=20, wall_rounds=3)
+    timer = timing.CudaTimer(torch.device("cpu"), flush_bytes=1024)
+    policy = timing.TimingPolicy(warmup=2, min_rounds=5, max_rounds=100, warmup_ms=10, rep_ms=20, wall_rounds=3)
     result = timer(fn, policy)
     # estimate >= 2 ms: warm-up max(2, 10 ms / estimate) <= 5 calls, max(5, 20 ms / estimate) <= 10 rounds
     assert 5 <= result["rounds"] <= 10
@@ -186,12 +217,12 @@ def test_cuda_timer_protocol_with_host_events(monkeypatch):
     assert 2.0 <= result["p20_ms"] <= result["median_ms"] <= result["p80_ms"] < 50
     assert result["wall_ms"] >= 2.0
     calls.clear()
-    slow = timer(fn, harness.SLOW)
+    slow = timer(fn, timing.SLOW)
     assert slow["rounds"] == 3 and len(calls) == 1 + 1 + 3 + 1
 
 
 def test_goals_and_tables_from_rows():
-    from benchmarks import report
+    from kpo_kernels.bench import report
 
     def row(impl, ms, rows=512, length=8192, dtype="fp32", **extra):
         tokens = rows * length

@@ -7,25 +7,15 @@ from collections import OrderedDict
 
 import kpo_kernels
 
+import torch
+
 from . import report
-from .harness import (
-    DTYPES,
-    FILTER_TOL,
-    Case,
-    Progress,
-    RunOptions,
-    TimingPolicy,
-    default_cases,
-    environment,
-    failures,
-    grad_tol,
-    reference_agrees,
-    resolve_device,
-    run,
-    skip_reason,
-    sweep_cases,
-)
+from .cases import DTYPES, Case, accuracy_cases, default_cases, sweep_cases
+from .correctness import FILTER_TOL, failures, grad_tol, reference_agrees
+from .environment import environment, resolve_device
 from .implementations import IMPLEMENTATIONS, Settings, auto_backend
+from .run import ACCURACY_IMPLS, Progress, RunOptions, run, run_accuracy, skip_reason
+from .timing import TimingPolicy
 
 
 def _cases(args, device):
@@ -57,7 +47,7 @@ def _print_header(device, cases, settings, env):
     print(f"kpo_kernels {kpo_kernels.__version__}: the KPO loss, checked against float64 and timed against today's baselines")
     print(report.environment_line(env))
     print(
-        "batch: synthetic off-policy GRPO micro-batch (benchmarks/data.py): groups of 8 responses, lengths T/8..T\n"
+        "batch: synthetic off-policy GRPO micro-batch (kpo_kernels/bench/data.py): groups of 8 responses, lengths T/8..T\n"
         "       right-padded, log-ratio = drift + noise + 1% spikes; "
         f"q={settings.q:g} r=1 clip [1-{settings.clip_low:g}, 1+{settings.clip_high:g}] {settings.agg}"
     )
@@ -96,8 +86,31 @@ def _print_skipped(skipped):
         print(f"not run: {name}{where}: {reason}")
 
 
+def _print_accuracy(rows, q):
+    if not rows:
+        return
+    print(f"Accuracy against float64 as T grows ({rows[0]['rows']} rows per length, fp32, q={q:g}; errors only, not timed):")
+    print("\n".join("  " + line for line in report.accuracy_table(rows).splitlines()))
+    print(flush=True)
+
+
+def _busy_note(env):
+    """CPU timings on a loaded machine: say so, and how to get steadier numbers."""
+    busy = env.get("load_avg_1m")
+    if busy is None or busy <= 0.5:
+        return None
+    threads = env.get("torch_threads")
+    return (f"note: load average {busy} over the last minute on {os.cpu_count()} cores, torch uses {threads} threads:\n"
+            "      other processes make CPU timings slower and noisier than on an idle machine. On a busy machine\n"
+            "      fewer threads give steadier numbers: --threads 1 (torch.set_num_threads), or OMP_NUM_THREADS=1.")
+
+
 def run_command(args):
     start = time.perf_counter()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     settings = Settings(q=args.q)
     cases = _cases(args, device)
@@ -115,17 +128,22 @@ def run_command(args):
     )
     env = environment(device)
     _print_header(device, cases, settings, env)
-    busy = env.get("load_avg_1m")
-    if device.type == "cpu" and busy is not None and busy > 0.5:
-        print(f"note: load average {busy} over the last minute on {os.cpu_count()} cores: if other processes are "
-              "running, CPU timings are slower and noisier than on an idle machine\n")
+    note = _busy_note(env) if device.type == "cpu" else None
+    if note:
+        print(note + "\n")
 
     total = sum(1 for c in cases for n in options.names if skip_reason(n, c, device, options) is None)
     progress = Progress(total, enabled=not args.quiet)
+    accuracy_names = tuple(n for n in ACCURACY_IMPLS if n in options.names)
+    accuracy = []
+    if args.accuracy_max_length > 0:
+        progress.say(f"accuracy sweep: {', '.join(accuracy_names)} against float64, T up to {args.accuracy_max_length}")
+        accuracy = run_accuracy(accuracy_cases(args.accuracy_max_length), device, options, progress, accuracy_names)
+        _print_accuracy(accuracy, settings.q)
 
     def on_case(rows):  # partial results survive an interrupted run
         if args.json:
-            report.write_json(rows, args.json)
+            report.write_json(accuracy + rows, args.json)
 
     rows, skipped = run(
         cases, device, options, progress,
@@ -136,6 +154,8 @@ def run_command(args):
     print(report.table(rows))
     print()
     print(report.LEGEND)
+    if note:
+        print(note)
     _print_skipped(skipped)
     if device.type == "cuda":
         print("GPU goals (issue 4), measured:")
@@ -145,27 +165,29 @@ def run_command(args):
               f"only up to T = {args.reference_max_length} (--reference-max-length).")
     print()
 
+    everything = accuracy + rows
     if args.json:
-        report.write_json(rows, args.json)
-        print(f"wrote {args.json} ({len(rows)} rows)")
+        report.write_json(everything, args.json)
+        print(f"wrote {args.json} ({len(everything)} rows: {len(accuracy)} accuracy, {len(rows)} timing)")
     if args.markdown:
-        report.write_markdown(rows, args.markdown, skipped)
+        report.write_markdown(everything, args.markdown, skipped)
         print(f"wrote {args.markdown}")
     if args.plot:
-        report.plot_time_vs_tokens(rows, args.plot)
+        report.plot(everything, args.plot)
         print(f"wrote {args.plot}")
 
-    failed = [r for r in rows if r.get("check") == "fail"]
+    failed = [r for r in everything if r.get("check") == "fail"]
     if failed:
         print("FAILED: disagreement with the float64 reference:")
         for r in failed:
-            print(f"  {r['impl']} on {report.shape(r)}: {', '.join(failures(r))}")
+            print(f"  {r['impl']} on {report.shape(r)}{' (accuracy sweep)' if r['kind'] == 'accuracy' else ''}: "
+                  f"{', '.join(failures(r))}")
     else:
-        checked = sum(1 for r in rows if r.get("check") == "pass")
+        checked = sum(1 for r in everything if r.get("check") == "pass")
         print(f"all {checked} kpo results agree with the float64 reference within tolerance")
     if not args.full and args.rows is None:
-        print("more: python -m kpo_kernels --full (the sweep), python -m benchmarks.accuracy (q and T), "
-              "pytest benchmarks/")
+        print("more: python -m kpo_kernels --full (the sweep); from a source checkout: python -m benchmarks.accuracy "
+              "(q and T), pytest benchmarks/")
     print(f"total {time.perf_counter() - start:.1f} s", flush=True)
     return 1 if failed else 0
 

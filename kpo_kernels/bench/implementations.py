@@ -2,9 +2,10 @@
 
 - `kpo`: this package, `kpo_kernels.kpo_loss(backend="auto")` (Triton on CUDA, torch otherwise).
 - `kpo-torch`, `kpo-triton`: the same with the backend forced.
-- `sequential-reference`: `reference/` (a Python loop over tokens; slow by design).
-- `vectorized-cumsum`: the authors' float32 sinh-gain and running-product filter (spec section 6),
-  reimplemented in `baselines.py`, with the same clipped surrogate.
+- `sequential-reference`: `reference/` (shipped as `kpo_kernels._reference`; a Python loop over
+  tokens, slow by design).
+- `vectorized-cumsum`: the authors' KPO plug-in as the spec (section 6) describes it, reimplemented
+  in `baselines.py`: float32 sinh gains and running-product filter, their surrogate and metrics.
 - `grpo-eager`: verl's `vanilla` token-ratio PPO-clip loss in eager PyTorch (a different loss:
   no filter).
 - `copy`: a device-to-device copy of the bytes a fused implementation must move (GPU only): the
@@ -20,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 import kpo_kernels
-import reference
+from kpo_kernels import _reference as reference
 from kpo_kernels.backends.triton_backend import INTERPRETED, triton_import_error
 
 from . import baselines
@@ -38,8 +39,6 @@ class Settings:
 
 
 DEFAULT = Settings()
-# Kept for older callers.
-Q, CLIP_LOW, CLIP_HIGH, AGG = DEFAULT.q, DEFAULT.clip_low, DEFAULT.clip_high, DEFAULT.agg
 
 
 @dataclass(frozen=True)
