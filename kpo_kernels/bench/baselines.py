@@ -3,11 +3,13 @@
 - `grpo_eager`: GRPO/PPO token-ratio clipped loss in eager PyTorch, verl's `vanilla` policy
   loss (ratio exp(clamp(log_prob - old_log_prob, -20, 20)), clip, dual clip c = 3 for A < 0,
   the same metrics) with verl's `agg_loss` aggregation.
-- `vectorized_cumsum`: the authors' vectorized KPO filter, reimplemented from its description:
-  gains from the sinh closed form in float32, then "divide by the running product of (1 - K),
-  cumulative sum, multiply back". Masked tokens are observations z = 0 at their absolute
-  position (their `position` semantics). Its numerical failures are the point of including it.
-  z is subtracted in float32 (the authors' plug-in gets float32 log-probs from verl).
+- `vectorized_cumsum`: the authors' vectorized KPO plug-in for verl, reimplemented from its
+  description in the spec (section 6), nothing more and nothing less: gains from the sinh closed
+  form in float32 clamped to [1e-6, 1 - 1e-6], then "divide by the running product of (1 - K),
+  cumulative sum, multiply back" with the running product's log floored at log(1e-30) and its
+  inverse's exponent clipped at 80. Masked tokens are observations z = 0 at their absolute
+  position (their `position` semantics); P0 = 0, x0 = 0. Everything in float32 (the plug-in gets
+  float32 log-probs from verl). Its numerical failures are the point of including it.
 
 Both are plain functions of a batch dict (log_prob, old_log_prob, advantages, mask).
 
@@ -69,34 +71,81 @@ def grpo_eager(batch, agg="seq-mean-token-mean", clip_low=3e-4, clip_high=4e-4):
     return ppo_clip_loss(torch.exp(log_ratio), log_ratio, batch["advantages"], batch["mask"], agg, clip_low, clip_high)
 
 
-def sinh_gains(length, q, device="cpu"):
-    """K_1..K_T from the sinh closed form of the gain recursion, in float32 (as published).
+AUTHORS_GAIN_MIN, AUTHORS_GAIN_MAX = 1e-6, 1 - 1e-6
+AUTHORS_LOG_FLOOR = math.log(1e-30)  # logA clamped below at log(1e-30)
+AUTHORS_EXP_CLIP = 80.0  # invA = exp(min(-logA, 80))
 
-    With cosh(theta) = 1 + q/2, p_n = q sinh(n theta) / ((1 + q) sinh(n theta) - sinh((n-1) theta)).
-    In float32, 1 + q/2 rounds to 1 for q <= 1e-7 (theta = 0, gains 0/0), theta is off by about
-    2% at q = 1e-6, and sinh overflows once n theta > 89.
+
+def sinh_gains(length, q, device="cpu"):
+    """The authors' gains for absolute positions 0..length-1, in float32 (spec section 6).
+
+    q = Q/R, p0 = P0/R = 0 (the plug-in always starts from P0 = 0). s = 1 + q/2,
+    eta = log(s + sqrt(max(s^2 - 1, 0))) (arccosh s), U_k = sinh((k + 1) eta) / max(sinh(eta), 1e-20)
+    (U_k = k + 1 when q < 1e-12), U_prev = U shifted right with 0 in front,
+    x = ((U - U_prev) p0 + U q) / (U p0 + U (q + 1) - U_prev), K = clamp(x, 1e-6, 1 - 1e-6).
+    Position t holds K_{t+1} of the recursion. In float32, s rounds to 1 for q <= 1e-7
+    (eta = 0, U = 0, gains 0/0 = NaN), and sinh overflows once (k + 1) eta > 89 (inf / inf = NaN
+    from about position 89 / sqrt(q)); the clamp keeps NaN.
     """
     q32 = torch.tensor(q, dtype=torch.float32, device=device)
-    theta = torch.acosh(1 + q32 / 2)
-    n = torch.arange(1, length + 1, dtype=torch.float32, device=device)
-    now, before = torch.sinh(n * theta), torch.sinh((n - 1) * theta)
-    return q32 * now / ((1 + q32) * now - before)
+    p0 = torch.zeros((), dtype=torch.float32, device=device)
+    k = torch.arange(length, dtype=torch.float32, device=device)
+    if q < 1e-12:
+        u = k + 1
+    else:
+        s = 1 + q32 / 2
+        eta = torch.log(s + torch.sqrt(torch.clamp_min(s * s - 1, 0.0)))
+        u = torch.sinh((k + 1) * eta) / torch.clamp_min(torch.sinh(eta), 1e-20)
+    u_prev = torch.cat([torch.zeros(1, dtype=torch.float32, device=device), u[:-1]])
+    x = ((u - u_prev) * p0 + u * q32) / (u * p0 + u * (q32 + 1) - u_prev)
+    return torch.clamp(x, AUTHORS_GAIN_MIN, AUTHORS_GAIN_MAX)
 
 
-def vectorized_cumsum_filter(log_ratio, mask, q, x0=0.0):
-    """The authors' float32 vectorized filter: x_t = A_t (x0 + cumsum(K z / A)), A = cumprod(1 - K)."""
-    z = torch.where(mask.bool(), log_ratio.float(), 0.0)
+def vectorized_cumsum_filter(log_ratio, mask, q):
+    """The authors' float32 vectorized filter (spec section 6), x0 = 0:
+
+    z = z * mask (masked tokens are observations 0 at their absolute position: garbage under
+    the mask, NaN or inf, is not removed, as in theirs); a = max(1 - K, 1e-12);
+    logA = max(cumsum(log a), log(1e-30)); A = exp(logA); invA = exp(min(-logA, 80));
+    x_hat = A * (cumsum(z * K * invA) + x0) * mask. Gains and running products are per position,
+    shared by every row. Once the true running product falls below 1e-30 (the floor), A stops
+    decaying and x_hat no longer follows the recursion; the gains' NaN propagates through cumsum.
+    """
+    valid = mask.to(torch.float32)
+    z = log_ratio.to(torch.float32) * valid
     gains = sinh_gains(z.shape[-1], q, z.device)
-    running = torch.cumprod(1 - gains, dim=0)
-    return torch.where(mask.bool(), running * (x0 + torch.cumsum(gains * z / running, dim=-1)), 0.0)
+    log_a = torch.cumsum(torch.log(torch.clamp_min(1 - gains, 1e-12)), dim=0)
+    log_a = torch.clamp_min(log_a, AUTHORS_LOG_FLOOR)
+    running = torch.exp(log_a)
+    inverse = torch.exp(torch.clamp_max(-log_a, AUTHORS_EXP_CLIP))
+    x0 = 0.0
+    return running * (torch.cumsum(z * gains * inverse, dim=-1) + x0) * valid
 
 
-def vectorized_cumsum(batch, agg="seq-mean-token-mean", clip_low=3e-4, clip_high=4e-4, q=1e-6, log_ratio_cap=10.0):
-    """KPO with the authors' vectorized filter and the same clipped surrogate."""
-    new, old = batch["log_prob"], batch["old_log_prob"]
-    xhat = vectorized_cumsum_filter((new.float() - old.float()).detach(), batch["mask"], q)
-    log_rt = torch.clamp(new - new.detach() + xhat, max=log_ratio_cap)
-    return ppo_clip_loss(torch.exp(log_rt), (new - old), batch["advantages"], batch["mask"], agg, clip_low, clip_high)
+def vectorized_cumsum(batch, agg="seq-mean-token-mean", clip_low=3e-4, clip_high=4e-4, q=1e-6, log_ratio_cap=10.0,
+                      is_weights=None):
+    """KPO as the authors' plug-in computes it (spec section 6): their filter, the stop-gradient
+    ratio capped at log_ratio_cap, the clipped surrogate without dual clip, times the rollout
+    importance weights, verl's agg_loss. Metrics as theirs, each read to the host with one
+    `.item()` (a synchronisation each on a GPU, timed with the step): `pg_clipfrac`,
+    `pg_clipfrac_lower` (always 0), `sequence_ratio_mean` (the mean ratio over every position,
+    padding included). Returns (loss, metrics as Python floats)."""
+    new, old, mask = batch["log_prob"], batch["old_log_prob"], batch["mask"]
+    xhat = vectorized_cumsum_filter((new.float() - old.float()).detach(), mask, q)
+    ratio = torch.exp(torch.clamp(new - new.detach() + xhat, max=log_ratio_cap))
+    adv = _broadcast(batch["advantages"], ratio)
+    loss1 = -adv * ratio
+    loss2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    token_loss = torch.maximum(loss1, loss2)
+    if is_weights is not None:
+        token_loss = token_loss * is_weights
+    valid = mask.to(ratio.dtype)
+    metrics = {
+        "pg_clipfrac": ((loss2 > loss1).to(ratio.dtype) * valid).sum() / valid.sum(),
+        "pg_clipfrac_lower": torch.zeros((), dtype=ratio.dtype, device=ratio.device),
+        "sequence_ratio_mean": ratio.detach().mean(),
+    }
+    return _agg(token_loss, mask, agg), {name: value.item() for name, value in metrics.items()}
 
 
 def float64_gains(length, q, r=1.0, p0=0.0):
