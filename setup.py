@@ -10,6 +10,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
+    # One top-level package. kpo_kernels._reference is the repository's reference/ (the sequential
+    # definition, shipped for `python -m kpo_kernels`): in the source tree it is a link to that
+    # folder, in the wheel a copy of its files. kpo_kernels.bench holds the rest of the main command.
     packages=find_packages(include=["kpo_kernels", "kpo_kernels.*"]),
     install_requires=["torch>=2.4"],
     extras_require={

@@ -1,0 +1,88 @@
+"""What `pip install .` (not editable) installs: one top-level package, with everything the main
+command needs inside it; and that main command, run from that copy alone, outside the checkout."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    if importlib.util.find_spec("setuptools") is None or importlib.util.find_spec("pip") is None:
+        pytest.skip("pip and setuptools are needed to build the wheel here")
+    out = tmp_path_factory.mktemp("wheel")
+    # A copy of the files git does not ignore, built there: no build/ or *.egg-info lands in the
+    # checkout, and no stale build/ of the checkout leaks into the wheel.
+    tree = out / "tree"
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           capture_output=True, check=False)
+    if files.returncode != 0:
+        pytest.skip("the checkout has no git metadata to list its files")
+    for name in files.stdout.decode().split("\0"):
+        if not name:
+            continue
+        source, target = ROOT / name, tree / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            target.symlink_to(os.readlink(source))
+        elif source.is_file():  # a tracked file deleted in the work tree is skipped
+            target.write_bytes(source.read_bytes())
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(tree)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (path,) = out.glob("kpo_kernels-*.whl")
+    return path
+
+
+def test_wheel_installs_one_package_with_the_reference_inside(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        top = {name.split("/")[0] for name in names}
+        info = next(t for t in top if t.endswith(".dist-info"))
+        assert top == {"kpo_kernels", info}, top  # no `reference`, `benchmarks` or `tests` in site-packages
+        assert archive.read(f"{info}/top_level.txt").decode().split() == ["kpo_kernels"]
+        for source in (ROOT / "reference").glob("*.py"):  # the readable twin, byte for byte
+            assert archive.read(f"kpo_kernels/_reference/{source.name}") == source.read_bytes()
+        for module in ("cases", "command", "correctness", "data", "baselines", "implementations", "report", "run"):
+            assert f"kpo_kernels/bench/{module}.py" in names
+
+
+CHECK = """
+import sys
+from kpo_kernels.__main__ import main
+status = main(sys.argv[1:])
+import kpo_kernels
+here = kpo_kernels.__file__
+outside = [name for name, module in sys.modules.items()
+           if name.split(".")[0] in ("kpo_kernels", "reference", "benchmarks", "tests")
+           and not str(getattr(module, "__file__", None) or "").startswith(SITE)]
+print("STATUS", status, "FROM", here, "OUTSIDE", outside)
+"""
+
+
+def test_installed_copy_runs_the_main_command_outside_the_checkout(wheel, tmp_path):
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(site)  # ahead of site-packages, where an editable install may also be
+    args = ["--device", "cpu", "--rows", "4", "--length", "128", "--budget", "0.01", "--accuracy-max-length", "256",
+            "--reference-max-length", "128", "--no-memory", "--quiet"]
+    script = CHECK.replace("SITE", repr(str(site)))
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "reference/ filter in float64 (its Python loop) vs the recursion: max |diff| 0.0e+00" in proc.stdout
+    assert "all 3 kpo results agree with the float64 reference" in proc.stdout  # accuracy 4x256, kpo, kpo-torch
+    assert "| commit None |" in proc.stdout  # an installed copy has no commit (and reports no other repository's)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last == f"STATUS 0 FROM {site / 'kpo_kernels' / '__init__.py'} OUTSIDE []", last
