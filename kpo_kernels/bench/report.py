@@ -278,7 +278,8 @@ def _accuracy_panel(ax, rows):
     for i, name in enumerate(names):
         mine = sorted((r for r in rows if r["impl"] == name), key=lambda r: r["length"])
         for j, (key, (style, marker, _)) in enumerate(series.items()):
-            dodge = 1.05 ** (2 * i + j - (2 * len(names) - 1) / 2)  # side by side in the NaN band
+            # Side by side around T (equal errors, and the NaN band, hide no point)
+            dodge = 1.04 ** (2 * i + j - (2 * len(names) - 1) / 2)
             xs, ys, band_x, band_y = [], [], [], []
             for r in mine:
                 value = r.get(key)
@@ -288,7 +289,7 @@ def _accuracy_panel(ax, rows):
                     band_x.append(r["length"] * dodge)
                     band_y.append(nan_y)
                 else:
-                    xs.append(r["length"])
+                    xs.append(r["length"] * dodge)
                     ys.append(value if value > 0 else zero_y)
             color = COLORS.get(name)
             ax.plot(xs, ys, style, marker=marker, color=color, markersize=5, linewidth=1.4,
