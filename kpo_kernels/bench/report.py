@@ -328,20 +328,20 @@ def _time_panel(ax, rows):
     names = _plotted_impls(timed)
     dtypes = list(OrderedDict.fromkeys(r["dtype"] for r in timed))
     regimes = (("short rows", "o"), ("long rows", "^"))
-    slots = [(n, regime) for n in names for regime, _ in regimes if any(r["impl"] == n and r["regime"] == regime for r in timed)]
+    slots = [(n, regime, dtype) for n in names for regime, _ in regimes for dtype in dtypes
+             if any(r["impl"] == n and r["regime"] == regime and r["dtype"] == dtype for r in timed)]
+    step = 1.045 if len(slots) <= 12 else 1.025
     for name in names:
         color = COLORS.get(name)
         for regime, marker in regimes:
-            if (name, regime) not in slots:
-                continue
-            # Side by side around the token count: rows with the same B x T (64x4096 and 2x131072)
-            # and implementations with the same time stay visible.
-            dodge = 1.045 ** (slots.index((name, regime)) - (len(slots) - 1) / 2)
             for d, dtype in enumerate(dtypes):
                 points = sorted((r for r in timed if r["impl"] == name and r["regime"] == regime and r["dtype"] == dtype),
                                 key=lambda r: r["tokens"])
                 if not points:
                     continue
+                # Side by side around the token count: rows with the same B x T (64x4096 and
+                # 2x131072), dtypes and implementations with the same time stay visible.
+                dodge = step ** (slots.index((name, regime, dtype)) - (len(slots) - 1) / 2)
                 xs = [r["tokens"] * dodge for r in points]
                 ys = [r["median_ms"] for r in points]
                 spread = [[max(y - r.get("p20_ms", y), 0) for y, r in zip(ys, points)],
