@@ -5,9 +5,9 @@ import sys
 import time
 from collections import OrderedDict
 
-import kpo_kernels
-
 import torch
+
+import kpo_kernels
 
 from . import report
 from .cases import DTYPES, Case, accuracy_cases, default_cases, sweep_cases
