@@ -98,7 +98,7 @@ def yardstick(batch, settings=DEFAULT):
         loss=float(loss.detach()),
         loss_scale=float(scale),
         grad=log_prob.grad.detach().cpu(),
-        metrics={k: float(v) for k, v in metrics.items()},
+        metrics={k: _value(v) for k, v in metrics.items()},
         ties=ties,
         mean_abs_z=float(z[valid].abs().mean()) if bool(valid.any()) else 0.0,
     )
@@ -111,6 +111,11 @@ def reference_agrees(batch, yard, settings=DEFAULT, max_length=4096):
     z = (cpu["log_prob"].double() - cpu["old_log_prob"].double())[:, :length]
     x = reference.kalman_filter(z, cpu["mask"][:, :length], q=settings.q)
     return float((x - yard.x[:, :length]).abs().max()), length
+
+
+def _value(metric):
+    """A metric (a 0-dim tensor, or a float) as a Python float, without autograd's involvement."""
+    return float(metric.detach()) if isinstance(metric, torch.Tensor) else float(metric)
 
 
 def _rel(diff, scale):
@@ -158,7 +163,7 @@ def errors_against(yard, loss, grad, x=None, metrics=None):
     if metrics is not None:
         tokens = int(valid.sum())
         errors = {
-            k: _metric_error(k, float(metrics[k]), yard.metrics[k], yard, tokens)
+            k: _metric_error(k, _value(metrics[k]), yard.metrics[k], yard, tokens)
             for k in kpo_kernels.METRIC_NAMES
             if k in metrics
         }
