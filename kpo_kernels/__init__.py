@@ -1,6 +1,6 @@
 """Exact, fused Kalman Policy Optimization (KPO) losses for RL training of language models."""
 
-from .api import KPOLoss, kalman_filter, kalman_gains, kpo_loss
+from .api import KPOLoss, kalman_filter, kalman_gains, kpo_loss, prepare
 from .backends import Backend, TorchBackend, TritonBackend
 from .options import AGG_MODES, MASK_MODES, METRIC_NAMES
 
@@ -17,4 +17,5 @@ __all__ = [
     "kalman_filter",
     "kalman_gains",
     "kpo_loss",
+    "prepare",
 ]

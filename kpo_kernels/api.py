@@ -1,12 +1,19 @@
-"""Public entry points: `kalman_filter`, `kalman_gains`, `kpo_loss`, `KPOLoss`. Checks, dispatch, autograd."""
+"""Public entry points: `kalman_filter`, `kalman_gains`, `kpo_loss`, `KPOLoss`, `prepare`.
+
+They check shapes, dtypes, devices and Python options, choose the backend and call the custom ops
+of `ops` (which check values and run the backends): nothing here looks at the data, so a compiled
+step traces them without graph breaks.
+"""
 
 import inspect
 
 import torch
 
-from .backends import LossForward, check_backend_argument, expand_rows, resolve_backend
+from . import ops
+from .backends import expand_rows
+from .dispatch import backend_key, check_backend_argument, resolve_backend
 from .gains import gain_schedule
-from .options import METRIC_NAMES, TokenBatch
+from .options import METRIC_NAMES
 from .validation import (
     check_count,
     check_count_devices,
@@ -38,14 +45,14 @@ def kalman_filter(
     `mask` is 0. No autograd. Values of `log_ratio` under the mask are never read.
     """
     options = check_filter_params(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode)
-    _refuse_vmap("log_ratio", log_ratio)
     check_tokens("log_ratio", log_ratio, cu_seqlens)
     cu_seqlens = check_cu_seqlens(cu_seqlens, log_ratio.shape[0], log_ratio.device)
     mask = check_mask(mask, log_ratio.shape, log_ratio.device)
     impl = resolve_backend(backend, log_ratio.device, log_ratio.dtype)
     impl.check_options(options)
-    with torch.no_grad():
-        return impl.filter(log_ratio.detach(), mask, options, cu_seqlens)
+    return torch.ops.kpo_kernels.kalman_filter(
+        log_ratio.detach(), mask, cu_seqlens, options.q, options.r, options.p0, options.x0, options.skip, backend_key(impl)
+    )
 
 
 def kalman_gains(n, *, q=1e-6, r=1.0, p0=0.0):
@@ -60,82 +67,60 @@ def kalman_gains(n, *, q=1e-6, r=1.0, p0=0.0):
 
 
 class _KPOLossFunction(torch.autograd.Function):
-    """Forward runs the backend once (loss, metrics and the per-token derivative D); backward
-    only scales D by grad_output and the row weights.
+    """Autograd of the fused loss: forward is the `kpo_loss` op (loss, metrics and the stored
+    per-token derivative D); backward scales D by grad_output and the row weights
+    (`kpo_loss_backward` op).
 
-    Tensors are direct arguments (not fields of a TokenBatch) so that torch.func.grad sees and
-    unwraps them. Double backward is exact: by the stop-gradient trick d rt / d log_prob = rt,
-    so the gradient g = w_row * D * exp(log_prob - sg(log_prob)) has the derivative g itself
-    (the Hessian of the surrogate is diagonal); with create_graph=True backward computes g in
-    that differentiable form instead of in the backend's kernel.
+    Double backward is exact: by the stop-gradient trick d rt / d log_prob = rt, so the gradient
+    g = w_row * D * exp(log_prob - sg(log_prob)) has the derivative g itself (the surrogate's
+    Hessian is diagonal); with create_graph=True (or under torch.func) backward forms g from
+    differentiable torch ops instead of the backward op.
     """
 
     @staticmethod
-    def forward(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens, per_token, options, impl, need_grad):
-        batch = TokenBatch(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens, per_token)
-        result = impl.loss_forward(batch, options, need_grad=need_grad)
-        # Fresh outputs (a backend may return loss and metrics as views of one buffer), so that
-        # callers may update the loss in place (verl's ppo_loss does `policy_loss -= ...`).
-        return result.loss.clone(), result.metrics.clone(), result.grad, result.row_scale, _Layout(result.layout)
+    def forward(*arguments):
+        return torch.ops.kpo_kernels.kpo_loss(*arguments)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        log_prob, cu_seqlens, impl = inputs[0], inputs[5], inputs[8]
-        _, metrics, grad, row_scale, layout = output
-        ctx.impl, ctx.layout, ctx.dtype = impl, layout.value, log_prob.dtype
+        log_prob, cu_seqlens, backend, need_grad = inputs[0], inputs[5], inputs[-2], inputs[-1]
+        _, metrics, grad, row_scale = output
+        ctx.backend, ctx.need_grad, ctx.dtype = backend, need_grad, log_prob.dtype
         ctx.save_for_backward(log_prob, grad, row_scale, cu_seqlens)
-        ctx.mark_non_differentiable(metrics, row_scale)
-        if grad is not None:
-            ctx.mark_non_differentiable(grad)
+        ctx.mark_non_differentiable(metrics, grad, row_scale)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
         log_prob, grad, row_scale, cu_seqlens = ctx.saved_tensors
-        if grad is None:
-            raise RuntimeError("kpo_loss: backward of a forward that stored no gradient")
-        if not torch.is_grad_enabled() and not _functorch_wrapped(grad_loss):
-            saved = LossForward(None, None, grad, row_scale, ctx.layout)
-            return (ctx.impl.loss_backward(saved, grad_loss, ctx.dtype),) + (None,) * 9
-        scale = expand_rows(row_scale.to(grad_loss.dtype) * grad_loss, log_prob.shape, cu_seqlens)
-        # exp(log_prob - sg(log_prob)): 1, with derivative 1. Only where the gradient is not 0:
-        # elsewhere log_prob may be garbage (NaN under the mask), which must not leak.
-        delta = torch.where(grad != 0, log_prob - log_prob.detach(), 0.0)
-        ratio = torch.exp(delta).to(scale.dtype)
-        return ((grad.to(scale.dtype) * scale * ratio).to(ctx.dtype),) + (None,) * 9
+        if not ctx.need_grad:
+            raise RuntimeError("kpo_loss: backward through a forward that ran without a gradient")
+        wrapped = not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(grad_loss)
+        if not torch.is_grad_enabled() and not wrapped:
+            d_log_prob = torch.ops.kpo_kernels.kpo_loss_backward(grad, row_scale, grad_loss, cu_seqlens, ctx.dtype, ctx.backend)
+        else:
+            scale = expand_rows(row_scale.to(grad_loss.dtype) * grad_loss, log_prob.shape, cu_seqlens)
+            # Only where the gradient is not 0: elsewhere log_prob may be garbage (NaN under
+            # the mask), which must not leak into the second derivative.
+            delta = torch.where(grad != 0, log_prob - log_prob.detach(), 0.0)
+            d_log_prob = (grad.to(scale.dtype) * scale * torch.exp(delta).to(scale.dtype)).to(ctx.dtype)
+        return (d_log_prob,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
     @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(
-            "kpo_loss supports reverse-mode autograd (backward, double backward, torch.func.grad, "
-            "jacrev) but not forward-mode AD (torch.func.jvp, jacfwd, torch.func.hessian); for a "
-            "Hessian use torch.func.jacrev(torch.func.jacrev(f)) or torch.autograd.functional.hessian"
-        )
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        raise NotImplementedError(
-            "kpo_loss does not support torch.func.vmap: its inputs are already batches of "
-            "independent sequences; stack them into one (B, T) batch (or pack them with cu_seqlens)"
-        )
+    def vmap(info, in_dims, *arguments):
+        raise NotImplementedError(ops.VMAP_MESSAGE)
 
 
-class _Layout:
-    """Wraps a backend's launch layout so that autograd treats it as an opaque Python object."""
-
-    def __init__(self, value):
-        self.value = value
-
-
-def _functorch_wrapped(tensor):
-    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
-
-
-def _refuse_vmap(name, tensor):
-    if isinstance(tensor, torch.Tensor) and torch._C._functorch.is_batchedtensor(tensor):
-        raise NotImplementedError(
-            f"{name} is a torch.func.vmap batch: kpo_kernels does not support vmap; its inputs are "
-            "already batches of independent sequences (stack them into one (B, T) batch)"
-        )
+def prepare(length, *, q=1e-6, r=1.0, p0=0.0, device="cuda", backend="auto"):
+    """Build the gain tables that calls with sequences of up to `length` tokens and these
+    (q, r, p0) will read, on `device`, for the backend that `backend` picks there (float32 and
+    float64 inputs). A call's first use of a (q, r, p0) otherwise builds them then: do this (or
+    one eager call) before capturing a CUDA graph, so that nothing is allocated during capture.
+    """
+    length = check_count("length", length, minimum=1)
+    check_filter_params(q=q, r=r, p0=p0, x0=0.0)
+    device = torch.device(device)
+    for dtype in (torch.float32, torch.float64):
+        resolve_backend(backend, device, dtype).prepare(length, q, r, p0, device)
 
 
 def kpo_loss(
@@ -187,26 +172,13 @@ def kpo_loss(
         global_batch_size=global_batch_size,
         loss_scale_factor=loss_scale_factor,
     )
-    for name, value in (("log_prob", log_prob), ("old_log_prob", old_log_prob), ("advantages", advantages)):
-        _refuse_vmap(name, value)
     batch = check_token_batch(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens)
     check_count_devices(options, batch.device)
     impl = resolve_backend(backend, batch.device, log_prob.dtype)
     impl.check_options(options.filter)
-    # Only log_prob gets a gradient: the others are constants of the loss (spec section 3).
-    constant = lambda t: None if t is None else t.detach()  # noqa: E731
-    loss, metric_vector, *_ = _KPOLossFunction.apply(
-        log_prob,
-        constant(batch.old_log_prob),
-        constant(batch.advantages),
-        batch.mask,
-        constant(batch.is_weights),
-        batch.cu_seqlens,
-        batch.advantages_per_token,
-        options,
-        impl,
-        torch.is_grad_enabled() and log_prob.requires_grad,
-    )
+    need_grad = torch.is_grad_enabled() and log_prob.requires_grad
+    arguments = ops.loss_arguments(batch, options, backend_key(impl), need_grad)
+    loss, metric_vector, _, _ = _KPOLossFunction.apply(*arguments)
     return loss, dict(zip(METRIC_NAMES, metric_vector.unbind()))
 
 

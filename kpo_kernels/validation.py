@@ -197,25 +197,30 @@ def _same_place(name, value, shape, device):
 
 
 def check_mask(mask, shape, device, name="mask"):
-    """bool, or real numbers that are all 0 or 1 (a weight belongs in is_weights, and NaN must
-    never count silently). Values are checked on the host for CPU tensors and asynchronously
-    on an accelerator (torch._assert_async: no host synchronisation; a violation fails the next
-    synchronising call). A bool mask needs no check at all."""
+    """bool, or real numbers that are all 0 or 1 (values: `check_mask_values`, inside the ops)."""
     if mask is None:
         return None
     _tensor(name, mask, floating=False)
     if mask.is_complex():
         raise TypeError(f"{name} must be bool or 0/1 real numbers, got {mask.dtype}")
     _same_place(name, mask, shape, device)
-    if mask.dtype != torch.bool and mask.numel():
-        binary = ((mask == 0) | (mask == 1)).all()
-        message = f"{name} must hold only 0 and 1 (got other values, or NaN); pass weights as is_weights"
-        if device.type == "cpu":
-            if not bool(binary):
-                raise ValueError(message)
-        else:
-            torch._assert_async(binary, message)
     return mask
+
+
+def check_mask_values(mask, name="mask"):
+    """Every value 0 or 1 (a weight belongs in is_weights, and NaN must never count silently).
+    Checked on the host for CPU tensors and asynchronously on an accelerator
+    (torch._assert_async: no host synchronisation; a violation fails the next synchronising
+    call). A bool mask needs no check at all."""
+    if mask is None or mask.dtype == torch.bool or not mask.numel():
+        return
+    binary = ((mask == 0) | (mask == 1)).all()
+    message = f"{name} must hold only 0 and 1 (got other values, or NaN); pass weights as is_weights"
+    if mask.device.type == "cpu":
+        if not bool(binary):
+            raise ValueError(message)
+    else:
+        torch._assert_async(binary, message)
 
 
 def check_tokens(name, value, cu_seqlens=None):
@@ -230,12 +235,8 @@ def check_tokens(name, value, cu_seqlens=None):
 
 
 def check_cu_seqlens(cu_seqlens, num_tokens, device):
-    """Sequence offsets of a packed batch: integer (S + 1,), 0 first, non-decreasing, N last.
-
-    Values are checked on the host when the offsets are on the CPU. On an accelerator they are
-    checked asynchronously (torch._assert_async: no host synchronisation; a violation fails
-    the next synchronising call with a device-side assertion).
-    """
+    """Sequence offsets of a packed batch: integer (S + 1,) on the batch's device (values:
+    `check_cu_seqlens_values`, inside the ops). Returned contiguous."""
     if cu_seqlens is None:
         return None
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -248,7 +249,16 @@ def check_cu_seqlens(cu_seqlens, num_tokens, device):
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, expected {device} (the device of the log-probs)")
     if cu_seqlens.dtype == torch.int32 and num_tokens >= 2**31:
         raise ValueError("cu_seqlens must be int64 for 2^31 tokens or more")
-    cu_seqlens = cu_seqlens.contiguous()  # kernels read it as a plain array; S + 1 entries are cheap to copy
+    return cu_seqlens.contiguous()  # kernels read it as a plain array; S + 1 entries are cheap to copy
+
+
+def check_cu_seqlens_values(cu_seqlens, num_tokens):
+    """0 first, non-decreasing, N last. Checked on the host when the offsets are on the CPU; on
+    an accelerator asynchronously (torch._assert_async: no host synchronisation; a violation
+    fails the next synchronising call with a device-side assertion)."""
+    if cu_seqlens is None:
+        return
+    device = cu_seqlens.device
     first, last = cu_seqlens[0], cu_seqlens[-1]
     steps = cu_seqlens[1:] - cu_seqlens[:-1]
     if device.type == "cpu":
@@ -262,7 +272,6 @@ def check_cu_seqlens(cu_seqlens, num_tokens, device):
         torch._assert_async(first == 0, "cu_seqlens must start at 0")
         torch._assert_async((steps >= 0).all(), "cu_seqlens must be non-decreasing")
         torch._assert_async(last == num_tokens, "cu_seqlens must end at the number of tokens")
-    return cu_seqlens
 
 
 def _advantages(value, shape, cu_seqlens, device):

@@ -121,7 +121,7 @@ def loss_run(batch, options, backend=None):
             batch.get("cu_seqlens"),
         )
         result = impl.loss_forward(checked, kpo_kernels.validation.check_loss_options(**{**LOSS_DEFAULTS, **options}), True)
-        impl.loss_backward(result, torch.ones(()), batch["log_prob"].dtype)
+        impl.loss_backward(result.grad, result.row_scale, torch.ones(()), checked.cu_seqlens, batch["log_prob"].dtype)
 
     return run
 

@@ -1,12 +1,10 @@
-"""The interface every backend implements, and the choice of backend for a call."""
+"""The interface every backend implements (the choice of backend for a call: `kpo_kernels.dispatch`)."""
 
 import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-
-BACKEND_NAMES = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -23,7 +21,6 @@ class LossForward:
     metrics: torch.Tensor
     grad: Optional[torch.Tensor]
     row_scale: torch.Tensor
-    layout: object = None  # backend-specific launch layout that backward reuses
 
 
 class Backend:
@@ -49,9 +46,25 @@ class Backend:
         """Returns a `LossForward` for a checked `TokenBatch` and `LossOptions`."""
         raise NotImplementedError
 
-    def loss_backward(self, saved, grad_output, dtype):
-        """d loss / d log_prob in `dtype`, given the `LossForward` and d out / d loss."""
+    def loss_backward(self, grad, row_scale, grad_output, cu_seqlens, dtype):
+        """d loss / d log_prob in `dtype`: grad_output * row_scale[sequence] * grad, from the
+        `LossForward` fields grad and row_scale, d out / d loss (0-dim) and the batch's
+        cu_seqlens (None when padded)."""
         raise NotImplementedError
+
+    def prepare(self, length, q, r, p0, device):
+        """Build what calls with sequences of up to `length` tokens will need on `device` (the
+        gain tables), so that nothing is allocated later (e.g. during CUDA-graph capture)."""
+
+    def output_dtypes(self, dtype):
+        """Dtypes of the results for inputs of `dtype`: filter, loss (and metrics), grad (the
+        stored per-token derivative) and row_scale. The custom ops' fake implementations
+        allocate with them, so they must be what the methods above return."""
+        return dict.fromkeys(("filter", "loss", "grad", "row_scale"), torch.float32)
+
+    def key(self):
+        """A string that identifies this backend and its settings (`dispatch.backend_key`)."""
+        return f"{type(self).__module__}.{type(self).__qualname__}@{id(self):x}"
 
 
 def expand_rows(row_values, shape, cu_seqlens):
@@ -66,32 +79,3 @@ def expand_rows(row_values, shape, cu_seqlens):
 def log1p_neg(x):
     """log(1 - x), and -inf for x >= 1: a lower clip bound <= 0 never binds."""
     return math.log1p(-x) if x < 1 else -math.inf
-
-
-def check_backend_argument(backend):
-    if not isinstance(backend, Backend) and (not isinstance(backend, str) or backend not in BACKEND_NAMES):
-        raise ValueError(f"backend must be one of {BACKEND_NAMES} or a Backend instance, got {backend!r}")
-
-
-def resolve_backend(backend, device, dtype):
-    """The backend object for a `backend` argument (a name or a `Backend`) and the inputs."""
-    from .torch_backend import TorchBackend
-    from .triton_backend import TritonBackend, triton_import_error
-
-    check_backend_argument(backend)
-    if isinstance(backend, Backend):
-        chosen = backend
-    elif backend == "torch":
-        chosen = TorchBackend()
-    elif backend == "triton":
-        if triton_import_error() is not None:
-            raise ValueError(f"backend='triton' needs Triton, which failed to import: {triton_import_error()}")
-        chosen = TritonBackend()
-    else:
-        # float64 inputs stay in float64 on the torch backend; Triton computes in float32.
-        auto_triton = device.type == "cuda" and dtype != torch.float64 and triton_import_error() is None
-        chosen = TritonBackend() if auto_triton else TorchBackend()
-    reason = chosen.unavailable_reason(device)
-    if reason is not None:
-        raise ValueError(f"backend={chosen.name!r} cannot run here: {reason}")
-    return chosen

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..gains import gain_tables
 from ..options import KL_CLAMP
-from .base import Backend, LossForward, log1p_neg
+from .base import Backend, LossForward, expand_rows, log1p_neg
 from . import aggregation
 
 COMPUTE = torch.float64
@@ -135,8 +135,6 @@ class _Rows:
     def row_stats(self, **columns):
         return aggregation.row_stats(**columns)
 
-    def scale(self, grad, row_scale):
-        return grad * row_scale[:, None]
 
 
 class _Packed:
@@ -192,9 +190,6 @@ class _Packed:
 
     def row_stats(self, **columns):
         return aggregation.row_stats(**columns, segments=(self._sum, self._max))
-
-    def scale(self, grad, row_scale):
-        return grad * row_scale[self.seq]
 
 
 class TorchBackend(Backend):
@@ -269,7 +264,17 @@ class TorchBackend(Backend):
             grad = rt.mul_(neg_adv).mul_(weight)
             # Exactly 0 at masked tokens, even where rt is NaN (after an infinite log-ratio).
             grad.masked_fill_(invalid if frozen is None else frozen | invalid, 0.0)
-        return LossForward(loss, metrics, grad, row_scale, layout)
+        return LossForward(loss, metrics, grad, row_scale)
 
-    def loss_backward(self, saved, grad_output, dtype):
-        return saved.layout.scale(saved.grad, grad_output.to(saved.row_scale.dtype) * saved.row_scale).to(dtype)
+    def loss_backward(self, grad, row_scale, grad_output, cu_seqlens, dtype):
+        scale = expand_rows(grad_output.to(row_scale.dtype) * row_scale, grad.shape, cu_seqlens)
+        return (grad * scale).to(dtype)
+
+    def prepare(self, length, q, r, p0, device):
+        gain_tables.get(length, q, r, p0, device, COMPUTE)
+
+    def output_dtypes(self, dtype):
+        return dict.fromkeys(("filter", "loss", "grad", "row_scale"), torch.float64 if dtype == torch.float64 else torch.float32)
+
+    def key(self):
+        return "torch" if type(self) is TorchBackend else super().key()

@@ -40,6 +40,13 @@ def triton_import_error():
     return _IMPORT_ERROR
 
 
+def _derivative_dtype(dtype):
+    """The per-token derivative waits for backward in float32, or in bfloat16 for bfloat16
+    inputs: the gradient ends in bfloat16 anyway and the round trip then moves half the bytes.
+    (float16 keeps float32: an unweighted -A * rt can exceed its range.)"""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
 def _pow2_at_least(n):
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -116,6 +123,17 @@ class TritonBackend(Backend):
 
     def __repr__(self):
         return f"TritonBackend(block_size={self.block_size}, tile_size={self.tile_size}, num_warps={self.num_warps})"
+
+    def prepare(self, length, q, r, p0, device):
+        gain_tables.get(length, q, r, p0, device, torch.float32)
+
+    def output_dtypes(self, dtype):
+        return {**super().output_dtypes(dtype), "grad": _derivative_dtype(dtype)}
+
+    def key(self):
+        if type(self) is not TritonBackend:
+            return super().key()
+        return f"triton:{self.block_size}:{self.tile_size}:{self.num_warps}:{int(self.poison)}"
 
     def unavailable_reason(self, device):
         if kernels is None:
@@ -271,17 +289,13 @@ class TritonBackend(Backend):
         block, warps, tiling = (None, None, None) if empty else self._plan(batch.shape, batch.cu_seqlens, device)
         slots = 0 if empty else tiling.num_slots
         stats = self._empty((NUM_STATS, slots), torch.float32, device)
-        # The per-token derivative waits for backward in float32, or in bfloat16 for bfloat16
-        # inputs: the gradient ends in bfloat16 anyway and the round trip then moves half the
-        # bytes. (float16 keeps float32: an unweighted -A * rt can exceed its range.)
-        scratch = torch.bfloat16 if batch.log_prob.dtype == torch.bfloat16 else torch.float32
-        grad = self._empty(batch.shape, scratch, device) if need_grad else None
+        grad = self._empty(batch.shape, _derivative_dtype(batch.log_prob.dtype), device) if need_grad else None
         if slots > 0:
             self._launch_loss(batch, options, tiling, stats, grad, block, warps)
         row_scale = self._empty((sequences,), torch.float32, device)
         out = self._empty((1 + len(METRIC_NAMES),), torch.float32, device)
         self._launch_finalize(batch, options, tiling, stats, row_scale, out)
-        return LossForward(loss=out[0], metrics=out[1:], grad=grad, row_scale=row_scale, layout=tiling)
+        return LossForward(loss=out[0], metrics=out[1:], grad=grad, row_scale=row_scale)
 
     def _launch_loss(self, batch, options, tiling, stats, grad, block, warps):
         filt = options.filter
@@ -360,16 +374,16 @@ class TritonBackend(Backend):
             num_warps=4,
         )
 
-    def loss_backward(self, saved, grad_output, dtype):
-        out = torch.empty(saved.grad.shape, dtype=dtype, device=saved.grad.device)
+    def loss_backward(self, grad, row_scale, grad_output, cu_seqlens, dtype):
+        out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
         if out.numel() == 0:
             return out
-        tiling = saved.layout
+        _, _, tiling = self._plan(grad.shape, cu_seqlens, grad.device)
         if not tiling.varlen:  # elementwise: any split will do, so use many small tiles
             tile = min(1024, _pow2_at_least(tiling.width))
             tiling = dataclasses.replace(tiling, tile_size=tile, grid=(tiling.num_seqs, _cdiv(tiling.width, tile)))
         kernels.kpo_loss_bwd_kernel[tiling.grid](
-            saved.grad, saved.row_scale, grad_output.reshape(1), out, *tiling.launch_args(),
+            grad, row_scale, grad_output.reshape(1), out, *tiling.launch_args(),
             tiling.num_seqs, tiling.width, tiling.tile_size, tiling.search_steps, IS_VARLEN=tiling.varlen,
             BLOCK=min(1024, _pow2_at_least(tiling.tile_size)), num_warps=4,
         )

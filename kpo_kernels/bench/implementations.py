@@ -124,7 +124,7 @@ def available(name, device):
 
 def auto_backend(device, dtype):
     """The backend `kpo` (backend="auto") resolves to for these inputs: 'torch' or 'triton'."""
-    from kpo_kernels.backends.base import resolve_backend
+    from kpo_kernels.dispatch import resolve_backend
 
     return resolve_backend("auto", device, dtype).name
 

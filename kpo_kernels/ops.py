@@ -1,0 +1,189 @@
+"""The custom ops `torch.ops.kpo_kernels.*`: what torch.compile and CUDA graphs see.
+
+Each op is opaque to the compiler (one node, never traced into), has a fake implementation that
+only allocates outputs of the right shape and dtype, and takes plain values: tensors, numbers,
+bools, strings (the backend as its `dispatch.backend_key`). Everything that looks at the data
+runs inside the ops: the checks of cu_seqlens and mask values, the backends' fast paths, the
+gain tables. The wrappers in `api` check only shapes, dtypes, devices and Python options.
+
+- `kalman_filter(log_ratio, mask, cu_seqlens, q, r, p0, x0, skip, backend) -> filtered`
+- `kpo_loss(...) -> (loss, metrics, grad, row_scale)`: one fused forward; `grad` is the
+  per-token derivative without the aggregation weights (empty when not needed), `row_scale`
+  the weight of each row or packed sequence.
+- `kpo_loss_backward(grad, row_scale, grad_output, cu_seqlens, dtype, backend) -> d log_prob`
+
+Autograd sits on top, in `api` (an autograd.Function, which torch.func transforms also accept).
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .dispatch import lookup
+from .options import METRIC_NAMES, FilterOptions, LossOptions, TokenBatch
+from .validation import check_cu_seqlens_values, check_mask_values
+
+VMAP_MESSAGE = (
+    "kpo_kernels does not support torch.func.vmap: its inputs are already batches of independent "
+    "sequences; stack them into one (B, T) batch (or pack them with cu_seqlens)"
+)
+
+
+def _filter_options(q, r, p0, x0, skip):
+    return FilterOptions(q=q, r=r, p0=p0, x0=x0, mask_mode="skip" if skip else "position")
+
+
+# ----------------------------------------------------------------------------- the filter
+
+
+@torch.library.custom_op("kpo_kernels::kalman_filter", mutates_args=())
+def kalman_filter(
+    log_ratio: Tensor,
+    mask: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    q: float,
+    r: float,
+    p0: float,
+    x0: float,
+    skip: bool,
+    backend: str,
+) -> Tensor:
+    check_cu_seqlens_values(cu_seqlens, log_ratio.shape[0])
+    check_mask_values(mask)
+    impl = lookup(backend)
+    return impl.filter(log_ratio, mask, _filter_options(q, r, p0, x0, skip), cu_seqlens).contiguous()
+
+
+@kalman_filter.register_fake
+def _(log_ratio, mask, cu_seqlens, q, r, p0, x0, skip, backend):
+    return log_ratio.new_empty(log_ratio.shape, dtype=lookup(backend).output_dtypes(log_ratio.dtype)["filter"])
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def loss_arguments(batch, options, backend, need_grad):
+    """The positional arguments of `kpo_loss` for a checked TokenBatch and LossOptions."""
+    filt = options.filter
+
+    def count(value):  # (device tensor, Python value): one of them is None
+        return (value, None) if isinstance(value, torch.Tensor) else (None, value)
+
+    tokens_tensor, tokens_value = count(options.batch_num_tokens)
+    sequences_tensor, sequences_value = count(options.global_batch_size)
+    return (
+        batch.log_prob,
+        batch.old_log_prob,
+        batch.advantages,
+        batch.mask,
+        batch.is_weights,
+        batch.cu_seqlens,
+        tokens_tensor,
+        sequences_tensor,
+        batch.advantages_per_token,
+        filt.q,
+        filt.r,
+        filt.p0,
+        filt.x0,
+        filt.skip,
+        options.clip,
+        options.clip_low,
+        options.clip_high,
+        options.dual_clip,
+        options.log_ratio_cap,
+        options.agg,
+        options.dp_size,
+        tokens_value,
+        sequences_value,
+        options.loss_scale_factor,
+        backend,
+        need_grad,
+    )
+
+
+@torch.library.custom_op("kpo_kernels::kpo_loss", mutates_args=())
+def kpo_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    mask: Optional[Tensor],
+    is_weights: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    batch_num_tokens: Optional[Tensor],
+    global_batch_size: Optional[Tensor],
+    advantages_per_token: bool,
+    q: float,
+    r: float,
+    p0: float,
+    x0: float,
+    skip: bool,
+    clip: bool,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: Optional[float],
+    log_ratio_cap: Optional[float],
+    agg: str,
+    dp_size: int,
+    batch_num_tokens_value: Optional[float],
+    global_batch_size_value: Optional[float],
+    loss_scale_factor: Optional[float],
+    backend: str,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_cu_seqlens_values(cu_seqlens, log_prob.shape[0])
+    check_mask_values(mask)
+    batch = TokenBatch(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens, advantages_per_token)
+    options = LossOptions(
+        filter=_filter_options(q, r, p0, x0, skip),
+        clip=clip,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        log_ratio_cap=log_ratio_cap,
+        agg=agg,
+        dp_size=dp_size,
+        batch_num_tokens=batch_num_tokens if batch_num_tokens is not None else batch_num_tokens_value,
+        global_batch_size=global_batch_size if global_batch_size is not None else global_batch_size_value,
+        loss_scale_factor=loss_scale_factor,
+    )
+    impl = lookup(backend)
+    result = impl.loss_forward(batch, options, need_grad=need_grad)
+    grad = result.grad.contiguous() if result.grad is not None else log_prob.new_empty(0, dtype=impl.output_dtypes(log_prob.dtype)["grad"])
+    # Outputs are fresh tensors: some backends return loss and metrics as views of one buffer.
+    return result.loss.clone(), result.metrics.clone(), grad, result.row_scale.contiguous()
+
+
+@kpo_loss.register_fake
+def _(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens, *args):
+    backend, need_grad = args[-2], args[-1]
+    dtypes = lookup(backend).output_dtypes(log_prob.dtype)
+    sequences = log_prob.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    loss = log_prob.new_empty((), dtype=dtypes["loss"])
+    metrics = log_prob.new_empty((len(METRIC_NAMES),), dtype=dtypes["loss"])
+    grad = log_prob.new_empty(log_prob.shape if need_grad else (0,), dtype=dtypes["grad"])
+    row_scale = log_prob.new_empty((sequences,), dtype=dtypes["row_scale"])
+    return loss, metrics, grad, row_scale
+
+
+@torch.library.custom_op("kpo_kernels::kpo_loss_backward", mutates_args=())
+def kpo_loss_backward(
+    grad: Tensor, row_scale: Tensor, grad_output: Tensor, cu_seqlens: Optional[Tensor], dtype: torch.dtype, backend: str
+) -> Tensor:
+    return lookup(backend).loss_backward(grad, row_scale, grad_output, cu_seqlens, dtype).contiguous()
+
+
+@kpo_loss_backward.register_fake
+def _(grad, row_scale, grad_output, cu_seqlens, dtype, backend):
+    return grad.new_empty(grad.shape, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- vmap
+
+
+def _refuse_vmap(info, in_dims, *args):
+    raise NotImplementedError(VMAP_MESSAGE)
+
+
+for _op in ("kpo_kernels::kalman_filter", "kpo_kernels::kpo_loss", "kpo_kernels::kpo_loss_backward"):
+    torch.library.register_vmap(_op, _refuse_vmap)
