@@ -178,7 +178,8 @@ def kpo_loss(
     impl.check_options(options.filter)
     need_grad = torch.is_grad_enabled() and log_prob.requires_grad
     arguments = ops.loss_arguments(batch, options, backend_key(impl), need_grad)
-    loss, metric_vector, _, _ = _KPOLossFunction.apply(*arguments)
+    run = _KPOLossFunction.apply if need_grad else torch.ops.kpo_kernels.kpo_loss
+    loss, metric_vector, _, _ = run(*arguments)
     return loss, dict(zip(METRIC_NAMES, metric_vector.unbind()))
 
 

@@ -1,18 +1,21 @@
 """Which backend runs a call, and the string keys by which the custom ops find it again.
 
-Custom ops take no Python objects, so a backend crosses the op boundary as a key: built-in
-backends as their settings (the same settings give the same key, which keeps compiled graphs
-reusable), any other `Backend` instance by identity, kept alive here.
+Custom ops take no Python objects, so a backend crosses the op boundary as a string key:
+built-in backends as their settings (the same settings give the same key, which keeps compiled
+graphs reusable), any other `Backend` object by identity (base.INSTANCES).
 """
+
+import functools
 
 import torch
 
 from .backends import Backend, TorchBackend, TritonBackend
+from .backends.base import INSTANCES
 from .backends.triton_backend import triton_import_error
 
 BACKEND_NAMES = ("auto", "torch", "triton")
-
-_BY_KEY = {}
+# The backends that names stand for, made once, here (not inside a compiled region).
+_BY_NAME = {"torch": TorchBackend(), "triton": TritonBackend()}
 
 
 def check_backend_argument(backend):
@@ -26,15 +29,15 @@ def resolve_backend(backend, device, dtype):
     if isinstance(backend, Backend):
         chosen = backend
     elif backend == "torch":
-        chosen = TorchBackend()
+        chosen = _BY_NAME["torch"]
     elif backend == "triton":
         if triton_import_error() is not None:
             raise ValueError(f"backend='triton' needs Triton, which failed to import: {triton_import_error()}")
-        chosen = TritonBackend()
+        chosen = _BY_NAME["triton"]
     else:
         # float64 inputs stay in float64 on the torch backend; Triton computes in float32.
         auto_triton = device.type == "cuda" and dtype != torch.float64 and triton_import_error() is None
-        chosen = TritonBackend() if auto_triton else TorchBackend()
+        chosen = _BY_NAME["triton" if auto_triton else "torch"]
     reason = chosen.unavailable_reason(device)
     if reason is not None:
         raise ValueError(f"backend={chosen.name!r} cannot run here: {reason}")
@@ -42,15 +45,27 @@ def resolve_backend(backend, device, dtype):
 
 
 def backend_key(impl):
-    """The key of a backend object (registered, so that `lookup` finds it)."""
-    key = impl.key()
-    _BY_KEY.setdefault(key, impl)
-    return key
+    """The string by which a backend crosses the custom-op boundary (see `lookup`)."""
+    return impl.key()
+
+
+@functools.lru_cache(maxsize=None)
+def _built_in(key):
+    if key == "torch":
+        return TorchBackend()
+    kind, block, tile, warps, poison = key.split(":")
+    if kind != "triton":
+        raise ValueError(f"unknown kpo_kernels backend key {key!r}")
+    number = lambda text: None if text == "None" else int(text)  # noqa: E731
+    return TritonBackend(block_size=number(block), tile_size=number(tile), num_warps=number(warps), poison=poison == "1")
 
 
 def lookup(key):
-    """The backend a key names."""
-    impl = _BY_KEY.get(key)
-    if impl is None:
-        raise ValueError(f"unknown kpo_kernels backend key {key!r}")
-    return impl
+    """The backend a key names: a built-in backend rebuilt from its settings (cached), or any
+    other Backend object, found by identity while it is alive."""
+    impl = INSTANCES.get(key)
+    if impl is not None:
+        return impl
+    if "@" in key:
+        raise ValueError(f"the backend object {key!r} no longer exists")
+    return _built_in(key)

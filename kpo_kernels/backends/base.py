@@ -1,6 +1,7 @@
 """The interface every backend implements (the choice of backend for a call: `kpo_kernels.dispatch`)."""
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,10 +24,20 @@ class LossForward:
     row_scale: torch.Tensor
 
 
+# Every Backend object by its instance key, so that the custom ops find a backend they were
+# handed by key (kpo_kernels.dispatch). Registered at construction: outside any compiled region.
+INSTANCES = weakref.WeakValueDictionary()
+
+
 class Backend:
     """A way to compute the filter and the loss. Subclasses implement the three methods."""
 
     name = "abstract"
+
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls)
+        INSTANCES[self.instance_key()] = self
+        return self
 
     def unavailable_reason(self, device):
         """None if this backend can run on tensors of `device`, else why not (for the error)."""
@@ -63,7 +74,11 @@ class Backend:
         return dict.fromkeys(("filter", "loss", "grad", "row_scale"), torch.float32)
 
     def key(self):
-        """A string that identifies this backend and its settings (`dispatch.backend_key`)."""
+        """A string that identifies this backend and its settings (`dispatch.lookup` turns it
+        back into a backend). Built-in backends: their settings; others: the object itself."""
+        return self.instance_key()
+
+    def instance_key(self):
         return f"{type(self).__module__}.{type(self).__qualname__}@{id(self):x}"
 
 
