@@ -5,8 +5,8 @@
 At training micro-batch sizes the loss's device work is microseconds, so what a call costs is
 decided by the host: Python checks, op dispatch, kernel launches. For each shape (B = 8, T = 256
 and B = 64, T = 4096) this prints the wall time per call of the eager step and of the compiled
-step (torch.compile(fullgraph=True)), and on a GPU also the device time of the eager step (CUDA
-events around the kernels, measured with the host far ahead) and the wall time of a CUDA-graph
+step (its forward under torch.compile(fullgraph=True)), and on a GPU also the device time of the
+eager step (CUDA events around calls queued back to back) and the wall time of a CUDA-graph
 replay of the same step. On a CPU there is no separate device: wall time is all there is, and
 the figures show what compiling saves of the Python around the ops.
 """
