@@ -10,6 +10,7 @@
 # files directly under $OUT (a new /tmp/gpu_check.* folder when OUT is unset), nothing else there:
 #
 #   run.log             environment (nvidia-smi, versions), each stage's progress and output
+#                       (the host overhead per call of benchmarks/overhead.py among them)
 #   tests.log           python3 -m pytest on CUDA, Triton compiled natively (no interpreter)
 #   results.json        the full sweep (python -m kpo_kernels --full): rows, each with `impl`
 #   results.md          the same as a markdown table, with issue 4's GPU goals as measured
@@ -118,6 +119,9 @@ stage sweep 180 $PY -m kpo_kernels "${SWEEP[@]}" --json "$OUT/results.json" --ma
 if [ -s "$OUT/results.json" ] && [ ! -s "$OUT/accuracy_and_time.png" ]; then  # stopped part-way: render what was measured
     stage report 30 $PY -m kpo_kernels.bench.report "$OUT/results.json" --markdown "$OUT/results.md" --plot "$OUT/accuracy_and_time.png" --goals
 fi
+
+# ---------------------------------------------------------------- 2b. host overhead per call (eager, compiled, CUDA graph), into run.log
+stage overhead 40 $PY -m benchmarks.overhead --repeats 50
 
 # ---------------------------------------------------------------- 3. compute-sanitizer memcheck
 find_sanitizer() {
