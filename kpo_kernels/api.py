@@ -8,6 +8,7 @@ step traces them without graph breaks.
 import inspect
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from . import ops
 from .backends import expand_rows
@@ -110,6 +111,17 @@ class _KPOLossFunction(torch.autograd.Function):
         raise NotImplementedError(ops.VMAP_MESSAGE)
 
 
+def _needs_autograd(log_prob):
+    """Whether the loss must go through autograd: log_prob requires grad, or it carries a
+    forward-mode tangent or a torch.func transform (which the autograd.Function refuses or
+    serves; the bare op would give a silent zero derivative)."""
+    if torch.is_grad_enabled() and log_prob.requires_grad:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.is_functorch_wrapped_tensor(log_prob) or forward_ad.unpack_dual(log_prob).tangent is not None
+
+
 def prepare(length, *, q=1e-6, r=1.0, p0=0.0, device="cuda", backend="auto"):
     """Build the gain tables that calls with sequences of up to `length` tokens and these
     (q, r, p0) will read, on `device`, for the backend that `backend` picks there (float32 and
@@ -176,7 +188,7 @@ def kpo_loss(
     check_count_devices(options, batch.device)
     impl = resolve_backend(backend, batch.device, log_prob.dtype)
     impl.check_options(options.filter)
-    need_grad = torch.is_grad_enabled() and log_prob.requires_grad
+    need_grad = _needs_autograd(log_prob)
     arguments = ops.loss_arguments(batch, options, backend_key(impl), need_grad)
     run = _KPOLossFunction.apply if need_grad else torch.ops.kpo_kernels.kpo_loss
     loss, metric_vector, _, _ = run(*arguments)

@@ -602,3 +602,16 @@ def test_clip_bounds_beyond_float32_never_bind_on_either_backend(backend, clip):
 def test_block_sizes_beyond_tritons_limit_are_refused_at_construction():
     with pytest.raises(ValueError, match="block_size"):
         kpo_kernels.TritonBackend(block_size=2**21)
+
+def test_forward_mode_is_refused_not_silently_zero(backend):
+    """A tangent through log_prob without requires_grad must not come back as 0."""
+    import torch.autograd.forward_ad as forward_ad
+
+    batch = make_batch(2, 8, layout="right", seed=1, device=DEVICE)
+    rest = {k: v for k, v in batch.items() if k != "log_prob"}
+    with pytest.raises(NotImplementedError, match="forward mode"):
+        torch.func.jvp(lambda x: kpo_kernels.kpo_loss(x, **rest, backend=backend)[0], (batch["log_prob"],), (torch.ones_like(batch["log_prob"]),))
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(batch["log_prob"], torch.ones_like(batch["log_prob"]))
+        with pytest.raises(NotImplementedError, match="forward mode"):
+            kpo_kernels.kpo_loss(dual, **rest, backend=backend)
