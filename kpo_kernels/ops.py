@@ -70,14 +70,17 @@ def loss_arguments(batch, options, backend, need_grad):
     def count(value):  # (device tensor, Python value): one of them is None
         return (value, None) if isinstance(value, torch.Tensor) else (None, value)
 
+    def constant(tensor):  # only log_prob is differentiated (spec section 3)
+        return None if tensor is None else tensor.detach()
+
     tokens_tensor, tokens_value = count(options.batch_num_tokens)
     sequences_tensor, sequences_value = count(options.global_batch_size)
     return (
         batch.log_prob,
-        batch.old_log_prob,
-        batch.advantages,
+        constant(batch.old_log_prob),
+        constant(batch.advantages),
         batch.mask,
-        batch.is_weights,
+        constant(batch.is_weights),
         batch.cu_seqlens,
         tokens_tensor,
         sequences_tensor,
