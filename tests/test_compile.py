@@ -146,22 +146,23 @@ _LOSS_DEFAULTS = {
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_opcheck_every_op(backend_name):
-    """Schema, fake implementation (shapes, dtypes, strides) and dispatch of every op."""
+    """Schema, fake implementation (shapes, dtypes, strides), autograd registration and AOT
+    dispatch with dynamic shapes of every op (the ops' autograd is the Function on top: the loss
+    op is checked on inputs that do not require grad)."""
     backend = kpo_kernels.dispatch.resolve_backend(_backend(backend_name), DEVICE, torch.float32)
     key = kpo_kernels.dispatch.backend_key(backend)
-    # The loss op is checked without its autograd (that lives in an autograd.Function on top).
     for args in _op_samples(backend):
         args = (args[0].detach(),) + args[1:]
-        torch.library.opcheck(torch.ops.kpo_kernels.kpo_loss.default, args, test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.kpo_kernels.kpo_loss.default, args)
         _, _, grad, row_scale = torch.ops.kpo_kernels.kpo_loss(*args)
         backward_args = (grad, row_scale, torch.tensor(1.5, device=DEVICE), args[5], torch.float32, key)
-        torch.library.opcheck(torch.ops.kpo_kernels.kpo_loss_backward.default, backward_args, test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.kpo_kernels.kpo_loss_backward.default, backward_args)
     for packed in (False, True):
         batch, _ = _inputs("default", packed)
         z = batch["log_prob"] - batch["old_log_prob"]
         for mask_mode_skip in (True, False):
             args = (z, batch["mask"], batch.get("cu_seqlens"), 1e-2, 1.0, 0.0, 0.0, mask_mode_skip, key)
-            torch.library.opcheck(torch.ops.kpo_kernels.kalman_filter.default, args, test_utils=("test_schema", "test_faketensor"))
+            torch.library.opcheck(torch.ops.kpo_kernels.kalman_filter.default, args)
 
 
 def test_value_checks_run_inside_the_ops_under_compile():
