@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..gains import gain_tables
+from ..innovation import variance_ratio_tables
 from ..options import KL_CLAMP
 from .base import Backend, LossForward, log1p_neg
 from . import aggregation
@@ -138,6 +139,35 @@ class _Rows:
     def scale(self, grad, row_scale):
         return grad * row_scale[:, None]
 
+    def table_length(self, z):
+        return self.horizon
+
+    def per_observation(self, table, valid, skip):
+        """A per-observation table (indexed like the gains) at every token: (T,) shared by the
+        rows when the index is the position, else (B, T)."""
+        if not skip or _is_prefix(valid):
+            return _gain_lookup(table, torch.arange(self.horizon, device=valid.device))
+        return _gain_lookup(table, torch.cumsum(valid, dim=-1).sub_(1))
+
+    def previous_state(self, x, x0):
+        """The state before each token (x0 before the first)."""
+        before = torch.empty_like(x)
+        before[:, :1] = x0
+        before[:, 1:] = x[:, :-1]
+        return before
+
+    def previous_valid(self, valid, *values):
+        """(has, values at the previous valid token of the row): has is True at valid tokens
+        with an earlier valid token in their row."""
+        if _is_prefix(valid):  # the previous valid token is the previous token
+            has = F.pad(valid[:, 1:], (1, 0))
+            return has, [F.pad(v[:, :-1], (1, 0)) for v in values]
+        index = torch.where(valid, torch.arange(self.horizon, device=valid.device), -1)
+        last = F.pad(torch.cummax(index, dim=-1).values[:, :-1], (1, 0), value=-1)
+        has = valid & (last >= 0)
+        last.clamp_(min=0)
+        return has, [torch.gather(v, 1, last) for v in values]
+
 
 class _Packed:
     """A packed (N,) stream of sequences delimited by cu_seqlens (S + 1,)."""
@@ -196,6 +226,28 @@ class _Packed:
     def scale(self, grad, row_scale):
         return grad * row_scale[self.seq]
 
+    def table_length(self, z):
+        return self.longest
+
+    def per_observation(self, table, valid, skip):
+        """A per-observation table (indexed like the gains) at every token."""
+        if skip:
+            return _gain_lookup(table, self._running(valid).sub_(1))
+        return _gain_lookup(table, self.pos)
+
+    def previous_state(self, x, x0):
+        """The state before each token (x0 before the first of each sequence)."""
+        before = F.pad(x[:-1], (1, 0))
+        return before.masked_fill_(self.pos == 0, x0)
+
+    def previous_valid(self, valid, *values):
+        """(has, values at the previous valid token of the same sequence)."""
+        index = torch.where(valid, torch.arange(valid.shape[0], device=valid.device), -1)
+        last = F.pad(torch.cummax(index, dim=0).values[:-1], (1, 0), value=-1)
+        has = valid & (last >= self.cu_seqlens[self.seq])
+        last.clamp_(min=0)
+        return has, [v[last] for v in values]
+
 
 class TorchBackend(Backend):
     name = "torch"
@@ -221,10 +273,12 @@ class TorchBackend(Backend):
         valid_f = valid.to(dtype)
         z = batch.log_prob.to(COMPUTE, copy=True).sub_(batch.old_log_prob).masked_fill_(invalid, 0.0)
         x = layout.filter(z, valid, options.filter)
+        diagnostics = _innovation_terms(layout, z, x, valid, options.filter)
 
         capped = None
         if options.log_ratio_cap is not None:
             capped = x > options.log_ratio_cap
+            diagnostics["capped"] = capped & valid
             x.clamp_(max=options.log_ratio_cap)
         rt = x.to(dtype, copy=True).mul_(valid_f).exp_()  # filtered ratio; 1 at invalid tokens
 
@@ -240,9 +294,10 @@ class TorchBackend(Backend):
         if options.clip:
             clipped_loss = torch.clamp(rt, *_bounds(1 - options.clip_low, 1 + options.clip_high, dtype)).mul_(neg_adv)
             torch.maximum(token_loss, clipped_loss, out=token_loss)
-            clipped = ((x > math.log1p(options.clip_high)) & (neg_adv < 0)) | (
-                (x < log1p_neg(options.clip_low)) & (neg_adv > 0)
-            )
+            clipped_high = (x > math.log1p(options.clip_high)) & (neg_adv < 0)
+            clipped_low = (x < log1p_neg(options.clip_low)) & (neg_adv > 0)
+            diagnostics["clipped_high"], diagnostics["clipped_low"] = clipped_high & valid, clipped_low & valid
+            clipped = clipped_high | clipped_low
             frozen = clipped if frozen is None else frozen | clipped
         if options.dual_clip is not None:
             negative = neg_adv > 0
@@ -262,6 +317,7 @@ class TorchBackend(Backend):
             log_ratio=z.clamp(-KL_CLAMP, KL_CLAMP),  # ppo_kl as verl computes it
             ratio=rt,
             raw_ratio=z.to(dtype, copy=True).exp_(),
+            diagnostics=diagnostics,
         )
         row_scale, loss, metrics = aggregation.finalize(stats, options, layout.horizon)
         grad = None
@@ -273,3 +329,40 @@ class TorchBackend(Backend):
 
     def loss_backward(self, saved, grad_output, dtype):
         return saved.layout.scale(saved.grad, grad_output.to(saved.row_scale.dtype) * saved.row_scale).to(dtype)
+
+
+def _opposite(a, b):
+    """Strictly opposite signs (a zero or a NaN flips nothing); exact, unlike a * b < 0."""
+    return ((a > 0) & (b < 0)) | ((a < 0) & (b > 0))
+
+
+def innovation_terms(layout, z, x, valid, options):
+    """(scored, e^2 / S, log S) per token of a filtered batch (float64; spec section 5b).
+
+    z: observations (0 where invalid); x: the filtered states (carried over invalid tokens).
+    e = z - xhat_before, S = R / w with w = 1 - K of the token's observation
+    (innovation.variance_ratio_schedule). scored: valid tokens with a finite S. The terms are
+    0 where not scored; log S may be a (T,) row shared by every row.
+    """
+    table = variance_ratio_tables.get(layout.table_length(z), options.q, options.r, options.p0, z.device, COMPUTE)
+    w = layout.per_observation(table, valid, options.skip)
+    scored = valid & (w > 0)
+    nis = z - layout.previous_state(x, options.x0)
+    nis.square_().mul_(w).div_(options.r).masked_fill_(~scored, 0.0)
+    log_s = w.log().neg_().add_(math.log(options.r))
+    return scored, nis, log_s
+
+
+def _innovation_terms(layout, z, x, valid, options):
+    """The per-token terms of the diagnostic statistics but the clip and cap counts."""
+    scored, nis, log_s = innovation_terms(layout, z, x, valid, options)
+    log_likelihood = (log_s + math.log(2 * math.pi)).add(nis).mul_(-0.5).masked_fill_(~scored, 0.0)
+    has, (z_prev, x_prev) = layout.previous_valid(valid, z, x)
+    return {
+        "innovation_tokens": scored,
+        "nis_sum": nis,
+        "log_likelihood_sum": log_likelihood,
+        "sign_flip_pairs": has,
+        "sign_flips_raw": has & _opposite(z_prev, z),
+        "sign_flips_filtered": has & _opposite(x_prev, x),
+    }
