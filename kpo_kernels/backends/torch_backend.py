@@ -159,6 +159,8 @@ class _Rows:
     def previous_valid(self, valid, *values):
         """(has, values at the previous valid token of the row): has is True at valid tokens
         with an earlier valid token in their row."""
+        if valid.shape[-1] == 0:
+            return valid.clone(), [v.clone() for v in values]
         if _is_prefix(valid):  # the previous valid token is the previous token
             has = F.pad(valid[:, 1:], (1, 0))
             return has, [F.pad(v[:, :-1], (1, 0)) for v in values]
@@ -237,11 +239,15 @@ class _Packed:
 
     def previous_state(self, x, x0):
         """The state before each token (x0 before the first of each sequence)."""
+        if x.numel() == 0:
+            return x.clone()
         before = F.pad(x[:-1], (1, 0))
         return before.masked_fill_(self.pos == 0, x0)
 
     def previous_valid(self, valid, *values):
         """(has, values at the previous valid token of the same sequence)."""
+        if valid.shape[0] == 0:
+            return valid.clone(), [v.clone() for v in values]
         index = torch.where(valid, torch.arange(valid.shape[0], device=valid.device), -1)
         last = F.pad(torch.cummax(index, dim=0).values[:-1], (1, 0), value=-1)
         has = valid & (last >= self.cu_seqlens[self.seq])

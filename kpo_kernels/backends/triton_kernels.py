@@ -535,7 +535,7 @@ def kpo_loss_fwd_kernel(
         scored = valid & (w > 0.0)  # S finite: all but a diffuse prior's first observation
         nis = e * e * w * inv_r
         nis_sum += tl.where(scored, nis, 0.0)
-        ll_sum += tl.where(scored, -0.5 * (log_2pi_r - tl.log(w) + nis), 0.0)
+        ll_sum += tl.where(scored, -0.5 * (log_2pi_r - tl.log(tl.where(scored, w, 1.0)) + nis), 0.0)
         # Sign flips against the previous valid token of the sequence: the latest valid code
         # before each lane, from this block's scan or, before the block's first, the carry.
         code = _sign_code(z, x, valid)
