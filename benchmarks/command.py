@@ -6,8 +6,10 @@ import time
 from collections import OrderedDict
 
 import kpo_kernels
+from kpo_kernels.noise_report import noise_section
 
 from . import report
+from .data import noise_generator, rl_batch
 from .harness import (
     DTYPES,
     FILTER_TOL,
@@ -154,6 +156,8 @@ def run_command(args):
     if args.plot:
         report.plot_time_vs_tokens(rows, args.plot)
         print(f"wrote {args.plot}")
+
+    noise_section(rl_batch(64, 4096, device=device, seed=args.seed), noise_generator())
 
     failed = [r for r in rows if r.get("check") == "fail"]
     if failed:

@@ -187,3 +187,23 @@ def test_bad_data():
     bad[1, 3] = math.inf
     with pytest.raises(ValueError, match="finite"):
         kpo_kernels.fit_noise(bad, mask)
+
+
+def test_noise_section_of_the_main_command():
+    """The section prints the fits against the generator and the diagnostics at both noises;
+    at the fitted (Q, R) nis_mean is 1 by construction of R_hat."""
+    import io
+
+    from kpo_kernels.noise_report import Generator, noise_section
+
+    z, mask = simulate(8, 300, 500, 1e-4, 0.01, 13)
+    z = torch.where(mask, z, 0.0)
+    batch = {"log_prob": z, "old_log_prob": torch.zeros_like(z), "advantages": torch.randn(8, dtype=torch.float64), "mask": mask}
+    text = io.StringIO()
+    result = noise_section(batch, Generator("random walk Q = 1e-4, R = 0.01", q=1e-4, r=0.01), out=text)
+    printed = text.getvalue()
+    assert "Q = 0.0001, R = 0.01" in printed and "diffuse prior" in printed
+    for name in ("nis_mean", "log_likelihood", "sign_flip_raw", "sign_flip_filtered", "clipfrac_high", "capfrac"):
+        assert name in printed
+    assert result["fitted"]["nis_mean"] == pytest.approx(1.0, rel=1e-5)
+    assert abs(result["fit_p0_0"].ratio / 1e-2 - 1) < 0.35
