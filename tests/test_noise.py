@@ -207,3 +207,17 @@ def test_noise_section_of_the_main_command():
         assert name in printed
     assert result["fitted"]["nis_mean"] == pytest.approx(1.0, rel=1e-5)
     assert abs(result["fit_p0_0"].ratio / 1e-2 - 1) < 0.35
+
+
+def test_readme_choosing_q_and_r_snippets_run():
+    """Every Python snippet of the README's "Choosing Q and R" section runs as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Choosing Q and R") :]
+    section = section[: section.index("\n## ", 3)]
+    snippets = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert snippets
+    for code in snippets:
+        exec(compile(code, "README.md", "exec"), {})

@@ -42,9 +42,8 @@ def row_stats(*, valid, token_loss, clipped, clipped_lower, log_ratio, ratio, ra
     Tokens are (B, T) rows, or a packed (N,) stream with segments = (sum, max), functions
     reducing a per-token tensor to its sequences. valid: the mask as 0/1 floats. token_loss must
     be 0 at invalid tokens; the other quantities must be finite there (flags bool or None,
-    ratios positive): they are masked by the mask. diagnostics: the per-token terms of the
-    diagnostic columns (name -> tensor, already 0 where they do not count; flags bool), summed
-    as they are; a column without a term is 0.
+    ratios positive): they are masked by the mask. diagnostics: the diagnostic columns, already
+    reduced per sequence (name -> (S,) tensor); a column not given is 0.
     """
     dtype = token_loss.dtype
     if segments is None:
@@ -83,7 +82,7 @@ def row_stats(*, valid, token_loss, clipped, clipped_lower, log_ratio, ratio, ra
     }
     for name in STAT_NAMES[STAT_NAMES.index("innovation_tokens"):]:
         term = None if diagnostics is None else diagnostics.get(name)
-        columns[name] = none if term is None else plain_sum(term.to(dtype))
+        columns[name] = none if term is None else term.to(dtype)
     return torch.stack([columns[name] for name in STAT_NAMES], dim=-1)
 
 

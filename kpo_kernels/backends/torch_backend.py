@@ -145,23 +145,48 @@ class _Rows:
     def per_observation(self, table, valid, skip):
         """A per-observation table (indexed like the gains) at every token: (T,) shared by the
         rows when the index is the position, else (B, T)."""
-        if not skip or _is_prefix(valid):
+        if not skip or self.prefix(valid):
             return _gain_lookup(table, torch.arange(self.horizon, device=valid.device))
         return _gain_lookup(table, torch.cumsum(valid, dim=-1).sub_(1))
 
-    def previous_state(self, x, x0):
-        """The state before each token (x0 before the first)."""
-        before = torch.empty_like(x)
-        before[:, :1] = x0
-        before[:, 1:] = x[:, :-1]
-        return before
+    def row_sum(self, values):
+        return values.sum(-1)
+
+    def count(self, flags):
+        """Per row, the number of True flags (without a (B, T) int64 copy)."""
+        return flags.view(torch.uint8).sum(-1, dtype=torch.int64)
+
+    def prefix(self, valid):
+        """_is_prefix(valid), asked once per batch."""
+        if getattr(self, "_prefix", None) is None:
+            self._prefix = _is_prefix(valid)
+        return self._prefix
+
+    def innovation(self, z, x, x0):
+        """z minus the state before each token (x0 before the first), a new tensor."""
+        e = torch.empty_like(z)
+        torch.sub(z[:, :1], x0, out=e[:, :1])
+        torch.sub(z[:, 1:], x[:, :-1], out=e[:, 1:])
+        return e
+
+    def sign_flips(self, z, x, valid, tokens):
+        """Per row: (pairs of consecutive valid tokens, of those with z_prev z < 0, with
+        x_prev x < 0). z must be 0 at invalid tokens; tokens: valid tokens per row. The products
+        are float64: for float32 inputs (|z| >= 1e-45) they cannot underflow, so this is the
+        sign test exactly; for float64 only values below 1e-154 could be missed."""
+        if self.prefix(valid):  # consecutive valid tokens are neighbours: the pair (t - 1, t)
+            pairs = (tokens - 1).clamp_min_(0)  # counts iff t is valid
+            raw = self.count(z[:, 1:] * z[:, :-1] < 0)  # z = 0 at invalid tokens
+            return pairs, raw, self.count((x[:, 1:] * x[:, :-1] < 0) & valid[:, 1:])
+        has, (pz, px) = self.previous_valid(valid, z, x)
+        return self.count(has), self.count((pz * z < 0) & has), self.count((px * x < 0) & has)
 
     def previous_valid(self, valid, *values):
         """(has, values at the previous valid token of the row): has is True at valid tokens
         with an earlier valid token in their row."""
         if valid.shape[-1] == 0:
             return valid.clone(), [v.clone() for v in values]
-        if _is_prefix(valid):  # the previous valid token is the previous token
+        if self.prefix(valid):  # the previous valid token is the previous token
             has = F.pad(valid[:, 1:], (1, 0))
             return has, [F.pad(v[:, :-1], (1, 0)) for v in values]
         index = torch.where(valid, torch.arange(self.horizon, device=valid.device), -1)
@@ -237,6 +262,22 @@ class _Packed:
             return _gain_lookup(table, self._running(valid).sub_(1))
         return _gain_lookup(table, self.pos)
 
+    def row_sum(self, values):
+        return self._sum(values)
+
+    def count(self, flags):
+        return self._sum(flags.to(torch.int64))
+
+    def innovation(self, z, x, x0):
+        """z minus the state before each token (x0 before the first of its sequence)."""
+        return z - self.previous_state(x, x0)
+
+    def sign_flips(self, z, x, valid, tokens):
+        """Per sequence: (pairs of consecutive valid tokens, of those with strictly opposite
+        signs of z, of x)."""
+        has, (pz, px) = self.previous_valid(valid, z, x)
+        return self.count(has), self.count((pz * z < 0) & has), self.count((px * x < 0) & has)
+
     def previous_state(self, x, x0):
         """The state before each token (x0 before the first of each sequence)."""
         if x.numel() == 0:
@@ -279,12 +320,12 @@ class TorchBackend(Backend):
         valid_f = valid.to(dtype)
         z = batch.log_prob.to(COMPUTE, copy=True).sub_(batch.old_log_prob).masked_fill_(invalid, 0.0)
         x = layout.filter(z, valid, options.filter)
-        diagnostics = _innovation_terms(layout, z, x, valid, options.filter)
+        diagnostics = _diagnostic_columns(layout, z, x, valid, options.filter)
 
         capped = None
         if options.log_ratio_cap is not None:
             capped = x > options.log_ratio_cap
-            diagnostics["capped"] = capped & valid
+            diagnostics["capped"] = layout.count(capped & valid)
             x.clamp_(max=options.log_ratio_cap)
         rt = x.to(dtype, copy=True).mul_(valid_f).exp_()  # filtered ratio; 1 at invalid tokens
 
@@ -302,7 +343,8 @@ class TorchBackend(Backend):
             torch.maximum(token_loss, clipped_loss, out=token_loss)
             clipped_high = (x > math.log1p(options.clip_high)) & (neg_adv < 0)
             clipped_low = (x < log1p_neg(options.clip_low)) & (neg_adv > 0)
-            diagnostics["clipped_high"], diagnostics["clipped_low"] = clipped_high & valid, clipped_low & valid
+            diagnostics["clipped_high"] = layout.count(clipped_high & valid)
+            diagnostics["clipped_low"] = layout.count(clipped_low & valid)
             clipped = clipped_high | clipped_low
             frozen = clipped if frozen is None else frozen | clipped
         if options.dual_clip is not None:
@@ -337,11 +379,6 @@ class TorchBackend(Backend):
         return saved.layout.scale(saved.grad, grad_output.to(saved.row_scale.dtype) * saved.row_scale).to(dtype)
 
 
-def _opposite(a, b):
-    """Strictly opposite signs (a zero or a NaN flips nothing); exact, unlike a * b < 0."""
-    return ((a > 0) & (b < 0)) | ((a < 0) & (b > 0))
-
-
 def innovation_terms(layout, z, x, valid, options):
     """(scored, e^2 / S, log S) per token of a filtered batch (float64; spec section 5b).
 
@@ -353,22 +390,41 @@ def innovation_terms(layout, z, x, valid, options):
     table = variance_ratio_tables.get(layout.table_length(z), options.q, options.r, options.p0, z.device, COMPUTE)
     w = layout.per_observation(table, valid, options.skip)
     scored = valid & (w > 0)
-    nis = z - layout.previous_state(x, options.x0)
+    nis = layout.innovation(z, x, options.x0)
     nis.square_().mul_(w).div_(options.r).masked_fill_(~scored, 0.0)
     log_s = w.log().neg_().add_(math.log(options.r))
     return scored, nis, log_s
 
 
-def _innovation_terms(layout, z, x, valid, options):
-    """The per-token terms of the diagnostic statistics but the clip and cap counts."""
-    scored, nis, log_s = innovation_terms(layout, z, x, valid, options)
-    log_likelihood = (log_s + math.log(2 * math.pi)).add(nis).mul_(-0.5).masked_fill_(~scored, 0.0)
-    has, (z_prev, x_prev) = layout.previous_valid(valid, z, x)
+def _diagnostic_columns(layout, z, x, valid, options):
+    """Per-sequence sums of the diagnostic statistics but the clip and cap counts
+    (aggregation.STAT_NAMES), from the float64 observations z (0 where invalid) and states x."""
+    r = options.r
+    table = variance_ratio_tables.get(layout.table_length(z), options.q, r, options.p0, z.device, COMPUTE)
+    w = layout.per_observation(table, valid, options.skip)
+    shared = w.dim() < z.dim()  # one (T,) row of weights for every row
+    tokens = layout.count(valid)
+
+    e = layout.innovation(z, x, options.x0).masked_fill_(~valid, 0.0).square_()  # e^2, 0 where invalid
+    nis = (e @ w if shared else layout.row_sum(e.mul_(w))).div_(r)
+    log_s = w.log().neg_().add_(math.log(r)).masked_fill_(w == 0, 0.0)  # log S; 0 where S = inf
+    if shared and layout.prefix(valid):  # row b's tokens are observations 1..n_b: a prefix sum
+        prefix_sums = F.pad(torch.cumsum(log_s, 0), (1, 0))
+        log_s_sum = prefix_sums[tokens]
+    elif shared:
+        log_s_sum = valid.to(COMPUTE) @ log_s
+    else:
+        log_s_sum = layout.row_sum(log_s.masked_fill_(~valid, 0.0))
+    count = tokens
+    if math.isinf(options.p0):  # S = inf (w = 0) at each sequence's first observation: not scored
+        count = tokens - layout.count(valid & (w == 0))
+    count = count.to(COMPUTE)
+    pairs, flips_raw, flips_filtered = layout.sign_flips(z, x, valid, tokens)
     return {
-        "innovation_tokens": scored,
+        "innovation_tokens": count,
         "nis_sum": nis,
-        "log_likelihood_sum": log_likelihood,
-        "sign_flip_pairs": has,
-        "sign_flips_raw": has & _opposite(z_prev, z),
-        "sign_flips_filtered": has & _opposite(x_prev, x),
+        "log_likelihood_sum": (count * math.log(2 * math.pi)).add_(log_s_sum).add_(nis).mul_(-0.5),
+        "sign_flip_pairs": pairs,
+        "sign_flips_raw": flips_raw,
+        "sign_flips_filtered": flips_filtered,
     }
