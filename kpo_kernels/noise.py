@@ -219,15 +219,22 @@ class _Profile:
 
     def _metric_pass(self, filt):
         from .options import METRIC_NAMES
-        from .validation import check_loss_options
 
-        options = check_loss_options(
-            q=filt.q, r=1.0, p0=filt.p0, x0=filt.x0, mask_mode=filt.mask_mode, clip=False, clip_low=0.0,
-            clip_high=0.0, dual_clip=None, log_ratio_cap=None, agg="token-sum", dp_size=1, batch_num_tokens=None,
-            global_batch_size=None, loss_scale_factor=None,
-        )
-        metrics = dict(zip(METRIC_NAMES, self.impl.loss_forward(self.batch, options, need_grad=False).metrics.tolist()))
+        result = self.impl.loss_forward(self.batch, metric_pass_options(filt), need_grad=False)
+        metrics = dict(zip(METRIC_NAMES, result.metrics.tolist()))
         r_hat, tokens = metrics["nis_mean"], int(round(metrics["innovation_tokens"]))
         # log_likelihood = -0.5 (log(2 pi) + mean(log S) + mean(e^2 / S)) with R = 1
         mean_log_s = -2.0 * metrics["log_likelihood"] - math.log(2.0 * math.pi) - r_hat
         return r_hat, mean_log_s, tokens
+
+
+def metric_pass_options(filt):
+    """The loss options of a profile evaluation through a backend's loss kernel: unit R, no
+    clip, no cap, no gradient needed (the metrics are all that is read)."""
+    from .validation import check_loss_options
+
+    return check_loss_options(
+        q=filt.q, r=1.0, p0=filt.p0, x0=filt.x0, mask_mode=filt.mask_mode, clip=False, clip_low=0.0,
+        clip_high=0.0, dual_clip=None, log_ratio_cap=None, agg="token-sum", dp_size=1, batch_num_tokens=None,
+        global_batch_size=None, loss_scale_factor=None,
+    )
