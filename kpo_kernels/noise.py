@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from .backends.base import check_backend_argument, resolve_backend
+from .gains import MIN_RATIO
 from .options import MASK_MODES, FilterOptions, TokenBatch
 from .validation import _number, check_cu_seqlens, check_mask, check_tokens
 
@@ -105,6 +106,7 @@ def fit_noise(
     if backend == "auto":
         backend = "torch"
     impl = resolve_backend(backend, log_ratio.device, log_ratio.dtype)
+    impl.check_options(FilterOptions(q=low, r=1.0, p0=p0, x0=x0, mask_mode=mask_mode))
 
     with torch.no_grad():
         evaluate = _Profile(log_ratio.detach(), mask, cu_seqlens, mask_mode, p0, x0, impl)
@@ -147,8 +149,8 @@ def _check_range(q_range):
     if isinstance(q_range, (str, bytes)) or not hasattr(q_range, "__len__") or len(q_range) != 2:
         raise TypeError(f"q_range must be a pair (lowest, highest) of ratios Q / R, got {q_range!r}")
     low, high = (_number("q_range", value) for value in q_range)
-    if not 0 < low < high:
-        raise ValueError(f"q_range must satisfy 0 < lowest < highest, got {q_range!r}")
+    if not MIN_RATIO <= low < high:
+        raise ValueError(f"q_range must satisfy {MIN_RATIO:.4g} <= lowest < highest, got {q_range!r}")
     return low, high
 
 

@@ -81,7 +81,7 @@ def packed_case(seed):
     packed = {
         "log_prob": torch.cat([torch.where(mask[i, :n], padded["log_prob"][i, :n], math.nan) for i, n in enumerate(lengths)]),
         "old_log_prob": torch.cat([torch.where(mask[i, :n], padded["old_log_prob"][i, :n], math.inf) for i, n in enumerate(lengths)]),
-        "advantages": padded["advantages"],
+        "advantages": padded["advantages"][:, None],  # one per sequence
         "mask": torch.cat([mask[i, :n] for i, n in enumerate(lengths)]),
         "cu_seqlens": torch.tensor([0] + lengths).cumsum(0).to(torch.int32),
     }

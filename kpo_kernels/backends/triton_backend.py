@@ -295,13 +295,12 @@ class TritonBackend(Backend):
             self._addressable(t) for t in (batch.log_prob, batch.old_log_prob, batch.advantages, batch.mask, batch.is_weights)
         )
         ratios = variance_ratio_tables.get(tiling.longest, filt.q, filt.r, filt.p0, batch.device, torch.float32)
-        assert ratios.numel() == gains.numel()  # one index clamp (gains_last) serves both tables
         counts, aggregates = self._tile_passes(tiling, lp, old, mask, gains, filt, block, warps, latest=True)
         adv_per_token = batch.advantages_per_token
         adv_strides = self._strides(adv, varlen) if adv_per_token else (adv.stride(0), 0)
         kernels.kpo_loss_fwd_kernel[tiling.grid](
             lp, old, self._mask(mask) if mask is not None else lp, adv, weights if weights is not None else lp,
-            gains, gains.numel() - 1, ratios, *tiling.launch_args(), counts, aggregates, grad if grad is not None else stats, stats,
+            gains, gains.numel() - 1, ratios, ratios.numel() - 1, *tiling.launch_args(), counts, aggregates, grad if grad is not None else stats, stats,
             tiling.num_seqs, tiling.num_slots, tiling.width, tiling.tile_size, tiling.search_steps,
             *self._strides(lp, varlen), *self._strides(old, varlen), *self._strides(mask, varlen),
             *adv_strides, *self._strides(weights, varlen),

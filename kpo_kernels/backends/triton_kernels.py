@@ -87,8 +87,8 @@ NO_TOKEN = tl.constexpr(9)  # sign code of "no valid token yet"; see _sign_code
 @triton.jit
 def _variance_ratio(ratio_ptr, valid, pos, seen, last, SKIP: tl.constexpr):
     """w = R / S = 1 - K of each valid token's observation (innovation.py), indexed like its
-    gain (seen: observations before the block; indices clamped to the table's last entry, as
-    in _block_maps); 1 at other tokens (never used)."""
+    gain (seen: observations before the block; indices clamped to the table's last entry
+    `last`, as _block_maps clamps the gains); 1 at other tokens (never used)."""
     if SKIP:
         count = seen + tl.cumsum(valid.to(tl.int32), 0)
         return tl.load(ratio_ptr + tl.minimum(count - 1, last), mask=valid, other=1.0)
@@ -446,6 +446,7 @@ def kpo_loss_fwd_kernel(
     gains_ptr,
     gains_last,
     ratio_ptr,
+    ratio_last,
     cu_seqlens_ptr,
     tile_offsets_ptr,
     counts_ptr,
@@ -525,7 +526,7 @@ def kpo_loss_fwd_kernel(
         in_bounds = pos < tile_end
         valid = _load_valid(mask_row, stride_mask_tok, pos, in_bounds, HAS_MASK)
         z = _load_log_ratio(lp_row, old_row, stride_lp_tok, stride_old_tok, pos, valid, True)
-        w = _variance_ratio(ratio_ptr, valid, pos, seen, gains_last, SKIP)
+        w = _variance_ratio(ratio_ptr, valid, pos, seen, ratio_last, SKIP)
         c, b, seen = _block_maps(z, valid, in_bounds, pos, gains_ptr, gains_last, seen, SKIP)
         x = state - c * state + b
 
