@@ -154,7 +154,7 @@ class _Rows:
 
     def count(self, flags):
         """Per row, the number of True flags (without a (B, T) int64 copy)."""
-        return flags.view(torch.uint8).sum(-1, dtype=torch.int64)
+        return flags.view(torch.uint8).sum(-1, dtype=torch.int32)
 
     def prefix(self, valid):
         """_is_prefix(valid), asked once per batch."""
@@ -170,14 +170,14 @@ class _Rows:
         return e
 
     def sign_flips(self, z, x, valid, tokens):
-        """Per row: (pairs of consecutive valid tokens, of those with z_prev z < 0, with
-        x_prev x < 0). z must be 0 at invalid tokens; tokens: valid tokens per row. The products
-        are float64: for float32 inputs (|z| >= 1e-45) they cannot underflow, so this is the
-        sign test exactly; for float64 only values below 1e-154 could be missed."""
+        """Per row: (pairs of consecutive valid tokens, of those with strictly opposite signs
+        of z (z_prev z < 0), of x). z must be 0 at invalid tokens; tokens: valid tokens per row.
+        Holes: the products of the values at the previous valid token are float64, which cannot
+        underflow for float32 inputs (|z| >= 1e-45); for float64 ones only below 1e-154."""
         if self.prefix(valid):  # consecutive valid tokens are neighbours: the pair (t - 1, t)
             pairs = (tokens - 1).clamp_min_(0)  # counts iff t is valid
-            raw = self.count(z[:, 1:] * z[:, :-1] < 0)  # z = 0 at invalid tokens
-            return pairs, raw, self.count((x[:, 1:] * x[:, :-1] < 0) & valid[:, 1:])
+            raw = self.count(_opposite(z))  # z = 0 at invalid tokens: no flip there
+            return pairs, raw, self.count(_opposite(x).logical_and_(valid[:, 1:]))
         has, (pz, px) = self.previous_valid(valid, z, x)
         return self.count(has), self.count((pz * z < 0) & has), self.count((px * x < 0) & has)
 
@@ -189,10 +189,11 @@ class _Rows:
         if self.prefix(valid):  # the previous valid token is the previous token
             has = F.pad(valid[:, 1:], (1, 0))
             return has, [F.pad(v[:, :-1], (1, 0)) for v in values]
-        index = torch.where(valid, torch.arange(self.horizon, device=valid.device), -1)
-        last = F.pad(torch.cummax(index, dim=-1).values[:, :-1], (1, 0), value=-1)
-        has = valid & (last >= 0)
-        last.clamp_(min=0)
+        # cummax of the mask: the value says whether a valid token came yet, the index (the
+        # latest of tied maxima) which one was the last.
+        seen, index = torch.cummax(valid.view(torch.uint8), dim=-1)
+        has = valid & F.pad(seen[:, :-1], (1, 0)).bool()
+        last = F.pad(index[:, :-1], (1, 0))
         return has, [torch.gather(v, 1, last) for v in values]
 
 
@@ -377,6 +378,13 @@ class TorchBackend(Backend):
 
     def loss_backward(self, saved, grad_output, dtype):
         return saved.layout.scale(saved.grad, grad_output.to(saved.row_scale.dtype) * saved.row_scale).to(dtype)
+
+
+def _opposite(v):
+    """(B, T - 1): v[:, t] and v[:, t + 1] have strictly opposite signs (0 and NaN: neither),
+    with byte-sized temporaries."""
+    positive, negative = v > 0, v < 0
+    return (positive[:, :-1] & negative[:, 1:]).logical_or_(negative[:, :-1] & positive[:, 1:])
 
 
 def innovation_terms(layout, z, x, valid, options):
