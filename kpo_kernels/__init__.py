@@ -2,6 +2,7 @@
 
 from .api import KPOLoss, kalman_filter, kalman_gains, kpo_loss, prepare
 from .backends import Backend, TorchBackend, TritonBackend
+from .noise import NoiseFit, fit_noise
 from .options import AGG_MODES, MASK_MODES, METRIC_NAMES
 
 __version__ = "0.1.0"
@@ -12,8 +13,10 @@ __all__ = [
     "KPOLoss",
     "MASK_MODES",
     "METRIC_NAMES",
+    "NoiseFit",
     "TorchBackend",
     "TritonBackend",
+    "fit_noise",
     "kalman_filter",
     "kalman_gains",
     "kpo_loss",

@@ -27,6 +27,16 @@ METRIC_NAMES = (
     "raw_ratio_mean",
     "raw_ratio_max",
     "num_tokens",
+    # What the filter sees (spec section 5b; README "Choosing Q and R" defines each one).
+    "nis_mean",
+    "log_likelihood",
+    "sign_flip_raw",
+    "sign_flip_filtered",
+    "clipfrac_high",
+    "clipfrac_low",
+    "capfrac",
+    "innovation_tokens",  # the denominator of nis_mean and log_likelihood
+    "sign_flip_pairs",  # the denominator of the sign-flip rates
 )
 
 

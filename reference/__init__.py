@@ -3,7 +3,18 @@
 Shares no code with `kpo_kernels`; the mathematics is described in README.md.
 """
 
+from .diagnostics import diagnostics, innovation_log_likelihood, innovations, profile
 from .filter import kalman_filter, kalman_gains
 from .loss import AGG_MODES, aggregate, kpo_loss
 
-__all__ = ["AGG_MODES", "aggregate", "kalman_filter", "kalman_gains", "kpo_loss"]
+__all__ = [
+    "AGG_MODES",
+    "aggregate",
+    "diagnostics",
+    "innovation_log_likelihood",
+    "innovations",
+    "kalman_filter",
+    "kalman_gains",
+    "kpo_loss",
+    "profile",
+]

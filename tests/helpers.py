@@ -98,7 +98,29 @@ def oracle(batch, **options):
     log_prob = data.pop("log_prob").requires_grad_()
     loss, metrics = reference.kpo_loss(log_prob, **data, **options)
     (grad,) = torch.autograd.grad(loss, log_prob)
-    return loss.detach(), {k: v.detach() for k, v in metrics.items()}, grad
+    metrics = {k: v.detach() for k, v in metrics.items()}
+    diagnostic_options = {k: options[k] for k in DIAGNOSTIC_OPTIONS if k in options}
+    metrics.update(
+        reference.diagnostics(log_prob.detach(), data["old_log_prob"], data["advantages"], data["mask"], **diagnostic_options)
+    )
+    return loss.detach(), metrics, grad
+
+
+# The options of kpo_loss that the diagnostics (reference.diagnostics) depend on.
+DIAGNOSTIC_OPTIONS = ("q", "r", "p0", "x0", "mask_mode", "clip", "clip_low", "clip_high", "log_ratio_cap")
+# Metrics that count tokens on either side of a branch bound or of 0 (see near_branch_boundary,
+# near_zero_filtered): a float32 backend may count such a token differently and be right.
+BRANCH_COUNTS = ("clipfrac", "clipfrac_lower", "clipfrac_high", "clipfrac_low", "capfrac")
+
+
+def near_zero_filtered(batch, width=1e-6, **options):
+    """Valid tokens whose float64 filtered log-ratio is within `width` of 0: the sign a float32
+    backend sees there may differ (each such token is in at most 2 sign-flip pairs)."""
+    data = as_float64(batch)
+    valid = data["mask"].cpu() if data["mask"] is not None else torch.ones(data["log_prob"].shape, dtype=torch.bool)
+    z = torch.where(valid, data["log_prob"].cpu() - data["old_log_prob"].cpu(), 0.0)
+    filter_opts = {k: options[k] for k in ("q", "r", "p0", "x0", "mask_mode") if k in options}
+    return (reference.kalman_filter(z, valid, **filter_opts).abs() < width) & valid
 
 
 def run_loss(impl, batch, **options):

@@ -126,6 +126,22 @@ def loss_run(batch, options, backend=None):
     return run
 
 
+def fit_noise_run(batch, backend=None):
+    """One profile evaluation of fit_noise on the Triton backend (kpo_kernels.noise)."""
+    from kpo_kernels.noise import metric_pass_options
+    from kpo_kernels.options import FilterOptions
+
+    def run():
+        impl = backend or kpo_kernels.TritonBackend()
+        checked = kpo_kernels.validation.check_token_batch(
+            batch["log_prob"], torch.zeros_like(batch["log_prob"]), torch.zeros(3), batch["mask"], None
+        )
+        filt = FilterOptions(q=1e-3, r=1.0, p0=float("inf"), x0=0.0, mask_mode="skip")
+        impl.loss_forward(checked, metric_pass_options(filt), need_grad=False)
+
+    return run
+
+
 def packed(batch):
     """The same tokens as a packed stream with cu_seqlens (rows become sequences)."""
     rows, length = batch["log_prob"].shape
@@ -147,6 +163,10 @@ def cases():
         yield f"loss-{name}-tiled", loss_run(batch, options, tiled)
         yield f"loss-{name}-packed", loss_run(packed(batch), options)
         yield f"loss-{name}-packed-tiled", loss_run(packed(batch), options, tiled)
+    # fit_noise(backend="triton"): the loss kernel for the metrics alone (no gradient, no clip).
+    for label, backend in (("", None), ("-tiled", kpo_kernels.TritonBackend(tile_size=256))):
+        batch = make_batch(3, 700, seed=1, layout="holes")
+        yield f"fit-noise-evaluation{label}", fit_noise_run(batch, backend)
     for mode in ("skip", "position"):
         for masked in (True, False):
             z = torch.zeros(2, 3000)

@@ -21,18 +21,29 @@ STAT_NAMES = (
     "ratio_max",
     "raw_ratio_sum",  # sum of exp(z)
     "raw_ratio_max",
+    # Diagnostics (spec section 5b)
+    "innovation_tokens",  # valid tokens with a finite predicted variance S
+    "nis_sum",  # sum of e^2 / S over them
+    "log_likelihood_sum",  # sum of -0.5 (log(2 pi S) + e^2 / S) over them
+    "sign_flip_pairs",  # valid tokens with an earlier valid token in the sequence
+    "sign_flips_raw",  # of those pairs, with strictly opposite signs of z
+    "sign_flips_filtered",  # ... of the filtered log-ratio
+    "clipped_high",  # clipped branch won above 1 + clip_high (A > 0)
+    "clipped_low",  # clipped branch won below 1 - clip_low (A < 0)
+    "capped",  # filtered log-ratio above log_ratio_cap
 )
 NUM_STATS = len(STAT_NAMES)
 STAT = {name: i for i, name in enumerate(STAT_NAMES)}
 
 
-def row_stats(*, valid, token_loss, clipped, clipped_lower, log_ratio, ratio, raw_ratio, segments=None):
+def row_stats(*, valid, token_loss, clipped, clipped_lower, log_ratio, ratio, raw_ratio, diagnostics=None, segments=None):
     """(S, NUM_STATS) statistics per sequence of per-token quantities, in token_loss's dtype.
 
     Tokens are (B, T) rows, or a packed (N,) stream with segments = (sum, max), functions
     reducing a per-token tensor to its sequences. valid: the mask as 0/1 floats. token_loss must
     be 0 at invalid tokens; the other quantities must be finite there (flags bool or None,
-    ratios positive): they are masked by the mask.
+    ratios positive): they are masked by the mask. diagnostics: the diagnostic columns, already
+    reduced per sequence (name -> (S,) tensor); a column not given is 0.
     """
     dtype = token_loss.dtype
     if segments is None:
@@ -69,6 +80,9 @@ def row_stats(*, valid, token_loss, clipped, clipped_lower, log_ratio, ratio, ra
         "raw_ratio_sum": total(raw_ratio),
         "raw_ratio_max": largest(raw_ratio),
     }
+    for name in STAT_NAMES[STAT_NAMES.index("innovation_tokens"):]:
+        term = None if diagnostics is None else diagnostics.get(name)
+        columns[name] = none if term is None else term.to(dtype)
     return torch.stack([columns[name] for name in STAT_NAMES], dim=-1)
 
 
@@ -133,5 +147,30 @@ def finalize(stats, options, horizon):
         "raw_ratio_mean": total[STAT["raw_ratio_sum"]] * per_token,
         "raw_ratio_max": maxima[1],
         "num_tokens": total[STAT["tokens"]],
+        **diagnostic_metrics(total, per_token),
     }
     return row_scale, loss, torch.stack([metrics[name] for name in METRIC_NAMES])
+
+
+def diagnostic_metrics(total, per_token):
+    """The metrics of spec section 5b from the column sums `total` of the row statistics.
+
+    nis_mean and log_likelihood are means over the innovation tokens (valid tokens with a
+    finite predicted variance: all of them unless p0 = inf, whose first observation of each
+    sequence has S = inf); the sign-flip rates are fractions of the pairs of consecutive valid
+    tokens of one sequence; the clip and cap fractions are fractions of the valid tokens. An
+    empty denominator gives 0.
+    """
+    scored = _safe_inverse(total[STAT["innovation_tokens"]])
+    pairs = _safe_inverse(total[STAT["sign_flip_pairs"]])
+    return {
+        "nis_mean": total[STAT["nis_sum"]] * scored,
+        "log_likelihood": total[STAT["log_likelihood_sum"]] * scored,
+        "sign_flip_raw": total[STAT["sign_flips_raw"]] * pairs,
+        "sign_flip_filtered": total[STAT["sign_flips_filtered"]] * pairs,
+        "clipfrac_high": total[STAT["clipped_high"]] * per_token,
+        "clipfrac_low": total[STAT["clipped_low"]] * per_token,
+        "capfrac": total[STAT["capped"]] * per_token,
+        "innovation_tokens": total[STAT["innovation_tokens"]],
+        "sign_flip_pairs": total[STAT["sign_flip_pairs"]],
+    }

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..gains import gain_tables
+from ..innovation import variance_ratio_tables
 from ..options import KL_CLAMP
 from .base import Backend, LossForward, expand_rows, log1p_neg
 from . import aggregation
@@ -136,6 +137,63 @@ class _Rows:
         return aggregation.row_stats(**columns)
 
 
+    def table_length(self, z):
+        return self.horizon
+
+    def per_observation(self, table, valid, skip):
+        """A per-observation table (indexed like the gains) at every token: (T,) shared by the
+        rows when the index is the position, else (B, T)."""
+        if not skip or self.prefix(valid):
+            return _gain_lookup(table, torch.arange(self.horizon, device=valid.device))
+        return _gain_lookup(table, torch.cumsum(valid, dim=-1).sub_(1))
+
+    def row_sum(self, values):
+        return values.sum(-1)
+
+    def count(self, flags):
+        """Per row, the number of True flags (without a (B, T) int64 copy)."""
+        return flags.view(torch.uint8).sum(-1, dtype=torch.int32)
+
+    def prefix(self, valid):
+        """_is_prefix(valid), asked once per batch."""
+        if getattr(self, "_prefix", None) is None:
+            self._prefix = _is_prefix(valid)
+        return self._prefix
+
+    def innovation(self, z, x, x0):
+        """z minus the state before each token (x0 before the first), a new tensor."""
+        e = torch.empty_like(z)
+        torch.sub(z[:, :1], x0, out=e[:, :1])
+        torch.sub(z[:, 1:], x[:, :-1], out=e[:, 1:])
+        return e
+
+    def sign_flips(self, z, x, valid, tokens):
+        """Per row: (pairs of consecutive valid tokens, of those with strictly opposite signs
+        of z (z_prev z < 0), of x). z must be 0 at invalid tokens; tokens: valid tokens per row.
+        Holes: the products of the values at the previous valid token are float64, which cannot
+        underflow for float32 inputs (|z| >= 1e-45); for float64 ones only below 1e-154."""
+        if self.prefix(valid):  # consecutive valid tokens are neighbours: the pair (t - 1, t)
+            pairs = (tokens - 1).clamp_min_(0)  # counts iff t is valid
+            raw = self.count(_opposite(z))  # z = 0 at invalid tokens: no flip there
+            return pairs, raw, self.count(_opposite(x).logical_and_(valid[:, 1:]))
+        has, (pz, px) = self.previous_valid(valid, z, x)
+        return self.count(has), self.count((pz * z < 0) & has), self.count((px * x < 0) & has)
+
+    def previous_valid(self, valid, *values):
+        """(has, values at the previous valid token of the row): has is True at valid tokens
+        with an earlier valid token in their row."""
+        if valid.shape[-1] == 0:
+            return valid.clone(), [v.clone() for v in values]
+        if self.prefix(valid):  # the previous valid token is the previous token
+            has = F.pad(valid[:, 1:], (1, 0))
+            return has, [F.pad(v[:, :-1], (1, 0)) for v in values]
+        # cummax of the mask: the value says whether a valid token came yet, the index (the
+        # latest of tied maxima) which one was the last.
+        seen, index = torch.cummax(valid.view(torch.uint8), dim=-1)
+        has = valid & F.pad(seen[:, :-1], (1, 0)).bool()
+        last = F.pad(index[:, :-1], (1, 0))
+        return has, [torch.gather(v, 1, last) for v in values]
+
 
 class _Packed:
     """A packed (N,) stream of sequences delimited by cu_seqlens (S + 1,)."""
@@ -191,6 +249,48 @@ class _Packed:
     def row_stats(self, **columns):
         return aggregation.row_stats(**columns, segments=(self._sum, self._max))
 
+    def table_length(self, z):
+        return self.longest
+
+    def per_observation(self, table, valid, skip):
+        """A per-observation table (indexed like the gains) at every token."""
+        if skip:
+            return _gain_lookup(table, self._running(valid).sub_(1))
+        return _gain_lookup(table, self.pos)
+
+    def row_sum(self, values):
+        return self._sum(values)
+
+    def count(self, flags):
+        return self._sum(flags.to(torch.int64))
+
+    def innovation(self, z, x, x0):
+        """z minus the state before each token (x0 before the first of its sequence)."""
+        return z - self.previous_state(x, x0)
+
+    def sign_flips(self, z, x, valid, tokens):
+        """Per sequence: (pairs of consecutive valid tokens, of those with strictly opposite
+        signs of z, of x)."""
+        has, (pz, px) = self.previous_valid(valid, z, x)
+        return self.count(has), self.count((pz * z < 0) & has), self.count((px * x < 0) & has)
+
+    def previous_state(self, x, x0):
+        """The state before each token (x0 before the first of each sequence)."""
+        if x.numel() == 0:
+            return x.clone()
+        before = F.pad(x[:-1], (1, 0))
+        return before.masked_fill_(self.pos == 0, x0)
+
+    def previous_valid(self, valid, *values):
+        """(has, values at the previous valid token of the same sequence)."""
+        if valid.shape[0] == 0:
+            return valid.clone(), [v.clone() for v in values]
+        index = torch.where(valid, torch.arange(valid.shape[0], device=valid.device), -1)
+        last = F.pad(torch.cummax(index, dim=0).values[:-1], (1, 0), value=-1)
+        has = valid & (last >= self.cu_seqlens[self.seq])
+        last.clamp_(min=0)
+        return has, [v[last] for v in values]
+
 
 class TorchBackend(Backend):
     name = "torch"
@@ -216,10 +316,12 @@ class TorchBackend(Backend):
         valid_f = valid.to(dtype)
         z = batch.log_prob.to(COMPUTE, copy=True).sub_(batch.old_log_prob).masked_fill_(invalid, 0.0)
         x = layout.filter(z, valid, options.filter)
+        diagnostics = _diagnostic_columns(layout, z, x, valid, options.filter)
 
         capped = None
         if options.log_ratio_cap is not None:
             capped = x > options.log_ratio_cap
+            diagnostics["capped"] = layout.count(capped & valid)
             x.clamp_(max=options.log_ratio_cap)
         rt = x.to(dtype, copy=True).mul_(valid_f).exp_()  # filtered ratio; 1 at invalid tokens
 
@@ -235,9 +337,11 @@ class TorchBackend(Backend):
         if options.clip:
             clipped_loss = torch.clamp(rt, *_bounds(1 - options.clip_low, 1 + options.clip_high, dtype)).mul_(neg_adv)
             torch.maximum(token_loss, clipped_loss, out=token_loss)
-            clipped = ((x > math.log1p(options.clip_high)) & (neg_adv < 0)) | (
-                (x < log1p_neg(options.clip_low)) & (neg_adv > 0)
-            )
+            clipped_high = (x > math.log1p(options.clip_high)) & (neg_adv < 0)
+            clipped_low = (x < log1p_neg(options.clip_low)) & (neg_adv > 0)
+            diagnostics["clipped_high"] = layout.count(clipped_high & valid)
+            diagnostics["clipped_low"] = layout.count(clipped_low & valid)
+            clipped = clipped_high | clipped_low
             frozen = clipped if frozen is None else frozen | clipped
         if options.dual_clip is not None:
             negative = neg_adv > 0
@@ -257,6 +361,7 @@ class TorchBackend(Backend):
             log_ratio=z.clamp(-KL_CLAMP, KL_CLAMP),  # ppo_kl as verl computes it
             ratio=rt,
             raw_ratio=z.to(dtype, copy=True).exp_(),
+            diagnostics=diagnostics,
         )
         row_scale, loss, metrics = aggregation.finalize(stats, options, layout.horizon)
         grad = None
@@ -272,9 +377,68 @@ class TorchBackend(Backend):
 
     def prepare(self, length, q, r, p0, device):
         gain_tables.get(length, q, r, p0, device, COMPUTE)
+        variance_ratio_tables.get(length, q, r, p0, device, COMPUTE)
 
     def output_dtypes(self, dtype):
         return dict.fromkeys(("filter", "loss", "grad", "row_scale"), torch.float64 if dtype == torch.float64 else torch.float32)
 
     def key(self):
         return "torch" if type(self) is TorchBackend else super().key()
+
+
+def _opposite(v):
+    """(B, T - 1): v[:, t] and v[:, t + 1] have strictly opposite signs (0 and NaN: neither),
+    with byte-sized temporaries."""
+    positive, negative = v > 0, v < 0
+    return (positive[:, :-1] & negative[:, 1:]).logical_or_(negative[:, :-1] & positive[:, 1:])
+
+
+def innovation_terms(layout, z, x, valid, options):
+    """(scored, e^2 / S, log S) per token of a filtered batch (float64; spec section 5b).
+
+    z: observations (0 where invalid); x: the filtered states (carried over invalid tokens).
+    e = z - xhat_before, S = R / w with w = 1 - K of the token's observation
+    (innovation.variance_ratio_schedule). scored: valid tokens with a finite S. The terms are
+    0 where not scored; log S may be a (T,) row shared by every row.
+    """
+    table = variance_ratio_tables.get(layout.table_length(z), options.q, options.r, options.p0, z.device, COMPUTE)
+    w = layout.per_observation(table, valid, options.skip)
+    scored = valid & (w > 0)
+    nis = layout.innovation(z, x, options.x0)
+    nis.square_().mul_(w).div_(options.r).masked_fill_(~scored, 0.0)
+    log_s = w.log().neg_().add_(math.log(options.r))
+    return scored, nis, log_s
+
+
+def _diagnostic_columns(layout, z, x, valid, options):
+    """Per-sequence sums of the diagnostic statistics but the clip and cap counts
+    (aggregation.STAT_NAMES), from the float64 observations z (0 where invalid) and states x."""
+    r = options.r
+    table = variance_ratio_tables.get(layout.table_length(z), options.q, r, options.p0, z.device, COMPUTE)
+    w = layout.per_observation(table, valid, options.skip)
+    shared = w.dim() < z.dim()  # one (T,) row of weights for every row
+    tokens = layout.count(valid)
+
+    e = layout.innovation(z, x, options.x0).masked_fill_(~valid, 0.0).square_()  # e^2, 0 where invalid
+    nis = (e @ w if shared else layout.row_sum(e.mul_(w))).div_(r)
+    log_s = w.log().neg_().add_(math.log(r)).masked_fill_(w == 0, 0.0)  # log S; 0 where S = inf
+    if shared and layout.prefix(valid):  # row b's tokens are observations 1..n_b: a prefix sum
+        prefix_sums = F.pad(torch.cumsum(log_s, 0), (1, 0))
+        log_s_sum = prefix_sums[tokens]
+    elif shared:
+        log_s_sum = valid.to(COMPUTE) @ log_s
+    else:
+        log_s_sum = layout.row_sum(log_s.masked_fill_(~valid, 0.0))
+    count = tokens
+    if math.isinf(options.p0):  # S = inf (w = 0) at each sequence's first observation: not scored
+        count = tokens - layout.count(valid & (w == 0))
+    count = count.to(COMPUTE)
+    pairs, flips_raw, flips_filtered = layout.sign_flips(z, x, valid, tokens)
+    return {
+        "innovation_tokens": count,
+        "nis_sum": nis,
+        "log_likelihood_sum": (count * math.log(2 * math.pi)).add_(log_s_sum).add_(nis).mul_(-0.5),
+        "sign_flip_pairs": pairs,
+        "sign_flips_raw": flips_raw,
+        "sign_flips_filtered": flips_filtered,
+    }

@@ -8,6 +8,7 @@ import os
 import torch
 
 from ..gains import gain_tables
+from ..innovation import variance_ratio_tables
 from ..options import METRIC_NAMES
 from ..validation import check_bool, check_count
 from .aggregation import NUM_STATS
@@ -33,6 +34,7 @@ INT32_OFFSETS = 2**31  # kernels index tokens with int32 positions times strides
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 MAX_TENSOR_NUMEL = 2**20  # Triton's limit on the elements of one block
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+MAX_BLOCKS_PER_TILE = 1023  # the loss kernel counts tokens per lane in 10-bit fields
 
 
 def triton_import_error():
@@ -126,6 +128,7 @@ class TritonBackend(Backend):
 
     def prepare(self, length, q, r, p0, device):
         gain_tables.get(length, q, r, p0, device, torch.float32)
+        variance_ratio_tables.get(length, q, r, p0, device, torch.float32)
 
     def output_dtypes(self, dtype):
         return {**super().output_dtypes(dtype), "grad": _derivative_dtype(dtype)}
@@ -171,6 +174,7 @@ class TritonBackend(Backend):
                 wanted = longest
             else:
                 wanted = max(block, _pow2_at_least(_cdiv(tokens, PROGRAMS_PER_SM * sms)))
+        wanted = min(wanted, MAX_BLOCKS_PER_TILE * block)
         return _cdiv(max(1, min(wanted, longest)), block) * block
 
     def _plan(self, shape, cu_seqlens, device):
@@ -234,8 +238,9 @@ class TritonBackend(Backend):
             return mask
         return mask.view(_SAME_SIZE_INT[mask.element_size()])
 
-    def _tile_passes(self, tiling, new, old, mask, gains, options, block, warps):
-        """Passes 1 and 2 for sequences longer than a tile: (valid counts, tile maps)."""
+    def _tile_passes(self, tiling, new, old, mask, gains, options, block, warps, latest=False):
+        """Passes 1 and 2 for sequences longer than a tile: (valid counts, tile maps). latest:
+        also each tile's map to its last valid token and that token's sign (the loss's sign flips)."""
         device = new.device
         if not tiling.multi_tile:
             dummy = torch.empty(1, dtype=torch.float32, device=device)
@@ -248,14 +253,14 @@ class TritonBackend(Backend):
                 tiling.search_steps, *self._strides(mask, tiling.varlen), IS_VARLEN=tiling.varlen, BLOCK=block,
                 num_warps=warps,
             )
-        aggregates = self._empty((2, tiling.num_slots), torch.float32, device)
+        aggregates = self._empty((5 if latest else 2, tiling.num_slots), torch.float32, device)
         kernels.tile_aggregate_kernel[tiling.grid](
             new, old if old is not None else new, mask_arg if mask is not None else new, gains, gains.numel() - 1,
             *tiling.launch_args(), counts, aggregates, tiling.num_seqs, tiling.num_slots, tiling.width,
             tiling.tile_size, tiling.search_steps, *self._strides(new, tiling.varlen),
             *self._strides(old if old is not None else new, tiling.varlen), *self._strides(mask, tiling.varlen),
             HAS_OLD=old is not None, HAS_MASK=mask is not None, SKIP=options.skip, IS_VARLEN=tiling.varlen,
-            PREFIX=PREFIX, BLOCK=block, num_warps=warps,
+            PREFIX=PREFIX, BLOCK=block, STORE_LATEST=latest, num_warps=warps,
         )
         return counts, aggregates
 
@@ -304,12 +309,13 @@ class TritonBackend(Backend):
         lp, old, adv, mask, weights = (
             self._addressable(t) for t in (batch.log_prob, batch.old_log_prob, batch.advantages, batch.mask, batch.is_weights)
         )
-        counts, aggregates = self._tile_passes(tiling, lp, old, mask, gains, filt, block, warps)
+        ratios = variance_ratio_tables.get(tiling.longest, filt.q, filt.r, filt.p0, batch.device, torch.float32)
+        counts, aggregates = self._tile_passes(tiling, lp, old, mask, gains, filt, block, warps, latest=True)
         adv_per_token = batch.advantages_per_token
         adv_strides = self._strides(adv, varlen) if adv_per_token else (adv.stride(0), 0)
         kernels.kpo_loss_fwd_kernel[tiling.grid](
             lp, old, self._mask(mask) if mask is not None else lp, adv, weights if weights is not None else lp,
-            gains, gains.numel() - 1, *tiling.launch_args(), counts, aggregates, grad if grad is not None else stats, stats,
+            gains, gains.numel() - 1, ratios, ratios.numel() - 1, *tiling.launch_args(), counts, aggregates, grad if grad is not None else stats, stats,
             tiling.num_seqs, tiling.num_slots, tiling.width, tiling.tile_size, tiling.search_steps,
             *self._strides(lp, varlen), *self._strides(old, varlen), *self._strides(mask, varlen),
             *adv_strides, *self._strides(weights, varlen),
@@ -321,6 +327,8 @@ class TritonBackend(Backend):
             math.log1p(options.clip_high),
             options.dual_clip if options.dual_clip is not None else 0.0,
             math.log(options.dual_clip) if options.dual_clip is not None else 0.0,
+            math.log(2 * math.pi * filt.r),
+            1.0 / filt.r,
             HAS_MASK=mask is not None,
             SKIP=filt.skip,
             ADV_PER_TOKEN=adv_per_token,

@@ -79,6 +79,106 @@ def _last(values, BLOCK: tl.constexpr):
     return tl.sum(tl.where(tl.arange(0, BLOCK) == BLOCK - 1, values, 0.0), 0)
 
 
+# ----------------------------------------------------------------------------- diagnostics (spec 5b)
+
+NO_TOKEN = tl.constexpr(9)  # sign code of "no valid token yet"; see _sign_code
+
+
+@triton.jit
+def _variance_ratio(ratio_ptr, valid, pos, seen, last, SKIP: tl.constexpr):
+    """w = R / S = 1 - K of each valid token's observation (innovation.py), indexed like its
+    gain (seen: observations before the block; indices clamped to the table's last entry
+    `last`, as _block_maps clamps the gains); 1 at other tokens (never used)."""
+    if SKIP:
+        count = seen + tl.cumsum(valid.to(tl.int32), 0)
+        return tl.load(ratio_ptr + tl.minimum(count - 1, last), mask=valid, other=1.0)
+    return tl.load(ratio_ptr + tl.minimum(pos, last), mask=valid, other=1.0)
+
+
+@triton.jit
+def _shift_in(values, first, BLOCK: tl.constexpr):
+    """values moved one lane up: lane t gets lane t - 1's value, lane 0 gets `first`."""
+    lanes = tl.arange(0, BLOCK)
+    return tl.where(lanes == 0, first, tl.gather(values, tl.maximum(lanes - 1, 0), 0))
+
+
+@triton.jit
+def _sign(v):
+    """-1, 0 or 1 (0 for 0 and NaN)."""
+    return tl.where(v > 0, 1, tl.where(v < 0, -1, 0))
+
+
+@triton.jit
+def _sign_code(z, x, valid):
+    """3 (sign(z) + 1) + sign(x) + 1 in 0..8 at valid tokens, NO_TOKEN elsewhere."""
+    return tl.where(valid, 3 * (_sign(z) + 1) + _sign(x) + 1, NO_TOKEN)
+
+
+@triton.jit
+def _latest(a, b):
+    """The later valid sign code (a scan of it gives the latest valid token so far)."""
+    return tl.where(b != NO_TOKEN, b, a)
+
+
+@triton.jit
+def _flips(code, previous):
+    """(pair, raw flip, filtered flip) of each token against the previous valid token's code."""
+    pair = (code != NO_TOKEN) & (previous != NO_TOKEN)
+    raw = pair & ((code // 3 - 1) * (previous // 3 - 1) < 0)
+    filtered = pair & ((code % 3 - 1) * (previous % 3 - 1) < 0)
+    return pair, raw, filtered
+
+
+@triton.jit
+def _pack3(a, b, c):
+    """Three flags as one int32 increment, 10 bits a field."""
+    return a.to(tl.int32) + (b.to(tl.int32) << 10) + (c.to(tl.int32) << 20)
+
+
+@triton.jit
+def _unpack3_sum(packed, field: tl.constexpr):
+    """The sum over lanes of one 10-bit field of _pack3 counts, as float32."""
+    return tl.sum((packed >> (10 * field)) & 1023, 0).to(tl.float32)
+
+
+@triton.jit
+def _compose_latest(c1, b1, cl1, bl1, k1, c2, b2, cl2, bl2, k2):
+    """Tile summaries (M, L, k) composed in order: M the tile's map, L the map from its entry to
+    the state after its last valid token, k that token's sign(z) + 1 (3: no valid token)."""
+    c, b = _compose(c1, b1, c2, b2)
+    later = k2 != 3.0
+    cl, bl = _compose(c1, b1, cl2, bl2)
+    return c, b, tl.where(later, cl, cl1), tl.where(later, bl, bl1), tl.where(later, k2, k1)
+
+
+@triton.jit
+def _tile_state_and_latest(agg_ptr, num_slots, first, tile, x0, PREFIX: tl.constexpr):
+    """(state entering the tile, sign code of the sequence's last valid token before the tile):
+    _tile_state, folding the (M, L, k) summaries of the earlier tiles (rows 0-4 of agg) in order
+    with a scan (the composition is not commutative: never tl.reduce)."""
+    c_in = x0 * 0.0
+    b_in = x0 * 0.0
+    cl_in = x0 * 0.0
+    bl_in = x0 * 0.0
+    k_in = x0 * 0.0 + 3.0
+    for k in range(0, tile, PREFIX):
+        ks = k + tl.arange(0, PREFIX)
+        earlier = ks < tile
+        c = tl.load(agg_ptr + first + ks, mask=earlier, other=0.0)
+        b = tl.load(agg_ptr + num_slots + first + ks, mask=earlier, other=0.0)
+        cl = tl.load(agg_ptr + 2 * num_slots + first + ks, mask=earlier, other=0.0)
+        bl = tl.load(agg_ptr + 3 * num_slots + first + ks, mask=earlier, other=0.0)
+        kk = tl.load(agg_ptr + 4 * num_slots + first + ks, mask=earlier, other=3.0)
+        c, b, cl, bl, kk = tl.associative_scan((c, b, cl, bl, kk), 0, _compose_latest)
+        c_in, b_in, cl_in, bl_in, k_in = _compose_latest(
+            c_in, b_in, cl_in, bl_in, k_in,
+            _last(c, PREFIX), _last(b, PREFIX), _last(cl, PREFIX), _last(bl, PREFIX), _last(kk, PREFIX),
+        )
+    x_latest = x0 - cl_in * x0 + bl_in
+    code = tl.where(k_in != 3.0, 3 * k_in.to(tl.int32) + _sign(x_latest) + 1, NO_TOKEN)
+    return x0 - c_in * x0 + b_in, code
+
+
 # ----------------------------------------------------------------------------- layout
 
 
@@ -240,9 +340,12 @@ def tile_aggregate_kernel(
     IS_VARLEN: tl.constexpr,
     PREFIX: tl.constexpr,
     BLOCK: tl.constexpr,
+    STORE_LATEST: tl.constexpr = False,
 ):
     """Pass 2: the composed affine map of each tile, stored as agg[0, slot] = C, agg[1, slot] = B
-    (but for the last tile of a sequence: no tile after it reads it)."""
+    (but for the last tile of a sequence: no tile after it reads it). STORE_LATEST (the loss's
+    sign flips) also stores the map from the tile's entry to the state after its last valid
+    token (agg[2], agg[3]) and that token's sign(z) + 1 (agg[4]; 3 when the tile has none)."""
     seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
         cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
     )
@@ -253,15 +356,31 @@ def tile_aggregate_kernel(
     seen = _tile_seen(counts_ptr, first, tile, tile_start, SKIP and HAS_MASK, PREFIX)
     c_tile = tile_start.to(tl.float32) * 0.0
     b_tile = tile_start.to(tl.float32) * 0.0
+    cl_tile = c_tile
+    bl_tile = b_tile
+    k_tile = c_tile + 3.0
     for start in range(tile_start, tile_end, BLOCK):
-        pos = start + tl.arange(0, BLOCK)
+        lanes = tl.arange(0, BLOCK)
+        pos = start + lanes
         in_bounds = pos < tile_end
         valid = _load_valid(mask_row, stride_mask_tok, pos, in_bounds, HAS_MASK)
         z = _load_log_ratio(new_row, old_row, stride_new_tok, stride_old_tok, pos, valid, HAS_OLD)
         c, b, seen = _block_maps(z, valid, in_bounds, pos, gains_ptr, gains_last, seen, SKIP)
+        if STORE_LATEST:
+            latest = tl.max(tl.where(valid, lanes, -1), 0)  # a max: any lane order gives the same
+            pick = lanes == latest
+            cl, bl = _compose(c_tile, b_tile, tl.sum(tl.where(pick, c, 0.0), 0), tl.sum(tl.where(pick, b, 0.0), 0))
+            k = tl.sum(tl.where(pick, _sign(z) + 1, 0), 0).to(tl.float32)
+            cl_tile = tl.where(latest >= 0, cl, cl_tile)
+            bl_tile = tl.where(latest >= 0, bl, bl_tile)
+            k_tile = tl.where(latest >= 0, k, k_tile)
         c_tile, b_tile = _compose(c_tile, b_tile, _last(c, BLOCK), _last(b, BLOCK))
     tl.store(agg_ptr + slot, c_tile)
     tl.store(agg_ptr + num_slots + slot, b_tile)
+    if STORE_LATEST:
+        tl.store(agg_ptr + 2 * num_slots + slot, cl_tile)
+        tl.store(agg_ptr + 3 * num_slots + slot, bl_tile)
+        tl.store(agg_ptr + 4 * num_slots + slot, k_tile)
 
 
 # ----------------------------------------------------------------------------- the filter
@@ -326,6 +445,8 @@ def kpo_loss_fwd_kernel(
     weights_ptr,
     gains_ptr,
     gains_last,
+    ratio_ptr,
+    ratio_last,
     cu_seqlens_ptr,
     tile_offsets_ptr,
     counts_ptr,
@@ -355,6 +476,8 @@ def kpo_loss_fwd_kernel(
     log_ratio_high,
     dual_clip,
     log_dual_clip,
+    log_2pi_r,
+    inv_r,
     HAS_MASK: tl.constexpr,
     SKIP: tl.constexpr,
     ADV_PER_TOKEN: tl.constexpr,
@@ -380,13 +503,18 @@ def kpo_loss_fwd_kernel(
     else:
         adv_scalar = tl.load(adv_ptr + seq.to(tl.int64) * stride_adv_row).to(tl.float32)
     seen = _tile_seen(counts_ptr, first, tile, tile_start, SKIP and HAS_MASK, PREFIX)
-    state = _tile_state(agg_ptr, num_slots, first, tile, x0, PREFIX)
+    # The state entering the tile and the sign code of the last valid token before it.
+    state, latest = _tile_state_and_latest(agg_ptr, num_slots, first, tile, x0, PREFIX)
 
-    # Statistics of the tile, accumulated per lane and reduced once at the end.
-    tokens = tl.zeros([BLOCK], tl.float32)
+    # Statistics of the tile, accumulated per lane and reduced once at the end. The nine token
+    # counts share three int32 registers a lane, 10 bits each (_pack3): a lane sees one token
+    # per block and a tile has at most MAX_BLOCKS_PER_TILE = 1023 blocks (the launcher's bound).
+    counts_a = tl.zeros([BLOCK], tl.int32)  # valid tokens, scored tokens, sign-flip pairs
+    counts_b = tl.zeros([BLOCK], tl.int32)  # raw flips, filtered flips, capped
+    counts_c = tl.zeros([BLOCK], tl.int32)  # clipped high, clipped low, dual-clip floor
     loss_sum = tl.zeros([BLOCK], tl.float32)
-    clipped_sum = tl.zeros([BLOCK], tl.float32)
-    lower_sum = tl.zeros([BLOCK], tl.float32)
+    nis_sum = tl.zeros([BLOCK], tl.float32)
+    ll_sum = tl.zeros([BLOCK], tl.float32)
     neg_z_sum = tl.zeros([BLOCK], tl.float32)
     ratio_sum = tl.zeros([BLOCK], tl.float32)
     ratio_max = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -398,8 +526,26 @@ def kpo_loss_fwd_kernel(
         in_bounds = pos < tile_end
         valid = _load_valid(mask_row, stride_mask_tok, pos, in_bounds, HAS_MASK)
         z = _load_log_ratio(lp_row, old_row, stride_lp_tok, stride_old_tok, pos, valid, True)
+        w = _variance_ratio(ratio_ptr, valid, pos, seen, ratio_last, SKIP)
         c, b, seen = _block_maps(z, valid, in_bounds, pos, gains_ptr, gains_last, seen, SKIP)
         x = state - c * state + b
+
+        # Innovation e = z - xhat_before with S = R / w (spec 5b): the state before each token
+        # is the previous lane's (the carried state for lane 0).
+        e = z - _shift_in(x, state, BLOCK)
+        scored = valid & (w > 0.0)  # S finite: all but a diffuse prior's first observation
+        nis = e * e * w * inv_r
+        nis_sum += tl.where(scored, nis, 0.0)
+        ll_sum += tl.where(scored, -0.5 * (log_2pi_r - tl.log(tl.where(scored, w, 1.0)) + nis), 0.0)
+        # Sign flips against the previous valid token of the sequence: the latest valid code
+        # before each lane, from this block's scan or, before the block's first, the carry.
+        code = _sign_code(z, x, valid)
+        codes = tl.associative_scan(code, 0, _latest)
+        previous = _shift_in(codes, latest, BLOCK)
+        pair, flip_raw, flip_filtered = _flips(code, tl.where(previous == NO_TOKEN, latest, previous))
+        counts_a += _pack3(valid, scored, pair)
+        latest = _latest(latest, tl.sum(tl.where(tl.arange(0, BLOCK) == BLOCK - 1, codes, 0), 0))
+
         state = _last(x, BLOCK)
         x = tl.where(valid, x, 0.0)
 
@@ -410,6 +556,7 @@ def kpo_loss_fwd_kernel(
             x = tl.where(frozen, log_ratio_cap, x)
         else:
             frozen = pos < 0  # all false
+        counts_b += _pack3(flip_raw, flip_filtered, frozen & valid)
         rt = tl.exp(x)
         if ADV_PER_TOKEN:
             adv = tl.load(adv_row + pos * stride_adv_tok, mask=valid, other=0.0).to(tl.float32)
@@ -422,12 +569,12 @@ def kpo_loss_fwd_kernel(
             clip_low = (adv < 0) & (x < log_ratio_low)
             loss = tl.where(clip_high, -adv * ratio_high, tl.where(clip_low, -adv * ratio_low, loss))
             frozen = frozen | clip_high | clip_low
-            clipped_sum += (clip_high | clip_low).to(tl.float32)
+            counts_c += _pack3(clip_high, clip_low, pos < 0)
         if DUAL_CLIP:
             lower = (adv < 0) & (x > log_dual_clip)
             loss = tl.where(lower, -adv * dual_clip, loss)
             frozen = frozen | lower
-            lower_sum += lower.to(tl.float32)
+            counts_c += _pack3(pos < 0, pos < 0, lower)
         # d loss / d log_prob = -A * rt (the stop-gradient trick), 0 where a branch froze it.
         dloss = tl.where(frozen, 0.0, -adv * rt)
         if HAS_WEIGHTS:
@@ -439,7 +586,6 @@ def kpo_loss_fwd_kernel(
             tl.store(grad_row + pos, tl.where(valid, dloss, 0.0).to(grad_ptr.dtype.element_ty), mask=in_bounds)
 
         raw = tl.exp(z)
-        tokens += valid.to(tl.float32)
         loss_sum += loss
         # ppo_kl as verl computes it: z clamped to [-KL_CLAMP, KL_CLAMP] (NaN stays NaN).
         neg_z_sum -= tl.where(z < -KL_CLAMP, -KL_CLAMP, tl.where(z > KL_CLAMP, KL_CLAMP, z))
@@ -450,15 +596,26 @@ def kpo_loss_fwd_kernel(
 
     # Column-major (NUM_STATS, slots) statistics, rows in aggregation.STAT_NAMES order.
     out = stats_ptr + slot
-    tl.store(out + 0 * num_slots, tl.sum(tokens, 0))
+    high = _unpack3_sum(counts_c, 0)
+    low = _unpack3_sum(counts_c, 1)
+    tl.store(out + 0 * num_slots, _unpack3_sum(counts_a, 0))
     tl.store(out + 1 * num_slots, tl.sum(loss_sum, 0))
-    tl.store(out + 2 * num_slots, tl.sum(clipped_sum, 0))
-    tl.store(out + 3 * num_slots, tl.sum(lower_sum, 0))
+    tl.store(out + 2 * num_slots, high + low)
+    tl.store(out + 3 * num_slots, _unpack3_sum(counts_c, 2))
     tl.store(out + 4 * num_slots, tl.sum(neg_z_sum, 0))
     tl.store(out + 5 * num_slots, tl.sum(ratio_sum, 0))
     tl.store(out + 6 * num_slots, tl.max(ratio_max, 0))
     tl.store(out + 7 * num_slots, tl.sum(raw_sum, 0))
     tl.store(out + 8 * num_slots, tl.max(raw_max, 0))
+    tl.store(out + 9 * num_slots, _unpack3_sum(counts_a, 1))
+    tl.store(out + 10 * num_slots, tl.sum(nis_sum, 0))
+    tl.store(out + 11 * num_slots, tl.sum(ll_sum, 0))
+    tl.store(out + 12 * num_slots, _unpack3_sum(counts_a, 2))
+    tl.store(out + 13 * num_slots, _unpack3_sum(counts_b, 0))
+    tl.store(out + 14 * num_slots, _unpack3_sum(counts_b, 1))
+    tl.store(out + 15 * num_slots, high)
+    tl.store(out + 16 * num_slots, low)
+    tl.store(out + 17 * num_slots, _unpack3_sum(counts_b, 2))
 
 
 @triton.jit
@@ -539,6 +696,16 @@ def kpo_loss_finalize_kernel(
         raw_max_acc = tl.maximum(
             raw_max_acc, tl.load(stats_ptr + 8 * num_slots + slots, mask=in_bounds, other=float("-inf"))
         )
+    # The diagnostic rows 9..17 (aggregation.STAT_NAMES), 16 rows x 64 slots at a time.
+    diag_rows = 9 + tl.arange(0, 16)
+    diag_acc = tl.zeros([16, 64], tl.float32)
+    for start in range(0, num_slots, 64):
+        slots = start + tl.arange(0, 64)
+        diag_acc += tl.load(
+            stats_ptr + diag_rows[:, None] * num_slots + slots[None, :],
+            mask=(diag_rows[:, None] < 18) & (slots[None, :] < num_slots),
+            other=0.0,
+        )
     num_tokens = tl.sum(tokens_acc, 0)
 
     # Sequences with a valid token, and the longest sequence (the packed horizon).
@@ -608,6 +775,21 @@ def kpo_loss_finalize_kernel(
     tl.store(out_ptr + 6, raw_sum * per_token)
     tl.store(out_ptr + 7, raw_max)
     tl.store(out_ptr + 8, num_tokens)
+    # Diagnostics (aggregation.diagnostic_metrics): metrics 8..16 from statistics rows 9..17.
+    diag = tl.sum(diag_acc, 1)
+    scored = tl.sum(tl.where(diag_rows == 9, diag, 0.0), 0)
+    pairs = tl.sum(tl.where(diag_rows == 12, diag, 0.0), 0)
+    # Row 9 + i -> output: nis and log-likelihood sums per scored token, flips per pair,
+    # clip and cap counts per valid token, then the two denominators themselves.
+    scale = tl.where(
+        (diag_rows == 10) | (diag_rows == 11),
+        _safe_inverse(scored),
+        tl.where((diag_rows == 13) | (diag_rows == 14), _safe_inverse(pairs), per_token),
+    )
+    value = diag * scale
+    index = tl.where(diag_rows == 9, 15, tl.where(diag_rows == 12, 16, tl.where(diag_rows < 12, diag_rows - 2, diag_rows - 3)))
+    value = tl.where((diag_rows == 9) | (diag_rows == 12), diag, value)
+    tl.store(out_ptr + 1 + index, value, mask=diag_rows < 18)
 
 
 @triton.jit

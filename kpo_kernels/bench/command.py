@@ -8,10 +8,12 @@ from collections import OrderedDict
 import torch
 
 import kpo_kernels
+from kpo_kernels.noise_report import noise_section
 
 from . import report
 from .cases import DTYPES, Case, accuracy_cases, default_cases, sweep_cases
 from .correctness import FILTER_TOL, failures, grad_tol, reference_agrees
+from .data import noise_generator, rl_batch
 from .environment import environment, resolve_device
 from .implementations import IMPLEMENTATIONS, Settings, auto_backend
 from .run import ACCURACY_IMPLS, Progress, RunOptions, run, run_accuracy, skip_reason
@@ -175,6 +177,8 @@ def run_command(args):
     if args.plot:
         report.plot(everything, args.plot)
         print(f"wrote {args.plot}")
+
+    noise_section(rl_batch(64, 4096, device=device, seed=args.seed), noise_generator())
 
     failed = [r for r in everything if r.get("check") == "fail"]
     if failed:

@@ -70,4 +70,18 @@ def log_ratio_stream(rows=4, length=131072, *, seed=1):
     return _log_ratio(rows, length, torch.Generator().manual_seed(seed))
 
 
-__all__ = ["log_ratio_stream", "rl_batch"]
+def noise_generator():
+    """The log-ratio model above in `fit_noise`'s terms (a random walk plus white noise): no
+    process noise (Q = 0: the drift is constant within a response, a prior variance P0 =
+    DRIFT^2), and white noise of variance NOISE^2 + SPIKE_RATE SPIKE^2 (heavy-tailed)."""
+    from kpo_kernels.noise_report import Generator
+
+    return Generator(
+        f"per-response drift N(0, {DRIFT}^2), token noise N(0, {NOISE}^2), {SPIKE_RATE:.0%} spikes N(0, {SPIKE}^2)",
+        q=0.0,
+        r=NOISE**2 + SPIKE_RATE * SPIKE**2,
+        p0=DRIFT**2,
+    )
+
+
+__all__ = ["log_ratio_stream", "noise_generator", "rl_batch"]

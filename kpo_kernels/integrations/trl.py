@@ -49,10 +49,40 @@ LOSS_TYPE_AGG = {
 # loss types whose surrogate is not a clipped ratio: KPO has no counterpart.
 UNSUPPORTED_LOSS_TYPES = ("cispo", "sapo", "vespo")
 
-# kpo_loss metric -> logged as `kpo/<metric>`; sums over tokens are reduced across processes,
-# maxima by max.
-LOGGED_METRICS = ("clipfrac", "clipfrac_lower", "ppo_kl", "ratio_mean", "ratio_max", "raw_ratio_mean", "raw_ratio_max")
-_MEAN_METRICS = ("clipfrac", "clipfrac_lower", "ppo_kl", "ratio_mean", "raw_ratio_mean")
+# kpo_loss metric -> logged as `kpo/<metric>`; means are reduced across processes as sums of
+# numerator and denominator (each with its own count, below), maxima by max.
+LOGGED_METRICS = (
+    "clipfrac",
+    "clipfrac_lower",
+    "ppo_kl",
+    "ratio_mean",
+    "ratio_max",
+    "raw_ratio_mean",
+    "raw_ratio_max",
+    "nis_mean",
+    "log_likelihood",
+    "sign_flip_raw",
+    "sign_flip_filtered",
+    "clipfrac_high",
+    "clipfrac_low",
+    "capfrac",
+)
+# mean metric -> the count it is a mean over (a kpo_loss metric too)
+_MEAN_METRICS = {
+    "clipfrac": "num_tokens",
+    "clipfrac_lower": "num_tokens",
+    "ppo_kl": "num_tokens",
+    "ratio_mean": "num_tokens",
+    "raw_ratio_mean": "num_tokens",
+    "nis_mean": "innovation_tokens",
+    "log_likelihood": "innovation_tokens",
+    "sign_flip_raw": "sign_flip_pairs",
+    "sign_flip_filtered": "sign_flip_pairs",
+    "clipfrac_high": "num_tokens",
+    "clipfrac_low": "num_tokens",
+    "capfrac": "num_tokens",
+}
+_COUNTS = ("num_tokens", "innovation_tokens", "sign_flip_pairs")
 _MAX_METRICS = ("ratio_max", "raw_ratio_max")
 
 # Optional model inputs that TRL's GRPOTrainer forwards from a batch to its forward pass.
@@ -270,8 +300,9 @@ class KPOGRPOTrainer(GRPOTrainer):
         """KPO's metrics (global over processes), the entropy and the KL, with one host sync."""
         tokens = metrics["num_tokens"]
         valid = mask.to(entropies.dtype)
-        sums = [metrics[name] * tokens for name in _MEAN_METRICS]
-        sums += [tokens, (entropies.detach() * valid).sum().to(tokens), valid.sum().to(tokens)]
+        sums = [metrics[name] * metrics[count] for name, count in _MEAN_METRICS.items()]
+        sums += [metrics[count] for count in _COUNTS]
+        sums += [(entropies.detach() * valid).sum().to(tokens), valid.sum().to(tokens)]
         if per_token_kl is not None:
             sums.append((per_token_kl.detach() * valid).sum().to(tokens))
         sums = self.accelerator.reduce(torch.stack(sums), reduction="sum")
@@ -279,15 +310,16 @@ class KPOGRPOTrainer(GRPOTrainer):
         maxima = self.accelerator.gather(maxima).view(-1, len(_MAX_METRICS)).amax(0)
         values = torch.cat([sums, maxima]).tolist()  # the one host sync
 
-        total_tokens = max(values[len(_MEAN_METRICS)], 1.0)
+        counts = {count: max(values[len(_MEAN_METRICS) + i], 1.0) for i, count in enumerate(_COUNTS)}
         logged = self._metrics[mode]
-        for i, name in enumerate(_MEAN_METRICS):
-            logged[f"kpo/{name}"].append(values[i] / total_tokens)
+        for i, (name, count) in enumerate(_MEAN_METRICS.items()):
+            logged[f"kpo/{name}"].append(values[i] / counts[count])
         for i, name in enumerate(_MAX_METRICS):
             logged[f"kpo/{name}"].append(values[len(sums) + i])
         # TRL's "clip_ratio/region_mean" counts the tokens whose clipped branch is active: KPO's clipfrac.
-        logged["clip_ratio/region_mean"].append(values[0] / total_tokens)
-        entropy_sum, entropy_tokens = values[len(_MEAN_METRICS) + 1], values[len(_MEAN_METRICS) + 2]
+        logged["clip_ratio/region_mean"].append(values[0] / counts["num_tokens"])
+        rest = len(_MEAN_METRICS) + len(_COUNTS)
+        entropy_sum, entropy_tokens = values[rest], values[rest + 1]
         logged["entropy"].append(entropy_sum / max(entropy_tokens, 1.0))
         if per_token_kl is not None:
-            logged["kl"].append(values[len(_MEAN_METRICS) + 3] / max(entropy_tokens, 1.0))
+            logged["kl"].append(values[rest + 2] / max(entropy_tokens, 1.0))

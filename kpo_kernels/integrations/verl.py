@@ -44,6 +44,14 @@ METRICS = {
     "actor/kpo_ratio_max": "ratio_max",
     "actor/kpo_raw_ratio_mean": "raw_ratio_mean",
     "actor/kpo_raw_ratio_max": "raw_ratio_max",
+    # What the filter sees (README, "Choosing Q and R")
+    "actor/kpo_nis_mean": "nis_mean",
+    "actor/kpo_log_likelihood": "log_likelihood",
+    "actor/kpo_sign_flip_raw": "sign_flip_raw",
+    "actor/kpo_sign_flip_filtered": "sign_flip_filtered",
+    "actor/kpo_clipfrac_high": "clipfrac_high",
+    "actor/kpo_clipfrac_low": "clipfrac_low",
+    "actor/kpo_capfrac": "capfrac",
 }
 
 # Keys of verl's `ActorConfig.global_batch_info`, passed by name to `kpo_loss` (as verl passes them

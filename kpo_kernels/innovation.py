@@ -1,0 +1,52 @@
+"""The predicted variance of each observation, as a table beside the gain table (spec 5b, 5c).
+
+The n-th observation of a sequence has innovation e = z - xhat_before and predicted variance
+S_n = P_{n-1} + Q + R. In normalised units (p = P / R, q = Q / R), S_n / R = 1 + q + p_{n-1}
+= 1 / (1 - K_n), where p_0 = p0 / R and p_{n-1} = K_{n-1}. The tables here hold
+
+    w_n = R / S_n = 1 - K_n = 1 / (1 + q + K_{n-1}),   K_0 = p0 / R,
+
+indexed like the gain table (entry n - 1 for the n-th observation, or the position in position
+mode). Written as a reciprocal of a sum of non-negative terms it keeps full relative precision
+where 1 - K_n would cancel (K_n close to 1, e.g. q = 1e8), and it is exactly 0 for the first
+observation under a diffuse prior (p0 = inf: S infinite), which the likelihood leaves out.
+
+With w the weight of a token, e^2 / S = w e^2 / R and log S = log R - log w: the normalised
+innovation squared and the Gaussian log-likelihood need no state beyond the filter's own.
+"""
+
+from collections import OrderedDict
+
+import torch
+
+from .gains import gain_tables
+
+
+class VarianceRatioTables:
+    """Tables of w_n = R / S_n per (q / r, p0 / r, device, dtype), built from the float64 gain
+    table of the same length (so they share its length and indexing), cached like it."""
+
+    def __init__(self, max_entries=16):
+        self._tables = OrderedDict()
+        self._max_entries = max_entries
+
+    def get(self, length, q, r, p0, device, dtype):
+        gains = gain_tables.get(length, q, r, p0, device, torch.float64)
+        key = (float(q) / float(r), float(p0) / float(r), torch.device(device), dtype, gains.numel())
+        table = self._tables.get(key)
+        if table is None:
+            table = variance_ratio_schedule(gains, float(q) / float(r), float(p0) / float(r)).to(dtype)
+            self._tables[key] = table
+        self._tables.move_to_end(key)
+        while len(self._tables) > self._max_entries:
+            self._tables.popitem(last=False)
+        return table
+
+
+def variance_ratio_schedule(gains, q, p0):
+    """w_1..w_n (float64) from the float64 gains K_1..K_n, normalised q = Q / R and p0 = P0 / R."""
+    before = torch.cat([gains.new_full((1,), p0), gains[:-1]])  # p_{n-1}
+    return before.add_(1.0 + q).reciprocal_()  # 1 / inf = 0: the diffuse first observation
+
+
+variance_ratio_tables = VarianceRatioTables()
