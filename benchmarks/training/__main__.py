@@ -1,0 +1,171 @@
+"""`python -m benchmarks.training`: GRPO against KPO in TRL's real GRPOTrainer, off-policy.
+
+    python -m benchmarks.training --quick --json runs.json --plot runs.png   # 2 seeds, 150 steps
+    python -m benchmarks.training --json runs.json --plot runs.png           # 5 seeds, 600 steps
+
+Each (method, seed) trains the same small policy from the same random initialisation on the
+task of `task.py`, with the same data order and the same off-policy schedule (trainers.py names
+the methods). Prints a summary table (Markdown) at the end; --json writes every run's per-step
+curves, the summary and the settings; --plot the figure of plot.py.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import torch
+
+from . import report
+from .run import Schedule, schedule_dict, train_job
+from .trainers import METHODS
+
+QUICK = {"seeds": 2, "steps": 150}
+FULL = {"seeds": 5, "steps": 600}
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.training", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK['seeds']} seeds, {QUICK['steps']} steps")
+    parser.add_argument("--seeds", type=int, help=f"seeds per method (default {FULL['seeds']})")
+    parser.add_argument("--steps", type=int, help=f"optimizer steps per run (default {FULL['steps']})")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
+    parser.add_argument("--lr", type=float, default=Schedule.learning_rate, help="learning rate (Adam)")
+    parser.add_argument("--length", type=int, default=Schedule.length, help="completion length in tokens")
+    parser.add_argument(
+        "--steps-per-generation",
+        type=int,
+        default=Schedule.steps_per_generation,
+        help="micro-batches generated at once (more: more stale ratios)",
+    )
+    parser.add_argument(
+        "--num-iterations", type=int, default=Schedule.num_iterations, help="times each micro-batch is used (more: more stale)"
+    )
+    parser.add_argument("--strides", default="1", help="comma-separated steps k of the task (1: count up; 1,2,3: harder)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="reward for 'steps to threshold'")
+    parser.add_argument("--workers", type=int, help="runs in parallel, one torch thread each (default: 2 on a CPU, 1 on CUDA)")
+    parser.add_argument("--json", metavar="PATH", help="write the runs, their curves and the summary as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write the figure (PNG)")
+    args = parser.parse_args(argv)
+    methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown or not methods:
+        parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    args.methods = methods
+    mode = QUICK if args.quick else FULL
+    args.seeds = args.seeds if args.seeds is not None else mode["seeds"]
+    args.steps = args.steps if args.steps is not None else mode["steps"]
+    if args.seeds < 1 or args.steps < 1:
+        parser.error("--seeds and --steps must be >= 1")
+    try:
+        args.strides = tuple(int(k) for k in args.strides.split(","))
+    except ValueError:
+        parser.error(f"--strides: comma-separated integers, got {args.strides!r}")
+    cuda = torch.cuda.is_available()
+    args.workers = args.workers or (1 if cuda else min(2, os.cpu_count() or 1))
+    return args
+
+
+def main(argv=None):
+    args = parse(sys.argv[1:] if argv is None else argv)
+    schedule = Schedule(
+        steps=args.steps,
+        learning_rate=args.lr,
+        length=args.length,
+        steps_per_generation=args.steps_per_generation,
+        num_iterations=args.num_iterations,
+        strides=args.strides,
+        threads=1 if args.workers > 1 else 0,
+    )
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        jobs = [(method, seed, schedule, os.path.join(scratch, f"{method}-{seed}")) for seed in range(args.seeds) for method in args.methods]
+        print(
+            f"{len(jobs)} runs ({', '.join(args.methods)} x {args.seeds} seeds), {args.steps} steps each, "
+            f"{args.workers} at a time",
+            flush=True,
+        )
+        runs = []
+        if args.workers == 1:
+            for job in jobs:
+                runs.append(train_job(job))
+                _progress(runs[-1])
+        else:
+            with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+                for run in pool.map(train_job, jobs):
+                    runs.append(run)
+                    _progress(run)
+    elapsed = time.perf_counter() - started
+    summary = report.summarize(runs, args.threshold)
+    print()
+    print(report.table(summary, args.threshold))
+    print(f"\nwall time {elapsed:.0f} s on {_machine()}")
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "schedule": schedule_dict(schedule),
+                    "methods": args.methods,
+                    "threshold": args.threshold,
+                    "machine": _machine(),
+                    "versions": _versions(),
+                    "date": time.strftime("%Y-%m-%d"),
+                    "wall_seconds": elapsed,
+                    "summary": summary,
+                    "runs": runs,
+                },
+                f,
+                indent=1,
+            )
+    if args.plot:
+        from .plot import plot
+
+        title = (
+            f"stride task {args.strides}, {args.length}-token answers, lr {args.lr:g}, "
+            f"{args.steps_per_generation} micro-batches per generation x {args.num_iterations} iterations"
+        )
+        plot(runs, args.plot, title=title, threshold=args.threshold)
+    nonfinite = sum(run["nonfinite_steps"] for run in runs)
+    if nonfinite:
+        print(f"{nonfinite} steps had a non-finite loss or gradient norm", file=sys.stderr)
+    return 0
+
+
+def _progress(run):
+    summary = report.summarize_run(run, 0.5)
+    print(
+        f"  {run['method']:14s} seed {run['seed']}: final reward {summary['final_reward']:.3f}, "
+        f"peak {summary['peak_reward']:.3f}, {run['seconds']:.0f} s",
+        flush=True,
+    )
+
+
+def _machine():
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+
+
+def _versions():
+    import transformers
+    import trl
+
+    import kpo_kernels
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "kpo_kernels": getattr(kpo_kernels, "__version__", None),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""One training run (a method and a seed) through TRL, and the per-step curves it logs."""
+
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+from transformers.utils import logging as transformers_logging
+
+from . import task
+from .trainers import METHODS
+
+# Logged keys kept in the curves, by the name they get there.
+CURVE_KEYS = {
+    "loss": "loss",
+    "grad_norm": "grad_norm",
+    "entropy": "entropy",
+    "reward": "reward",
+    "reward_std": "reward_std",
+    "clipfrac": "clip_ratio/region_mean",
+    "raw_abs_log_mean": "ratio/abs_log_mean",
+    "raw_abs_log_max": "ratio/abs_log_max",
+    "raw_ratio_mean": "ratio/raw_mean",
+    "raw_ratio_max": "ratio/raw_max",
+    "sign_flip_raw": "ratio/sign_flip_raw",
+    "stale": "ratio/stale",
+    "ratio_mean": "kpo/ratio_mean",
+    "ratio_max": "kpo/ratio_max",
+    "sign_flip_filtered": "kpo/sign_flip_filtered",
+    "nis_mean": "kpo/nis_mean",
+    "kpo_sign_flip_raw": "kpo/sign_flip_raw",
+    "clipfrac_high": "kpo/clipfrac_high",
+    "clipfrac_low": "kpo/clipfrac_low",
+}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What every run of a comparison shares. `steps_per_generation` micro-batches of
+    `batch_size` completions are generated at once and each is used `num_iterations` times, so a
+    generation serves steps_per_generation * num_iterations optimizer steps (gradient
+    accumulation 1) and all but the first of them see stale log-ratios."""
+
+    steps: int = 600
+    learning_rate: float = 3e-4
+    length: int = 64
+    batch_size: int = 16
+    num_generations: int = 8
+    steps_per_generation: int = 4
+    num_iterations: int = 2
+    strides: tuple = (1,)
+    max_grad_norm: float = 1.0
+    threads: int = 0  # torch threads per run; 0: torch's default
+
+    def __post_init__(self):
+        if self.num_iterations < 2 or self.steps_per_generation < 2:
+            raise ValueError("the comparison is off-policy: num_iterations and steps_per_generation must be >= 2")
+        if self.batch_size % self.num_generations:
+            raise ValueError("batch_size must be a multiple of num_generations")
+
+
+class CurveRecorder(TrainerCallback):
+    """Keeps the logged values of every optimizer step."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        row = {"step": state.global_step}
+        for name, key in CURVE_KEYS.items():
+            if logs.get(key) is not None:
+                row[name] = float(logs[key])
+        self.steps.append(row)
+
+
+def train(method_name, seed, schedule, output_dir):
+    """Trains one policy from scratch; returns the run record (method, seed, curves, timing)."""
+    method = METHODS[method_name]
+    if schedule.threads:
+        torch.set_num_threads(schedule.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    transformers_logging.set_verbosity_error()
+    cuda = torch.cuda.is_available()
+    spg, iterations = (1, 1) if method.on_policy else (schedule.steps_per_generation, schedule.num_iterations)
+    args = method.config(
+        output_dir=output_dir,
+        per_device_train_batch_size=schedule.batch_size,
+        num_generations=schedule.num_generations,
+        max_completion_length=schedule.length,
+        steps_per_generation=spg,
+        num_iterations=iterations,
+        gradient_accumulation_steps=1,
+        learning_rate=schedule.learning_rate,
+        lr_scheduler_type="constant",
+        max_grad_norm=schedule.max_grad_norm,
+        max_steps=schedule.steps,
+        loss_type="grpo",
+        beta=0.0,
+        # Every completion is `length` digits: special tokens are never sampled.
+        generation_kwargs={"suppress_tokens": task.special_token_ids()},
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=not cuda,
+        bf16=False,
+        seed=seed,
+        data_seed=seed,
+        **method.options,
+    )
+    recorder = CurveRecorder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = method.trainer(
+            model=task.policy(seed),
+            reward_funcs=task.stride_reward(schedule.length),
+            args=args,
+            train_dataset=task.prompts(schedule.steps * schedule.batch_size, steps=schedule.strides, seed=seed),
+            processing_class=task.tokenizer(),
+            callbacks=[recorder],
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    record = {
+        "method": method_name,
+        "seed": seed,
+        "seconds": seconds,
+        "device": "cuda" if cuda else "cpu",
+        "steps": recorder.steps,
+        "nonfinite_steps": sum(
+            not math.isfinite(row.get(key, 0.0)) for row in recorder.steps for key in ("loss", "grad_norm")
+        ),
+    }
+    fit = getattr(trainer, "noise_fit", None)
+    if fit is not None:
+        record["noise_fit"] = {
+            "q": fit.q,
+            "r": fit.r,
+            "ratio": fit.ratio,
+            "at_boundary": fit.at_boundary,
+            "drift_evidence": fit.drift_evidence,
+            "num_tokens": fit.num_tokens,
+        }
+    return record
+
+
+def train_job(job):
+    """`train(*job)`, for a process pool (the job is picklable)."""
+    return train(*job)
+
+
+def schedule_dict(schedule):
+    return {**asdict(schedule), "strides": list(schedule.strides)}

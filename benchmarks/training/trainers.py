@@ -1,0 +1,138 @@
+"""The trainers compared, each TRL's own trainer with an observer of its importance ratios.
+
+- `grpo`: TRL's `GRPOTrainer` with TRL's `grpo` loss (token ratio exp(z), clip 0.2).
+- `kpo-paper`: `KPOGRPOTrainer` with the paper's filter and clip range (q = 1e-6, R = 1,
+  3e-4 / 4e-4).
+- `kpo-fit`: `KPOGRPOTrainer` whose Q and R are `fit_noise` of the run's first stale log-ratios
+  (the first micro-batch after the first optimizer step), with the paper's clip range. Before the
+  fit every micro-batch is on-policy, z = 0, and the filter's output is 0 whatever Q and R are, so
+  this is the run that would have used the fitted values from the start.
+- `grpo-onpolicy`: TRL's `GRPOTrainer` with one optimizer step per generation (no stale ratios),
+  the reference for what the off-policy schedule costs.
+
+The observer does not change any loss: it keeps the per-token log-probs that the trainer computes
+for its loss and logs statistics of z = log_prob - old_log_prob under `ratio/`, from the same
+code for every method; `ratio/stale` is 1 on micro-batches generated under earlier weights.
+KPO's filtered statistics are KPOGRPOTrainer's own `kpo/` metrics.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from kpo_kernels import fit_noise
+from kpo_kernels.integrations.trl import KPOGRPOConfig, KPOGRPOTrainer
+
+PAPER = {"kalman_q": 1e-6, "kalman_r": 1.0, "epsilon": 3e-4, "epsilon_high": 4e-4}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    trainer: type
+    config: type
+    options: dict = field(default_factory=dict)
+    on_policy: bool = False  # one optimizer step per generation, whatever the schedule
+
+
+class RatioObserver:
+    """Mixin for a GRPOTrainer: logs statistics of the log-ratios its loss sees (see module)."""
+
+    _observing = False
+    _observed = None
+    _generated_at = -1
+
+    def _generate_and_score_completions(self, inputs):
+        self._generated_at = self.state.global_step
+        return super()._generate_and_score_completions(inputs)
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        result = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if self._observing:
+            self._observed = result[0].detach()
+            self._before_loss(self._observed)
+        return result
+
+    def _compute_loss(self, model, inputs):
+        self._observing, self._inputs = True, inputs
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self._observing = False
+        log_prob, self._observed, self._inputs = self._observed, None, None
+        old_log_prob = inputs.get("old_per_token_logps")
+        if old_log_prob is None:
+            old_log_prob = log_prob
+        mode = "train" if self.model.training else "eval"
+        for name, value in ratio_statistics(log_prob - old_log_prob, inputs["completion_mask"]).items():
+            self._metrics[mode][f"ratio/{name}"].append(value)
+        self._metrics[mode]["ratio/stale"].append(float(self.state.global_step != self._generated_at))
+        return loss
+
+    def _before_loss(self, log_prob):
+        """Called with the detached log-probs of a loss micro-batch before the loss is computed."""
+
+    def _stale_log_ratio(self, log_prob):
+        """z and its mask for the micro-batch in flight, or None when it is on-policy."""
+        old = self._inputs.get("old_per_token_logps")
+        if old is None or self.state.global_step == self._generated_at:
+            return None
+        return log_prob - old, self._inputs["completion_mask"]
+
+
+def ratio_statistics(z, mask):
+    """Per-token statistics of the log-ratios z over the valid tokens (mask 1), as floats: the
+    mean |z|, the largest |z|, the mean and max of exp(z), and the fraction of consecutive valid
+    pairs of a sequence whose z change sign (KPO's `sign_flip_raw`)."""
+    valid = mask.bool()
+    values = z[valid].double()
+    if values.numel() == 0:
+        return {}
+    # The previous valid token of each valid token, per row: a cumulative max of the valid indices.
+    positions = torch.arange(z.shape[-1], device=z.device).expand_as(z)
+    last = torch.where(valid, positions, -1).cummax(-1).values
+    previous = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], dim=-1)
+    paired = valid & (previous >= 0)
+    z_previous = z.gather(-1, previous.clamp(min=0))
+    flips = (z_previous * z < 0) & paired
+    stats = {
+        "abs_log_mean": values.abs().mean(),
+        "abs_log_max": values.abs().max(),
+        "raw_mean": values.exp().mean(),
+        "raw_max": values.exp().max(),
+        "sign_flip_raw": flips.sum().double() / paired.sum().clamp(min=1),
+    }
+    return {name: float(value) for name, value in stats.items()}
+
+
+class ObservedGRPOTrainer(RatioObserver, GRPOTrainer):
+    """TRL's GRPOTrainer, unchanged but for the ratio observer."""
+
+
+class ObservedKPOGRPOTrainer(RatioObserver, KPOGRPOTrainer):
+    """KPOGRPOTrainer with the ratio observer."""
+
+
+class FittedKPOGRPOTrainer(ObservedKPOGRPOTrainer):
+    """KPOGRPOTrainer whose Q and R are fitted (`fit_noise`) to the first stale micro-batch."""
+
+    noise_fit = None
+
+    def _before_loss(self, log_prob):
+        if self.noise_fit is not None:
+            return
+        stale = self._stale_log_ratio(log_prob)
+        if stale is None:
+            return
+        z, mask = stale
+        self.noise_fit = fit_noise(z, mask, p0=self.args.kalman_p0 / self.args.kalman_r)
+        self._kpo_options.update(q=self.noise_fit.q, r=self.noise_fit.r, p0=self.noise_fit.p0)
+
+
+METHODS = {
+    "grpo": Method("grpo", ObservedGRPOTrainer, GRPOConfig),
+    "kpo-paper": Method("kpo-paper", ObservedKPOGRPOTrainer, KPOGRPOConfig, PAPER),
+    "kpo-fit": Method("kpo-fit", FittedKPOGRPOTrainer, KPOGRPOConfig, PAPER),
+    "grpo-onpolicy": Method("grpo-onpolicy", ObservedGRPOTrainer, GRPOConfig, on_policy=True),
+}
