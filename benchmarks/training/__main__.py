@@ -6,7 +6,8 @@
 Each (method, seed) trains the same small policy from the same random initialisation on the
 task of `task.py`, with the same data order and the same off-policy schedule (trainers.py names
 the methods). Prints a summary table (Markdown) at the end; --json writes every run's per-step
-curves, the summary and the settings; --plot the figure of plot.py.
+curves, the summary and the settings; --plot the figure of plot.py; --from-json summarises and plots
+an earlier --json without training.
 """
 
 import argparse
@@ -47,10 +48,14 @@ def parse(argv):
         "--num-iterations", type=int, default=Schedule.num_iterations, help="times each micro-batch is used (more: more stale)"
     )
     parser.add_argument("--strides", default="1", help="comma-separated steps k of the task (1: count up; 1,2,3: harder)")
+    parser.add_argument(
+        "--kpo-clip", metavar="LOW,HIGH", help="clip range (epsilon, epsilon_high) of the KPO methods (default: the paper's 3e-4,4e-4)"
+    )
     parser.add_argument("--threshold", type=float, default=0.5, help="reward for 'steps to threshold'")
     parser.add_argument("--workers", type=int, help="runs in parallel, one torch thread each (default: 2 on a CPU, 1 on CUDA)")
     parser.add_argument("--json", metavar="PATH", help="write the runs, their curves and the summary as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write the figure (PNG)")
+    parser.add_argument("--from-json", metavar="PATH", help="no training: summarise and plot the runs of an earlier --json")
     args = parser.parse_args(argv)
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
     unknown = [name for name in methods if name not in METHODS]
@@ -66,6 +71,12 @@ def parse(argv):
         args.strides = tuple(int(k) for k in args.strides.split(","))
     except ValueError:
         parser.error(f"--strides: comma-separated integers, got {args.strides!r}")
+    if args.kpo_clip is not None:
+        try:
+            low, high = (float(value) for value in args.kpo_clip.split(","))
+        except ValueError:
+            parser.error(f"--kpo-clip: two comma-separated numbers, got {args.kpo_clip!r}")
+        args.kpo_clip = (low, high)
     cuda = torch.cuda.is_available()
     args.workers = args.workers or (1 if cuda else min(2, os.cpu_count() or 1))
     return args
@@ -73,20 +84,58 @@ def parse(argv):
 
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
-    schedule = Schedule(
-        steps=args.steps,
-        learning_rate=args.lr,
-        length=args.length,
-        steps_per_generation=args.steps_per_generation,
-        num_iterations=args.num_iterations,
-        strides=args.strides,
-        threads=1 if args.workers > 1 else 0,
-    )
-    started = time.perf_counter()
+    if args.from_json:
+        with open(args.from_json) as f:
+            record = json.load(f)
+        runs, settings = record["runs"], record["schedule"]
+        print(f"{len(runs)} runs from {args.from_json} ({record['machine']}, {record['date']})")
+    else:
+        schedule = Schedule(
+            steps=args.steps,
+            learning_rate=args.lr,
+            length=args.length,
+            steps_per_generation=args.steps_per_generation,
+            num_iterations=args.num_iterations,
+            strides=args.strides,
+            kpo_clip=args.kpo_clip,
+            threads=1 if args.workers > 1 else 0,
+        )
+        settings = schedule_dict(schedule)
+        started = time.perf_counter()
+        runs = _train_all(args, schedule)
+        record = {
+            "schedule": settings,
+            "methods": args.methods,
+            "machine": _machine(),
+            "versions": _versions(),
+            "date": time.strftime("%Y-%m-%d"),
+            "wall_seconds": time.perf_counter() - started,
+            "runs": runs,
+        }
+    record["threshold"] = args.threshold
+    record["summary"] = report.summarize(runs, args.threshold)
+    print()
+    print(report.table(record["summary"], args.threshold))
+    if not args.from_json:
+        print(f"\nwall time {record['wall_seconds']:.0f} s on {record['machine']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+    if args.plot:
+        from .plot import plot
+
+        plot(runs, args.plot, title=_title(settings), threshold=args.threshold)
+    nonfinite = sum(run["nonfinite_steps"] for run in runs)
+    if nonfinite:
+        print(f"{nonfinite} steps had a non-finite loss or gradient norm", file=sys.stderr)
+    return 0
+
+
+def _train_all(args, schedule):
     with tempfile.TemporaryDirectory() as scratch:
         jobs = [(method, seed, schedule, os.path.join(scratch, f"{method}-{seed}")) for seed in range(args.seeds) for method in args.methods]
         print(
-            f"{len(jobs)} runs ({', '.join(args.methods)} x {args.seeds} seeds), {args.steps} steps each, "
+            f"{len(jobs)} runs ({', '.join(args.methods)} x {args.seeds} seeds), {schedule.steps} steps each, "
             f"{args.workers} at a time",
             flush=True,
         )
@@ -100,41 +149,15 @@ def main(argv=None):
                 for run in pool.map(train_job, jobs):
                     runs.append(run)
                     _progress(run)
-    elapsed = time.perf_counter() - started
-    summary = report.summarize(runs, args.threshold)
-    print()
-    print(report.table(summary, args.threshold))
-    print(f"\nwall time {elapsed:.0f} s on {_machine()}")
+    return runs
 
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "schedule": schedule_dict(schedule),
-                    "methods": args.methods,
-                    "threshold": args.threshold,
-                    "machine": _machine(),
-                    "versions": _versions(),
-                    "date": time.strftime("%Y-%m-%d"),
-                    "wall_seconds": elapsed,
-                    "summary": summary,
-                    "runs": runs,
-                },
-                f,
-                indent=1,
-            )
-    if args.plot:
-        from .plot import plot
 
-        title = (
-            f"stride task {args.strides}, {args.length}-token answers, lr {args.lr:g}, "
-            f"{args.steps_per_generation} micro-batches per generation x {args.num_iterations} iterations"
-        )
-        plot(runs, args.plot, title=title, threshold=args.threshold)
-    nonfinite = sum(run["nonfinite_steps"] for run in runs)
-    if nonfinite:
-        print(f"{nonfinite} steps had a non-finite loss or gradient norm", file=sys.stderr)
-    return 0
+def _title(settings):
+    title = (
+        f"stride task {tuple(settings['strides'])}, {settings['length']}-token answers, lr {settings['learning_rate']:g}, "
+        f"{settings['steps_per_generation']} micro-batches per generation x {settings['num_iterations']} iterations"
+    )
+    return title + (f", KPO clip {tuple(settings['kpo_clip'])}" if settings.get("kpo_clip") else "")
 
 
 def _progress(run):

@@ -83,12 +83,19 @@ def _value(entry, key, digits=3):
     return f"{item['mean']:.{digits}f}"
 
 
+def _steps_to_threshold(entry):
+    """Median over the seeds that reached the threshold, and how many did."""
+    median = entry["steps_to_threshold"]["median"]
+    return f"{'-' if median is None else round(median)} ({entry['steps_to_threshold']['reached']})"
+
+
 def table(summary, threshold):
     """The summary as a Markdown table (one row per method), and the noise fits."""
     columns = [
         ("final reward", lambda e: _value(e, "final_reward")),
         ("peak", lambda e: _value(e, "peak_reward")),
-        (f"steps to {threshold:g}", lambda e: f"{e['steps_to_threshold']['median'] or '-'} ({e['steps_to_threshold']['reached']})"),
+        ("drop from peak", lambda e: _value(e, "drop_from_peak")),
+        (f"steps to {threshold:g}", _steps_to_threshold),
         ("grad norm med / max", lambda e: f"{e['grad_norm_median']['mean']:.2f} / {max(e['grad_norm_max']['values']):.1f}"),
         ("clip frac", lambda e: _value(e, "stale_clipfrac")),
         ("mean abs z", lambda e: _value(e, "stale_raw_abs_log_mean", 4)),

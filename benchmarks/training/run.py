@@ -10,6 +10,8 @@ import torch
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from transformers.utils import logging as transformers_logging
 
+from kpo_kernels.integrations.trl import KPOGRPOConfig
+
 from . import task
 from .trainers import METHODS
 
@@ -53,6 +55,7 @@ class Schedule:
     num_iterations: int = 2
     strides: tuple = (1,)
     max_grad_norm: float = 1.0
+    kpo_clip: tuple = None  # (epsilon, epsilon_high) of the KPO methods; None: the paper's
     threads: int = 0  # torch threads per run; 0: torch's default
 
     def __post_init__(self):
@@ -87,6 +90,9 @@ def train(method_name, seed, schedule, output_dir):
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     transformers_logging.set_verbosity_error()
     cuda = torch.cuda.is_available()
+    options = dict(method.options)
+    if schedule.kpo_clip is not None and issubclass(method.config, KPOGRPOConfig):
+        options["epsilon"], options["epsilon_high"] = schedule.kpo_clip
     spg, iterations = (1, 1) if method.on_policy else (schedule.steps_per_generation, schedule.num_iterations)
     args = method.config(
         output_dir=output_dir,
@@ -112,7 +118,7 @@ def train(method_name, seed, schedule, output_dir):
         bf16=False,
         seed=seed,
         data_seed=seed,
-        **method.options,
+        **options,
     )
     recorder = CurveRecorder()
     with warnings.catch_warnings():
@@ -159,4 +165,7 @@ def train_job(job):
 
 
 def schedule_dict(schedule):
-    return {**asdict(schedule), "strides": list(schedule.strides)}
+    values = asdict(schedule)
+    values["strides"] = list(schedule.strides)
+    values["kpo_clip"] = None if schedule.kpo_clip is None else list(schedule.kpo_clip)
+    return values
