@@ -16,7 +16,7 @@ from benchmarks.training import report, task  # noqa: E402
 from benchmarks.training.run import Schedule, train  # noqa: E402
 from benchmarks.training.trainers import ratio_statistics  # noqa: E402
 from helpers import make_mask  # noqa: E402
-from kpo_kernels import kpo_loss  # noqa: E402
+from kpo_kernels import fit_noise, kpo_loss  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -68,49 +68,103 @@ def test_ratio_statistics_of_an_empty_batch_are_empty():
     assert ratio_statistics(torch.zeros(2, 3), torch.zeros(2, 3)) == {}
 
 
-def test_fitted_kpo_uses_the_fit_of_its_first_stale_batch(tmp_path, monkeypatch):
-    """kpo-fit: the loss runs with the paper's q until the first stale micro-batch, then with
-    fit_noise's q and r on that batch's log-ratios; before it, z = 0 (on-policy)."""
+TINY = Schedule(steps=4, batch_size=8, num_generations=4, length=16, steps_per_generation=2, num_iterations=2)
+
+
+@pytest.fixture
+def loss_calls(monkeypatch):
+    """Every kpo_loss call of KPOGRPOTrainer: (z = log_prob - old_log_prob, mask, q, r)."""
     calls = []
     real = integration.kpo_loss
 
     def spy(log_prob, old_log_prob, advantages, mask, **options):
-        gap = (log_prob.detach() - old_log_prob).abs().max()
-        calls.append((float(gap), options["q"], options["r"]))
+        calls.append(((log_prob.detach() - old_log_prob).clone(), mask.clone(), options["q"], options["r"]))
         return real(log_prob, old_log_prob, advantages, mask, **options)
 
     monkeypatch.setattr(integration, "kpo_loss", spy)
-    schedule = Schedule(steps=4, batch_size=8, num_generations=4, length=16, steps_per_generation=2, num_iterations=2)
-    run = train("kpo-fit", 0, schedule, str(tmp_path))
-    fit = run["noise_fit"]
-    assert len(calls) == 4
-    assert calls[0] == (0.0, 1e-6, 1.0)  # on-policy: the first micro-batch of the generation
-    assert calls[1][0] > 0 and calls[1][1:] == (fit["q"], fit["r"])
-    assert all(call[1:] == (fit["q"], fit["r"]) for call in calls[1:])
+    return calls
+
+
+def test_fitted_kpo_uses_the_fit_of_its_first_stale_batch(tmp_path, loss_calls):
+    """kpo-fit: the loss runs with the paper's q until the first stale micro-batch, then with
+    fit_noise's q and r of that micro-batch's own log-ratios; before it, z = 0 (on-policy)."""
+    run = train("kpo-fit", 0, TINY, str(tmp_path))
+    (fit,) = run["noise_fits"]
+    assert len(loss_calls) == 4 and fit["step"] == 1  # fitted before optimizer step 2
+    z, mask, q, r = loss_calls[0]
+    assert float(z.abs().max()) == 0.0 and (q, r) == (1e-6, 1.0)  # on-policy: first micro-batch of the generation
+    z, mask, q, r = loss_calls[1]
+    assert float(z.abs().max()) > 0 and (q, r) == (fit["q"], fit["r"])
+    again = fit_noise(z, mask)
+    assert (again.q, again.r) == (fit["q"], fit["r"])  # the fit of this very micro-batch
+    assert all(call[2:] == (fit["q"], fit["r"]) for call in loss_calls[1:])
     assert fit["q"] != 1e-6 and math.isfinite(fit["r"]) and fit["r"] > 0
-    stale = [row["stale"] for row in run["steps"]]
-    assert stale == [0.0, 1.0, 1.0, 1.0]
-    assert all(math.isfinite(row["loss"]) for row in run["steps"])
+    assert [row["stale"] for row in run["steps"]] == [0.0, 1.0, 1.0, 1.0]
+    assert run["nonfinite_steps"] == 0
+
+
+def test_refitted_kpo_fits_each_generation(tmp_path, loss_calls):
+    schedule = Schedule(**{**TINY.__dict__, "steps": 8})
+    run = train("kpo-refit", 0, schedule, str(tmp_path))
+    fits = run["noise_fits"]
+    assert [fit["step"] for fit in fits] == [1, 5]  # generations at steps 0 and 4 (0-based), fitted on the next
+    assert [call[2:] for call in loss_calls[1:4]] == [(fits[0]["q"], fits[0]["r"])] * 3
+    assert [call[2:] for call in loss_calls[5:]] == [(fits[1]["q"], fits[1]["r"])] * 3
+    assert fits[0]["q"] != fits[1]["q"]
+
+
+@pytest.mark.parametrize(("method", "stale"), [("grpo", [0.0, 1.0, 1.0, 1.0]), ("grpo-onpolicy", [0.0] * 4)])
+def test_observer_of_trl_grpo(tmp_path, method, stale):
+    run = train(method, 0, TINY, str(tmp_path))
+    assert [row["stale"] for row in run["steps"]] == stale
+    for row in run["steps"]:
+        assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
+        if row["stale"]:
+            assert row["raw_abs_log_mean"] > 0 and 0 <= row["sign_flip_raw"] <= 1
+        else:
+            assert row["raw_abs_log_mean"] == 0.0 and row["raw_ratio_max"] == 1.0
+    assert "sign_flip_filtered" not in run["steps"][0]
+
+
+def test_observer_agrees_with_kpo_metrics_in_a_run(tmp_path):
+    """The observer's raw statistics equal KPOGRPOTrainer's own kpo/ metrics, step by step."""
+    run = train("kpo-paper", 0, TINY, str(tmp_path))
+    for row in run["steps"]:
+        assert row["sign_flip_raw"] == pytest.approx(row["kpo_sign_flip_raw"], abs=1e-6)
+        assert row["raw_ratio_max"] == pytest.approx(row["kpo_raw_ratio_max"], rel=1e-6)
 
 
 def test_summaries_of_synthetic_runs():
-    def run(method, seed, rewards, grad_norm=1.0):
+    def run(method, seed, rewards, every=2, grad_norm=1.0):
+        """A generation every `every` steps (reward logged there), the other steps stale."""
         steps = []
         for i, value in enumerate(rewards):
-            steps.append({"step": 2 * i + 1, "loss": 0.0, "grad_norm": grad_norm, "reward": value, "stale": 0.0})
-            steps.append({"step": 2 * i + 2, "loss": 0.0, "grad_norm": grad_norm, "stale": 1.0, "clipfrac": 0.25})
+            for k in range(every):
+                row = {"step": every * i + k + 1, "loss": 0.0, "grad_norm": grad_norm, "stale": float(k > 0)}
+                if k == 0:
+                    row["reward"] = value
+                else:
+                    row["clipfrac"] = 0.25
+                steps.append(row)
         return {"method": method, "seed": seed, "seconds": 1.0, "steps": steps, "nonfinite_steps": 0}
 
-    rising = [0.1 * i for i in range(11)]  # 0 .. 1 over 11 generations
+    rising = [0.1 * i for i in range(11)]  # 0 .. 1
     collapsing = rising[:6] + [0.0] * 5
-    summary = report.summarize([run("a", 0, rising), run("a", 1, rising), run("b", 0, collapsing)], threshold=0.5)
-    a, b = summary["a"], summary["b"]
-    # Moving average over 5 generations: first >= 0.5 at generation 7 (0.3..0.7), step 15.
-    assert a["steps_to_threshold"]["values"] == [15, 15] and a["steps_to_threshold"]["reached"] == "2/2"
+    runs = [run("a", 0, rising, every=8), run("a", 1, rising, every=8), run("b", 0, collapsing, every=8)]
+    # The same rewards generated every step, over 1/8 of the steps.
+    runs.append(run("c", 0, [value for value in rising for _ in range(8)], every=1))
+    summary = report.summarize(runs, threshold=0.5)
+    a, b, c = summary["a"], summary["b"], summary["c"]
+    # Moving average over 40 steps = 5 generations at 8 steps each: first >= 0.5 at generation 7
+    # (0.3 .. 0.7), at step 57; the last 40 steps (of 88) hold 5 generations.
+    assert a["steps_to_threshold"]["values"] == [57, 57] and a["steps_to_threshold"]["reached"] == "2/2"
     assert a["final_reward"]["mean"] == pytest.approx(0.8) and a["final_reward"]["std"] == 0.0
     assert b["steps_to_threshold"]["reached"] == "0/1" and b["steps_to_threshold"]["median"] is None
     assert b["peak_reward"]["mean"] == pytest.approx(0.3)  # 0.1 .. 0.5
     assert b["drop_from_peak"]["mean"] == pytest.approx(0.3)
-    assert a["stale_clipfrac"]["mean"] == pytest.approx(0.25) and a["stale_fraction"]["mean"] == 0.5
+    assert a["stale_clipfrac"]["mean"] == pytest.approx(0.25) and a["stale_fraction"]["mean"] == pytest.approx(7 / 8)
+    # Windows are in steps: the every-step run is smoothed over the same training time.
+    assert c["final_reward"]["mean"] == pytest.approx(a["final_reward"]["mean"])
+    assert c["peak_reward"]["mean"] == pytest.approx(a["peak_reward"]["mean"])
     text = report.table(summary, 0.5)
     assert "| a | 0.800 ± 0.000 |" in text and "| b |" in text

@@ -21,13 +21,15 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 import torch
+from trl import GRPOConfig
 
 from . import report
-from .run import Schedule, schedule_dict, train_job
-from .trainers import METHODS
+from .run import Schedule, checkout_commit, schedule_dict, train_job
+from .trainers import METHODS, PAPER
 
 QUICK = {"seeds": 2, "steps": 150}
 FULL = {"seeds": 5, "steps": 600}
+DEFAULT_THRESHOLD = 0.5
 
 
 def parse(argv):
@@ -51,12 +53,20 @@ def parse(argv):
     parser.add_argument(
         "--kpo-clip", metavar="LOW,HIGH", help="clip range (epsilon, epsilon_high) of the KPO methods (default: the paper's 3e-4,4e-4)"
     )
-    parser.add_argument("--threshold", type=float, default=0.5, help="reward for 'steps to threshold'")
+    parser.add_argument(
+        "--delta", type=float, help="TRL's two-sided clip bound for every method (KPO: its dual clip; >= 1 + epsilon_high)"
+    )
+    parser.add_argument("--threshold", type=float, help="reward for 'steps to threshold' (default 0.5, or that of --from-json)")
     parser.add_argument("--workers", type=int, help="runs in parallel, one torch thread each (default: 2 on a CPU, 1 on CUDA)")
     parser.add_argument("--json", metavar="PATH", help="write the runs, their curves and the summary as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write the figure (PNG)")
     parser.add_argument("--from-json", metavar="PATH", help="no training: summarise and plot the runs of an earlier --json")
     args = parser.parse_args(argv)
+    if args.from_json:
+        given = [option for option, value in _training_options(args).items() if value != parser.get_default(option)]
+        if given:
+            parser.error(f"--from-json does not train: drop {', '.join('--' + o.replace('_', '-') for o in given)}")
+        return args
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
     unknown = [name for name in methods if name not in METHODS]
     if unknown or not methods:
@@ -77,9 +87,33 @@ def parse(argv):
         except ValueError:
             parser.error(f"--kpo-clip: two comma-separated numbers, got {args.kpo_clip!r}")
         args.kpo_clip = (low, high)
+    if args.delta is not None:
+        high = args.kpo_clip[1] if args.kpo_clip else PAPER["epsilon_high"]
+        if any(METHODS[name].config is not GRPOConfig for name in methods) and not args.delta >= 1 + high:
+            parser.error(f"--delta must be >= 1 + the KPO methods' epsilon_high ({1 + high}): it is their dual clip")
     cuda = torch.cuda.is_available()
     args.workers = args.workers or (1 if cuda else min(2, os.cpu_count() or 1))
+    try:
+        args.schedule = Schedule(
+            steps=args.steps,
+            learning_rate=args.lr,
+            length=args.length,
+            steps_per_generation=args.steps_per_generation,
+            num_iterations=args.num_iterations,
+            strides=args.strides,
+            kpo_clip=args.kpo_clip,
+            delta=args.delta,
+            threads=1 if args.workers > 1 else 0,
+        )
+    except ValueError as error:
+        parser.error(str(error))
     return args
+
+
+def _training_options(args):
+    names = ("quick", "seeds", "steps", "methods", "lr", "length", "steps_per_generation", "num_iterations")
+    names += ("strides", "kpo_clip", "delta", "workers")
+    return {name: getattr(args, name) for name in names}
 
 
 def main(argv=None):
@@ -88,34 +122,28 @@ def main(argv=None):
         with open(args.from_json) as f:
             record = json.load(f)
         runs, settings = record["runs"], record["schedule"]
-        print(f"{len(runs)} runs from {args.from_json} ({record['machine']}, {record['date']})")
+        print(f"{len(runs)} runs from {args.from_json} ({record['machine']}, {record['date']}, commit {record['commit']})")
+        threshold = args.threshold if args.threshold is not None else record["threshold"]
     else:
-        schedule = Schedule(
-            steps=args.steps,
-            learning_rate=args.lr,
-            length=args.length,
-            steps_per_generation=args.steps_per_generation,
-            num_iterations=args.num_iterations,
-            strides=args.strides,
-            kpo_clip=args.kpo_clip,
-            threads=1 if args.workers > 1 else 0,
-        )
-        settings = schedule_dict(schedule)
+        settings = schedule_dict(args.schedule)
         started = time.perf_counter()
-        runs = _train_all(args, schedule)
+        commit = checkout_commit()
+        runs = _train_all(args, args.schedule)
         record = {
             "schedule": settings,
             "methods": args.methods,
             "machine": _machine(),
             "versions": _versions(),
+            "commit": commit,
             "date": time.strftime("%Y-%m-%d"),
             "wall_seconds": time.perf_counter() - started,
             "runs": runs,
         }
-    record["threshold"] = args.threshold
-    record["summary"] = report.summarize(runs, args.threshold)
+        threshold = args.threshold if args.threshold is not None else DEFAULT_THRESHOLD
+    record["threshold"] = threshold
+    record["summary"] = report.summarize(runs, threshold)
     print()
-    print(report.table(record["summary"], args.threshold))
+    print(report.table(record["summary"], threshold))
     if not args.from_json:
         print(f"\nwall time {record['wall_seconds']:.0f} s on {record['machine']}")
     if args.json:
@@ -124,7 +152,7 @@ def main(argv=None):
     if args.plot:
         from .plot import plot
 
-        plot(runs, args.plot, title=_title(settings), threshold=args.threshold)
+        plot(runs, args.plot, title=_title(settings), threshold=threshold)
     nonfinite = sum(run["nonfinite_steps"] for run in runs)
     if nonfinite:
         print(f"{nonfinite} steps had a non-finite loss or gradient norm", file=sys.stderr)
@@ -157,7 +185,8 @@ def _title(settings):
         f"stride task {tuple(settings['strides'])}, {settings['length']}-token answers, lr {settings['learning_rate']:g}, "
         f"{settings['steps_per_generation']} micro-batches per generation x {settings['num_iterations']} iterations"
     )
-    return title + (f", KPO clip {tuple(settings['kpo_clip'])}" if settings.get("kpo_clip") else "")
+    title += f", KPO clip {tuple(settings['kpo_clip'])}" if settings.get("kpo_clip") else ""
+    return title + (f", delta {settings['delta']:g}" if settings.get("delta") else "")
 
 
 def _progress(run):

@@ -1,13 +1,13 @@
 """The figure of `--plot`: six panels over optimizer steps, one colour per method.
 
-Reward: the mean over seeds of each seed's moving average (5 generations), with the band from
-the lowest to the highest seed. The other panels: the median over seeds, smoothed over 20
+Reward: the mean over seeds of each seed's moving average (the generations of the last 40
+steps), with the band from the lowest to the highest seed. The other panels: the median over seeds, smoothed over 20
 steps; the ratio panels use only stale micro-batches (generated under earlier weights).
 """
 
 import statistics
 
-from .report import moving_average, reward_curve
+from .report import SMOOTHING_STEPS, moving_average, smoothed_reward
 
 COLOURS = {"grpo": "tab:blue", "kpo-paper": "tab:orange", "kpo-fit": "tab:green", "grpo-onpolicy": "tab:gray"}
 STEP_WINDOW = 20
@@ -28,7 +28,7 @@ def _median_curve(group, key, stale_only):
             if key in row and (not stale_only or row.get("stale") == 1.0):
                 per_step.setdefault(row["step"], []).append(row[key])
     steps = sorted(per_step)
-    return steps, moving_average([statistics.median(per_step[s]) for s in steps], STEP_WINDOW)
+    return steps, moving_average(steps, [statistics.median(per_step[s]) for s in steps], STEP_WINDOW)
 
 
 def plot(runs, path, *, title, threshold):
@@ -42,9 +42,9 @@ def plot(runs, path, *, title, threshold):
     (reward_ax, grad_ax, clip_ax), (z_ax, flip_ax, nis_ax) = axes
     for method, group in groups.items():
         colour = COLOURS.get(method)
-        curves = [reward_curve(run) for run in group]
+        curves = [smoothed_reward(run) for run in group]
         steps = curves[0][0]
-        smooth = [moving_average(rewards) for _, rewards in curves]
+        smooth = [rewards for _, rewards in curves]
         length = min(len(s) for s in smooth)
         steps, smooth = steps[:length], [s[:length] for s in smooth]
         mean = [statistics.fmean(values) for values in zip(*smooth)]
@@ -64,7 +64,7 @@ def plot(runs, path, *, title, threshold):
             if steps:  # an on-policy run has no stale micro-batch; GRPO no filtered values
                 ax.plot(steps, values, color=colour, linestyle=style, label=label)
     reward_ax.axhline(threshold, color="black", linewidth=0.5, linestyle=":")
-    reward_ax.set(title="reward (moving average of 5 generations; band: seed range)", ylabel="reward")
+    reward_ax.set(title=f"reward (moving average over {SMOOTHING_STEPS} steps; band: seed range)", ylabel="reward")
     grad_ax.set(title="gradient norm before clipping (median over seeds)", yscale="log")
     clip_ax.set(title="clipped fraction of tokens (stale micro-batches)")
     z_ax.set(title="mean |log ratio| of raw token ratios (stale)", yscale="log")

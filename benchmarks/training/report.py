@@ -3,11 +3,21 @@
 import math
 import statistics
 
-SMOOTHING = 5  # generations in the moving average of the reward
-FINAL_FRACTION = 0.1  # the last 10% of a run's generations (at least SMOOTHING) make its final reward
+# Windows in optimizer steps, so that runs that generate at different rates (on-policy: every
+# step; the default off-policy schedule: every 8th) are smoothed over the same training time.
+SMOOTHING_STEPS = 40  # the moving average of the reward: generations in the last 40 steps
+FINAL_FRACTION = 0.1  # final reward: generations in the last 10% of the steps (at least SMOOTHING_STEPS)
 
 # Ratio statistics summarised over stale micro-batches (those generated under earlier weights).
-STALE_KEYS = ("clipfrac", "raw_abs_log_mean", "sign_flip_raw", "sign_flip_filtered", "nis_mean", "ratio_max", "raw_ratio_max")
+STALE_KEYS = (
+    "clipfrac",
+    "raw_abs_log_mean",
+    "sign_flip_raw",
+    "sign_flip_filtered",
+    "nis_mean",
+    "ratio_max",
+    "raw_ratio_max",
+)
 
 
 def reward_curve(run):
@@ -16,23 +26,34 @@ def reward_curve(run):
     return [row["step"] for row in rows], [row["reward"] for row in rows]
 
 
-def moving_average(values, window=SMOOTHING):
+def moving_average(steps, values, window):
+    """At each step, the mean of the values at steps in (step - window, step]."""
     out = []
-    for i in range(len(values)):
-        part = values[max(0, i - window + 1) : i + 1]
+    start = 0
+    for i, step in enumerate(steps):
+        while steps[start] <= step - window:
+            start += 1
+        part = values[start : i + 1]
         out.append(sum(part) / len(part))
     return out
 
 
+def smoothed_reward(run):
+    steps, rewards = reward_curve(run)
+    return steps, moving_average(steps, rewards, SMOOTHING_STEPS)
+
+
 def summarize_run(run, threshold):
     steps, rewards = reward_curve(run)
-    smooth = moving_average(rewards)
-    final_count = max(SMOOTHING, math.ceil(FINAL_FRACTION * len(rewards)))
+    smooth = moving_average(steps, rewards, SMOOTHING_STEPS)
+    last = run["steps"][-1]["step"] if run["steps"] else 0
+    final_from = last - max(SMOOTHING_STEPS, FINAL_FRACTION * last)
+    final = [reward for step, reward in zip(steps, rewards) if step > final_from]
     reached = next((step for step, value in zip(steps, smooth) if value >= threshold), None)
     stale = [row for row in run["steps"] if row.get("stale") == 1.0]
     grad_norms = [row["grad_norm"] for row in run["steps"] if "grad_norm" in row]
     summary = {
-        "final_reward": statistics.fmean(rewards[-final_count:]) if rewards else float("nan"),
+        "final_reward": statistics.fmean(final) if final else float("nan"),
         "peak_reward": max(smooth) if smooth else float("nan"),
         "steps_to_threshold": reached,
         "grad_norm_median": statistics.median(grad_norms) if grad_norms else float("nan"),
@@ -67,9 +88,9 @@ def summarize(runs, threshold):
         reached = [v for v in entry["steps_to_threshold"]["values"] if v is not None]
         entry["steps_to_threshold"]["median"] = statistics.median(reached) if reached else None
         entry["steps_to_threshold"]["reached"] = f"{len(reached)}/{len(group)}"
-        fits = [run["noise_fit"] for run in group if "noise_fit" in run]
+        fits = {run["seed"]: run["noise_fits"] for run in group if run.get("noise_fits")}
         if fits:
-            entry["noise_fit"] = fits
+            entry["noise_fits"] = fits
         out[method] = entry
     return out
 
@@ -110,10 +131,19 @@ def table(summary, threshold):
     for method, entry in summary.items():
         lines.append(f"| {method} | " + " | ".join(cell(entry) for _, cell in columns) + " |")
     for method, entry in summary.items():
-        for fit in entry.get("noise_fit", []):
-            lines.append(
-                f"{method}: fit_noise on the first stale micro-batch ({fit['num_tokens']} tokens): Q/R = {fit['ratio']:.3g}, "
-                f"R = {fit['r']:.3g}, Q = {fit['q']:.3g}, drift evidence {fit['drift_evidence']:.1f} nats"
-                + (f", at the {fit['at_boundary']} end of the range" if fit["at_boundary"] else "")
+        for seed, fits in entry.get("noise_fits", {}).items():
+            first = fits[0]
+            line = (
+                f"{method} seed {seed}: fit_noise at step {first['step']} ({first['num_tokens']} tokens): "
+                f"Q/R = {first['ratio']:.3g}, R = {first['r']:.3g}, Q = {first['q']:.3g}, "
+                f"drift evidence {first['drift_evidence']:.1f} nats"
+                + (f", at the {first['at_boundary']} end of the range" if first["at_boundary"] else "")
             )
+            if len(fits) > 1:
+                ratios, rs = [fit["ratio"] for fit in fits], [fit["r"] for fit in fits]
+                line += (
+                    f"; {len(fits)} fits in all: Q/R {min(ratios):.3g} to {max(ratios):.3g}, R {min(rs):.3g} to {max(rs):.3g}, "
+                    f"last Q/R = {ratios[-1]:.3g}, R = {rs[-1]:.3g}"
+                )
+            lines.append(line)
     return "\n".join(lines)

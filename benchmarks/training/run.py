@@ -2,6 +2,7 @@
 
 import math
 import os
+import subprocess
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -15,7 +16,7 @@ from kpo_kernels.integrations.trl import KPOGRPOConfig
 from . import task
 from .trainers import METHODS
 
-# Logged keys kept in the curves, by the name they get there.
+# Logged keys kept in the curves, by the name they get there (a tuple: the first one logged).
 CURVE_KEYS = {
     "loss": "loss",
     "grad_norm": "grad_norm",
@@ -33,9 +34,11 @@ CURVE_KEYS = {
     "ratio_max": "kpo/ratio_max",
     "sign_flip_filtered": "kpo/sign_flip_filtered",
     "nis_mean": "kpo/nis_mean",
-    "kpo_sign_flip_raw": "kpo/sign_flip_raw",
-    "clipfrac_high": "kpo/clipfrac_high",
-    "clipfrac_low": "kpo/clipfrac_low",
+    "kpo_sign_flip_raw": "kpo/sign_flip_raw",  # the same as sign_flip_raw (a test checks it)
+    "kpo_raw_ratio_max": "kpo/raw_ratio_max",
+    # above 1 + epsilon_high with A > 0 / below 1 - epsilon with A < 0 (KPO: the filtered ratio)
+    "clipfrac_high": ("kpo/clipfrac_high", "clip_ratio/high_mean"),
+    "clipfrac_low": ("kpo/clipfrac_low", "clip_ratio/low_mean"),
 }
 
 
@@ -56,6 +59,7 @@ class Schedule:
     strides: tuple = (1,)
     max_grad_norm: float = 1.0
     kpo_clip: tuple = None  # (epsilon, epsilon_high) of the KPO methods; None: the paper's
+    delta: float = None  # TRL's two-sided clip bound (KPO: the dual clip), for every method; None: off
     threads: int = 0  # torch threads per run; 0: torch's default
 
     def __post_init__(self):
@@ -66,7 +70,9 @@ class Schedule:
 
 
 class CurveRecorder(TrainerCallback):
-    """Keeps the logged values of every optimizer step."""
+    """Keeps the logged values of every optimizer step (logging_steps=1 and no gradient
+    accumulation: each log is one micro-batch, so `stale` is 0 or 1). A metric that TRL logs as
+    None (all its values NaN) is kept as NaN."""
 
     def __init__(self):
         self.steps = []
@@ -75,9 +81,10 @@ class CurveRecorder(TrainerCallback):
         if not logs or "loss" not in logs:
             return
         row = {"step": state.global_step}
-        for name, key in CURVE_KEYS.items():
-            if logs.get(key) is not None:
-                row[name] = float(logs[key])
+        for name, keys in CURVE_KEYS.items():
+            key = next((key for key in ((keys,) if isinstance(keys, str) else keys) if key in logs), None)
+            if key is not None:
+                row[name] = math.nan if logs[key] is None else float(logs[key])
         self.steps.append(row)
 
 
@@ -93,6 +100,8 @@ def train(method_name, seed, schedule, output_dir):
     options = dict(method.options)
     if schedule.kpo_clip is not None and issubclass(method.config, KPOGRPOConfig):
         options["epsilon"], options["epsilon_high"] = schedule.kpo_clip
+    if schedule.delta is not None:
+        options["delta"] = schedule.delta
     spg, iterations = (1, 1) if method.on_policy else (schedule.steps_per_generation, schedule.num_iterations)
     args = method.config(
         output_dir=output_dir,
@@ -111,6 +120,7 @@ def train(method_name, seed, schedule, output_dir):
         # Every completion is `length` digits: special tokens are never sampled.
         generation_kwargs={"suppress_tokens": task.special_token_ids()},
         logging_steps=1,
+        logging_nan_inf_filter=False,  # a NaN or infinite loss is logged as it is
         report_to="none",
         save_strategy="no",
         disable_tqdm=True,
@@ -143,19 +153,23 @@ def train(method_name, seed, schedule, output_dir):
         "device": "cuda" if cuda else "cpu",
         "steps": recorder.steps,
         "nonfinite_steps": sum(
-            not math.isfinite(row.get(key, 0.0)) for row in recorder.steps for key in ("loss", "grad_norm")
+            any(not math.isfinite(value) for name, value in row.items() if name != "step") for row in recorder.steps
         ),
     }
-    fit = getattr(trainer, "noise_fit", None)
-    if fit is not None:
-        record["noise_fit"] = {
-            "q": fit.q,
-            "r": fit.r,
-            "ratio": fit.ratio,
-            "at_boundary": fit.at_boundary,
-            "drift_evidence": fit.drift_evidence,
-            "num_tokens": fit.num_tokens,
-        }
+    fits = getattr(trainer, "noise_fits", [])
+    if fits:
+        record["noise_fits"] = [
+            {
+                "step": step,
+                "q": fit.q,
+                "r": fit.r,
+                "ratio": fit.ratio,
+                "at_boundary": fit.at_boundary,
+                "drift_evidence": fit.drift_evidence,
+                "num_tokens": fit.num_tokens,
+            }
+            for step, fit in fits
+        ]
     return record
 
 
@@ -169,3 +183,17 @@ def schedule_dict(schedule):
     values["strides"] = list(schedule.strides)
     values["kpo_clip"] = None if schedule.kpo_clip is None else list(schedule.kpo_clip)
     return values
+
+
+def checkout_commit():
+    """The commit of the checkout the benchmark runs from, with '+' if it has changes; None
+    outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+" if dirty.strip() else "")

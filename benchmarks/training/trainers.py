@@ -7,6 +7,8 @@
   (the first micro-batch after the first optimizer step), with the paper's clip range. Before the
   fit every micro-batch is on-policy, z = 0, and the filter's output is 0 whatever Q and R are, so
   this is the run that would have used the fitted values from the start.
+- `kpo-refit`: as `kpo-fit`, refitted on the first stale micro-batch of every generation (the
+  fit's cost: a few dozen filter passes over one micro-batch, once per generation).
 - `grpo-onpolicy`: TRL's `GRPOTrainer` with one optimizer step per generation (no stale ratios),
   the reference for what the off-policy schedule costs.
 
@@ -74,11 +76,14 @@ class RatioObserver:
         """Called with the detached log-probs of a loss micro-batch before the loss is computed."""
 
     def _stale_log_ratio(self, log_prob):
-        """z and its mask for the micro-batch in flight, or None when it is on-policy."""
+        """z and the loss's mask for the micro-batch in flight, or None when it is on-policy."""
         old = self._inputs.get("old_per_token_logps")
         if old is None or self.state.global_step == self._generated_at:
             return None
-        return log_prob - old, self._inputs["completion_mask"]
+        mask = self._inputs["completion_mask"]
+        if "tool_mask" in self._inputs:
+            mask = mask * self._inputs["tool_mask"]
+        return log_prob - old, mask
 
 
 def ratio_statistics(z, mask):
@@ -115,24 +120,39 @@ class ObservedKPOGRPOTrainer(RatioObserver, KPOGRPOTrainer):
 
 
 class FittedKPOGRPOTrainer(ObservedKPOGRPOTrainer):
-    """KPOGRPOTrainer whose Q and R are fitted (`fit_noise`) to the first stale micro-batch."""
+    """KPOGRPOTrainer whose Q and R are fitted (`fit_noise`) to the first stale micro-batch, and
+    refitted on the first stale micro-batch of every generation when `refit`. The fit reaches
+    the loss of the micro-batch it was fitted on."""
 
-    noise_fit = None
+    refit = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.noise_fits = []  # (optimizer step, NoiseFit)
+        self._fitted_generation = None
 
     def _before_loss(self, log_prob):
-        if self.noise_fit is not None:
+        if self.noise_fits and not (self.refit and self._fitted_generation != self._generated_at):
             return
         stale = self._stale_log_ratio(log_prob)
         if stale is None:
             return
         z, mask = stale
-        self.noise_fit = fit_noise(z, mask, p0=self.args.kalman_p0 / self.args.kalman_r)
-        self._kpo_options.update(q=self.noise_fit.q, r=self.noise_fit.r, p0=self.noise_fit.p0)
+        args = self.args
+        fit = fit_noise(z, mask, mask_mode=args.mask_mode, p0=args.kalman_p0 / args.kalman_r, x0=args.kalman_x0)
+        self.noise_fits.append((self.state.global_step, fit))
+        self._fitted_generation = self._generated_at
+        self._kpo_options.update(q=fit.q, r=fit.r, p0=fit.p0)
+
+
+class RefittedKPOGRPOTrainer(FittedKPOGRPOTrainer):
+    refit = True
 
 
 METHODS = {
     "grpo": Method("grpo", ObservedGRPOTrainer, GRPOConfig),
     "kpo-paper": Method("kpo-paper", ObservedKPOGRPOTrainer, KPOGRPOConfig, PAPER),
     "kpo-fit": Method("kpo-fit", FittedKPOGRPOTrainer, KPOGRPOConfig, PAPER),
+    "kpo-refit": Method("kpo-refit", RefittedKPOGRPOTrainer, KPOGRPOConfig, PAPER),
     "grpo-onpolicy": Method("grpo-onpolicy", ObservedGRPOTrainer, GRPOConfig, on_policy=True),
 }
