@@ -9,7 +9,13 @@ import statistics
 
 from .report import SMOOTHING_STEPS, moving_average, smoothed_reward
 
-COLOURS = {"grpo": "tab:blue", "kpo-paper": "tab:orange", "kpo-fit": "tab:green", "grpo-onpolicy": "tab:gray"}
+COLOURS = {
+    "grpo": "tab:blue",
+    "kpo-paper": "tab:orange",
+    "kpo-fit": "tab:green",
+    "kpo-refit": "tab:red",
+    "grpo-onpolicy": "tab:gray",
+}
 STEP_WINDOW = 20
 
 
