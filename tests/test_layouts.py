@@ -98,12 +98,17 @@ def run(data, impl, adv, **options):
     return loss.detach().cpu(), {k: v.cpu() for k, v in metrics.items()}, grad.cpu()
 
 
-def canonical_filter(stream_pairs, **options):
-    """The float64 reference filter of each stream on its own (no padding at all)."""
+def canonical_filter(stream_pairs, dtype=torch.float32, **options):
+    """The float64 reference filter of each stream on its own (no padding at all), of the
+    log-probs rounded to `dtype` as `to_device` hands them to the backends: the filter of the
+    inputs the backends see. (Of the unrounded ones it can differ by more than the tolerance:
+    with q = 1e-8 a short stream's filtered values are ~1e-10 and the rounding of log-probs
+    near -2 moves them by ~3e-15.)"""
     parts = []
     for new, old in stream_pairs:
         if new.numel():
-            parts.append(reference.kalman_filter((new - old)[None], **options)[0])
+            z = new.to(dtype).double() - old.to(dtype).double()
+            parts.append(reference.kalman_filter(z[None], **options)[0])
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
@@ -137,10 +142,13 @@ def test_every_layout_gives_the_same_valid_tokens(lengths, seed, q):
             agg = AGGS_WITHOUT_WIDTH[seed % len(AGGS_WITHOUT_WIDTH)]
             loss, _, grad = run(dev, impl, adv[:, None].float().to(DEVICE), q=q, agg=agg, clip_low=0.05, clip_high=0.05)
             losses.setdefault(agg, []).append((f"{impl!r} {layout}", loss, gather(grad, index)))
+    # The loss is a mean of terms -A_t r_t with r_t near 1 that cancel (here to 1e-4 of max |A|):
+    # float32 sums in another order differ by ulps of max |A|, not of the loss.
+    loss_atol = 1e-6 * float(adv.abs().max())
     for agg, results in losses.items():
         name0, loss0, grad0 = results[0]
         for name, loss, grad in results[1:]:
-            assert_close(f"{agg} loss {name} vs {name0}", loss, loss0, rtol=1e-5)
+            assert_close(f"{agg} loss {name} vs {name0}", loss, loss0, rtol=1e-5, atol=loss_atol)
             assert_close(f"{agg} grad {name} vs {name0}", grad, grad0, rtol=1e-5)
 
 
