@@ -31,7 +31,6 @@ PAPER = {"kalman_q": 1e-6, "kalman_r": 1.0, "epsilon": 3e-4, "epsilon_high": 4e-
 
 @dataclass(frozen=True)
 class Method:
-    name: str
     trainer: type
     config: type
     options: dict = field(default_factory=dict)
@@ -62,28 +61,30 @@ class RatioObserver:
             loss = super()._compute_loss(model, inputs)
         finally:
             self._observing = False
-        log_prob, self._observed, self._inputs = self._observed, None, None
-        old_log_prob = inputs.get("old_per_token_logps")
-        if old_log_prob is None:
-            old_log_prob = log_prob
+        z, mask = self._log_ratio(self._observed)
+        self._observed, self._inputs = None, None
         mode = "train" if self.model.training else "eval"
-        for name, value in ratio_statistics(log_prob - old_log_prob, inputs["completion_mask"]).items():
+        for name, value in ratio_statistics(z, mask).items():
             self._metrics[mode][f"ratio/{name}"].append(value)
-        self._metrics[mode]["ratio/stale"].append(float(self.state.global_step != self._generated_at))
+        self._metrics[mode]["ratio/stale"].append(float(self._stale))
         return loss
 
     def _before_loss(self, log_prob):
         """Called with the detached log-probs of a loss micro-batch before the loss is computed."""
 
-    def _stale_log_ratio(self, log_prob):
-        """z and the loss's mask for the micro-batch in flight, or None when it is on-policy."""
+    @property
+    def _stale(self):
+        """Whether the micro-batch in flight was generated under earlier weights."""
+        return self.state.global_step != self._generated_at
+
+    def _log_ratio(self, log_prob):
+        """z = log_prob - old_log_prob and the loss's mask (tool output masked, as the loss
+        masks it) of the micro-batch in flight; z = 0 where TRL left the old log-probs out."""
         old = self._inputs.get("old_per_token_logps")
-        if old is None or self.state.global_step == self._generated_at:
-            return None
         mask = self._inputs["completion_mask"]
         if "tool_mask" in self._inputs:
             mask = mask * self._inputs["tool_mask"]
-        return log_prob - old, mask
+        return log_prob - (log_prob if old is None else old), mask
 
 
 def ratio_statistics(z, mask):
@@ -132,12 +133,10 @@ class FittedKPOGRPOTrainer(ObservedKPOGRPOTrainer):
         self._fitted_generation = None
 
     def _before_loss(self, log_prob):
-        if self.noise_fits and not (self.refit and self._fitted_generation != self._generated_at):
+        fitted_this_generation = self._fitted_generation == self._generated_at
+        if not self._stale or fitted_this_generation or (self.noise_fits and not self.refit):
             return
-        stale = self._stale_log_ratio(log_prob)
-        if stale is None:
-            return
-        z, mask = stale
+        z, mask = self._log_ratio(log_prob)
         args = self.args
         fit = fit_noise(z, mask, mask_mode=args.mask_mode, p0=args.kalman_p0 / args.kalman_r, x0=args.kalman_x0)
         self.noise_fits.append((self.state.global_step, fit))
@@ -150,9 +149,9 @@ class RefittedKPOGRPOTrainer(FittedKPOGRPOTrainer):
 
 
 METHODS = {
-    "grpo": Method("grpo", ObservedGRPOTrainer, GRPOConfig),
-    "kpo-paper": Method("kpo-paper", ObservedKPOGRPOTrainer, KPOGRPOConfig, PAPER),
-    "kpo-fit": Method("kpo-fit", FittedKPOGRPOTrainer, KPOGRPOConfig, PAPER),
-    "kpo-refit": Method("kpo-refit", RefittedKPOGRPOTrainer, KPOGRPOConfig, PAPER),
-    "grpo-onpolicy": Method("grpo-onpolicy", ObservedGRPOTrainer, GRPOConfig, on_policy=True),
+    "grpo": Method(ObservedGRPOTrainer, GRPOConfig),
+    "kpo-paper": Method(ObservedKPOGRPOTrainer, KPOGRPOConfig, PAPER),
+    "kpo-fit": Method(FittedKPOGRPOTrainer, KPOGRPOConfig, PAPER),
+    "kpo-refit": Method(RefittedKPOGRPOTrainer, KPOGRPOConfig, PAPER),
+    "grpo-onpolicy": Method(ObservedGRPOTrainer, GRPOConfig, on_policy=True),
 }
