@@ -2,16 +2,17 @@
 # The one script to run when a GPU is lent:   bash benchmarks/gpu_check.sh
 #
 # From the repository root, with the image's python3 (torch, triton, pytest, pytest-benchmark,
-# matplotlib; nothing is installed or downloaded). At most about 9 minutes (GPU_CHECK_BUDGET,
-# 500 s, plus the summary; give the device command a 600 s limit): every stage runs under
+# matplotlib; nothing is installed or downloaded). At most about 9.5 minutes (GPU_CHECK_BUDGET,
+# 540 s, plus the summary; give the device command a 600 s limit): every stage runs under
 # `timeout`, the script goes on past failures and prints a summary last. Run it as
 #   KPO_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh
 # (the device's copy of the checkout may have no .git). Writes these 8
 # files directly under $OUT (a new /tmp/gpu_check.* folder when OUT is unset), nothing else there:
 #
 #   run.log             environment (nvidia-smi, versions), each stage's progress and output
-#                       (the host overhead per call of benchmarks/overhead.py among them)
-#   tests.log           python3 -m pytest on CUDA, Triton compiled natively (no interpreter)
+#                       (the host overhead per call of benchmarks/overhead.py and kpo's kernels
+#                       one by one from benchmarks/device_time.py among them)
+#   tests.log           python3 -m pytest -v on CUDA, Triton compiled natively (no interpreter)
 #   results.json        the full sweep (python -m kpo_kernels --full): rows, each with `impl`
 #   results.md          the same as a markdown table, with issue 4's GPU goals as measured
 #   accuracy_and_time.png  error against float64 vs T (kpo, vectorized-cumsum), time vs tokens
@@ -21,7 +22,7 @@
 #
 # `bash benchmarks/gpu_check.sh --dry-run` runs every Python part on the CPU with tiny shapes
 # (Triton interpreted where it must run) to check the plumbing; its numbers mean nothing.
-# Environment: PYTHON (default python3), OUT, GPU_CHECK_BUDGET (seconds, default 500),
+# Environment: PYTHON (default python3), OUT, GPU_CHECK_BUDGET (seconds, default 540),
 # KPO_COMMIT (the commit to record when the copy of the checkout has no .git).
 
 set -u
@@ -36,7 +37,7 @@ TMP=$(mktemp -d)
 export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 MPLBACKEND=Agg MPLCONFIGDIR=$TMP/mpl
 unset TRITON_INTERPRET
 START=$(date +%s)
-DEADLINE=$((START + ${GPU_CHECK_BUDGET:-500}))
+DEADLINE=$((START + ${GPU_CHECK_BUDGET:-540}))
 LOG=$OUT/run.log
 : >"$LOG"
 SUMMARY=()
@@ -109,16 +110,20 @@ fi
 
 # ---------------------------------------------------------------- 1. tests (native Triton on CUDA)
 # Compiling every kernel specialisation the tests use dominates: spread it over the CPU cores
-# with pytest-xdist when the image has it.
+# with pytest-xdist when the image has it (the first H200 run: more than 200 s with 8 workers on
+# 16 cores). -v names each test as it ends, so a failure is named even if the stage times out.
 XDIST=""
-((DRY)) || { $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"; }
-stage tests 200 bash -c "$PY -m pytest -q -p no:cacheprovider $XDIST --durations=15 ${TESTS[*]:-} >'$OUT/tests.log' 2>&1; rc=\$?; tail -n 5 '$OUT/tests.log'; exit \$rc"
+((DRY)) || { $PY -c "import xdist" 2>/dev/null && XDIST="-n $(($(nproc) > 2 ? $(nproc) - 2 : 1))"; }
+stage tests 210 bash -c "$PY -m pytest -v -p no:cacheprovider $XDIST --durations=15 ${TESTS[*]:-} >'$OUT/tests.log' 2>&1; rc=\$?; grep -E '(FAILED|ERROR) ' '$OUT/tests.log' | head -n 20; tail -n 3 '$OUT/tests.log'; exit \$rc"
 
 # ---------------------------------------------------------------- 2. the full sweep (before the sanitizer: the goals matter most)
 stage sweep 180 $PY -m kpo_kernels "${SWEEP[@]}" --json "$OUT/results.json" --markdown "$OUT/results.md" --plot "$OUT/accuracy_and_time.png"
 if [ -s "$OUT/results.json" ] && [ ! -s "$OUT/accuracy_and_time.png" ]; then  # stopped part-way: render what was measured
     stage report 30 $PY -m kpo_kernels.bench.report "$OUT/results.json" --markdown "$OUT/results.md" --plot "$OUT/accuracy_and_time.png" --goals
 fi
+
+# ---------------------------------------------------------------- 2a. kpo's kernels one by one and a graph replay, into run.log
+((DRY)) || stage kernels 45 $PY -m benchmarks.device_time --budget 30
 
 # ---------------------------------------------------------------- 2b. host overhead per call (eager, compiled, CUDA graph), into run.log
 stage overhead 40 $PY -m benchmarks.overhead --repeats 50
@@ -166,12 +171,17 @@ rm -rf "$TMP"
     echo "================ gpu_check summary ($(($(date +%s) - START)) s, device $DEVICE)"
     printf '%s\n' "${SUMMARY[@]}"
     echo "--- tests:"
+    grep -E '(FAILED|ERROR) ' "$OUT/tests.log" 2>/dev/null | head -n 20
     tail -n 3 "$OUT/tests.log" 2>/dev/null
     echo "--- sanitizer:"
     grep -E "ERROR SUMMARY|agree|MISMATCH|not found" "$OUT/sanitizer.log" 2>/dev/null | tail -n 3
     if [ -s "$OUT/results.json" ]; then
         echo "--- sweep: kpo per case (x: the baseline's time over kpo's; err: filter/grad) and the goals:"
         $PY -m kpo_kernels.bench.report "$OUT/results.json" --brief --goals 2>&1 | head -n 90
+    fi
+    if grep -q "^=== kernels:" "$LOG"; then
+        echo "--- kpo's kernels (device time per step) and graph replay:"
+        sed -n '/^=== kernels (/,/^=== kernels:/p' "$LOG" | sed '1d;$d' | head -n 60
     fi
     if [ -s "$OUT/accuracy.md" ]; then
         echo "--- accuracy findings:"
@@ -183,11 +193,11 @@ rm -rf "$TMP"
 import json, sys
 rows = json.load(open(sys.argv[1]))["rows"]
 for shape in dict.fromkeys(r["shape"] for r in rows):
-    ok = sorted((r for r in rows if r["shape"] == shape and r["status"] == "ok"), key=lambda r: r["median_ms"])
+    ok = sorted((r for r in rows if r["shape"] == shape and r["status"] == "ok"), key=lambda r: r["cost_ms"])
     default = [r for r in ok if r["block_size"] is None and r["num_warps"] is None and r.get("tile_size") is None]
     for r in ok[:4] + [r for r in default if r not in ok[:4]]:
         print(f"{shape:>10} block={r['block_size']} warps={r['num_warps']} tile={r.get('tile_size')}: "
-              f"{r['median_ms']:.3f} ms {r['gbps']:.0f} GB/s {r['check']}")
+              f"{r['cost_ms'] * 1e3:.1f} us (eager {r['median_ms']:.3f} ms) {r['gbps']:.0f} GB/s {r['check']}")
     bad = [r for r in rows if r["shape"] == shape and r["status"] != "ok"]
     if bad:
         print(f"{shape:>10} {len(bad)} configurations failed, e.g. {bad[0]['status'][:100]}")

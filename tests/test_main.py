@@ -183,9 +183,10 @@ def test_accuracy_sweep_finds_the_failures():
     assert "## vectorized-cumsum" in text and "**NaN**" in text
 
 
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
 def test_cuda_timer_protocol_with_host_events(monkeypatch):
-    """The CUDA timing loop (warm-up from an estimate, flushed rounds, synchronized wall time),
-    run with host-clock stand-ins for CUDA events so that it is exercised without a GPU."""
+    """The CUDA timing loop (warm-up from an estimate, flushed rounds, synchronized wall time,
+    profiled rounds), run with host-clock stand-ins for CUDA events so that it is exercised without a GPU."""
     import time
 
     from kpo_kernels.bench import timing
@@ -213,12 +214,35 @@ def test_cuda_timer_protocol_with_host_events(monkeypatch):
     result = timer(fn, policy)
     # estimate >= 2 ms: warm-up max(2, 10 ms / estimate) <= 5 calls, max(5, 20 ms / estimate) <= 10 rounds
     assert 5 <= result["rounds"] <= 10
-    assert 1 + 2 + result["rounds"] + 3 <= len(calls) <= 1 + 5 + result["rounds"] + 3
+    profiled = min(policy.device_rounds, result["rounds"])
+    assert 1 + 2 + result["rounds"] + 3 + profiled <= len(calls) <= 1 + 5 + result["rounds"] + 3 + profiled
     assert 2.0 <= result["p20_ms"] <= result["median_ms"] <= result["p80_ms"] < 50
     assert result["wall_ms"] >= 2.0
+    assert result["device_ms"] == 0.0  # the profiler sees no device work on a CPU
     calls.clear()
     slow = timer(fn, timing.SLOW)
-    assert slow["rounds"] == 3 and len(calls) == 1 + 1 + 3 + 1
+    assert slow["rounds"] == 3 and len(calls) == 1 + 1 + 3 + 1 + 1
+
+
+def test_device_time_sums_device_events_without_the_flush():
+    """device_ms: every GPU event (kernels, copies) per call, host events and the L2 flush left out."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from kpo_kernels.bench import timing
+
+    def event(name, us, device=DeviceType.CUDA):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    events = [
+        event("void at::native::distribution_elementwise_grid_stride_kernel<...>", 500.0),  # the flush
+        event("_fused_forward_kernel", 30.0),
+        event("Memcpy DtoD (Device -> Device)", 4.0),
+        event("aten::add", 900.0, DeviceType.CPU),
+        event("_fused_backward_kernel", 16.0),
+    ]
+    assert timing.device_busy_ms(events, calls=2) == pytest.approx((30 + 4 + 16) / 1e3 / 2)
 
 
 def test_goals_and_tables_from_rows():
@@ -232,9 +256,17 @@ def test_goals_and_tables_from_rows():
     rows = [row("kpo", 1.0, time_vs_kpo=1.0), row("vectorized-cumsum", 12.0), row("grpo-eager", 1.5), row("copy", 0.5),
             dict(row("kpo-torch", 1.0), status="error: OutOfMemoryError: CUDA out of memory")]
     lines = report.goals(rows)
-    assert any("12.0x faster than vectorized-cumsum (goal 10x): met" in line for line in lines)
-    assert any("1.5x faster than grpo-eager (goal 2x): MISSED" in line for line in lines)
+    assert any("12.0x faster than vectorized-cumsum in eager time (goal 10x): met" in line for line in lines)
+    assert any("1.5x faster than grpo-eager in eager time (goal 2x): MISSED" in line for line in lines)
     assert any("50% of copy" in line and "MISSED" in line for line in lines)
+    # With the kernels' device time (a host slower than the GPU): the goals are read on it.
+    on_device = [dict(r, device_ms=d) for r, d in zip(rows, (0.05, 0.6, 0.08, 0.04, None))]
+    device_lines = report.goals(on_device)
+    assert any("12.0x faster than vectorized-cumsum in device time (goal 10x; eager step 12.0x): met" in line
+               for line in device_lines)
+    assert any("1.6x faster than grpo-eager in device time" in line and "MISSED" in line for line in device_lines)
+    assert any("80% of copy" in line and "in device time (goal 60%): met" in line for line in device_lines)
+    assert any("device 50 us" in line and "cumsum 12.0x" in line for line in report.brief(on_device))
     text = report.table(rows)
     assert "error: OutOfMemoryError" in text and "GB/s" in text
     assert "kpo" in report.brief(rows)[0] and "50% of copy" in report.brief(rows)[0]

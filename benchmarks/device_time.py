@@ -1,0 +1,132 @@
+"""Where one forward + backward spends its GPU time: kpo's kernels one by one, and a graph replay.
+
+    python -m benchmarks.device_time [--cases 512x8192:fp32,...] [--steps N] [--json PATH]
+
+CUDA only. The main command's `device ms` column gives each implementation's kernel time per step
+(bench/timing.py explains why the eager events do not, on a host slower than the GPU). This adds,
+per case:
+
+- kpo's kernels by name with their device time per step (torch.profiler, the L2 flushed before
+  each step and the flush left out): what a static model of the kernels is checked against;
+- `graph`: CUDA events around a CUDA-graph replay of kpo's whole step (the L2 flushed before
+  each): the device time with no host in it, launch gaps between kernels included;
+- the same kernel sum for `vectorized-cumsum` and `grpo-eager`, and the copy of the bytes a fused
+  step must move (the bandwidth ceiling). The baselines read metrics to the host (`.item()`),
+  so they cannot be captured in a graph.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import kpo_kernels
+from kpo_kernels.bench.cases import DTYPES, Case, fused_bytes
+from kpo_kernels.bench.data import rl_batch
+from kpo_kernels.bench.implementations import forward_backward
+from kpo_kernels.bench.timing import CudaTimer
+
+BASELINES = ("vectorized-cumsum", "grpo-eager")
+DEFAULT_CASES = "64x4096:fp32,512x8192:fp32,512x8192:bf16,2x131072:fp32,8x131072:bf16"
+
+
+def parse_cases(text):
+    """'512x8192:bf16,2x131072' -> Cases (dtype fp32 when not given)."""
+    cases = []
+    for item in text.split(","):
+        shape, _, dtype = item.strip().partition(":")
+        rows, length = (int(v) for v in shape.split("x"))
+        cases.append(Case(rows, length, DTYPES[dtype or "fp32"]))
+    return cases
+
+
+def _events_median_us(timer, fn, repeats):
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in pairs:
+        timer.flush_l2()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in pairs) * 1e3
+
+
+def _graph(step, case):
+    """kpo's step captured in a CUDA graph (tables prepared first, warmed on a side stream)."""
+    kpo_kernels.prepare(case.length, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
+def measure_case(timer, case, steps):
+    batch = rl_batch(case.rows, case.length, dtype=case.dtype, device="cuda")
+    row = {"case": case.label, "rows": case.rows, "length": case.length, "dtype": case.dtype_name,
+           "bytes": fused_bytes(case)}
+    kpo = lambda: forward_backward("kpo", batch)  # noqa: E731
+    for _ in range(3):
+        kpo()
+    kernels = timer.kernels_us(kpo, steps)
+    row["kpo_kernels_us"] = {k: round(v, 3) for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])}
+    row["kpo_us"] = sum(kernels.values())
+    try:
+        row["kpo_graph_us"] = _events_median_us(timer, _graph(kpo, case).replay, 20)
+    except Exception as error:  # noqa: BLE001 - reported, the other figures still stand
+        row["kpo_graph_error"] = f"{type(error).__name__}: {error}"[:300]
+    for name in BASELINES:
+        step = lambda: forward_backward(name, batch)  # noqa: E731
+        step()
+        row[f"{name}_us"] = timer.device_ms(step, steps) * 1e3
+    src = torch.randint(0, 256, (fused_bytes(case) // 2,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    row["copy_us"] = _events_median_us(timer, lambda: dst.copy_(src), 20)
+    return row
+
+
+def summary(row):
+    """A few lines of text for one case."""
+    kpo = row["kpo_us"]
+    head = (f"{row['case']:<16} kpo kernels {kpo:8.1f} us ({row['bytes'] / kpo / 1e3:.0f} GB/s, "
+            f"{row['copy_us'] / kpo:.0%} of copy's {row['copy_us']:.1f} us)")
+    head += f" | graph replay {row['kpo_graph_us']:.1f} us" if "kpo_graph_us" in row else f" | graph: {row.get('kpo_graph_error')}"
+    head += "".join(f" | {name} {row[f'{name}_us']:.1f} us = {row[f'{name}_us'] / kpo:.1f}x" for name in BASELINES)
+    kernels = [f"    {us:9.2f} us  {name[:100]}" for name, us in list(row["kpo_kernels_us"].items())[:10]]
+    return "\n".join([head, *kernels])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated ROWSxLENGTH[:fp32|bf16|fp16]")
+    parser.add_argument("--steps", type=int, default=5, help="profiled steps per measurement")
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds: no new case after this")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+    cases = parse_cases(args.cases)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
+    timer, rows, start = CudaTimer(torch.device("cuda")), [], time.perf_counter()
+    for case in cases:
+        if time.perf_counter() - start > args.budget:
+            print(f"{case.label}: skipped, out of time", flush=True)
+            continue
+        try:
+            rows.append(measure_case(timer, case, args.steps))
+            print(summary(rows[-1]), flush=True)
+        except Exception as error:  # noqa: BLE001 - one case must not hide the others
+            print(f"{case.label}: {type(error).__name__}: {error}"[:400], flush=True)
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
