@@ -19,7 +19,8 @@ setup(
         # Triton ships with CUDA builds of torch; CPU installs add it for TRITON_INTERPRET=1 tests.
         "triton": ["triton>=3.2"],
         # numpy 2.4 removed the array-to-scalar conversion that Triton 3.6's interpreter relies on.
-        "test": ["triton>=3.2", "pytest>=8", "hypothesis>=6.100", "numpy<2.4"],
+        # pytest-xdist: the default test run uses every core (pytest.ini's -n auto).
+        "test": ["triton>=3.2", "pytest>=8", "pytest-xdist>=3", "hypothesis>=6.100", "numpy<2.4"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "numpy<2.4"],
         # Trainer integrations (kpo_kernels.integrations), pinned to the versions they are tested with.
         "verl": ["verl==0.9.1"],

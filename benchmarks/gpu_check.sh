@@ -112,6 +112,8 @@ fi
 # Compiling every kernel specialisation the tests use dominates: spread it over the CPU cores
 # with pytest-xdist when the image has it (the first H200 run: more than 200 s with 8 workers on
 # 16 cores). -v names each test as it ends, so a failure is named even if the stage times out.
+# The default (fast) tier: every kernel variant compiles and runs at least once; the long sweeps
+# of --tier slow add shapes and options, not variants (docs/testing.md).
 XDIST=""
 ((DRY)) || { $PY -c "import xdist" 2>/dev/null && XDIST="-n $(($(nproc) > 2 ? $(nproc) - 2 : 1))"; }
 stage tests 210 bash -c "$PY -m pytest -v -p no:cacheprovider $XDIST --durations=15 ${TESTS[*]:-} >'$OUT/tests.log' 2>&1; rc=\$?; grep -E '(FAILED|ERROR) ' '$OUT/tests.log' | head -n 20; tail -n 3 '$OUT/tests.log'; exit \$rc"

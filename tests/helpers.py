@@ -1,12 +1,40 @@
 """Batches that look like RL data, the float64 oracle, and comparisons."""
 
+import itertools
 import math
+import os
 
+import pytest
 import torch
 
 import reference
 
 LAYOUTS = ("none", "right", "left", "holes", "empty_rows")
+
+
+def tier():
+    """The test tier conftest.py was given: 'fast', 'slow' or 'all'."""
+    return os.environ.get("KPO_TEST_TIER", "all")
+
+
+def examples(full):
+    """max_examples for a property test: `full` in the slow and all tiers, a few in the fast one."""
+    return full if tier() != "fast" else max(2, full // 8)
+
+
+def grid(*axes):
+    """Every combination of the axes, as pytest params for one parametrize call. The combinations
+    on the diagonal (combination i takes value i mod len of each axis) cover every value of every
+    axis at least once and run in every tier; the others are marked slow."""
+    diagonal = {tuple(i % len(axis) for axis in axes) for i in range(max(len(axis) for axis in axes))}
+    return [
+        pytest.param(
+            *(axis[i] for axis, i in zip(axes, index)),
+            marks=() if index in diagonal else pytest.mark.slow,
+            id="-".join(str(axis[i]) for axis, i in zip(axes, index)),
+        )
+        for index in itertools.product(*(range(len(axis)) for axis in axes))
+    ]
 
 
 def make_mask(batch, length, layout, generator):

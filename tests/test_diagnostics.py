@@ -10,7 +10,7 @@ import torch
 import kpo_kernels
 import reference
 from conftest import DEVICE, triton_backend
-from helpers import BRANCH_COUNTS, LAYOUTS, assert_close, make_batch, near_branch_boundary, near_zero_filtered
+from helpers import BRANCH_COUNTS, LAYOUTS, assert_close, grid, make_batch, near_branch_boundary, near_zero_filtered
 
 DIAGNOSTICS = (
     "nis_mean",
@@ -58,9 +58,7 @@ def check(metrics, batch, rtol=2e-6, **options):
     return want
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton", "triton-tiled"])
-@pytest.mark.parametrize("options", list(OPTIONS))
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("impl, options, layout", grid(["torch", "triton", "triton-tiled"], list(OPTIONS), LAYOUTS))
 def test_padded_layouts(impl, options, layout):
     """Right/left padding, holes, empty rows, NaN/inf garbage under the mask; 77 tokens a row
     (several blocks of 16 and, tiled, three tiles of 32)."""
@@ -156,6 +154,7 @@ def test_clip_fractions_add_up_and_nis_scales_with_r():
     assert float(a["sign_flip_raw"]) > 0.3 > float(a["sign_flip_filtered"])  # what the paper reports
 
 
+@pytest.mark.slow  # the multi-tile path runs in every tier in test_padded_layouts' triton-tiled cases
 def test_long_rows_many_tiles():
     """Two 3000-token rows with holes, 24 tiles of 128 (blocks of 32), against the reference."""
     batch = make_batch(2, 3000, layout="holes", seed=9, spikes=True)

@@ -14,7 +14,7 @@ import torch
 import kpo_kernels
 import reference
 from conftest import DEVICE, triton_backend
-from helpers import assert_close, make_batch, oracle, run_loss
+from helpers import assert_close, examples, grid, make_batch, oracle, run_loss
 from kpo_kernels.gains import GainTables, gain_schedule, gain_tables, saturation_index
 
 # ----------------------------------------------------------------------------- views and strides
@@ -178,10 +178,10 @@ def test_gains_beyond_the_saturation_index_equal_the_last_table_entry(q, p0):
 
 def test_packed_tables_are_sized_by_the_longest_sequence_and_bounded_in_bytes(backend):
     """Finding 5: tables were sized by all N tokens of a packed stream, 16 kept whatever their
-    size. 256 sequences of 64 tokens, 20 distinct q (q = 0 never saturates: its table is as
-    long as the longest sequence)."""
-    cu = torch.arange(0, 256 * 64 + 1, 64, dtype=torch.int32, device=DEVICE)
-    z = torch.randn(256 * 64, device=DEVICE) * 0.1
+    size. 32 sequences of 64 tokens, 20 distinct q (q = 0 never saturates: its table is as
+    long as the longest sequence, 64, against 2048 tokens)."""
+    cu = torch.arange(0, 32 * 64 + 1, 64, dtype=torch.int32, device=DEVICE)
+    z = torch.randn(32 * 64, device=DEVICE) * 0.1
     gain_tables.clear()
     for i in range(20):
         kpo_kernels.kalman_filter(z, cu_seqlens=cu, q=0.0 if i == 0 else 10.0 ** -(i % 9 + 1), backend=backend)
@@ -296,8 +296,7 @@ def test_torch_func_grad_and_refusals(backend):
 MASK_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
-@pytest.mark.parametrize("dtype", MASK_DTYPES, ids=str)
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("dtype, packed", grid(MASK_DTYPES, [False, True]))
 def test_every_mask_dtype_in_every_kernel(dtype, packed):
     """Finding 10: bf16/fp16 masks crashed the Triton loss (Triton 3.9's interpreter). Signed
     zeros of float masks are zeros."""
@@ -492,7 +491,7 @@ def _as_view(tensor, view):
     return _views(tensor)[view] if view in _views(tensor) else tensor
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(trainer_inputs())
 def test_property_both_backends_agree_with_the_reference(drawn):
     batch, options, packed, view = drawn

@@ -12,6 +12,7 @@ from helpers import (
     LAYOUTS,
     as_float64,
     assert_close,
+    grid,
     make_batch,
     near_branch_boundary,
     near_zero_filtered,
@@ -62,15 +63,13 @@ def check_against_oracle(impl, batch, rtol, **options):
     return loss, metrics, grad
 
 
-@pytest.mark.parametrize("agg", AGGS)
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("agg, variant", grid(AGGS, list(VARIANTS)))
 def test_options_and_aggregations(backend, agg, variant):
     batch = make_batch(6, 37, layout="holes", seed=list(VARIANTS).index(variant), device=DEVICE)
     check_against_oracle(backend, batch, rtol=2e-6, agg=agg, **VARIANTS[variant])
 
 
-@pytest.mark.parametrize("length", [1, 2, SMALL_BLOCK - 1, SMALL_BLOCK, SMALL_BLOCK + 1, 50])
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("length, layout", grid([1, 2, SMALL_BLOCK - 1, SMALL_BLOCK, SMALL_BLOCK + 1, 50], LAYOUTS))
 def test_shapes_and_layouts(backend, length, layout):
     batch = make_batch(5, length, layout=layout, seed=length, device=DEVICE, adv_per_token=length % 2 == 0)
     check_against_oracle(backend, batch, rtol=2e-6, q=1e-2, dual_clip=2.0)

@@ -317,7 +317,8 @@ HOOK_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("hook", ["external_lib", "env", "target", "none"])
+# Each case starts a Python process that imports verl (about 5 s): one in the fast tier.
+@pytest.mark.parametrize("hook", ["external_lib", *(pytest.param(h, marks=pytest.mark.slow) for h in ("env", "target", "none"))])
 def test_worker_processes_register_kpo_through_verls_hooks(hook, tmp_path):
     """A fresh interpreter, as a Ray worker is: kpo is registered by the hook, not by our test."""
     save_tiny_model(tmp_path)
