@@ -39,7 +39,7 @@ def kalman_filter(
     cu_seqlens=None,
     backend="auto",
 ):
-    """Causal Kalman-filtered log-ratio of every token (spec section 2).
+    """Causal Kalman-filtered log-ratio of every token (docs/math.md section 2).
 
     log_ratio is (B, T), or (N,) packed sequences with `cu_seqlens` (S + 1,) offsets. Returns a
     float32 tensor of the same shape (float64 for float64 input on the torch backend), 0 where
@@ -59,7 +59,7 @@ def kalman_filter(
 def kalman_gains(n, *, q=1e-6, r=1.0, p0=0.0):
     """K_1..K_n as a float64 CPU tensor (the gain used at the n-th observation of a sequence).
 
-    Accurate to a few float64 ulps over every (q, r, p0) that is accepted (README, "Ranges");
+    Accurate to a few float64 ulps over every (q, r, p0) that is accepted (docs/api.md, "Ranges");
     never NaN.
     """
     n = check_count("n", n)
@@ -165,7 +165,7 @@ def kpo_loss(
 
     loss is a 0-dim tensor (float32; float64 for float64 inputs on the torch backend),
     differentiable with respect to `log_prob` only. metrics maps `options.METRIC_NAMES` to
-    0-dim tensors. No host synchronisation. See README.md for every argument.
+    0-dim tensors. No host synchronisation. See docs/api.md for every argument.
     """
     options = check_loss_options(
         q=q,

@@ -1,4 +1,4 @@
-"""The predicted variance of each observation, as a table beside the gain table (spec 5b, 5c).
+"""The predicted variance of each observation, as a table beside the gain table (docs/math.md sections 5b, 5c).
 
 The n-th observation of a sequence has innovation e = z - xhat_before and predicted variance
 S_n = P_{n-1} + Q + R. In normalised units (p = P / R, q = Q / R), S_n / R = 1 + q + p_{n-1}

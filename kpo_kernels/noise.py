@@ -1,4 +1,4 @@
-"""`fit_noise`: the maximum-likelihood process and observation noise of the filter (spec 5c).
+"""`fit_noise`: the maximum-likelihood process and observation noise of the filter (docs/math.md section 5c).
 
 Model: each sequence's latent log-ratio is a random walk, x_t = x_{t-1} + w_t with
 w_t ~ N(0, Q), observed through white noise, z_t = x_t + v_t with v_t ~ N(0, R), from
@@ -79,7 +79,7 @@ def fit_noise(
     q_range=(1e-10, 1e2),
     backend="auto",
 ):
-    """Maximum-likelihood Q and R of the filter for observed log-ratios (spec section 5c).
+    """Maximum-likelihood Q and R of the filter for observed log-ratios (docs/math.md section 5c).
 
     log_ratio: (B, T) per-token log pi_theta - log pi_old (detached), or packed (N,) with
     `cu_seqlens`; mask and mask_mode as for `kpo_loss` (values under the mask are never read).

@@ -70,7 +70,7 @@ def loss_arguments(batch, options, backend, need_grad):
     def count(value):  # (device tensor, Python value): one of them is None
         return (value, None) if isinstance(value, torch.Tensor) else (None, value)
 
-    def constant(tensor):  # only log_prob is differentiated (spec section 3)
+    def constant(tensor):  # only log_prob is differentiated (docs/math.md section 3)
         return None if tensor is None else tensor.detach()
 
     tokens_tensor, tokens_value = count(options.batch_num_tokens)

@@ -27,7 +27,7 @@ METRIC_NAMES = (
     "raw_ratio_mean",
     "raw_ratio_max",
     "num_tokens",
-    # What the filter sees (spec section 5b; README "Choosing Q and R" defines each one).
+    # What the filter sees (docs/math.md section 5b; docs/choosing-q-and-r.md says how to read them).
     "nis_mean",
     "log_likelihood",
     "sign_flip_raw",

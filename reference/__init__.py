@@ -1,6 +1,6 @@
 """Sequential pure-PyTorch definition of KPO: the oracle of the tests and a benchmark baseline.
 
-Shares no code with `kpo_kernels`; the mathematics is described in README.md.
+Shares no code with `kpo_kernels`; the mathematics is described in docs/math.md.
 """
 
 from .diagnostics import diagnostics, innovation_log_likelihood, innovations, profile

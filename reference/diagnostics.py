@@ -1,4 +1,4 @@
-"""What the filter sees (spec sections 5b and 5c), written out token by token in float64.
+"""What the filter sees (docs/math.md sections 5b and 5c), written out token by token in float64.
 
 The oracle of `kpo_kernels.fit_noise` and of the diagnostic metrics of `kpo_kernels.kpo_loss`.
 Sequential on purpose: one loop iteration per token, the textbook predict/update equations and
@@ -69,7 +69,7 @@ def innovation_log_likelihood(log_ratio, mask=None, *, q=1e-6, r=1.0, p0=0.0, x0
 
 
 def profile(log_ratio, mask=None, *, ratio, p0_ratio=0.0, x0=0.0, mask_mode="skip"):
-    """(R_hat, profile log-likelihood per scored token) at the noise ratio q/r = `ratio` (spec 5c).
+    """(R_hat, profile log-likelihood per scored token) at the noise ratio q/r = `ratio` (docs/math.md section 5c).
 
     The filter runs with unit R (Q = ratio, P0 = p0_ratio): R_hat = mean(e^2 / S); the profile
     is the log-likelihood per scored token with R = R_hat, recomputed from its definition.
@@ -99,7 +99,7 @@ def diagnostics(
     clip_high=4e-4,
     log_ratio_cap=10.0,
 ):
-    """The diagnostic metrics of spec section 5b for a (B, T) batch, as float64 0-dim tensors.
+    """The diagnostic metrics of docs/math.md section 5b for a (B, T) batch, as float64 0-dim tensors.
 
     nis_mean, log_likelihood: means over scored tokens (0 when there is none). sign_flip_raw,
     sign_flip_filtered: fractions of consecutive valid pairs (0 when there is none).

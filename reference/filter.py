@@ -1,4 +1,4 @@
-"""The Kalman filter of KPO, written out step by step (spec section 2).
+"""The Kalman filter of KPO, written out step by step (docs/math.md section 2).
 
 Readable, sequential and slow on purpose: one loop iteration per token, the textbook
 predict/update equations, no closed forms and no scans. Every backend of `kpo_kernels` is

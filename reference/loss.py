@@ -1,4 +1,4 @@
-"""The KPO policy loss, its aggregation and its metrics (spec sections 3 to 5).
+"""The KPO policy loss, its aggregation and its metrics (docs/math.md sections 3 to 5).
 
 Plain PyTorch with autograd: the gradient comes from differentiating these lines, not from a
 formula. Inputs in float64 give an oracle; bfloat16/float16 inputs are computed in float32.
@@ -33,7 +33,7 @@ def aggregate(
     global_batch_size=None,
     loss_scale_factor=None,
 ):
-    """Reduce a (B, T) per-token loss to a scalar as verl's `agg_loss` does (spec section 4)."""
+    """Reduce a (B, T) per-token loss to a scalar as verl's `agg_loss` does (docs/math.md section 4)."""
     if agg not in AGG_MODES:
         raise ValueError(f"unknown agg {agg!r}")
     row_sum = torch.where(valid, token_loss, torch.zeros_like(token_loss)).sum(-1)

@@ -1,5 +1,5 @@
 """The pieces of `python -m kpo_kernels` that ship in kpo_kernels.bench: the authors' baseline as
-the spec (section 6) describes it, and the PNG (two panels, NaN drawn, no point hidden)."""
+docs/math.md (section 6) describes it, and the PNG (two panels, NaN drawn, no point hidden)."""
 
 import importlib.util
 import math

@@ -1,4 +1,4 @@
-"""The diagnostic metrics of kpo_loss (spec 5b) against the sequential float64 definition in
+"""The diagnostic metrics of kpo_loss (docs/math.md section 5b) against the sequential float64 definition in
 reference/diagnostics.py: every layout, both backends, the multi-tile Triton path, packed
 streams, and the edge cases of the definitions (diffuse prior, K = 1, empty rows, signs of 0)."""
 

@@ -155,7 +155,7 @@ def test_empty_shapes(backend):
 @pytest.mark.slow
 @pytest.mark.parametrize("q", [1e-9, 1e-7, 1e-5, 1e-3, 1e-1, 1.0, 30.0])
 def test_float32_precision_on_long_rows_torch(q):
-    """fp32 filter within 1e-5 relative for q in [1e-9, 30] up to T = 16384 (spec section 2)."""
+    """fp32 filter within 1e-5 relative for q in [1e-9, 30] up to T = 16384 (docs/math.md section 2)."""
     z = log_ratios(2, 16384, seed=7, scale=0.1)
     got = kpo_kernels.kalman_filter(z.float(), q=q, backend="torch")
     assert_close("filter", got, expected(z.float(), None, q=q), rtol=1e-5)

@@ -1,4 +1,4 @@
-"""fit_noise (spec 5c): recovery of known Q and R, exactness against the sequential float64
+"""fit_noise (docs/math.md section 5c): recovery of known Q and R, exactness against the sequential float64
 likelihood of reference/diagnostics.py, layouts, and argument checks."""
 
 import math
@@ -210,15 +210,13 @@ def test_noise_section_of_the_main_command():
     assert abs(result["fit_p0_0"].ratio / 1e-2 - 1) < 0.35
 
 
-def test_readme_choosing_q_and_r_snippets_run():
-    """Every Python snippet of the README's "Choosing Q and R" section runs as written."""
+def test_choosing_q_and_r_snippets_run():
+    """Every Python snippet of docs/choosing-q-and-r.md runs as written."""
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("## Choosing Q and R") :]
-    section = section[: section.index("\n## ", 3)]
-    snippets = re.findall(r"```python\n(.*?)```", section, re.S)
+    text = (Path(__file__).resolve().parents[1] / "docs" / "choosing-q-and-r.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", text, re.S)
     assert snippets
     for code in snippets:
-        exec(compile(code, "README.md", "exec"), {})
+        exec(compile(code, "docs/choosing-q-and-r.md", "exec"), {})

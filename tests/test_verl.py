@@ -43,7 +43,7 @@ AGGS = kpo_kernels.AGG_MODES
 VERL_CONFIG_DIR = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The command-line overrides README.md gives for verl (kept identical to it).
+# The command-line overrides docs/verl.md gives for verl (test_docs_give_these_overrides keeps them identical).
 README_OVERRIDES = [
     "actor_rollout_ref.model.external_lib=kpo_kernels.integrations.verl",
     "actor_rollout_ref.actor.policy_loss._target_=kpo_kernels.integrations.verl.KPOPolicyLossConfig",
@@ -207,7 +207,7 @@ def compose_ppo_config(overrides):
 
 
 def test_readme_overrides_build_the_actor_config_through_verls_loader():
-    """verl's Hydra tree + the README's overrides -> verl's omega_conf_to_dataclass -> the loss."""
+    """verl's Hydra tree + the overrides of docs/verl.md -> verl's omega_conf_to_dataclass -> the loss."""
     cfg = compose_ppo_config(
         README_OVERRIDES
         + [
@@ -584,7 +584,7 @@ def test_ppo_kl_matches_vanilla_beyond_its_clamp():
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_an_empty_global_batch_gives_loss_zero(empty, agg):
     """A global batch without valid tokens (every rank's responses empty) must give loss 0, as
-    the README promises, not a ValueError."""
+    docs/numerics.md promises, not a ValueError."""
     batch = multi_turn_batch(seed=8)
     batch["mask"] = torch.zeros_like(batch["mask"])
     info = {"dp_size": 2, "batch_num_tokens": 0, "global_batch_size": 0, **empty}
@@ -602,3 +602,12 @@ def test_extreme_noise_ratio_configs_are_accepted_and_exact():
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert_close("loss", loss, want_loss, rtol=1e-6)
     assert_close("grad", grad, want_grad, rtol=1e-6)
+
+
+def test_docs_give_these_overrides():
+    """docs/verl.md's command-line overrides are README_OVERRIDES, in order."""
+    import re
+
+    with open(os.path.join(REPO_ROOT, "docs", "verl.md"), encoding="utf-8") as f:
+        block = re.search(r"```bash\n(.*?)```", f.read(), re.S).group(1)
+    assert [line.strip().rstrip("\\").strip() for line in block.splitlines() if line.strip()] == README_OVERRIDES

@@ -1,4 +1,4 @@
-"""Per-row partial sums -> aggregation weights, loss and metrics (spec sections 4 and 5).
+"""Per-row partial sums -> aggregation weights, loss and metrics (docs/math.md sections 4 and 5).
 
 Backends reduce each row to the statistics below; `finalize` turns them into the weight of
 every row (so the gradient needs no second pass over the tokens), the scalar loss and the
@@ -21,7 +21,7 @@ STAT_NAMES = (
     "ratio_max",
     "raw_ratio_sum",  # sum of exp(z)
     "raw_ratio_max",
-    # Diagnostics (spec section 5b)
+    # Diagnostics (docs/math.md section 5b)
     "innovation_tokens",  # valid tokens with a finite predicted variance S
     "nis_sum",  # sum of e^2 / S over them
     "log_likelihood_sum",  # sum of -0.5 (log(2 pi S) + e^2 / S) over them
@@ -87,7 +87,7 @@ def row_stats(*, valid, token_loss, clipped, clipped_lower, log_ratio, ratio, ra
 
 
 def row_weights(tokens, options, horizon):
-    """Weight of each row's loss sum in the aggregated loss (verl's `agg_loss`, spec section 4).
+    """Weight of each row's loss sum in the aggregated loss (verl's `agg_loss`, docs/math.md section 4).
 
     An empty denominator (no valid token, no non-empty row) gives weight 0, hence loss 0,
     instead of 0/0. Computed in float64, returned in the dtype of `tokens`.
@@ -153,7 +153,7 @@ def finalize(stats, options, horizon):
 
 
 def diagnostic_metrics(total, per_token):
-    """The metrics of spec section 5b from the column sums `total` of the row statistics.
+    """The metrics of docs/math.md section 5b from the column sums `total` of the row statistics.
 
     nis_mean and log_likelihood are means over the innovation tokens (valid tokens with a
     finite predicted variance: all of them unless p0 = inf, whose first observation of each

@@ -74,7 +74,7 @@ def filter_states(z, valid, options):
         # uses K_{t+1} in every row, so all rows share one coefficient sequence.
         c = _gain_lookup(gains, torch.arange(length, device=z.device))
     else:
-        observations = torch.cumsum(valid, dim=-1)  # gain index n(t) of spec section 2
+        observations = torch.cumsum(valid, dim=-1)  # gain index n(t) of docs/math.md section 2
         c = _gain_lookup(gains, observations.sub_(1)).mul_(valid)
     bad = _nonfinite(z)
     b = c * (z if bad is None else z.masked_fill(bad, 0.0))
@@ -394,7 +394,7 @@ def _opposite(v):
 
 
 def innovation_terms(layout, z, x, valid, options):
-    """(scored, e^2 / S, log S) per token of a filtered batch (float64; spec section 5b).
+    """(scored, e^2 / S, log S) per token of a filtered batch (float64; docs/math.md section 5b).
 
     z: observations (0 where invalid); x: the filtered states (carried over invalid tokens).
     e = z - xhat_before, S = R / w with w = 1 - K of the token's observation

@@ -46,7 +46,7 @@ KL_CLAMP = tl.constexpr(_KL_CLAMP)
 def _compose(c1, b1, c2, b2):
     """Affine map (c1, b1) followed by (c2, b2), with x -> (1 - c) x + b.
 
-    Carrying c = 1 - a instead of a keeps the digits of tiny gains (spec section 2). Both parts
+    Carrying c = 1 - a instead of a keeps the digits of tiny gains (docs/math.md section 2). Both parts
     are exact resets: c1 = 1 (a gain of 1, e.g. the first token under a diffuse prior) gives
     c = 1 whatever c2, and c2 = 1 gives b = b2; the state before them leaves no trace.
     """
@@ -79,7 +79,7 @@ def _last(values, BLOCK: tl.constexpr):
     return tl.sum(tl.where(tl.arange(0, BLOCK) == BLOCK - 1, values, 0.0), 0)
 
 
-# ----------------------------------------------------------------------------- diagnostics (spec 5b)
+# ----------------------------------------------------------------------------- diagnostics (docs/math.md section 5b)
 
 NO_TOKEN = tl.constexpr(9)  # sign code of "no valid token yet"; see _sign_code
 
@@ -530,7 +530,7 @@ def kpo_loss_fwd_kernel(
         c, b, seen = _block_maps(z, valid, in_bounds, pos, gains_ptr, gains_last, seen, SKIP)
         x = state - c * state + b
 
-        # Innovation e = z - xhat_before with S = R / w (spec 5b): the state before each token
+        # Innovation e = z - xhat_before with S = R / w (docs/math.md section 5b): the state before each token
         # is the previous lane's (the carried state for lane 0).
         e = z - _shift_in(x, state, BLOCK)
         scored = valid & (w > 0.0)  # S finite: all but a diffuse prior's first observation

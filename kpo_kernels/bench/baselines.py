@@ -1,10 +1,10 @@
-"""What users run today, as described in the KPO contract (spec section 6), for comparison.
+"""What users run today, as described in the KPO contract (docs/math.md section 6), for comparison.
 
 - `grpo_eager`: GRPO/PPO token-ratio clipped loss in eager PyTorch, verl's `vanilla` policy
   loss (ratio exp(clamp(log_prob - old_log_prob, -20, 20)), clip, dual clip c = 3 for A < 0,
   the same metrics) with verl's `agg_loss` aggregation.
 - `vectorized_cumsum`: the authors' vectorized KPO plug-in for verl, reimplemented from its
-  description in the spec (section 6), nothing more and nothing less: gains from the sinh closed
+  description in docs/math.md (section 6), nothing more and nothing less: gains from the sinh closed
   form in float32 clamped to [1e-6, 1 - 1e-6], then "divide by the running product of (1 - K),
   cumulative sum, multiply back" with the running product's log floored at log(1e-30) and its
   inverse's exponent clipped at 80. Masked tokens are observations z = 0 at their absolute
@@ -77,7 +77,7 @@ AUTHORS_EXP_CLIP = 80.0  # invA = exp(min(-logA, 80))
 
 
 def sinh_gains(length, q, device="cpu"):
-    """The authors' gains for absolute positions 0..length-1, in float32 (spec section 6).
+    """The authors' gains for absolute positions 0..length-1, in float32 (docs/math.md section 6).
 
     q = Q/R, p0 = P0/R = 0 (the plug-in always starts from P0 = 0). s = 1 + q/2,
     eta = log(s + sqrt(max(s^2 - 1, 0))) (arccosh s), U_k = sinh((k + 1) eta) / max(sinh(eta), 1e-20)
@@ -102,7 +102,7 @@ def sinh_gains(length, q, device="cpu"):
 
 
 def vectorized_cumsum_filter(log_ratio, mask, q):
-    """The authors' float32 vectorized filter (spec section 6), x0 = 0:
+    """The authors' float32 vectorized filter (docs/math.md section 6), x0 = 0:
 
     z = z * mask (masked tokens are observations 0 at their absolute position: garbage under
     the mask, NaN or inf, is not removed, as in theirs); a = max(1 - K, 1e-12);
@@ -124,7 +124,7 @@ def vectorized_cumsum_filter(log_ratio, mask, q):
 
 def vectorized_cumsum(batch, agg="seq-mean-token-mean", clip_low=3e-4, clip_high=4e-4, q=1e-6, log_ratio_cap=10.0,
                       is_weights=None):
-    """KPO as the authors' plug-in computes it (spec section 6): their filter, the stop-gradient
+    """KPO as the authors' plug-in computes it (docs/math.md section 6): their filter, the stop-gradient
     ratio capped at log_ratio_cap, the clipped surrogate without dual clip, times the rollout
     importance weights, verl's agg_loss. Metrics as theirs, each read to the host with one
     `.item()` (a synchronisation each on a GPU, timed with the step): `pg_clipfrac`,
@@ -192,7 +192,7 @@ def float64_recursion(z, gains, x0=0.0):
 
 
 def float64_filter(log_ratio, mask, q, r=1.0, p0=0.0, x0=0.0, mask_mode="skip"):
-    """The KPO filter (spec section 2) by the float64 sequential recursion: (B, T) float64 CPU
+    """The KPO filter (docs/math.md section 2) by the float64 sequential recursion: (B, T) float64 CPU
     tensor, 0 where the mask is 0. mask None means every token is valid."""
     z = log_ratio.detach().to("cpu", torch.float64)
     valid = torch.ones(z.shape, dtype=torch.bool) if mask is None else mask.detach().to("cpu").bool()

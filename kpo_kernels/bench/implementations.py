@@ -4,7 +4,7 @@
 - `kpo-torch`, `kpo-triton`: the same with the backend forced.
 - `sequential-reference`: `reference/` (shipped as `kpo_kernels._reference`; a Python loop over
   tokens, slow by design).
-- `vectorized-cumsum`: the authors' KPO plug-in as the spec (section 6) describes it, reimplemented
+- `vectorized-cumsum`: the authors' KPO plug-in as docs/math.md (section 6) describes it, reimplemented
   in `baselines.py`: float32 sinh gains and running-product filter, their surrogate and metrics.
 - `grpo-eager`: verl's `vanilla` token-ratio PPO-clip loss in eager PyTorch (a different loss:
   no filter).

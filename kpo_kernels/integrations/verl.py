@@ -3,7 +3,7 @@
 Importing this module registers `kpo` in verl's policy-loss registry
 (`verl.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY`), so that verl's actor finds it through
 `get_policy_loss_fn("kpo")`. The import has to happen in every process that computes the actor
-loss (verl's Ray workers), not only in the driver: see README.md, "verl", for the overrides that
+loss (verl's Ray workers), not only in the driver: see docs/verl.md for the overrides that
 do that (`actor_rollout_ref.model.external_lib`, which verl imports in each worker, or the
 policy-loss config's `_target_`, which Hydra imports wherever the actor config is built).
 
@@ -44,7 +44,7 @@ METRICS = {
     "actor/kpo_ratio_max": "ratio_max",
     "actor/kpo_raw_ratio_mean": "raw_ratio_mean",
     "actor/kpo_raw_ratio_max": "raw_ratio_max",
-    # What the filter sees (README, "Choosing Q and R")
+    # What the filter sees (docs/math.md section 5b, docs/choosing-q-and-r.md)
     "actor/kpo_nis_mean": "nis_mean",
     "actor/kpo_log_likelihood": "log_likelihood",
     "actor/kpo_sign_flip_raw": "sign_flip_raw",
@@ -61,7 +61,7 @@ GLOBAL_BATCH_KEYS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_s
 
 @dataclass
 class KPOPolicyLossConfig(PolicyLossConfig):
-    """verl's `PolicyLossConfig` with KPO's hyperparameters (README.md and the spec define them).
+    """verl's `PolicyLossConfig` with KPO's hyperparameters (docs/verl.md and docs/math.md define them).
 
     kalman_q, kalman_r, kalman_p0, kalman_x0: process noise Q, observation noise R, prior variance
         and prior log-ratio of the filter (`kpo_loss`'s q, r, p0, x0).
