@@ -41,9 +41,30 @@ def kalman_filter(
 ):
     """Causal Kalman-filtered log-ratio of every token (docs/math.md section 2).
 
-    log_ratio is (B, T), or (N,) packed sequences with `cu_seqlens` (S + 1,) offsets. Returns a
-    float32 tensor of the same shape (float64 for float64 input on the torch backend), 0 where
-    `mask` is 0. No autograd. Values of `log_ratio` under the mask are never read.
+    Args:
+        log_ratio: (B, T) per-token log pi/pi_old of B responses, or (N,) packed sequences with
+            `cu_seqlens`; float16, bfloat16, float32 or float64, any strides. Values under the
+            mask are never read (NaN there is fine); NaN or inf at a valid token propagates.
+        mask: None (every token valid) or the shape of `log_ratio`; bool, or numbers that are all
+            0 or 1.
+        q, r: process noise Q >= 0 and observation noise R > 0 (only Q / R matters for the
+            filtered value). Default 1e-6, 1.0.
+        p0: prior variance P0 >= 0 (inf: diffuse prior). Default 0.0.
+        x0: prior log-ratio, finite. Default 0.0.
+        mask_mode: "skip" (masked tokens are invisible to the filter, default) or "position"
+            (they are observations 0 at their position).
+        cu_seqlens: int32 (S + 1,) offsets of packed sequences (flash-attention varlen), with a
+            1-D `log_ratio`.
+        backend: "auto" (Triton for CUDA tensors, torch otherwise), "torch", "triton" or a
+            `Backend` instance.
+
+    Returns:
+        A tensor of `log_ratio`'s shape on its device: float32 (float64 for float64 input on the
+        torch backend), 0 at masked tokens. Not differentiable.
+
+    Raises:
+        TypeError, ValueError: a bad shape, dtype, device or option, naming the argument, before
+            any kernel runs (docs/api.md "Ranges" gives every accepted range).
     """
     options = check_filter_params(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode)
     check_tokens("log_ratio", log_ratio, cu_seqlens)
@@ -57,10 +78,21 @@ def kalman_filter(
 
 
 def kalman_gains(n, *, q=1e-6, r=1.0, p0=0.0):
-    """K_1..K_n as a float64 CPU tensor (the gain used at the n-th observation of a sequence).
+    """The Kalman gains K_1..K_n: K_n is the gain at a sequence's n-th valid token.
 
-    Accurate to a few float64 ulps over every (q, r, p0) that is accepted (docs/api.md, "Ranges");
-    never NaN.
+    The gains depend only on the observation count, never on the data (docs/math.md section 2).
+
+    Args:
+        n: number of gains, an int >= 0.
+        q, r, p0: process noise, observation noise and prior variance, as in `kalman_filter`.
+
+    Returns:
+        A float64 CPU tensor of shape (n,), accurate to a few float64 ulps of the recursion over
+        every accepted (q, r, p0); never NaN.
+
+    Raises:
+        TypeError, ValueError: `n`, `q`, `r` or `p0` of the wrong kind or out of range
+            (docs/api.md "Ranges").
     """
     n = check_count("n", n)
     check_filter_params(q=q, r=r, p0=p0, x0=0.0)
@@ -123,10 +155,23 @@ def _needs_autograd(log_prob):
 
 
 def prepare(length, *, q=1e-6, r=1.0, p0=0.0, device="cuda", backend="auto"):
-    """Build the gain tables that calls with sequences of up to `length` tokens and these
-    (q, r, p0) will read, on `device`, for the backend that `backend` picks there (float32 and
-    float64 inputs). A call's first use of a (q, r, p0) otherwise builds them then: do this (or
-    one eager call) before capturing a CUDA graph, so that nothing is allocated during capture.
+    """Build, ahead of time, the gain tables that later calls will read (docs/compiled-steps.md).
+
+    A call's first use of a (q, r, p0) builds its tables then. Call this (or run one eager step)
+    before capturing a CUDA graph, so that nothing is allocated during capture.
+
+    Args:
+        length: the longest sequence, in tokens, that the calls will see (an int >= 1).
+        q, r, p0: the noise settings the calls will use, as in `kalman_filter`.
+        device: where the calls run. Default "cuda".
+        backend: the `backend` argument the calls will pass; tables are built for the backend it
+            picks on `device`, for float32 and float64 inputs.
+
+    Returns:
+        None.
+
+    Raises:
+        TypeError, ValueError: a bad `length`, noise setting, device or backend.
     """
     length = check_count("length", length, minimum=1)
     check_filter_params(q=q, r=r, p0=p0, x0=0.0)
@@ -160,12 +205,46 @@ def kpo_loss(
     cu_seqlens=None,
     backend="auto",
 ):
-    """KPO policy loss of a padded (B, T) batch, or of packed (N,) sequences with `cu_seqlens`:
-    returns (loss, metrics).
+    """The KPO policy loss: the clipped surrogate of the Kalman-filtered token ratio.
 
-    loss is a 0-dim tensor (float32; float64 for float64 inputs on the torch backend),
-    differentiable with respect to `log_prob` only. metrics maps `options.METRIC_NAMES` to
-    0-dim tensors. No host synchronisation. See docs/api.md for every argument.
+    The filter runs over each response's log-ratios `log_prob - old_log_prob` (docs/math.md
+    section 2); its ratio enters the surrogate with a stop-gradient (section 3); the per-token
+    losses are aggregated as verl's `agg_loss` does (section 4). Every argument, with examples:
+    docs/api.md.
+
+    Args:
+        log_prob: (B, T) current-policy log-probabilities, or (N,) packed with `cu_seqlens`;
+            float16, bfloat16, float32 or float64. The only input that gets a gradient.
+        old_log_prob: behaviour-policy log-probabilities, the shape of `log_prob`.
+        advantages: (B,) or (B, 1) per response, or (B, T) per token; packed: (N,) per token or
+            (S, 1) per sequence.
+        mask: None or the shape of `log_prob`: bool, or numbers that are all 0 or 1. Values of
+            every token input under the mask are never read.
+        q, r, p0, x0, mask_mode: the filter, as in `kalman_filter`. Defaults: the paper's
+            q=1e-6, r=1.0; p0=0.0, x0=0.0, "skip".
+        clip: True (default) for the clipped surrogate, False for the plain ratio surrogate.
+        clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high]. Defaults
+            3e-4, 4e-4 (the paper's).
+        dual_clip: None, or c > 1: for negative advantages the token loss is at most -c A.
+        log_ratio_cap: the filtered log-ratio is clamped above at this before exp (None: no cap).
+            Default 10.0.
+        agg: one of `AGG_MODES`; default "seq-mean-token-mean".
+        is_weights: None or per-token rollout importance weights, the shape of `log_prob`.
+        dp_size, batch_num_tokens, global_batch_size, loss_scale_factor: verl's global-batch
+            normalisation (counts may be one-element tensors on the data's device).
+        cu_seqlens: int32 (S + 1,) offsets of packed sequences.
+        backend: "auto", "torch", "triton" or a `Backend` instance.
+
+    Returns:
+        (loss, metrics): loss a 0-dim tensor (float32; float64 for float64 inputs on the torch
+        backend), differentiable with respect to `log_prob`; metrics a dict from each name of
+        `METRIC_NAMES` to a 0-dim tensor (docs/math.md sections 5 and 5b). No host
+        synchronisation.
+
+    Raises:
+        TypeError, ValueError: a bad shape, dtype, device or option, naming the argument, before
+            any kernel runs (ranges: docs/api.md "Ranges").
+        NotImplementedError: under forward-mode AD or torch.func.vmap (docs/api.md "Autograd").
     """
     options = check_loss_options(
         q=q,
@@ -198,7 +277,20 @@ def kpo_loss(
 class KPOLoss(torch.nn.Module):
     """`kpo_loss` as a module: keyword arguments fixed at construction, overridable per call.
 
-    loss, metrics = KPOLoss(q=1e-6, agg="token-mean")(log_prob, old_log_prob, advantages, mask)
+        loss_fn = KPOLoss(q=1e-6, agg="token-mean")
+        loss, metrics = loss_fn(log_prob, old_log_prob, advantages, mask)
+        loss, metrics = loss_fn(log_prob, old_log_prob, advantages, mask, q=fit.q, r=fit.r)
+
+    Args:
+        **kwargs: any keyword argument of `kpo_loss` (q, r, clip_low, agg, backend, ...);
+            the rest keep `kpo_loss`'s defaults.
+
+    Raises:
+        TypeError: an unknown keyword argument.
+        ValueError: an option out of range, at construction rather than at the first step.
+
+    forward(log_prob, old_log_prob, advantages, mask=None, **overrides) returns what
+    `kpo_loss` returns. See docs/api.md.
     """
 
     def __init__(self, **kwargs):

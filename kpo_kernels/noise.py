@@ -41,6 +41,7 @@ _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 @dataclass(frozen=True)
 class NoiseFit:
     """The result of `fit_noise`. Pass q, r (and p0) to `kpo_loss(q=fit.q, r=fit.r, p0=fit.p0)`.
+    docs/choosing-q-and-r.md explains each field.
 
     q: process noise variance Q (kpo_loss's q). r: observation noise variance R (kpo_loss's r).
     p0: the prior variance P0 = (the p0 ratio given) * r. ratio: Q / R.
@@ -81,16 +82,31 @@ def fit_noise(
 ):
     """Maximum-likelihood Q and R of the filter for observed log-ratios (docs/math.md section 5c).
 
-    log_ratio: (B, T) per-token log pi_theta - log pi_old (detached), or packed (N,) with
-    `cu_seqlens`; mask and mask_mode as for `kpo_loss` (values under the mask are never read).
-    p0: the prior variance in units of R (P0 / R, held fixed by the fit: 0, the paper's, or
-    inf, a diffuse prior whose first observation of each sequence is left out of the
-    likelihood). x0: prior log-ratio. q_range: (lowest, highest) ratio Q / R searched.
-    backend: "auto" and "torch" evaluate the likelihood in float64 with the torch backend (on
-    the tensors' device); "triton" uses the fused loss kernel's float32 metrics.
+    How to use it in training (refit per generation or step) and how to read the result:
+    docs/choosing-q-and-r.md.
 
-    Returns a `NoiseFit`. Raises ValueError if no token enters the likelihood, if a valid
-    log-ratio is not finite, or if every valid log-ratio equals x0 (R would be 0).
+    Args:
+        log_ratio: (B, T) per-token log pi_theta - log pi_old (detached), or packed (N,) with
+            `cu_seqlens`; float16, bfloat16, float32 or float64.
+        mask: None or the shape of `log_ratio`, as for `kpo_loss` (values under the mask are
+            never read).
+        cu_seqlens: int32 (S + 1,) offsets of packed sequences.
+        mask_mode: "skip" (default) or "position", as for `kpo_loss`.
+        p0: the prior variance in units of R (P0 / R), held fixed by the fit: 0 (the paper's,
+            default), a positive ratio, or inf (a diffuse prior; the first observation of each
+            sequence is then left out of the likelihood).
+        x0: prior log-ratio, finite. Default 0.0.
+        q_range: (lowest, highest) ratio Q / R searched. Default (1e-10, 1e2).
+        backend: "auto" and "torch" evaluate the likelihood in float64 with the torch backend
+            (on the tensors' device); "triton" uses the fused loss kernel's float32 metrics.
+
+    Returns:
+        A `NoiseFit`: pass `q=fit.q, r=fit.r, p0=fit.p0` to `kpo_loss`.
+
+    Raises:
+        TypeError, ValueError: a bad argument, named. ValueError also if no token enters the
+            likelihood, if a valid log-ratio is not finite, or if every valid log-ratio equals
+            x0 (R would be 0).
     """
     check_tokens("log_ratio", log_ratio, cu_seqlens)
     cu_seqlens = check_cu_seqlens(cu_seqlens, log_ratio.shape[0], log_ratio.device)

@@ -30,7 +30,12 @@ INSTANCES = weakref.WeakValueDictionary()
 
 
 class Backend:
-    """A way to compute the filter and the loss. Subclasses implement the three methods."""
+    """The interface every backend implements (`TorchBackend`, `TritonBackend`).
+
+    An instance passed as `backend=` to `kpo_loss`, `kalman_filter`, `fit_noise` or `prepare`
+    selects it. Subclasses implement the filter, the fused loss forward and its backward; the
+    public functions check every input and option before calling them. docs/api.md.
+    """
 
     name = "abstract"
 

@@ -293,6 +293,14 @@ class _Packed:
 
 
 class TorchBackend(Backend):
+    """The vectorized PyTorch backend: exact to float64 rounding, on any device torch runs on.
+
+    `backend="torch"` (or "auto" on a CPU, and for float64 inputs) uses it. It computes in
+    float64 internally (the gains and the scan), so float64 inputs give float64 results; it is
+    the backend of the CPU and the reference the Triton kernels are compared with in the tests.
+    No arguments. docs/api.md lists where each backend runs.
+    """
+
     name = "torch"
 
     def filter(self, log_ratio, mask, options, cu_seqlens=None):

@@ -87,14 +87,24 @@ class _Tiling:
 
 
 class TritonBackend(Backend):
-    """Fused Triton kernels.
+    """The fused Triton kernels: pass an instance as `backend=` to choose their launch settings.
 
-    block_size: tokens per scan block (a power of two; default: up to 512, fitted to the data).
-    tile_size: tokens per program; sequences longer than a tile are split across programs
-    (default on CUDA: whole rows when there are enough rows to fill the GPU, else tiles sized
-    for about 4 programs per SM; on the CPU interpreter: whole sequences). num_warps: warps per
-    program. poison: fill every output buffer with NaN before the kernels run, so that a
-    position a kernel forgot to write shows up (tests use it).
+    `backend="triton"` (or "auto" on CUDA) uses `TritonBackend()`, the tuned defaults. Runs on
+    CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (slow; for tests). Create it
+    outside a compiled function. docs/api.md lists where each backend runs.
+
+    Args:
+        block_size: tokens per scan block, a power of two from 2 (default: up to 512, fitted to
+            the data).
+        tile_size: tokens per program, an int >= 1; sequences longer than a tile are split across
+            programs (default on CUDA: whole rows when there are enough rows to fill the GPU,
+            else tiles sized for about 4 programs per SM; under the interpreter: whole sequences).
+        num_warps: warps per program, a power of two up to 32 (default: chosen per launch).
+        poison: fill every output buffer with NaN before the kernels run, so that a position a
+            kernel forgot to write shows up (the tests use it). Default False.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong kind or out of its range, named.
     """
 
     name = "triton"
