@@ -2,42 +2,22 @@
 
 Run as a script in a process *without* TRITON_INTERPRET (interpreted kernels cannot be compiled);
 test_compile_sm90.py does that. It replaces the kernels by recorders, runs the launcher on small
-batches to capture the exact arguments it passes, compiles each launch ahead of time with
-Triton's bundled ptxas (no GPU needed) and prints one JSON object: case -> result.
+batches to capture the exact arguments it passes (benchmarks/sm90.py), compiles each launch as
+Triton's JIT does at launch time (its own specialisation of integers and pointer alignment) for
+sm_90a with Triton's bundled ptxas (no GPU needed) and prints one JSON object: case -> result.
+The launcher plans as on a GPU of one SM, so that small batches run whole rows per program; the
+tiled variants come from explicit tile sizes.
 """
 
 import json
-import os
-import re
-import subprocess
 import sys
-import tempfile
 
 import torch
 
 import kpo_kernels
-from kpo_kernels.backends import triton_backend as launcher
+from benchmarks.sm90 import KERNELS, compile_launch, record, resources
 from helpers import make_batch
 
-KERNELS = (
-    "kalman_filter_kernel",
-    "kpo_loss_fwd_kernel",
-    "kpo_loss_finalize_kernel",
-    "kpo_loss_bwd_kernel",
-    "tile_count_kernel",
-    "tile_aggregate_kernel",
-    "tile_offsets_kernel",
-)
-TYPES = {
-    torch.float32: "fp32",
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-    torch.float64: "fp64",
-    torch.uint8: "u8",
-    torch.bool: "i1",
-    torch.int32: "i32",
-    torch.int64: "i64",
-}
 LOSS_DEFAULTS = dict(
     q=1e-6, r=1.0, p0=0.0, x0=0.0, mask_mode="skip", clip=True, clip_low=3e-4, clip_high=4e-4, dual_clip=None,
     log_ratio_cap=10.0, agg="seq-mean-token-mean", dp_size=1, batch_num_tokens=None, global_batch_size=None,
@@ -55,62 +35,6 @@ LOSS_CONFIGS = {
     "fp64-left-norm": dict(dtype=torch.float64, layout="left", options={"agg": "seq-mean-token-sum-norm", "global_batch_size": 4}),
 }
 LENGTHS = (16, 700, 5000)
-
-
-class Recorder:
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((args, kwargs))
-
-
-def record(run):
-    recorders = {name: Recorder(getattr(launcher.kernels, name)) for name in KERNELS}
-    originals = {name: getattr(launcher.kernels, name) for name in KERNELS}
-    interpreted = launcher.INTERPRETED
-    try:
-        for name, recorder in recorders.items():
-            setattr(launcher.kernels, name, recorder)
-        launcher.INTERPRETED = True  # let the launcher accept CPU tensors
-        run()
-    finally:
-        for name, kernel in originals.items():
-            setattr(launcher.kernels, name, kernel)
-        launcher.INTERPRETED = interpreted
-    return [(r.kernel, args, kwargs) for r in recorders.values() for args, kwargs in r.launches]
-
-
-def compile_sm90(kernel, args, kwargs):
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    kwargs = dict(kwargs)
-    options = {"num_warps": kwargs.pop("num_warps", 4)}
-    types = {}
-    for name, value in zip(kernel.arg_names, args):
-        if isinstance(value, torch.Tensor):
-            types[name] = "*" + TYPES[value.dtype]
-        elif isinstance(value, bool):
-            types[name] = "i1"
-        elif isinstance(value, int):
-            types[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-        else:
-            types[name] = "fp32"
-    types.update({name: "constexpr" for name in kwargs})
-    source = triton.compiler.ASTSource(fn=kernel, signature=types, constexprs=kwargs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-
-
-def resources(cubin):
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
-        handle.write(cubin)
-        handle.flush()
-        usage = subprocess.run([tool, "--dump-resource-usage", handle.name], capture_output=True, text=True).stdout
-    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)), "local": int(re.search(r"LOCAL:(\d+)", usage).group(1))}
 
 
 def loss_run(batch, options, backend=None):
@@ -185,11 +109,11 @@ def cases():
 def main():
     results = {}
     for case, run in cases():
-        for kernel, args, kwargs in record(run):
+        for kernel, _, args, kwargs in record(run, sm_count=1):
             key = f"{case}:{kernel.fn.__name__}"
             try:
-                compiled = compile_sm90(kernel, args, kwargs)
-                results[key] = {"ok": True, **resources(compiled.asm["cubin"])}
+                compiled = compile_launch(kernel, args, kwargs)
+                results[key] = {"ok": True, "num_warps": compiled.metadata.num_warps, **resources(compiled.asm["cubin"])}
             except Exception as error:  # noqa: BLE001 - reported to the test
                 results[key] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:2000]}
     json.dump(results, sys.stdout)

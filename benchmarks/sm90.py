@@ -1,0 +1,134 @@
+"""What the Triton backend launches on an H100/H200, compiled for sm_90a without a GPU.
+
+- `record(run, sm_count)` runs the backend's launcher on CPU tensors with the kernels replaced
+  by recorders and returns every launch (kernel, grid, arguments) exactly as it would be made on
+  a CUDA device with `sm_count` SMs (the launcher's CUDA tiling, not the interpreter's).
+- `compile_launch(kernel, args, kwargs)` compiles one launch the way Triton's JIT does at launch
+  time (`JITFunction.run(..., warmup=True)`: its binder specialises integers equal to 1,
+  16-divisible integers and 16-byte-aligned pointers), against an sm_90a target given by a
+  stand-in driver, so that the code is the code that would run.
+- `resources(cubin)` and `sass(cubin)` read registers, spills, shared memory and the SASS with
+  the `cuobjdump` Triton ships.
+
+Must run in a process without TRITON_INTERPRET=1 (interpreted kernels cannot be compiled).
+"""
+
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+
+from kpo_kernels.backends import triton_backend as launcher
+
+KERNELS = (
+    "kalman_filter_kernel",
+    "kpo_loss_fwd_kernel",
+    "kpo_loss_finalize_kernel",
+    "kpo_loss_bwd_kernel",
+    "tile_count_kernel",
+    "tile_aggregate_kernel",
+    "tile_offsets_kernel",
+)
+
+
+class _Recorder:
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.kernel, tuple(grid), args, kwargs))
+
+
+def record(run, sm_count=132):
+    """Every kernel launch `run()` makes, as (kernel, grid, args, kwargs), planned as on CUDA."""
+    launches = []
+    originals = {name: getattr(launcher.kernels, name) for name in KERNELS}
+    interpreted, tile, sms = launcher.INTERPRETED, launcher.TritonBackend._tile, launcher._sm_count
+
+    def cuda_tile(self, rows, tokens, longest, block, device):
+        return tile(self, rows, tokens, longest, block, torch.device("cuda", 0))
+
+    try:
+        for name, kernel in originals.items():
+            setattr(launcher.kernels, name, _Recorder(kernel, launches))
+        launcher.INTERPRETED = True  # let the launcher accept CPU tensors
+        launcher.TritonBackend._tile = cuda_tile
+        launcher._sm_count = lambda index: sm_count
+        run()
+    finally:
+        for name, kernel in originals.items():
+            setattr(launcher.kernels, name, kernel)
+        launcher.INTERPRETED, launcher.TritonBackend._tile, launcher._sm_count = interpreted, tile, sms
+    return launches
+
+
+class _Sm90Driver:
+    """The parts of Triton's active driver that JITFunction.run(warmup=True) asks for."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def is_active(self):
+        return True
+
+
+@contextlib.contextmanager
+def sm90_target():
+    from triton.runtime import driver
+
+    previous = driver._active
+    driver.set_active(_Sm90Driver())
+    try:
+        yield
+    finally:
+        driver._active = previous
+
+
+def compile_launch(kernel, args, kwargs):
+    """The CompiledKernel Triton's JIT would build for this launch on sm_90a."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("compile_launch needs a process without TRITON_INTERPRET=1")
+    with sm90_target():
+        return kernel.run(*args, grid=None, warmup=True, **kwargs)
+
+
+def _tool(name):
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _cuobjdump(cubin, flag):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        return subprocess.run([_tool("cuobjdump"), flag, handle.name], capture_output=True, text=True, check=True).stdout
+
+
+def resources(cubin):
+    """{'registers', 'local' (spill bytes per thread), 'shared' (static bytes)} of a cubin."""
+    usage = _cuobjdump(cubin, "--dump-resource-usage")
+    found = {key: int(re.search(rf"{tag}:(\d+)", usage).group(1)) for key, tag in (("registers", "REG"), ("local", "LOCAL"))}
+    shared = re.search(r"SHARED:(\d+)", usage)
+    found["shared"] = int(shared.group(1)) if shared else 0
+    return found
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def sass(cubin):
+    """The SASS of a one-kernel cubin: a list of (address, opcode with modifiers, operands)."""
+    listing = _cuobjdump(cubin, "-sass")
+    return [(int(m.group(1), 16), m.group(3), m.group(4).strip()) for m in _SASS_LINE.finditer(listing)]

@@ -1,0 +1,203 @@
+"""A static performance model of the Triton backend on H100 and H200, from its compiled code.
+
+    python -m benchmarks.static_model [--json PATH] [--markdown PATH] [--cases 512x8192:fp32,...]
+
+No GPU needed (nor used). For each standard case it records every launch the backend makes on a
+CUDA device (`benchmarks/sm90.py`: the launcher's CUDA plan with 132 SMs), compiles each with
+Triton's launch-time specialisation for sm_90a, and reads from the cubin and its SASS:
+
+- registers, spills, shared memory, and from them resident programs per SM and waves;
+- the main loop (the largest backward branch of the SASS): its instructions, barriers and
+  global loads/stores by width; per token: loop instructions x warps / BLOCK tokens per pass;
+- bytes: every tensor argument touched once (inputs read, outputs written; a lower bound).
+
+Then a roofline per kernel: time = max(issue, bandwidth) + a launch cost, where issue =
+waves x programs per SM x warp-instructions per program / (4 schedulers x clock) (one
+instruction per scheduler per cycle: a lower bound that ignores latency) and bandwidth =
+bytes / copy bandwidth. Everything here is a MODEL; `benchmarks/RESULTS.md` sets it beside
+what a GPU measured. Assumptions are in MACHINES and LAUNCH_US.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+import kpo_kernels
+from kpo_kernels.bench.cases import DTYPES, Case, fused_bytes
+from kpo_kernels.bench.data import rl_batch
+
+from . import sm90
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    sms: int
+    clock_ghz: float  # sustained SM clock under load (assumed)
+    copy_tbps: float  # device-to-device copy, bytes read + written per second (see note)
+
+
+MACHINES = (
+    # H100 SXM: 3.35 TB/s peak HBM3; copy assumed at 90% of peak. Clock: 1.755 GHz sustained (assumed).
+    Machine("H100 SXM", 132, 1.755, 3.0),
+    # H200: 4.8 TB/s peak HBM3e; a device-to-device copy of 8.6 GB measured 4.3 TB/s on this
+    # project's lent H200 machines (2026-10-28); 1.98 GHz read by nvidia-smi under load.
+    Machine("H200", 132, 1.98, 4.3),
+)
+LAUNCH_US = 2.0  # device-side cost of one kernel launch back to back in a stream or graph (assumed)
+REGISTER_FILE, MAX_WARPS, MAX_PROGRAMS, SHARED_BYTES = 65536, 64, 32, 228 * 1024
+DEFAULT_CASES = "64x4096:fp32,512x8192:fp32,512x8192:bf16,512x8192:bf16:packed,2x131072:fp32,8x131072:bf16"
+
+
+def parse_cases(text):
+    cases = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        rows, length = (int(v) for v in parts[0].split("x"))
+        cases.append((Case(rows, length, DTYPES[parts[1] if len(parts) > 1 else "fp32"]), "packed" in parts[2:]))
+    return cases
+
+
+def _fused_step(case, packed):
+    """One forward + backward of kpo_loss as the Triton backend runs it (values irrelevant), and
+    the tokens its kernels walk (B x T padded; the valid tokens of the stream packed)."""
+    batch = rl_batch(case.rows, case.length, dtype=case.dtype, device="cpu")
+    if packed:
+        lengths = batch["mask"].sum(1)
+        cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).to(torch.int32)])
+        args = (batch["log_prob"][batch["mask"]], batch["old_log_prob"][batch["mask"]], batch["advantages"][:, None], None)
+        extra, tokens = {"cu_seqlens": cu}, int(lengths.sum())
+    else:
+        args, extra = (batch["log_prob"], batch["old_log_prob"], batch["advantages"], batch["mask"]), {}
+        tokens = case.tokens
+
+    def run():
+        log_prob = args[0].clone().requires_grad_()
+        loss, _ = kpo_kernels.kpo_loss(log_prob, *args[1:], backend=kpo_kernels.TritonBackend(), **extra)
+        loss.backward()
+
+    return run, tokens
+
+
+def programs_per_sm(registers, warps, shared):
+    per_warp = math.ceil(registers * 32 / 256) * 256  # registers are allocated per warp in 256s
+    limits = [REGISTER_FILE // (per_warp * warps), MAX_WARPS // warps, MAX_PROGRAMS]
+    if shared:
+        limits.append(SHARED_BYTES // (shared + 1024))  # 1 KB reserved per program
+    return max(0, min(limits))
+
+
+def main_loop(instructions):
+    """(start, end) addresses of the largest loop: a branch back to an earlier address."""
+    loops = []
+    for address, opcode, operands in instructions:
+        if opcode.startswith("BRA") and operands.startswith("0x"):
+            target = int(operands.split()[0].rstrip(","), 16)
+            if target < address:
+                loops.append((target, address))
+    return max(loops, key=lambda span: span[1] - span[0], default=None)
+
+
+def _memory_ops(body, prefix):
+    widths = {}
+    for _, opcode, _ in body:
+        if opcode.startswith(prefix):
+            width = next((w for w in ("128", "64", "U16", "S16", "U8", "S8") if f".{w}" in opcode), "32")
+            widths[width] = widths.get(width, 0) + 1
+    return widths
+
+
+def analyse(kernel, grid, args, kwargs, tokens):
+    compiled = sm90.compile_launch(kernel, args, kwargs)
+    cubin = compiled.asm["cubin"]
+    found = sm90.resources(cubin)
+    warps = compiled.metadata.num_warps
+    instructions = sm90.sass(cubin)
+    loop = main_loop(instructions)
+    body = [i for i in instructions if loop and loop[0] <= i[0] <= loop[1]]
+    block = kwargs.get("BLOCK")
+    programs = math.prod(grid)
+    row = {
+        "kernel": kernel.fn.__name__, "grid": list(grid), "programs": programs, "warps": warps, "block": block,
+        "registers": found["registers"], "spill_bytes": found["local"], "shared": found["shared"],
+        "sass_instructions": len(instructions), "loop_instructions": len(body),
+        "loop_barriers": sum(op.startswith("BAR") for _, op, _ in body),
+        "loop_loads": _memory_ops(body, "LDG"), "loop_stores": _memory_ops(body, "STG"),
+        "bytes": sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor) and a.numel() > 1),
+    }
+    row["programs_per_sm"] = programs_per_sm(row["registers"], warps, row["shared"])
+    token_loop = block is not None and body
+    row["instructions_per_token"] = len(body) * warps / block if token_loop else None
+    outside = (len(instructions) - len(body)) * warps * programs  # each program runs the rest once (roughly)
+    looped = len(body) * warps * (tokens / block) if token_loop else 0
+    row["warp_instructions"] = outside + looped
+    return row
+
+
+def roofline(row, machine):
+    slots = max(1, row["programs_per_sm"]) * machine.sms
+    waves = math.ceil(row["programs"] / slots)
+    per_program = row["warp_instructions"] / row["programs"]
+    resident = min(row["programs"], slots) / machine.sms  # programs per SM in a full wave
+    issue_us = waves * resident * per_program / (4 * machine.clock_ghz * 1e3)
+    bandwidth_us = row["bytes"] / (machine.copy_tbps * 1e6)
+    return {"waves": waves, "issue_us": issue_us, "bandwidth_us": bandwidth_us,
+            "model_us": max(issue_us, bandwidth_us) + LAUNCH_US, "bound": "issue" if issue_us > bandwidth_us else "bandwidth"}
+
+
+def model_case(case, packed):
+    run, tokens = _fused_step(case, packed)
+    rows = []
+    for kernel, grid, args, kwargs in sm90.record(run):
+        row = analyse(kernel, grid, args, kwargs, tokens)
+        row.update({m.name: roofline(row, m) for m in MACHINES})
+        rows.append(row)
+    label = case.label + (" packed" if packed else "")
+    step = {m.name: sum(r[m.name]["model_us"] for r in rows) for m in MACHINES}
+    moved = fused_bytes(case) * tokens // case.tokens  # packed: only the valid tokens travel
+    floor = {m.name: moved / (m.copy_tbps * 1e6) for m in MACHINES}
+    return {"case": label, "tokens": tokens, "fused_bytes": moved, "launches": rows,
+            "step_us": step, "copy_floor_us": floor}
+
+
+def report(results):
+    lines = ["Static model (NOT measured): fused forward + backward of kpo_loss, Triton 3.6 for sm_90a", ""]
+    for result in results:
+        lines.append(f"{result['case']}: " + ", ".join(
+            f"{m.name} {result['step_us'][m.name]:.1f} us ({result['copy_floor_us'][m.name] / result['step_us'][m.name]:.0%} of copy)"
+            for m in MACHINES))
+        for r in result["launches"]:
+            h = r[MACHINES[-1].name]
+            per_token = "" if r["instructions_per_token"] is None else f" {r['instructions_per_token']:.1f} instr/token,"
+            loads = ",".join(f"{w}x{n}" for w, n in sorted(r["loop_loads"].items())) or "-"
+            lines.append(
+                f"  {r['kernel']:26s} grid {r['programs']:>6} x {r['warps']}w, {r['registers']:>3} regs"
+                f"{' SPILLS ' + str(r['spill_bytes']) + ' B' if r['spill_bytes'] else ''}, {r['programs_per_sm']}/SM,"
+                f" {h['waves']} waves,{per_token} {r['loop_barriers']} bar/pass, LDG {loads};"
+                f" H200 {h['model_us']:.1f} us ({h['bound']})"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=DEFAULT_CASES, help="ROWSxLENGTH:DTYPE[:packed], comma-separated")
+    parser.add_argument("--json", help="write the model here")
+    args = parser.parse_args(argv)
+    cases = parse_cases(args.cases)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("run without TRITON_INTERPRET=1: interpreted kernels cannot be compiled")
+    results = [model_case(case, packed) for case, packed in cases]
+    print(report(results))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"machines": [m.__dict__ for m in MACHINES], "launch_us": LAUNCH_US, "results": results}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""benchmarks.static_model: its occupancy and loop arithmetic, and a run on small shapes (compiled
+for sm_90a in a process without the interpreter, as tests/test_compile_sm90.py does)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import static_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_programs_per_sm_follow_the_register_file():
+    # 80 registers x 8 warps: 80 * 32 = 2560 per warp = 10 units of 256; 65536 / (2560 * 8) = 3.2
+    assert static_model.programs_per_sm(80, 8, 0) == 3
+    # 81-88 registers round up to 88 * 32 = 2816 per warp: only 2 programs of 8 warps fit
+    assert static_model.programs_per_sm(81, 8, 0) == 2 == static_model.programs_per_sm(94, 8, 0)
+    assert static_model.programs_per_sm(32, 4, 0) == 16  # warp-limited: 64 warps per SM
+    assert static_model.programs_per_sm(26, 8, 100 * 1024) == 2  # shared memory limits it
+
+
+def test_main_loop_is_the_largest_backward_branch():
+    sass = [(0x00, "MOV", "R1, c[0x0][0x28]"), (0x10, "BRA", "0x90"), (0x20, "LDG.E.128", "R4, desc[UR4][R2.64]"),
+            (0x30, "BAR.SYNC.DEFER_BLOCKING", "0x0"), (0x40, "BRA", "0x30"), (0x50, "FADD", "R1, R2, R3"),
+            (0x60, "BRA", "0x20"), (0x70, "EXIT", ""), (0x80, "BRA", "0x80")]
+    assert static_model.main_loop(sass) == (0x20, 0x60)  # the self-branch at the end is no loop
+    body = [i for i in sass if 0x20 <= i[0] <= 0x60]
+    assert static_model._memory_ops(body, "LDG") == {"128": 1}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_model_of_small_cases(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "model.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.static_model", "--cases", "16x512:fp32,4x512:bf16:packed", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "NOT measured" in proc.stdout
+    results = json.loads(out.read_text())["results"]
+    assert [r["case"] for r in results] == ["16x512 fp32", "4x512 bf16 packed"]
+    for result in results:
+        kernels = {launch["kernel"]: launch for launch in result["launches"]}
+        assert {"kpo_loss_fwd_kernel", "kpo_loss_finalize_kernel", "kpo_loss_bwd_kernel"} <= set(kernels)
+        forward = kernels["kpo_loss_fwd_kernel"]
+        assert forward["spill_bytes"] == 0 and forward["programs_per_sm"] >= 1
+        assert forward["instructions_per_token"] > 0 and forward["loop_barriers"] >= 1
+        for machine in ("H100 SXM", "H200"):
+            assert result["step_us"][machine] >= static_model.LAUNCH_US * len(result["launches"])
+            assert 0 < result["copy_floor_us"][machine] < result["step_us"][machine]
