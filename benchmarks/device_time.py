@@ -26,7 +26,7 @@ import kpo_kernels
 from kpo_kernels.bench.cases import DTYPES, Case, fused_bytes
 from kpo_kernels.bench.data import rl_batch
 from kpo_kernels.bench.implementations import forward_backward
-from kpo_kernels.bench.timing import CudaTimer
+from kpo_kernels.bench.timing import CudaTimer, capture_cuda_graph
 
 BASELINES = ("vectorized-cumsum", "grpo-eager")
 DEFAULT_CASES = "64x4096:fp32,512x8192:fp32,512x8192:bf16,2x131072:fp32,8x131072:bf16"
@@ -56,15 +56,7 @@ def _events_median_us(timer, fn, repeats):
 def _graph(step, case):
     """kpo's step captured in a CUDA graph (tables prepared first, warmed on a side stream)."""
     kpo_kernels.prepare(case.length, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
+    return capture_cuda_graph(step)
 
 
 def measure_case(timer, case, steps):

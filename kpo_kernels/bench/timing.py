@@ -97,6 +97,20 @@ def device_busy_ms(events, calls, exclude=FLUSH_KERNEL):
     return sum(device_times_us(events, calls, exclude).values()) / 1e3
 
 
+def capture_cuda_graph(step):
+    """`step` captured in a CUDA graph, after one warm-up call on a side stream (as torch's
+    CUDA-graph recipe asks: the warm-up's allocations are not recorded)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
 class CudaTimer:
     """CUDA-event timing with an L2 flush before each call (the method of triton.testing.do_bench)."""
 
