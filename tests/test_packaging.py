@@ -13,6 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+BUILT_FROM = "c0ffee1"
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     if importlib.util.find_spec("setuptools") is None or importlib.util.find_spec("pip") is None:
@@ -34,9 +37,12 @@ def wheel(tmp_path_factory):
             target.symlink_to(os.readlink(source))
         elif source.is_file():  # a tracked file deleted in the work tree is skipped
             target.write_bytes(source.read_bytes())
+    # The copy has no .git: the commit the wheel records comes from KPO_COMMIT, as on a build
+    # machine that exports it (a build from a clone reads it from git).
+    env = {**os.environ, "KPO_COMMIT": BUILT_FROM}
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(tree)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (path,) = out.glob("kpo_kernels-*.whl")
@@ -73,7 +79,7 @@ def test_installed_copy_runs_the_main_command_outside_the_checkout(wheel, tmp_pa
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(site)
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH", "KPO_COMMIT")}
     env["PYTHONPATH"] = str(site)  # ahead of site-packages, where an editable install may also be
     args = ["--device", "cpu", "--rows", "4", "--length", "128", "--budget", "0.01", "--accuracy-max-length", "256",
             "--reference-max-length", "128", "--no-memory", "--quiet"]
@@ -83,6 +89,19 @@ def test_installed_copy_runs_the_main_command_outside_the_checkout(wheel, tmp_pa
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "reference/ filter in float64 (its Python loop) vs the recursion: max |diff| 0.0e+00" in proc.stdout
     assert "all 3 kpo results agree with the float64 reference" in proc.stdout  # accuracy 4x256, kpo, kpo-torch
-    assert "| commit None |" in proc.stdout  # an installed copy has no commit (and reports no other repository's)
+    # An installed copy reports the commit it was built from (and no other repository's).
+    assert f"| commit {BUILT_FROM} (installed) |" in proc.stdout
     last = proc.stdout.strip().splitlines()[-1]
     assert last == f"STATUS 0 FROM {site / 'kpo_kernels' / '__init__.py'} OUTSIDE []", last
+
+
+def test_an_installed_copy_without_build_record_names_its_version(monkeypatch):
+    from types import SimpleNamespace
+
+    import kpo_kernels
+    from kpo_kernels.bench import environment
+
+    monkeypatch.delenv("KPO_COMMIT", raising=False)
+    monkeypatch.setitem(sys.modules, "kpo_kernels._build", SimpleNamespace(COMMIT=None))
+    assert environment._installed_commit() == f"unknown (installed kpo_kernels {kpo_kernels.__version__})"
+    assert environment.git_commit(package_dir=Path("/nonexistent/kpo_kernels")) == environment._installed_commit()

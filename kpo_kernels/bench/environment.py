@@ -17,16 +17,28 @@ def _git(*args, cwd):
     return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, timeout=10)
 
 
+def _installed_commit():
+    """For an installed copy: the commit it was built from (setup.py writes kpo_kernels/_build.py
+    into wheels), else what is known: the version."""
+    try:
+        from kpo_kernels import _build
+    except ImportError:
+        _build = None
+    commit = getattr(_build, "COMMIT", None)
+    return f"{commit} (installed)" if commit else f"unknown (installed kpo_kernels {kpo_kernels.__version__})"
+
+
 def git_commit(package_dir=PACKAGE_DIR):
     """Short commit of the source checkout this package runs from, '-dirty' if tracked files
-    differ; None for an installed copy (its folder is not the `kpo_kernels/` of a git work tree).
-    KPO_COMMIT overrides (a copy of the checkout without .git)."""
+    differ; for an installed copy (its folder is not the `kpo_kernels/` of a git work tree) the
+    commit it was built from, or what is known. KPO_COMMIT overrides (a copy of the checkout
+    without .git)."""
     if os.environ.get("KPO_COMMIT"):
         return os.environ["KPO_COMMIT"]
     try:
         top = _git("rev-parse", "--show-toplevel", cwd=package_dir.parent)
         if top.returncode != 0 or (Path(top.stdout.strip()) / "kpo_kernels").resolve() != package_dir:
-            return None
+            return _installed_commit()
         head = _git("rev-parse", "--short", "HEAD", cwd=package_dir.parent)
         if head.returncode != 0:
             return None
