@@ -611,3 +611,48 @@ def test_docs_give_these_overrides():
     with open(os.path.join(REPO_ROOT, "docs", "verl.md"), encoding="utf-8") as f:
         block = re.search(r"```bash\n(.*?)```", f.read(), re.S).group(1)
     assert [line.strip().rstrip("\\").strip() for line in block.splitlines() if line.strip()] == README_OVERRIDES
+
+
+# ----------------------------------------------------------------------------- verl's traps
+
+
+def _bypass_batch():
+    from verl import DataProto
+
+    log_probs = torch.randn(2, 5)
+    return DataProto.from_dict(tensors={"rollout_log_probs": log_probs, "old_log_probs": log_probs + 1})
+
+
+def test_bypass_mode_refuses_to_replace_kpo():
+    """verl's trainer calls rollout_corr_helper.apply_bypass_mode, which would set loss_mode to its
+    own bypass_mode loss: with loss_mode=kpo it raises, naming the setting."""
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo import rollout_corr_helper
+
+    policy_loss = OmegaConf.create({"loss_mode": "kpo", "kalman_q": 1e-4})
+    with pytest.raises(ValueError, match=r"algorithm\.rollout_correction\.bypass_mode=True"):
+        rollout_corr_helper.apply_bypass_mode(_bypass_batch(), OmegaConf.create({"bypass_mode": True}), policy_loss)
+    assert policy_loss.loss_mode == "kpo"
+    # Other losses keep verl's behaviour.
+    vanilla, batch = OmegaConf.create({"loss_mode": "vanilla"}), _bypass_batch()
+    rollout_corr_helper.apply_bypass_mode(batch, OmegaConf.create({"bypass_mode": True}), vanilla)
+    assert vanilla.loss_mode == "bypass_mode"
+    assert torch.equal(batch.batch["old_log_probs"], batch.batch["rollout_log_probs"])
+
+
+def test_a_rewritten_loss_mode_is_refused_where_workers_build_the_config():
+    with pytest.raises(ValueError, match="bypass_mode=True replaces"):
+        KPOPolicyLossConfig(loss_mode="bypass_mode")
+    with pytest.raises(ValueError, match="loss_mode='vanilla', not 'kpo'"):
+        KPOPolicyLossConfig(loss_mode="vanilla")
+
+
+def test_distillation_config_is_refused_by_name():
+    """On-policy distillation passes its own loss config (no policy_loss, no kalman_* fields)."""
+    from verl.workers.config.distillation import DistillationLossConfig
+
+    config = DistillationLossConfig(use_policy_gradient=True)
+    batch = make_batch(2, 6, seed=3)
+    with pytest.raises(ValueError, match="distillation.distillation_loss.policy_loss_mode"):
+        compute_policy_loss_kpo(batch["old_log_prob"], batch["log_prob"], batch["advantages"][:, None].expand(2, 6),
+                                batch["mask"], config=config)

@@ -18,13 +18,26 @@ Where the loss takes its settings from (verl's actor config, an `ActorConfig` or
 - `rollout_is_weights` multiplies the per-token loss.
 
 verl's `clip_ratio_c` is not used: the dual clip is `policy_loss.dual_clip` (None: off).
+
+Two verl features would silently train something other than KPO; both are refused by name:
+
+- `algorithm.rollout_correction.bypass_mode=True`: verl's `apply_bypass_mode` rewrites the
+  actor's `policy_loss.loss_mode` to its own `bypass_mode` loss. Importing this module wraps that
+  function so that it raises for `loss_mode=kpo`, and `KPOPolicyLossConfig` refuses a rewritten
+  `loss_mode` when a worker builds it.
+- KPO as the policy loss of on-policy distillation (`distillation.distillation_loss.
+  policy_loss_mode=kpo`): verl then passes its distillation loss config, which has no
+  `policy_loss` with KPO's hyperparameters; the loss refuses such a config rather than fall back
+  to defaults. (verl 0.9.1 itself allows only `vanilla` there.)
 """
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from verl.trainer.ppo import rollout_corr_helper
 from verl.trainer.ppo.core_algos import register_policy_loss
 from verl.workers.config import PolicyLossConfig
 
@@ -88,8 +101,37 @@ class KPOPolicyLossConfig(PolicyLossConfig):
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
+        if self.loss_mode != LOSS_MODE:
+            raise ValueError(
+                f"KPOPolicyLossConfig has loss_mode={self.loss_mode!r}, not {LOSS_MODE!r}"
+                + (f": {_BYPASS_MESSAGE}" if self.loss_mode == "bypass_mode" else "")
+            )
         KPOLoss(**_hyperparameters(self))  # checks every value, as kpo_loss will
 
+
+_BYPASS_MESSAGE = (
+    "algorithm.rollout_correction.bypass_mode=True replaces actor_rollout_ref.actor.policy_loss."
+    "loss_mode=kpo with verl's own bypass_mode loss, which is not KPO. Set "
+    "algorithm.rollout_correction.bypass_mode=False (old_log_prob then comes from the actor), or "
+    "use verl's bypass_mode loss without KPO"
+)
+
+
+def _refuse_bypass_for_kpo(apply_bypass_mode):
+    """verl's `apply_bypass_mode`, raising instead of replacing loss_mode=kpo."""
+
+    @functools.wraps(apply_bypass_mode)
+    def wrapper(batch, rollout_corr_config=None, policy_loss_config=None):
+        if policy_loss_config is not None and policy_loss_config.get("loss_mode", None) == LOSS_MODE:
+            raise ValueError(_BYPASS_MESSAGE)
+        return apply_bypass_mode(batch, rollout_corr_config, policy_loss_config)
+
+    wrapper.refuses_kpo = True
+    return wrapper
+
+
+if not getattr(rollout_corr_helper.apply_bypass_mode, "refuses_kpo", False):  # once per process
+    rollout_corr_helper.apply_bypass_mode = _refuse_bypass_for_kpo(rollout_corr_helper.apply_bypass_mode)
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(KPOPolicyLossConfig)}
 # KPOPolicyLossConfig field -> kpo_loss keyword
@@ -147,6 +189,12 @@ def compute_policy_loss_kpo(
     """
     if config is None:
         raise ValueError("the kpo policy loss needs verl's actor config (clip ratios, policy_loss, global_batch_info)")
+    if config.get("policy_loss", None) is None and config.get("policy_loss_mode", None) is not None:
+        raise ValueError(
+            "kpo as distillation.distillation_loss.policy_loss_mode: verl passes the distillation loss "
+            "config, which has no policy_loss with KPO's hyperparameters (kalman_q, kalman_r, ...); "
+            "KPO refuses to run on defaults there. Use policy_loss_mode=vanilla for distillation"
+        )
     loss, metrics = kpo_loss(
         log_prob,
         old_log_prob,
