@@ -20,9 +20,18 @@ sequence without drift (Q = 0) typically ends at the lower end, which means "Q/R
 rather than a measurement. The grid makes the search robust to a profile that is flat over
 decades; a profile with two separate maxima narrower than half a decade could be missed.
 Each evaluation is one vectorized filter pass (no Python loop over tokens).
+
+Scale: the filter is affine in (x0, z) with weights that depend on Q / R and P0 / R only and sum
+to 1, so the fit of (z - x0) / c with x0 = 0 has the same ratio, R / c^2 and a log-likelihood
+per token higher by log c. The fit runs on the valid log-ratios centred on x0 and divided by
+c = 2^k, their magnitude (exact in float64), and un-scales R, Q and the log-likelihoods exactly:
+data of any finite magnitude fit without overflow or underflow inside. A fit whose Q, R or P0
+are not normal float64 numbers once un-scaled (log-ratios beyond about 1e+-150 of x0) is refused
+with a ValueError naming log_ratio and the range.
 """
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,7 +40,7 @@ import torch
 from .dispatch import check_backend_argument, resolve_backend
 from .gains import MIN_RATIO
 from .options import MASK_MODES, FilterOptions, TokenBatch
-from .validation import _number, check_cu_seqlens, check_cu_seqlens_values, check_mask, check_mask_values, check_tokens
+from .validation import _number, check_cu_seqlens, check_filter_params, check_cu_seqlens_values, check_mask, check_mask_values, check_tokens
 
 GRID_PER_DECADE = 2
 TOLERANCE = 1e-3  # width in log q at which golden-section search stops
@@ -105,8 +114,9 @@ def fit_noise(
 
     Raises:
         TypeError, ValueError: a bad argument, named. ValueError also if no token enters the
-            likelihood, if a valid log-ratio is not finite, or if every valid log-ratio equals
-            x0 (R would be 0).
+            likelihood, if a valid log-ratio is not finite, if every valid log-ratio equals x0
+            (R would be 0), or if the fitted Q, R or P0 are not normal float64 numbers
+            (log-ratios beyond about 1e+-140 of x0; the message names log_ratio and the range).
     """
     check_tokens("log_ratio", log_ratio, cu_seqlens)
     cu_seqlens = check_cu_seqlens(cu_seqlens, log_ratio.shape[0], log_ratio.device)
@@ -124,10 +134,12 @@ def fit_noise(
     if backend == "auto":
         backend = "torch"
     impl = resolve_backend(backend, log_ratio.device, log_ratio.dtype)
-    impl.check_options(FilterOptions(q=low, r=1.0, p0=p0, x0=x0, mask_mode=mask_mode))
+    # The backend sees the data centred on x0 (x0 = 0 there), so a Triton x0 beyond float32 is fine.
+    impl.check_options(FilterOptions(q=low, r=1.0, p0=p0, x0=0.0, mask_mode=mask_mode))
 
     with torch.no_grad():
         evaluate = _Profile(log_ratio.detach(), mask, cu_seqlens, mask_mode, p0, x0, impl)
+        shift = evaluate.exponent * math.log(2.0)  # log-likelihood per token: data / 2^k gains k log 2
         points = {}
 
         def profile_at(u):
@@ -148,16 +160,17 @@ def fit_noise(
         ratio = low if u_best == ends[0] else high if u_best == ends[1] else math.exp(u_best)
         at_boundary = "lower" if u_best == ends[0] else "upper" if u_best == ends[1] else None
         order = sorted(points)
+    q, r, p0_variance = _unscaled_variances(ratio, r_hat, p0, evaluate, x0)
     return NoiseFit(
-        q=ratio * r_hat,
-        r=r_hat,
-        p0=p0 * r_hat if math.isfinite(p0) else p0,
+        q=q,
+        r=r,
+        p0=p0_variance,
         ratio=ratio,
-        log_likelihood=l_best,
+        log_likelihood=l_best - shift,
         num_tokens=tokens,
         at_boundary=at_boundary,
         profile_ratio=tuple(math.exp(u) for u in order),
-        profile_log_likelihood=tuple(points[u][0] for u in order),
+        profile_log_likelihood=tuple(points[u][0] - shift for u in order),
         evaluations=len(points),
         drift_evidence=(l_best - points[ends[0]][0]) * tokens,
     )
@@ -170,6 +183,52 @@ def _check_range(q_range):
     if not MIN_RATIO <= low < high:
         raise ValueError(f"q_range must satisfy {MIN_RATIO:.4g} <= lowest < highest, got {q_range!r}")
     return low, high
+
+
+def _unscaled_variances(ratio, r_scaled, p0_ratio, profile, x0):
+    """(q, r, p0) of the data from R fitted on the scaled data; ValueError naming log_ratio and
+    the range when one of them is not a normal float64 number (a fit kpo_loss could not use, or
+    one that lost its digits to underflow)."""
+    tiny, huge = sys.float_info.min, sys.float_info.max
+    try:
+        r = math.ldexp(r_scaled, 2 * profile.exponent)
+        q = ratio * r
+        p0 = p0_ratio * r if math.isfinite(p0_ratio) else p0_ratio
+    except OverflowError:
+        q = r = p0 = math.inf
+    usable = all(tiny <= value <= huge for value in (q, r)) and (p0 == 0 or not math.isfinite(p0_ratio) or tiny <= p0 <= huge)
+    if not usable:
+        log10_r = math.log10(r_scaled) + 2 * profile.exponent * math.log10(2.0)
+        raise ValueError(
+            f"log_ratio: the fitted noise variances are outside float64's normal range [{tiny:.4g}, {huge:.4g}] "
+            f"(R = 10^{log10_r:.1f}, Q = {ratio:.3g} R, P0 = {p0_ratio:.3g} R), as the largest valid "
+            f"|log_ratio - x0| is about 10^{profile.exponent * math.log10(2.0):.1f}: the variances "
+            "scale with its square, so log-ratios within about 1e-140 to 1e140 of x0 fit (with the default q_range)"
+        )
+    check_filter_params(q=q, r=r, p0=p0, x0=x0)  # what kpo_loss will check: holds for normal q, r, p0
+    return q, r, p0
+
+
+def _times_power_of_two(values, exponent):
+    """values * 2^exponent in two exact steps (a single factor 2^exponent may be subnormal or overflow)."""
+    half = exponent // 2
+    return values * math.ldexp(1.0, half) * math.ldexp(1.0, exponent - half)
+
+
+def _centred_and_scaled(z, valid, x0):
+    """((z - x0) / 2^k at valid tokens, 0 elsewhere; k) with the largest magnitude in [0.5, 1)
+    (k = 0 when every valid z equals x0). z - x0 is formed after a first exact scaling by the
+    magnitude of z and x0, so that it cannot overflow."""
+    largest = max(float(z.abs().max()) if z.numel() else 0.0, abs(x0))
+    if largest == 0.0:
+        return z, 0
+    first = math.frexp(largest)[1]
+    centred = torch.where(valid, _times_power_of_two(z, -first) - math.ldexp(x0, -first), 0.0)
+    spread = float(centred.abs().max())
+    if spread == 0.0:
+        return centred, 0
+    second = math.frexp(spread)[1]
+    return _times_power_of_two(centred, -second), first + second
 
 
 def _golden_section(f, a, b):
@@ -188,16 +247,21 @@ def _golden_section(f, a, b):
 
 
 class _Profile:
-    """l(q), R_hat(q) and the token count for one batch: one filter pass per call."""
+    """l(q), R_hat(q) and the token count for one batch: one filter pass per call, on the data
+    centred on x0 and divided by 2^exponent (module docstring, "Scale"): l and R_hat are those of
+    the scaled data."""
 
     def __init__(self, log_ratio, mask, cu_seqlens, mask_mode, p0, x0, impl):
         from .backends.torch_backend import TorchBackend, _Packed, _Rows, _valid
 
-        self.mask_mode, self.p0, self.x0, self.impl = mask_mode, p0, x0, impl
+        self.mask_mode, self.p0, self.x0, self.impl = mask_mode, p0, 0.0, impl
         valid = _valid(mask, log_ratio.shape, log_ratio.device)
         z = torch.where(valid, log_ratio.to(torch.float64), 0.0)
         if not bool(torch.isfinite(z).all()):
             raise ValueError("log_ratio must be finite at every valid token")
+        z, self.exponent = _centred_and_scaled(z, valid, x0)
+        self.given_x0 = x0
+        log_ratio = z.to(log_ratio.dtype)
         self.torch = isinstance(impl, TorchBackend)
         if self.torch:
             self.layout = _Rows(z.shape) if cu_seqlens is None else _Packed(cu_seqlens, z.shape[0])
@@ -224,7 +288,7 @@ class _Profile:
                 "no valid token enters the likelihood (an empty mask, or with p0=inf only one-token sequences)"
             )
         if not r_hat > 0:
-            raise ValueError(f"every valid log_ratio equals x0={self.x0}: the observation noise R cannot be estimated")
+            raise ValueError(f"every valid log_ratio equals x0={self.given_x0}: the observation noise R cannot be estimated")
         return -0.5 * (math.log(2.0 * math.pi * r_hat) + mean_log_s + 1.0), r_hat, tokens
 
     def _torch_pass(self, filt):

@@ -170,6 +170,32 @@ def test_error_columns_can_fail():
     assert shifted["err_loss"] == pytest.approx(1e-3, rel=1e-2)
 
 
+def test_the_float32_reference_differs_only_at_ratio_ties():
+    """Issue 19: the sequential-reference row showed err grad 8.3e-2 at 8 x 512 fp32. The cause:
+    it clips the ratio exp(x) in float32, where at one token 7.6e-8 below log(1 - clip_low) the
+    two PPO terms round to the same float32 number and torch.maximum gives each half the
+    gradient; this package decides on x against float64 bounds and gets the float64 branch. The
+    row now counts such ratio ties (correctness.RATIO_TIE_WINDOW), this package's rows do not."""
+    from kpo_kernels.bench.correctness import RATIO_TIE_WINDOW, errors_against, measure_errors, yardstick
+    from kpo_kernels.bench.implementations import forward_backward
+
+    batch = _batch(8, 512, seed=0)
+    yard = yardstick(batch)
+    assert int(yard.ties.sum()) == 0 and int(yard.ratio_ties.sum()) >= 1
+    loss, _, grad = forward_backward("sequential-reference", batch)
+    strict = errors_against(yard, loss, grad)  # the float64 ties only, as before
+    assert strict["err_grad"] > 1e-2
+    diff = (grad.double() - yard.grad).abs()
+    worst = diff == diff.max()
+    assert bool(yard.ratio_ties[worst].all())
+    assert abs(float(yard.x[worst][0]) - math.log1p(-3e-4)) <= RATIO_TIE_WINDOW
+    assert float(grad.double()[worst][0]) == pytest.approx(0.5 * float(yard.grad[worst][0]), rel=1e-5)  # the split
+    reference_row = measure_errors("sequential-reference", batch, yard)
+    assert reference_row["err_grad"] <= 1e-5 and reference_row["grad_ties"] == int(yard.ratio_ties.sum())
+    kpo_row = measure_errors("kpo", batch, yard)
+    assert kpo_row["err_grad"] <= 1e-6 and kpo_row["grad_ties"] == 0  # strict: no ratio ties for this package
+
+
 def test_accuracy_sweep_finds_the_failures():
     from benchmarks import accuracy
 

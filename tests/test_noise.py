@@ -2,14 +2,17 @@
 likelihood of reference/diagnostics.py, layouts, and argument checks."""
 
 import math
+import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kpo_kernels
 import reference
 from conftest import DEVICE, triton_backend
-from helpers import assert_close
+from helpers import assert_close, examples
 
 
 def simulate(rows, shortest, longest, q, r, seed, dtype=torch.float64):
@@ -220,3 +223,77 @@ def test_choosing_q_and_r_snippets_run():
     assert snippets
     for code in snippets:
         exec(compile(code, "docs/choosing-q-and-r.md", "exec"), {})
+
+
+def _assert_usable(fit, x0=0.0):
+    """A fit kpo_loss accepts as it is: q, r (and a finite p0) normal float64 numbers."""
+    from kpo_kernels.validation import check_filter_params
+
+    for name in ("q", "r", "log_likelihood", "drift_evidence"):
+        assert math.isfinite(getattr(fit, name)), (name, fit)
+    assert fit.q >= sys.float_info.min and fit.r >= sys.float_info.min, fit
+    check_filter_params(q=fit.q, r=fit.r, p0=fit.p0, x0=x0)
+
+
+def test_the_fit_scales_with_the_square_of_the_data():
+    """The filter is equivariant in (z - x0, Q, R): data times 2^k give the same ratio, R times
+    4^k, and the log-likelihood per token less k log 2, at magnitudes where R would overflow or
+    underflow if the data were not scaled first (the fit works on (z - x0) / its magnitude)."""
+    z, mask = simulate(3, 40, 60, 1e-3, 1.0, 5)
+    want = kpo_kernels.fit_noise(z, mask, x0=0.25)
+    for k in (-500, -300, 300, 511):  # 511: |z| ~ 2^513, whose square overflows
+        got = kpo_kernels.fit_noise(z * 2.0**k, mask, x0=0.25 * 2.0**k)
+        _assert_usable(got, x0=0.25 * 2.0**k)
+        assert got.ratio == pytest.approx(want.ratio, rel=1e-9)
+        assert got.r == pytest.approx(math.ldexp(want.r, 2 * k), rel=1e-9)
+        assert got.log_likelihood == pytest.approx(want.log_likelihood - k * math.log(2.0), rel=1e-9)
+        assert got.drift_evidence == pytest.approx(want.drift_evidence, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("value, where", [(1e200, "one"), (1e-160, "all"), (1e-300, "all"), (1.7e308, "one")])
+def test_extreme_data_give_a_usable_fit_or_name_the_range(value, where):
+    """Issue 19: one log-ratio of 1e200 gave q = r = inf; data of 1e-160 gave q = 0 with a
+    subnormal r. Now: a fit kpo_loss accepts, or a ValueError naming log_ratio and the range."""
+    z, mask = simulate(2, 30, 30, 1e-3, 1.0, 2)
+    if where == "one":
+        z[0, 3] = value
+    else:
+        z = z * value
+    try:
+        fit = kpo_kernels.fit_noise(z, mask)
+    except ValueError as error:
+        assert "log_ratio" in str(error) and "range" in str(error), error
+    else:
+        _assert_usable(fit)
+
+
+@settings(max_examples=examples(25), deadline=None)
+@given(
+    exponent=st.floats(-300.0, 300.0),
+    rows=st.integers(1, 3),
+    length=st.integers(2, 12),
+    seed=st.integers(0, 2**16),
+    x0_share=st.sampled_from([0.0, 0.5]),
+)
+def test_property_every_finite_magnitude_gives_a_usable_fit_or_a_range_error(exponent, rows, length, seed, x0_share):
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, length, dtype=torch.float64, generator=generator) * 10.0**exponent
+    x0 = x0_share * float(z[0, 0])
+    try:
+        fit = kpo_kernels.fit_noise(z, x0=x0, q_range=(1e-6, 1e2))
+    except ValueError as error:
+        message = str(error)
+        assert "log_ratio" in message and "range" in message, message
+        assert not 1e-140 < abs(10.0**exponent) < 1e140, message  # only at the extremes
+    else:
+        _assert_usable(fit, x0=x0)
+
+
+def test_triton_fit_takes_an_x0_beyond_float32():
+    """The backend sees the data centred on x0, so the Triton kernels' float32 x0 is no limit."""
+    z, mask = simulate(2, 10, 12, 1e-2, 1.0, 3)
+    x0, data = 1e39, z * 1e38 + 1e39
+    want = kpo_kernels.fit_noise(data, mask, x0=x0, q_range=(1e-2, 1.0))
+    got = kpo_kernels.fit_noise(data.to(DEVICE), mask.to(DEVICE), x0=x0, q_range=(1e-2, 1.0),
+                                backend=triton_backend(block_size=16))
+    assert got.ratio == pytest.approx(want.ratio, rel=0.05) and got.r == pytest.approx(want.r, rel=0.05)

@@ -14,7 +14,14 @@
      its advantages summing to 0 per group, so it is measured on the scale of its terms);
    - err_grad: max |g - g64| / max |g64| over tokens, where the float64 filtered log-ratio is
      not within FILTER_TOL * max |x64| of a branch bound (clip bounds, cap): at those "ties"
-     float32 cannot decide the branch and either gradient is right; their count is grad_ties;
+     float32 cannot decide the branch and either gradient is right; their count is grad_ties.
+     Implementations that clip the ratio exp(x) in float32 (`sequential-reference`, the
+     reference evaluated in the case's float32, and `vectorized-cumsum`) also tie within
+     RATIO_TIE_WINDOW of a clip bound: there -A exp(x) and -A (1 +- clip) round to the same
+     float32 number, and torch.maximum gives each term half the gradient. (At 8 x 512, seed 0,
+     one token 7.6e-8 below log(1 - 3e-4) made the reference's err_grad 8.3e-2 before these
+     ties were counted: its gradient there is exactly half of float64's.) The reference in
+     float64 is the yardstick itself;
    - err_metrics (this package and the reference only): the worst metric error, fractions in
      absolute terms (less ties / tokens), ppo_kl relative to mean |z|, the others relative.
    NaN anywhere gives a NaN error. `grpo-eager` computes a different loss: its errors are None.
@@ -38,6 +45,9 @@ FILTER_TOL = 1e-5
 LOSS_TOL = 1e-5
 METRIC_TOL = 1e-5
 YARDSTICK = "float64 recursion (filter) + reference/ loss in float64"
+# |x - log(1 +- clip)| within which float32 cannot order -A exp(x) and -A (1 +- clip): exp's
+# rounding (1 unit), the bound's (1/2), the two products' (1/2 each), with a margin.
+RATIO_TIE_WINDOW = 4 * torch.finfo(torch.float32).eps
 
 
 def grad_tol(dtype):
@@ -54,6 +64,7 @@ class Yardstick:
     grad: torch.Tensor  # d loss / d log_prob, float64
     metrics: dict
     ties: torch.Tensor  # (B, T) bool: x within the filter tolerance of a branch bound
+    ratio_ties: torch.Tensor  # ties, and x within RATIO_TIE_WINDOW of a clip bound
     mean_abs_z: float
 
 
@@ -92,6 +103,9 @@ def yardstick(batch, settings=DEFAULT):
     for bound in bounds:
         ties |= (x - bound).abs() <= window
     ties &= valid
+    ratio_ties = ties.clone()
+    for bound in bounds[:2]:
+        ratio_ties |= ((x - bound).abs() <= RATIO_TIE_WINDOW) & valid
     return Yardstick(
         valid=valid,
         x=x,
@@ -100,6 +114,7 @@ def yardstick(batch, settings=DEFAULT):
         grad=log_prob.grad.detach().cpu(),
         metrics={k: _value(v) for k, v in metrics.items()},
         ties=ties,
+        ratio_ties=ratio_ties,
         mean_abs_z=float(z[valid].abs().mean()) if bool(valid.any()) else 0.0,
     )
 
@@ -123,9 +138,9 @@ def _rel(diff, scale):
     return diff / scale if scale > 0 else diff
 
 
-def _metric_error(name, got, want, yard, tokens):
+def _metric_error(name, got, want, yard, tokens, ties):
     if name in ("clipfrac", "clipfrac_lower"):  # fractions: absolute, less the tie tokens
-        return max(0.0, abs(got - want) - int(yard.ties.sum()) / max(tokens, 1)) if math.isfinite(got) else math.nan
+        return max(0.0, abs(got - want) - int(ties.sum()) / max(tokens, 1)) if math.isfinite(got) else math.nan
     if name == "ppo_kl":
         return _rel(abs(got - want), yard.mean_abs_z)
     return _rel(abs(got - want), abs(want))
@@ -142,18 +157,21 @@ def measure_errors(name, batch, yard, settings=DEFAULT):
     loss, metrics, grad = forward_backward(name, batch, settings)
     x = filtered(name, batch, settings)
     with_metrics = name == "sequential-reference" or impl.kpo
-    return errors_against(yard, loss, grad, x, metrics if with_metrics else None)
+    ties = yard.ratio_ties if impl.clips_float32_ratio else yard.ties
+    return errors_against(yard, loss, grad, x, metrics if with_metrics else None, ties=ties)
 
 
-def errors_against(yard, loss, grad, x=None, metrics=None):
-    """The error columns (module docstring, item 2) of one result against the yardstick."""
+def errors_against(yard, loss, grad, x=None, metrics=None, ties=None):
+    """The error columns (module docstring, item 2) of one result against the yardstick; ties:
+    the tokens left out of err_grad (default yard.ties)."""
     valid = yard.valid
-    out = dict(err_filter=None, err_metrics=None, worst_metric=None, grad_ties=int(yard.ties.sum()))
+    ties = yard.ties if ties is None else ties
+    out = dict(err_filter=None, err_metrics=None, worst_metric=None, grad_ties=int(ties.sum()))
     out["err_loss"] = _rel(abs(float(loss.detach()) - yard.loss), max(abs(yard.loss), yard.loss_scale))
 
     grad = grad.detach().to("cpu", torch.float64)
     diff = (grad - yard.grad).abs()
-    diff = torch.where(yard.ties & torch.isfinite(diff), 0.0, diff)
+    diff = torch.where(ties & torch.isfinite(diff), 0.0, diff)
     out["err_grad"] = _rel(diff.max(), float(yard.grad.abs().max())) if diff.numel() else 0.0
 
     if x is not None:
@@ -163,7 +181,7 @@ def errors_against(yard, loss, grad, x=None, metrics=None):
     if metrics is not None:
         tokens = int(valid.sum())
         errors = {
-            k: _metric_error(k, _value(metrics[k]), yard.metrics[k], yard, tokens)
+            k: _metric_error(k, _value(metrics[k]), yard.metrics[k], yard, tokens, ties)
             for k in kpo_kernels.METRIC_NAMES
             # The diagnostics (nis_mean, sign flips, ...) have their own float64 oracle,
             # reference.diagnostics, in tests/test_diagnostics.py; too slow for long rows here.

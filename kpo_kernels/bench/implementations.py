@@ -48,6 +48,10 @@ class Implementation:
     filter: Optional[Callable]
     native_on: tuple  # device types where it runs natively
     kpo: bool = False  # this package: checked against the float64 reference
+    # Decides PPO's clip as the textbook loss does: max(-A r, -A clamp(r, 1 - lo, 1 + hi)) on the
+    # ratio r = exp(x) in float32, which cannot order the two terms within a few roundings of a
+    # bound (correctness.RATIO_TIE_WINDOW); this package decides on x against float64 bounds.
+    clips_float32_ratio: bool = False
 
 
 def _log_ratio(batch):
@@ -102,8 +106,10 @@ IMPLEMENTATIONS = {
     "kpo": Implementation("kpo", *_kpo("auto"), native_on=("cpu", "cuda"), kpo=True),
     "kpo-torch": Implementation("kpo-torch", *_kpo("torch"), native_on=("cpu", "cuda"), kpo=True),
     "kpo-triton": Implementation("kpo-triton", *_kpo("triton"), native_on=("cuda",), kpo=True),
-    "sequential-reference": Implementation("sequential-reference", _reference, _reference_filter, ("cpu", "cuda")),
-    "vectorized-cumsum": Implementation("vectorized-cumsum", _cumsum, _cumsum_filter, ("cpu", "cuda")),
+    "sequential-reference": Implementation(
+        "sequential-reference", _reference, _reference_filter, ("cpu", "cuda"), clips_float32_ratio=True
+    ),
+    "vectorized-cumsum": Implementation("vectorized-cumsum", _cumsum, _cumsum_filter, ("cpu", "cuda"), clips_float32_ratio=True),
     "grpo-eager": Implementation("grpo-eager", _grpo, None, ("cpu", "cuda")),
     "copy": Implementation("copy", None, None, ("cuda",)),
 }

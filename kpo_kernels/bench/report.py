@@ -183,8 +183,11 @@ def environment_line(row):
 LEGEND = """\
 t/kpo: median time / kpo's median time on the same case (above 1: kpo is faster).
 err filter: max |x - x64| / max |x64| of the filtered log-ratio over valid tokens; err grad: max
-|g - g64| / max |g64| of d loss / d log_prob (tokens tied with a clip bound in float64 excluded);
-x64, g64 from a float64 recursion and reference/'s loss in float64. NaN: the output has NaN.
+|g - g64| / max |g64| of d loss / d log_prob (tokens tied with a clip bound in float64 excluded;
+for sequential-reference and vectorized-cumsum, which clip the ratio exp(x) in float32, also
+tokens within 4.8e-7 of a clip bound, where float32 cannot order the two PPO terms and
+torch.maximum gives each half the gradient); x64, g64 from a float64 recursion and reference/'s
+loss in float64 (reference/ in float64 is the yardstick itself). NaN: the output has NaN.
 check: this package within 1e-5 (filter, loss, metrics) and 1e-5 or one rounding unit of the
 input dtype (gradient). peak MB: allocated during one step above the inputs (n/a: not measured).
 grpo-eager is a different loss (no filter): no errors. GB/s: bytes a fused step must move
