@@ -4,6 +4,7 @@ from .api import KPOLoss, kalman_filter, kalman_gains, kpo_loss, prepare
 from .backends import Backend, TorchBackend, TritonBackend
 from .noise import NoiseFit, fit_noise
 from .options import AGG_MODES, MASK_MODES, METRIC_NAMES
+from .tables import PinnedTables, release_tables
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,7 @@ __all__ = [
     "MASK_MODES",
     "METRIC_NAMES",
     "NoiseFit",
+    "PinnedTables",
     "TorchBackend",
     "TritonBackend",
     "fit_noise",
@@ -21,4 +23,5 @@ __all__ = [
     "kalman_gains",
     "kpo_loss",
     "prepare",
+    "release_tables",
 ]

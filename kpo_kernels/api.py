@@ -10,7 +10,7 @@ import inspect
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from . import ops
+from . import ops, tables
 from .backends import expand_rows
 from .dispatch import backend_key, check_backend_argument, resolve_backend
 from .gains import gain_schedule
@@ -154,30 +154,44 @@ def _needs_autograd(log_prob):
     return torch._C._functorch.is_functorch_wrapped_tensor(log_prob) or forward_ad.unpack_dual(log_prob).tangent is not None
 
 
-def prepare(length, *, q=1e-6, r=1.0, p0=0.0, device="cuda", backend="auto"):
-    """Build, ahead of time, the gain tables that later calls will read (docs/compiled-steps.md).
+def prepare(length, *, tokens=None, q=1e-6, r=1.0, p0=0.0, device="cuda", backend="auto"):
+    """Build and pin, ahead of time, the tables that later calls will read (docs/compiled-steps.md).
 
-    A call's first use of a (q, r, p0) builds its tables then. Call this (or run one eager step)
-    before capturing a CUDA graph, so that nothing is allocated during capture.
+    A call's first use of a (q, r, p0) otherwise builds its tables then. Call this before
+    capturing a CUDA graph, so that nothing is built during capture and nothing a graph reads is
+    freed: the tables stay pinned (never evicted or replaced) until the handle is released.
 
     Args:
-        length: the longest sequence, in tokens, that the calls will see (an int >= 1).
+        length: the longest sequence: T of a padded (B, T) batch, or the longest sequence of a
+            packed batch whose cu_seqlens are on the CPU (an int >= 1).
+        tokens: the largest token count N of a packed batch whose cu_seqlens are on `device`
+            (its tables are sized by N, known without a host sync; a table that reaches the
+            saturation index serves any N); None if there are none.
         q, r, p0: the noise settings the calls will use, as in `kalman_filter`.
         device: where the calls run. Default "cuda".
         backend: the `backend` argument the calls will pass; tables are built for the backend it
             picks on `device`, for float32 and float64 inputs.
 
     Returns:
-        None.
+        A `kpo_kernels.tables.PinnedTables` handle (also a context manager): its tables count
+        toward the cache's 64 MiB per device (and may exceed it alone) until its `release()` or
+        `kpo_kernels.release_tables()`; release once no graph that read them is replayed. Calls
+        during a capture also pin what they read (see `kpo_kernels.tables`).
 
     Raises:
-        TypeError, ValueError: a bad `length`, noise setting, device or backend.
+        TypeError, ValueError: a bad `length`, `tokens`, noise setting, device or backend.
     """
     length = check_count("length", length, minimum=1)
-    check_filter_params(q=q, r=r, p0=p0, x0=0.0)
+    tokens = None if tokens is None else check_count("tokens", tokens, minimum=1)
+    options = check_filter_params(q=q, r=r, p0=p0, x0=0.0)
     device = torch.device(device)
-    for dtype in (torch.float32, torch.float64):
-        resolve_backend(backend, device, dtype).prepare(length, q, r, p0, device)
+    pinned = tables.PinnedTables(tables.cache)
+    with tables.cache.pinning(pinned):
+        for dtype in (torch.float32, torch.float64):
+            impl = resolve_backend(backend, device, dtype)
+            for longest in (length,) if tokens is None else (length, tokens):
+                impl.prepare(longest, options.q, options.r, options.p0, device)
+    return pinned
 
 
 def kpo_loss(

@@ -1,4 +1,4 @@
-"""Kalman gains K_1, K_2, ... in closed form, and a per-device cache of gain tables.
+"""Kalman gains K_1, K_2, ... in closed form (cached per device as tables by `tables`).
 
 With constant Q, R and prior variance P0 the gain after n observations does not depend on the
 data. In normalised units (q = Q/R, p = P/R) the variance follows the Moebius map
@@ -22,7 +22,6 @@ subnormal), any finite value up to float64's maximum; p0 = P0/R in [0, inf].
 
 import math
 import sys
-from collections import OrderedDict
 
 import torch
 
@@ -84,56 +83,3 @@ def gain_schedule(n, q, r, p0, *, device="cpu"):
         denominator = p0 * one_minus_e + p_neg + e * p_star
         gains = (p_star + e * p_neg) / denominator * p0 + one_minus_e / denominator * q
     return gains.clamp_(max=1.0)  # K_1 = 1 for p0 = inf can round to 1 + 1 ulp
-
-
-class GainTables:
-    """Float32/float64 gain tables on each device, reused across calls, bounded in bytes.
-
-    Kernels read entry min(i, len - 1) for gain index i (the observation count minus one in skip
-    mode, the position in position mode). A table is exact for every index if it is as long as
-    the longest sequence, or reaches the saturation index (after which every gain is the steady
-    state to float64 rounding); `get` makes it the shorter of the two. Tables grow in powers of
-    two; the least recently used ones are dropped once a device holds more than `max_bytes`
-    (the table just asked for always stays).
-    """
-
-    def __init__(self, max_bytes=64 << 20):
-        self._tables = OrderedDict()
-        self.max_bytes = max_bytes
-
-    @staticmethod
-    def length(longest, q, r, p0):
-        """Entries a table needs to serve sequences of up to `longest` tokens."""
-        size = 1 << max(0, int(longest) - 1).bit_length()
-        saturation = saturation_index(q, r, p0)
-        if saturation is not None:
-            size = min(size, 1 << saturation.bit_length())  # > saturation: K_{size} is saturated
-        return max(1, size)
-
-    def get(self, longest, q, r, p0, device, dtype):
-        device = torch.device(device)
-        key = (float(q) / float(r), float(p0) / float(r), device, dtype)
-        wanted = self.length(longest, q, r, p0)
-        table = self._tables.get(key)
-        if table is None or table.numel() < wanted:
-            table = gain_schedule(wanted, q, r, p0, device=device).to(dtype)
-            self._tables[key] = table
-        self._tables.move_to_end(key)
-        self._evict(device, keep=key)
-        return table
-
-    def nbytes(self, device=None):
-        """Bytes held (on `device`, or on every device)."""
-        return sum(t.numel() * t.element_size() for k, t in self._tables.items() if device is None or k[2] == device)
-
-    def clear(self):
-        self._tables.clear()
-
-    def _evict(self, device, keep):
-        for key in [k for k in self._tables if k[2] == device and k != keep]:  # oldest first
-            if self.nbytes(device) <= self.max_bytes:
-                break
-            del self._tables[key]
-
-
-gain_tables = GainTables()

@@ -15,32 +15,7 @@ With w the weight of a token, e^2 / S = w e^2 / R and log S = log R - log w: the
 innovation squared and the Gaussian log-likelihood need no state beyond the filter's own.
 """
 
-from collections import OrderedDict
-
 import torch
-
-from .gains import gain_tables
-
-
-class VarianceRatioTables:
-    """Tables of w_n = R / S_n per (q / r, p0 / r, device, dtype), built from the float64 gain
-    table of the same length (so they share its length and indexing), cached like it."""
-
-    def __init__(self, max_entries=16):
-        self._tables = OrderedDict()
-        self._max_entries = max_entries
-
-    def get(self, length, q, r, p0, device, dtype):
-        gains = gain_tables.get(length, q, r, p0, device, torch.float64)
-        key = (float(q) / float(r), float(p0) / float(r), torch.device(device), dtype, gains.numel())
-        table = self._tables.get(key)
-        if table is None:
-            table = variance_ratio_schedule(gains, float(q) / float(r), float(p0) / float(r)).to(dtype)
-            self._tables[key] = table
-        self._tables.move_to_end(key)
-        while len(self._tables) > self._max_entries:
-            self._tables.popitem(last=False)
-        return table
 
 
 def variance_ratio_schedule(gains, q, p0):
@@ -48,5 +23,3 @@ def variance_ratio_schedule(gains, q, p0):
     before = torch.cat([gains.new_full((1,), p0), gains[:-1]])  # p_{n-1}
     return before.add_(1.0 + q).reciprocal_()  # 1 / inf = 0: the diffuse first observation
 
-
-variance_ratio_tables = VarianceRatioTables()

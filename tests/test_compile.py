@@ -193,15 +193,18 @@ def test_a_custom_backend_object_crosses_the_op_boundary_by_key():
     assert kpo_kernels.dispatch.backend_key(impl) != "torch"
 
 
-def test_prepare_builds_the_tables_a_call_reads():
-    from kpo_kernels.gains import gain_tables
+def test_prepare_builds_the_tables_a_call_reads(monkeypatch):
+    from kpo_kernels import tables
 
-    gain_tables.clear()
-    kpo_kernels.prepare(300, q=3e-4, device="cpu", backend="torch")
-    before = dict(gain_tables._tables)
-    assert before
+    cache = tables.TableCache()
+    monkeypatch.setattr(tables, "cache", cache)
+    pinned = kpo_kernels.prepare(300, q=3e-4, device="cpu", backend="torch")
+    assert cache.entries() == 2 and pinned.nbytes == cache.nbytes()  # gains and variance ratios
+    builds = cache.builds
     z = torch.randn(2, 300, dtype=torch.float64)
     kpo_kernels.kalman_filter(z, q=3e-4, backend="torch")
-    assert {k: id(v) for k, v in gain_tables._tables.items()} == {k: id(v) for k, v in before.items()}
+    kpo_kernels.kpo_loss(z, z - 0.01, torch.ones(2, dtype=torch.float64), q=3e-4, backend="torch")
+    assert cache.builds == builds
+    pinned.release()
     with pytest.raises(ValueError, match="length"):
         kpo_kernels.prepare(0, device="cpu")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import kpo_kernels
+from kpo_kernels import tables
 from helpers import assert_close, make_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -93,8 +94,9 @@ def test_compiled_step_on_cuda_matches_eager(packed):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_cuda_graph_replay_matches_eager(packed):
-    """Forward + backward captured once (after a warm-up call that compiles the kernels and
-    builds the gain tables), replayed on new values copied into the captured inputs."""
+    """Forward + backward captured once (after `prepare`, which builds and pins the tables, and a
+    warm-up call that compiles the kernels), replayed on new values copied into the captured
+    inputs after other noise settings and a longer batch have pushed the cache past its budget."""
     rows, length = 8, 1000
     cu = torch.arange(0, rows * length + 1, length, dtype=torch.int32, device="cuda") if packed else None
 
@@ -114,7 +116,8 @@ def test_cuda_graph_replay_matches_eager(packed):
         loss.backward()
         return loss, metrics
 
-    kpo_kernels.prepare(length, q=1e-6, device="cuda")
+    pinned = kpo_kernels.prepare(length, tokens=rows * length if packed else None, q=1e-6, device="cuda")
+    builds = tables.cache.builds
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -124,6 +127,11 @@ def test_cuda_graph_replay_matches_eager(packed):
     with torch.cuda.graph(graph):
         loss, metrics = step()
     grad = log_prob.grad
+    assert tables.cache.builds == builds  # prepare covered the warm-up and the capture
+    kpo_kernels.kalman_filter(torch.zeros(1, 4 * rows * length, device="cuda"), q=1e-6)  # longer tables
+    for i in range(200):  # 512 KiB of float32 gains each: over the 64 MiB budget
+        kpo_kernels.kalman_filter(torch.zeros(1, 1 << 17, device="cuda"), q=1e-10 * (1 + i / 100))
+    assert tables.cache.nbytes(torch.device("cuda")) <= max(64 << 20, tables.cache.nbytes(torch.device("cuda"), pinned=True))
     for seed in (1, 2):
         new = fresh(seed)
         with torch.no_grad():
@@ -136,6 +144,9 @@ def test_cuda_graph_replay_matches_eager(packed):
         assert_close("loss", loss, want_loss, rtol=1e-6)
         assert_close("metrics", metrics, want_metrics, rtol=1e-6)
         assert_close("grad", grad, eager_lp.grad, rtol=1e-6)
+    del graph
+    pinned.release()
+    kpo_kernels.release_tables()
 
 
 def test_opcheck_on_cuda():

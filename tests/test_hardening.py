@@ -15,7 +15,8 @@ import kpo_kernels
 import reference
 from conftest import DEVICE, triton_backend
 from helpers import assert_close, examples, grid, make_batch, oracle, run_loss
-from kpo_kernels.gains import GainTables, gain_schedule, gain_tables, saturation_index
+from kpo_kernels import tables
+from kpo_kernels.gains import gain_schedule, saturation_index
 
 # ----------------------------------------------------------------------------- views and strides
 
@@ -168,7 +169,7 @@ def test_ratios_outside_the_supported_range_are_refused_with_the_range(kwargs, n
 def test_gains_beyond_the_saturation_index_equal_the_last_table_entry(q, p0):
     """Tables may stop at the saturation index and be read with a clamped index."""
     n = saturation_index(q, 1.0, p0)
-    length = GainTables.length(10 * n + 5, q, 1.0, p0)
+    length = tables.table_length(10 * n + 5, q, 1.0, p0)
     assert n <= length <= 2 * n + 1
     full = gain_schedule(min(10 * n + 5, 1 << 22), q, 1.0, p0)
     last = full[length - 1]
@@ -176,23 +177,24 @@ def test_gains_beyond_the_saturation_index_equal_the_last_table_entry(q, p0):
     assert float(((tail - last).abs() / last).max()) <= 2.0**-52
 
 
-def test_packed_tables_are_sized_by_the_longest_sequence_and_bounded_in_bytes(backend):
+def test_packed_tables_are_sized_by_the_longest_sequence_and_bounded_in_bytes(backend, monkeypatch):
     """Finding 5: tables were sized by all N tokens of a packed stream, 16 kept whatever their
     size. 32 sequences of 64 tokens, 20 distinct q (q = 0 never saturates: its table is as
     long as the longest sequence, 64, against 2048 tokens)."""
     cu = torch.arange(0, 32 * 64 + 1, 64, dtype=torch.int32, device=DEVICE)
     z = torch.randn(32 * 64, device=DEVICE) * 0.1
-    gain_tables.clear()
+    cache = tables.TableCache()
+    monkeypatch.setattr(tables, "cache", cache)
     for i in range(20):
         kpo_kernels.kalman_filter(z, cu_seqlens=cu, q=0.0 if i == 0 else 10.0 ** -(i % 9 + 1), backend=backend)
-        for (_, _, device, _), table in list(gain_tables._tables.items()):
+        for device, held in cache._devices.items():
             if device.type == "cpu":
-                assert table.numel() <= 64
-    tables = GainTables(max_bytes=10_000)
+                assert all(entry.table.numel() <= 64 for entry in held.lru.values())
+    small = tables.TableCache(max_bytes=10_000)
     for i in range(10):
-        tables.get(1000, 10.0 ** -(i + 1), 1.0, 0.0, "cpu", torch.float64)  # 1024 entries, 8 kB
-        assert tables.nbytes() <= 10_000 or len(tables._tables) == 1
-    assert len(tables._tables) == 1
+        small.get(tables.GAINS, 1000, 10.0 ** -(i + 1), 1.0, 0.0, "cpu", torch.float64)  # 1024 entries, 8 kB
+        assert small.nbytes() <= 10_000
+    assert small.entries() == 1
 
 
 # ----------------------------------------------------------------------------- exact resets

@@ -137,8 +137,8 @@ def test_the_math_sections_the_code_cites_exist():
     assert cited and cited <= headings, cited - headings
 
 
-PUBLIC_FUNCTIONS = ("kalman_filter", "kalman_gains", "kpo_loss", "prepare", "fit_noise")
-PUBLIC_CLASSES = ("KPOLoss", "NoiseFit", "Backend", "TorchBackend", "TritonBackend")
+PUBLIC_FUNCTIONS = ("kalman_filter", "kalman_gains", "kpo_loss", "prepare", "fit_noise", "release_tables")
+PUBLIC_CLASSES = ("KPOLoss", "NoiseFit", "Backend", "TorchBackend", "TritonBackend", "PinnedTables")
 
 
 @pytest.mark.parametrize("name", PUBLIC_FUNCTIONS)

@@ -69,8 +69,9 @@ class Backend:
         raise NotImplementedError
 
     def prepare(self, length, q, r, p0, device):
-        """Build what calls with sequences of up to `length` tokens will need on `device` (the
-        gain tables), so that nothing is allocated later (e.g. during CUDA-graph capture)."""
+        """Build what calls whose tables are sized by `length` (kpo_kernels.tables) will need on
+        `device`, through the cache of `tables`: `kpo_kernels.prepare` pins what is looked up
+        here, so that nothing is allocated or freed under a CUDA graph."""
 
     def output_dtypes(self, dtype):
         """Dtypes of the results for inputs of `dtype`: filter, loss (and metrics), grad (the

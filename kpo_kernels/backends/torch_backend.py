@@ -16,8 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..gains import gain_tables
-from ..innovation import variance_ratio_tables
+from .. import tables
 from ..options import KL_CLAMP
 from .base import Backend, LossForward, expand_rows, log1p_neg
 from . import aggregation
@@ -68,7 +67,7 @@ def filter_states(z, valid, options):
     """Filtered log-ratio (float64) of a (B, T) z (float64, 0 where invalid). At invalid tokens
     the value is the state carried over them (callers mask it)."""
     batch, length = z.shape
-    gains = gain_tables.get(length, options.q, options.r, options.p0, z.device, COMPUTE)
+    gains = tables.gain_table(length, options.q, options.r, options.p0, z.device, COMPUTE)
     if not options.skip or _is_prefix(valid):
         # Position mode, or valid tokens forming a prefix of every row: the token at position t
         # uses K_{t+1} in every row, so all rows share one coefficient sequence.
@@ -206,13 +205,12 @@ class _Packed:
         self.pos = tokens - self.cu_seqlens[self.seq]  # position in its sequence
         lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
         self.horizon = lengths.max() if self.num_seqs else 0  # the longest sequence (no host sync)
-        # Gain-table length bound: the longest sequence where it is known without a sync.
-        self.longest = int(self.horizon) if cu_seqlens.device.type == "cpu" else num_tokens
+        self.longest = tables.packed_longest(cu_seqlens, num_tokens)  # the tables' length bound
 
     def filter(self, z, valid, options):
         """Filtered log-ratio of a packed z: one scan over the stream, where the first token of
         each sequence forgets the state exactly (its map is x -> x0 (1 - c) + c z, a = 0)."""
-        gains = gain_tables.get(self.longest, options.q, options.r, options.p0, z.device, COMPUTE)
+        gains = tables.gain_table(self.longest, options.q, options.r, options.p0, z.device, COMPUTE)
         if options.skip:
             count = self._running(valid)  # gain index n(t) within the sequence
             c = _gain_lookup(gains, count.sub_(1)).mul_(valid)
@@ -384,8 +382,8 @@ class TorchBackend(Backend):
         return (grad * scale).to(dtype)
 
     def prepare(self, length, q, r, p0, device):
-        gain_tables.get(length, q, r, p0, device, COMPUTE)
-        variance_ratio_tables.get(length, q, r, p0, device, COMPUTE)
+        tables.gain_table(length, q, r, p0, device, COMPUTE)
+        tables.variance_ratio_table(length, q, r, p0, device, COMPUTE)
 
     def output_dtypes(self, dtype):
         return dict.fromkeys(("filter", "loss", "grad", "row_scale"), torch.float64 if dtype == torch.float64 else torch.float32)
@@ -409,7 +407,7 @@ def innovation_terms(layout, z, x, valid, options):
     (innovation.variance_ratio_schedule). scored: valid tokens with a finite S. The terms are
     0 where not scored; log S may be a (T,) row shared by every row.
     """
-    table = variance_ratio_tables.get(layout.table_length(z), options.q, options.r, options.p0, z.device, COMPUTE)
+    table = tables.variance_ratio_table(layout.table_length(z), options.q, options.r, options.p0, z.device, COMPUTE)
     w = layout.per_observation(table, valid, options.skip)
     scored = valid & (w > 0)
     nis = layout.innovation(z, x, options.x0)
@@ -422,7 +420,7 @@ def _diagnostic_columns(layout, z, x, valid, options):
     """Per-sequence sums of the diagnostic statistics but the clip and cap counts
     (aggregation.STAT_NAMES), from the float64 observations z (0 where invalid) and states x."""
     r = options.r
-    table = variance_ratio_tables.get(layout.table_length(z), options.q, r, options.p0, z.device, COMPUTE)
+    table = tables.variance_ratio_table(layout.table_length(z), options.q, r, options.p0, z.device, COMPUTE)
     w = layout.per_observation(table, valid, options.skip)
     shared = w.dim() < z.dim()  # one (T,) row of weights for every row
     tokens = layout.count(valid)

@@ -7,8 +7,7 @@ import os
 
 import torch
 
-from ..gains import gain_tables
-from ..innovation import variance_ratio_tables
+from .. import tables
 from ..options import METRIC_NAMES
 from ..validation import check_bool, check_count
 from .aggregation import NUM_STATS
@@ -137,8 +136,8 @@ class TritonBackend(Backend):
         return f"TritonBackend(block_size={self.block_size}, tile_size={self.tile_size}, num_warps={self.num_warps})"
 
     def prepare(self, length, q, r, p0, device):
-        gain_tables.get(length, q, r, p0, device, torch.float32)
-        variance_ratio_tables.get(length, q, r, p0, device, torch.float32)
+        tables.gain_table(length, q, r, p0, device, torch.float32)
+        tables.variance_ratio_table(length, q, r, p0, device, torch.float32)
 
     def output_dtypes(self, dtype):
         return {**super().output_dtypes(dtype), "grad": _derivative_dtype(dtype)}
@@ -209,11 +208,7 @@ class TritonBackend(Backend):
         offsets = torch.empty(sequences + 1, dtype=torch.int32, device=device)
         kernels.tile_offsets_kernel[(1,)](cu_seqlens, offsets, sequences, tile, BLOCK_S=1024)
         steps = max(1, sequences.bit_length())
-        # The gain table's length bound: the longest sequence where that is known without a
-        # host sync (CPU offsets), else every token (the table saturates long before, see gains).
-        longest = tokens
-        if cu_seqlens.device.type == "cpu" and sequences:
-            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        longest = tables.packed_longest(cu_seqlens, tokens)  # the tables' length bound
         return _Tiling(True, sequences, 0, tile, slots, (slots,), tokens > tile, steps, cu_seqlens, offsets, max(longest, 1))
 
     def _empty(self, shape, dtype, device):
@@ -283,7 +278,7 @@ class TritonBackend(Backend):
         if log_ratio.numel() == 0:
             return out
         block, warps, tiling = self._plan(log_ratio.shape, cu_seqlens, device)
-        gains = gain_tables.get(tiling.longest, options.q, options.r, options.p0, device, torch.float32)
+        gains = tables.gain_table(tiling.longest, options.q, options.r, options.p0, device, torch.float32)
         counts, aggregates = self._tile_passes(tiling, log_ratio, None, mask, gains, options, block, warps)
         kernels.kalman_filter_kernel[tiling.grid](
             log_ratio, self._mask(mask) if mask is not None else log_ratio, gains, gains.numel() - 1, *tiling.launch_args(),
@@ -315,11 +310,11 @@ class TritonBackend(Backend):
     def _launch_loss(self, batch, options, tiling, stats, grad, block, warps):
         filt = options.filter
         varlen = tiling.varlen
-        gains = gain_tables.get(tiling.longest, filt.q, filt.r, filt.p0, batch.device, torch.float32)
+        gains = tables.gain_table(tiling.longest, filt.q, filt.r, filt.p0, batch.device, torch.float32)
         lp, old, adv, mask, weights = (
             self._addressable(t) for t in (batch.log_prob, batch.old_log_prob, batch.advantages, batch.mask, batch.is_weights)
         )
-        ratios = variance_ratio_tables.get(tiling.longest, filt.q, filt.r, filt.p0, batch.device, torch.float32)
+        ratios = tables.variance_ratio_table(tiling.longest, filt.q, filt.r, filt.p0, batch.device, torch.float32)
         counts, aggregates = self._tile_passes(tiling, lp, old, mask, gains, filt, block, warps, latest=True)
         adv_per_token = batch.advantages_per_token
         adv_strides = self._strides(adv, varlen) if adv_per_token else (adv.stride(0), 0)

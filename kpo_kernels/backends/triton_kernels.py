@@ -61,7 +61,7 @@ def _block_maps(z, valid, in_bounds, pos, gains_ptr, gains_last, seen, SKIP: tl.
     z: log-ratios, 0 where not valid. seen: observations consumed before the block (skip mode).
     pos: positions in the sequence (the gain index in position mode). Out-of-bounds tokens are
     identity maps. Gain indices are clamped to gains_last, the table's last entry: the table
-    ends where the gains have saturated (gains.GainTables).
+    ends where the gains have saturated (tables.table_length).
     """
     if SKIP:
         count = seen + tl.cumsum(valid.to(tl.int32), 0)
