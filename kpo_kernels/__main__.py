@@ -94,7 +94,8 @@ def build_parser():
         description="Check kpo_kernels against float64 and time it against today's baselines "
         "(default: a short run, under a minute on a 2-core CPU).",
     )
-    parser.add_argument("--full", action="store_true", help="the whole sweep: many short rows, few long rows, fp32 and bf16")
+    parser.add_argument("--full", action="store_true", help="the whole sweep: many short rows, few long rows, fp32 and bf16 (measured: about 2 minutes "
+        "on an H200, about 9 minutes on 2 CPU cores)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if present, else cpu")
     parser.add_argument("--rows", type=_positive_int, help="one case of ROWS responses (B); needs --length")
     parser.add_argument("--length", type=_positive_int, help="tokens per response (T) of that case")

@@ -51,6 +51,9 @@ def test_main_command_runs_and_agrees(main_run):
     assert "agree with the float64 reference" in proc.stdout
     assert "vectorized-cumsum" in proc.stdout and "err filter" in proc.stdout
     assert "1 torch threads" in proc.stdout  # --threads 1
+    # Output in the order of the work: the noise fit, then the files written, then the verdict.
+    order = [proc.stdout.index(text) for text in ("Noise: fit_noise on the synthetic batch (8 x 384", "wrote ", "agree with")]
+    assert order == sorted(order), order
     assert " 5/5 8x384 fp32" in proc.stderr  # progress lines
     assert "accuracy 4x1024 fp32: kpo filter" in proc.stderr
     table = (out / "table.md").read_text()
