@@ -14,6 +14,9 @@ def _source_commit():
         return os.environ["KPO_COMMIT"]
     try:
         run = lambda *args: subprocess.run(["git", "-C", str(HERE), *args], capture_output=True, text=True, timeout=10)  # noqa: E731
+        top = run("rev-parse", "--show-toplevel")
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != HERE:
+            return None  # not this project's checkout (an sdist unpacked inside another repository)
         head, dirty = run("rev-parse", "--short", "HEAD"), run("status", "--porcelain", "--untracked-files=no")
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):

@@ -80,7 +80,7 @@ def measure_case(timer, case, steps):
         row[f"{name}_us"] = timer.device_ms(step, steps) * 1e3
     src = torch.randint(0, 256, (fused_bytes(case) // 2,), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    row["copy_us"] = _events_median_us(timer, lambda: dst.copy_(src), 20)
+    row["copy_us"] = timer.device_ms(lambda: dst.copy_(src), steps) * 1e3  # the same clock as kpo's
     return row
 
 

@@ -12,8 +12,8 @@ Triton's launch-time specialisation for sm_90a, and reads from the cubin and its
 - bytes: every tensor argument touched once (inputs read, outputs written; a lower bound).
 
 Then a roofline per kernel: time = max(issue, bandwidth) + a launch cost, where issue =
-waves x programs per SM x warp-instructions per program / (4 schedulers x clock) (one
-instruction per scheduler per cycle: a lower bound that ignores latency) and bandwidth =
+ceil(programs / SMs) x warp-instructions per program / (4 schedulers x clock) (the busiest SM
+at one instruction per scheduler per cycle: a lower bound that ignores latency) and bandwidth =
 bytes / copy bandwidth. Everything here is a MODEL; `benchmarks/RESULTS.md` sets it beside
 what a GPU measured. Assumptions are in MACHINES and LAUNCH_US.
 """
@@ -106,7 +106,7 @@ def main_loop(instructions):
 def _memory_ops(body, prefix):
     widths = {}
     for _, opcode, _ in body:
-        if opcode.startswith(prefix):
+        if opcode.split(".")[0] == prefix:  # LDG, not LDGSTS / LDGDEPBAR
             width = next((w for w in ("128", "64", "U16", "S16", "U8", "S8") if f".{w}" in opcode), "32")
             widths[width] = widths.get(width, 0) + 1
     return widths
@@ -116,6 +116,7 @@ def analyse(kernel, grid, args, kwargs, tokens):
     compiled = sm90.compile_launch(kernel, args, kwargs)
     cubin = compiled.asm["cubin"]
     found = sm90.resources(cubin)
+    found["shared"] += getattr(compiled.metadata, "shared", 0)  # Triton's dynamic shared memory
     warps = compiled.metadata.num_warps
     instructions = sm90.sass(cubin)
     loop = main_loop(instructions)
@@ -143,8 +144,9 @@ def roofline(row, machine):
     slots = max(1, row["programs_per_sm"]) * machine.sms
     waves = math.ceil(row["programs"] / slots)
     per_program = row["warp_instructions"] / row["programs"]
-    resident = min(row["programs"], slots) / machine.sms  # programs per SM in a full wave
-    issue_us = waves * resident * per_program / (4 * machine.clock_ghz * 1e3)
+    # The busiest SM issues the instructions of ceil(programs / SMs) programs, however many of
+    # them are resident at once (occupancy hides latency, which this bound ignores).
+    issue_us = math.ceil(row["programs"] / machine.sms) * per_program / (4 * machine.clock_ghz * 1e3)
     bandwidth_us = row["bytes"] / (machine.copy_tbps * 1e6)
     return {"waves": waves, "issue_us": issue_us, "bandwidth_us": bandwidth_us,
             "model_us": max(issue_us, bandwidth_us) + LAUNCH_US, "bound": "issue" if issue_us > bandwidth_us else "bandwidth"}

@@ -53,9 +53,9 @@ def kalman_filter(
         x0: prior log-ratio, finite. Default 0.0.
         mask_mode: "skip" (masked tokens are invisible to the filter, default) or "position"
             (they are observations 0 at their position).
-        cu_seqlens: int32 (S + 1,) offsets of packed sequences (flash-attention varlen), with a
+        cu_seqlens: int32 or int64 (S + 1,) offsets of packed sequences (flash-attention varlen), with a
             1-D `log_ratio`.
-        backend: "auto" (Triton for CUDA tensors, torch otherwise), "torch", "triton" or a
+        backend: "auto" (Triton for CUDA tensors up to float32, torch otherwise), "torch", "triton" or a
             `Backend` instance.
 
     Returns:
@@ -64,7 +64,9 @@ def kalman_filter(
 
     Raises:
         TypeError, ValueError: a bad shape, dtype, device or option, naming the argument, before
-            any kernel runs (docs/api.md "Ranges" gives every accepted range).
+            any kernel runs (docs/api.md "Ranges" gives every accepted range). On CUDA, mask or
+            cu_seqlens values that are wrong are caught on the device without a sync: a
+            RuntimeError at the next synchronisation.
     """
     options = check_filter_params(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode)
     check_tokens("log_ratio", log_ratio, cu_seqlens)
@@ -246,7 +248,7 @@ def kpo_loss(
         is_weights: None or per-token rollout importance weights, the shape of `log_prob`.
         dp_size, batch_num_tokens, global_batch_size, loss_scale_factor: verl's global-batch
             normalisation (counts may be one-element tensors on the data's device).
-        cu_seqlens: int32 (S + 1,) offsets of packed sequences.
+        cu_seqlens: int32 or int64 (S + 1,) offsets of packed sequences.
         backend: "auto", "torch", "triton" or a `Backend` instance.
 
     Returns:
@@ -257,7 +259,9 @@ def kpo_loss(
 
     Raises:
         TypeError, ValueError: a bad shape, dtype, device or option, naming the argument, before
-            any kernel runs (ranges: docs/api.md "Ranges").
+            any kernel runs (ranges: docs/api.md "Ranges"). On CUDA, mask or cu_seqlens values
+            that are wrong are caught on the device without a sync: a RuntimeError at the next
+            synchronisation.
         NotImplementedError: under forward-mode AD or torch.func.vmap (docs/api.md "Autograd").
     """
     options = check_loss_options(

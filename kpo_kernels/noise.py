@@ -99,7 +99,7 @@ def fit_noise(
             `cu_seqlens`; float16, bfloat16, float32 or float64.
         mask: None or the shape of `log_ratio`, as for `kpo_loss` (values under the mask are
             never read).
-        cu_seqlens: int32 (S + 1,) offsets of packed sequences.
+        cu_seqlens: int32 or int64 (S + 1,) offsets of packed sequences.
         mask_mode: "skip" (default) or "position", as for `kpo_loss`.
         p0: the prior variance in units of R (P0 / R), held fixed by the fit: 0 (the paper's,
             default), a positive ratio, or inf (a diffuse prior; the first observation of each

@@ -46,14 +46,24 @@ def _is_long(item):
     return item.get_closest_marker("slow") is not None or getattr(getattr(item, "obj", None), "is_hypothesis_test", False)
 
 
+def _named(config):
+    """Test ids given on the command line (path::name[param]): those run in every tier."""
+    return tuple(arg for arg in config.args if "::" in arg)
+
+
 def pytest_collection_modifyitems(config, items):
     tier = config.getoption("--tier")
     if tier == "all":
         return
+    named = _named(config)
+
+    def asked_for(item):
+        return any(item.nodeid == arg or item.nodeid.startswith(arg + "[") or arg.endswith(item.nodeid) for arg in named)
+
     if tier == "fast":
-        keep = [item for item in items if item.get_closest_marker("slow") is None]
+        keep = [item for item in items if item.get_closest_marker("slow") is None or asked_for(item)]
     else:
-        keep = [item for item in items if _is_long(item)]
+        keep = [item for item in items if _is_long(item) or asked_for(item)]
     dropped = [item for item in items if item not in keep]
     if dropped:
         config.hook.pytest_deselected(items=dropped)

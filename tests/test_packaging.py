@@ -103,5 +103,5 @@ def test_an_installed_copy_without_build_record_names_its_version(monkeypatch):
 
     monkeypatch.delenv("KPO_COMMIT", raising=False)
     monkeypatch.setitem(sys.modules, "kpo_kernels._build", SimpleNamespace(COMMIT=None))
-    assert environment._installed_commit() == f"unknown (installed kpo_kernels {kpo_kernels.__version__})"
+    assert environment._installed_commit().startswith(f"unknown (kpo_kernels {kpo_kernels.__version__}: ")
     assert environment.git_commit(package_dir=Path("/nonexistent/kpo_kernels")) == environment._installed_commit()

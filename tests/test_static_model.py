@@ -26,11 +26,21 @@ def test_programs_per_sm_follow_the_register_file():
 
 def test_main_loop_is_the_largest_backward_branch():
     sass = [(0x00, "MOV", "R1, c[0x0][0x28]"), (0x10, "BRA", "0x90"), (0x20, "LDG.E.128", "R4, desc[UR4][R2.64]"),
+            (0x28, "LDGSTS.E.BYPASS.128", "[R5], desc[UR4][R2.64]"),
             (0x30, "BAR.SYNC.DEFER_BLOCKING", "0x0"), (0x40, "BRA", "0x30"), (0x50, "FADD", "R1, R2, R3"),
             (0x60, "BRA", "0x20"), (0x70, "EXIT", ""), (0x80, "BRA", "0x80")]
     assert static_model.main_loop(sass) == (0x20, 0x60)  # the self-branch at the end is no loop
     body = [i for i in sass if 0x20 <= i[0] <= 0x60]
-    assert static_model._memory_ops(body, "LDG") == {"128": 1}
+    assert static_model._memory_ops(body, "LDG") == {"128": 1}  # LDGSTS is an async copy, not a load
+
+
+def test_issue_bound_charges_the_busiest_sm():
+    """512 programs on 132 SMs: the busiest SM runs 4 of them, whatever the residency."""
+    row = {"programs": 512, "programs_per_sm": 3, "warp_instructions": 512 * 1000.0, "bytes": 0}
+    machine = static_model.Machine("test", 132, 1.0, 1.0)
+    bound = static_model.roofline(row, machine)
+    assert bound["waves"] == 2
+    assert bound["issue_us"] == pytest.approx(4 * 1000 / 4e3)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")

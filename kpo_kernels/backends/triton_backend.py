@@ -97,7 +97,8 @@ class TritonBackend(Backend):
             the data).
         tile_size: tokens per program, an int >= 1; sequences longer than a tile are split across
             programs (default on CUDA: whole rows when there are enough rows to fill the GPU,
-            else tiles sized for about 4 programs per SM; under the interpreter: whole sequences).
+            else tiles sized for about PROGRAMS_PER_SM (3) programs per SM; under the interpreter:
+            whole sequences).
         num_warps: warps per program, a power of two up to 32 (default: chosen per launch).
         poison: fill every output buffer with NaN before the kernels run, so that a position a
             kernel forgot to write shows up (the tests use it). Default False.

@@ -18,14 +18,16 @@ def _git(*args, cwd):
 
 
 def _installed_commit():
-    """For an installed copy: the commit it was built from (setup.py writes kpo_kernels/_build.py
-    into wheels), else what is known: the version."""
+    """For a copy that is not a git checkout: the commit it was built from (setup.py writes
+    kpo_kernels/_build.py into wheels), else what is known: the version."""
     try:
         from kpo_kernels import _build
     except ImportError:
         _build = None
     commit = getattr(_build, "COMMIT", None)
-    return f"{commit} (installed)" if commit else f"unknown (installed kpo_kernels {kpo_kernels.__version__})"
+    if commit:
+        return f"{commit} (installed)"
+    return f"unknown (kpo_kernels {kpo_kernels.__version__}: neither a git checkout nor a built copy with its commit)"
 
 
 def git_commit(package_dir=PACKAGE_DIR):
@@ -44,8 +46,8 @@ def git_commit(package_dir=PACKAGE_DIR):
             return None
         dirty = _git("status", "--porcelain", "--untracked-files=no", cwd=package_dir.parent)
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
+    except (OSError, subprocess.SubprocessError):  # no git binary: what the copy itself records
+        return _installed_commit()
 
 
 def cpu_name():

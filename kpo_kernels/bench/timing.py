@@ -87,7 +87,8 @@ def device_times_us(events, calls, exclude=FLUSH_KERNEL):
     (kernels, copies, memsets) whose name does not contain `exclude`, over `calls` calls."""
     per_name = {}
     for event in events:
-        if event.device_type == DeviceType.CUDA and exclude not in event.name:
+        # GPU-side user annotations (record_function ranges) span kernels already counted.
+        if event.device_type == DeviceType.CUDA and exclude not in event.name and not getattr(event, "is_user_annotation", False):
             per_name[event.name] = per_name.get(event.name, 0.0) + event.time_range.elapsed_us() / calls
     return per_name
 
