@@ -18,6 +18,7 @@ from .options import METRIC_NAMES
 from .validation import (
     check_count,
     check_count_devices,
+    check_device,
     check_cu_seqlens,
     check_filter_params,
     check_loss_options,
@@ -48,6 +49,8 @@ def kalman_filter(
     """
     options = check_filter_params(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode)
     check_tokens("log_ratio", log_ratio, cu_seqlens)
+    if log_ratio.device.type != "cpu":
+        check_device("log_ratio", log_ratio.device)
     cu_seqlens = check_cu_seqlens(cu_seqlens, log_ratio.shape[0], log_ratio.device)
     mask = check_mask(mask, log_ratio.shape, log_ratio.device)
     impl = resolve_backend(backend, log_ratio.device, log_ratio.dtype)
@@ -130,7 +133,7 @@ def prepare(length, *, q=1e-6, r=1.0, p0=0.0, device="cuda", backend="auto"):
     """
     length = check_count("length", length, minimum=1)
     check_filter_params(q=q, r=r, p0=p0, x0=0.0)
-    device = torch.device(device)
+    device = check_device("device", device)
     for dtype in (torch.float32, torch.float64):
         resolve_backend(backend, device, dtype).prepare(length, q, r, p0, device)
 

@@ -251,6 +251,24 @@ def _traced_options(q, r, p0, x0, mask_mode, clip, clip_low, clip_high, dual_cli
     )
 
 
+def check_device(name, device):
+    """A `torch.device` that this torch can compute on; ValueError naming the argument
+    otherwise (torch itself fails later, inside a kernel launch or an allocation, with an
+    AssertionError that names nothing)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name} must be a device such as 'cuda', 'cuda:1' or 'cpu', got {device!r}") from None
+    if device.type == "meta":
+        raise ValueError(f"{name} is the meta device: kpo_kernels computes values and needs tensors that hold them")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} is {device}, but this torch cannot use CUDA (torch.cuda.is_available() is False)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} is {device}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def _tensor(name, value, *, floating=True):
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -377,11 +395,26 @@ def _advantages(value, shape, cu_seqlens, device):
     )
 
 
+def check_log_prob_dtypes(log_prob, old_log_prob):
+    """The loss computes in log_prob's precision (float64 only for float64 log_prob): a float64
+    old_log_prob beside a lower-precision log_prob would be rounded silently, so it is refused.
+    A lower-precision old_log_prob (bf16 beside fp32) loses nothing and is accepted."""
+    if old_log_prob.dtype == torch.float64 and log_prob.dtype != torch.float64:
+        raise TypeError(
+            f"old_log_prob is float64 but log_prob is {log_prob.dtype}: the loss computes in log_prob's "
+            f"precision and would round old_log_prob silently; cast old_log_prob to {log_prob.dtype}, or "
+            "log_prob to float64 (backend='torch' then computes in float64)"
+        )
+
+
 def check_token_batch(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens=None):
     check_tokens("log_prob", log_prob, cu_seqlens)
     shape, device = log_prob.shape, log_prob.device
+    if device.type != "cpu":
+        check_device("log_prob", device)
     cu_seqlens = check_cu_seqlens(cu_seqlens, shape[0], device)
     _same_place("old_log_prob", _tensor("old_log_prob", old_log_prob), shape, device)
+    check_log_prob_dtypes(log_prob, old_log_prob)
     advantages, per_token = _advantages(advantages, shape, cu_seqlens, device)
     mask = check_mask(mask, shape, device)
     if is_weights is not None:
