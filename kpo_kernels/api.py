@@ -18,12 +18,14 @@ from .options import METRIC_NAMES
 from .validation import (
     check_count,
     check_count_devices,
+    check_device,
     check_cu_seqlens,
     check_filter_params,
     check_loss_options,
     check_mask,
     check_token_batch,
     check_tokens,
+    compiling,
 )
 
 
@@ -70,13 +72,14 @@ def kalman_filter(
     """
     options = check_filter_params(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode)
     check_tokens("log_ratio", log_ratio, cu_seqlens)
+    if log_ratio.device.type != "cpu":
+        check_device("log_ratio", log_ratio.device)
     cu_seqlens = check_cu_seqlens(cu_seqlens, log_ratio.shape[0], log_ratio.device)
     mask = check_mask(mask, log_ratio.shape, log_ratio.device)
     impl = resolve_backend(backend, log_ratio.device, log_ratio.dtype)
-    impl.check_options(options)
-    return torch.ops.kpo_kernels.kalman_filter(
-        log_ratio.detach(), mask, cu_seqlens, options.q, options.r, options.p0, options.x0, options.skip, backend_key(impl)
-    )
+    if not compiling():  # compiled: the op checks (see ops.filter_arguments)
+        impl.check_options(options)
+    return torch.ops.kpo_kernels.kalman_filter(*ops.filter_arguments(log_ratio.detach(), mask, cu_seqlens, options, backend_key(impl)))
 
 
 def kalman_gains(n, *, q=1e-6, r=1.0, p0=0.0):
@@ -186,7 +189,7 @@ def prepare(length, *, tokens=None, q=1e-6, r=1.0, p0=0.0, device="cuda", backen
     length = check_count("length", length, minimum=1)
     tokens = None if tokens is None else check_count("tokens", tokens, minimum=1)
     options = check_filter_params(q=q, r=r, p0=p0, x0=0.0)
-    device = torch.device(device)
+    device = check_device("device", device)
     pinned = tables.PinnedTables(tables.cache)
     with tables.cache.pinning(pinned):
         for dtype in (torch.float32, torch.float64):
@@ -284,7 +287,8 @@ def kpo_loss(
     batch = check_token_batch(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens)
     check_count_devices(options, batch.device)
     impl = resolve_backend(backend, batch.device, log_prob.dtype)
-    impl.check_options(options.filter)
+    if not compiling():  # compiled: the op checks the numbers (see ops.loss_arguments)
+        impl.check_options(options.filter)
     need_grad = _needs_autograd(log_prob)
     arguments = ops.loss_arguments(batch, options, backend_key(impl), need_grad)
     run = _KPOLossFunction.apply if need_grad else torch.ops.kpo_kernels.kpo_loss

@@ -6,7 +6,14 @@ bools, strings (the backend as its `dispatch.backend_key`). Everything that look
 runs inside the ops: the checks of cu_seqlens and mask values, the backends' fast paths, the
 gain tables. The wrappers in `api` check only shapes, dtypes, devices and Python options.
 
-- `kalman_filter(log_ratio, mask, cu_seqlens, q, r, p0, x0, skip, backend) -> filtered`
+Numbers are `Scalar` arguments (`Number`), not `float`: Dynamo passes a symbolic float through
+a Scalar argument, where a float argument would specialise the graph to each value. While
+Dynamo traces, the wrappers check only the numbers' types and set `check_numbers`: the op then
+checks the values (`validation.check_loss_options` / `check_filter_params`, the same code as
+eager calls). Numbers given as tensors (a count on the data's device; q, a count, ... as a CPU
+tensor under compile) travel in `number_tensors`, named by `number_tensor_names`.
+
+- `kalman_filter(log_ratio, mask, cu_seqlens, q, r, p0, x0, skip, number_tensors, ...) -> filtered`
 - `kpo_loss(...) -> (loss, metrics, grad, row_scale)`: one fused forward; `grad` is the
   per-token derivative without the aggregation weights (empty when not needed), `row_scale`
   the weight of each row or packed sequence.
@@ -19,10 +26,18 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.types import Number
 
 from .dispatch import lookup
 from .options import METRIC_NAMES, FilterOptions, LossOptions, TokenBatch
-from .validation import check_cu_seqlens_values, check_mask_values
+from .validation import (
+    check_count_devices,
+    check_cu_seqlens_values,
+    check_filter_params,
+    check_loss_options,
+    check_mask_values,
+    compiling,
+)
 
 VMAP_MESSAGE = (
     "kpo_kernels does not support torch.func.vmap: its inputs are already batches of independent "
@@ -34,7 +49,38 @@ def _filter_options(q, r, p0, x0, skip):
     return FilterOptions(q=q, r=r, p0=p0, x0=x0, mask_mode="skip" if skip else "position")
 
 
+def _split_numbers(named):
+    """(plain numbers, tensors, their names): a number given as a tensor leaves 0.0 in its
+    Scalar slot and travels as a tensor."""
+    plain, tensors, names = [], [], []
+    for name, value in named:
+        if isinstance(value, torch.Tensor):
+            plain.append(0.0)
+            tensors.append(value)
+            names.append(name)
+        else:
+            plain.append(value)
+    return plain, tensors, ",".join(names)
+
+
+def _given_numbers(named, number_tensors, number_tensor_names):
+    """The numbers as the caller gave them: the Scalar slots, with the tensors put back."""
+    given = dict(named)
+    if number_tensor_names:
+        given.update(zip(number_tensor_names.split(","), number_tensors))
+    return given
+
+
 # ----------------------------------------------------------------------------- the filter
+
+
+_FILTER_NUMBERS = ("q", "r", "p0", "x0")
+
+
+def filter_arguments(log_ratio, mask, cu_seqlens, options, backend):
+    """The positional arguments of `kalman_filter` for checked (or, compiled, traced) options."""
+    plain, tensors, names = _split_numbers((name, getattr(options, name)) for name in _FILTER_NUMBERS)
+    return (log_ratio, mask, cu_seqlens, *plain, options.skip, tensors, names, compiling(), backend)
 
 
 @torch.library.custom_op("kpo_kernels::kalman_filter", mutates_args=())
@@ -42,32 +88,46 @@ def kalman_filter(
     log_ratio: Tensor,
     mask: Optional[Tensor],
     cu_seqlens: Optional[Tensor],
-    q: float,
-    r: float,
-    p0: float,
-    x0: float,
+    q: Number,
+    r: Number,
+    p0: Number,
+    x0: Number,
     skip: bool,
+    number_tensors: list[Tensor],
+    number_tensor_names: str,
+    check_numbers: bool,
     backend: str,
 ) -> Tensor:
     check_cu_seqlens_values(cu_seqlens, log_ratio.shape[0])
     check_mask_values(mask)
     impl = lookup(backend)
-    return impl.filter(log_ratio, mask, _filter_options(q, r, p0, x0, skip), cu_seqlens).contiguous()
+    if check_numbers:
+        given = _given_numbers(zip(_FILTER_NUMBERS, (q, r, p0, x0)), number_tensors, number_tensor_names)
+        options = check_filter_params(**given, mask_mode="skip" if skip else "position")
+        impl.check_options(options)
+    else:
+        options = _filter_options(q, r, p0, x0, skip)
+    return impl.filter(log_ratio, mask, options, cu_seqlens).contiguous()
 
 
 @kalman_filter.register_fake
-def _(log_ratio, mask, cu_seqlens, q, r, p0, x0, skip, backend):
+def _(log_ratio, mask, cu_seqlens, *args):
+    backend = args[-1]
     return log_ratio.new_empty(log_ratio.shape, dtype=lookup(backend).output_dtypes(log_ratio.dtype)["filter"])
 
 
 # ----------------------------------------------------------------------------- the loss
 
 
+_LOSS_NUMBERS = ("q", "r", "p0", "x0", "clip_low", "clip_high", "dual_clip", "log_ratio_cap", "loss_scale_factor")
+
+
 def loss_arguments(batch, options, backend, need_grad):
-    """The positional arguments of `kpo_loss` for a checked TokenBatch and LossOptions."""
+    """The positional arguments of `kpo_loss` for a checked TokenBatch and LossOptions (or,
+    while Dynamo traces, options whose numbers the op checks: `check_numbers`)."""
     filt = options.filter
 
-    def count(value):  # (device tensor, Python value): one of them is None
+    def count(value):  # (tensor, Python value): one of them is None
         return (value, None) if isinstance(value, torch.Tensor) else (None, value)
 
     def constant(tensor):  # only log_prob is differentiated (docs/math.md section 3)
@@ -75,6 +135,9 @@ def loss_arguments(batch, options, backend, need_grad):
 
     tokens_tensor, tokens_value = count(options.batch_num_tokens)
     sequences_tensor, sequences_value = count(options.global_batch_size)
+    numbers = {**{name: getattr(filt, name) for name in _FILTER_NUMBERS}, **{name: getattr(options, name) for name in _LOSS_NUMBERS[4:]}}
+    plain, tensors, names = _split_numbers((name, numbers[name]) for name in _LOSS_NUMBERS)
+    q, r, p0, x0, clip_low, clip_high, dual_clip, log_ratio_cap, loss_scale_factor = plain
     return (
         batch.log_prob,
         constant(batch.old_log_prob),
@@ -85,21 +148,24 @@ def loss_arguments(batch, options, backend, need_grad):
         tokens_tensor,
         sequences_tensor,
         batch.advantages_per_token,
-        filt.q,
-        filt.r,
-        filt.p0,
-        filt.x0,
+        q,
+        r,
+        p0,
+        x0,
         filt.skip,
         options.clip,
-        options.clip_low,
-        options.clip_high,
-        options.dual_clip,
-        options.log_ratio_cap,
+        clip_low,
+        clip_high,
+        dual_clip,
+        log_ratio_cap,
         options.agg,
         options.dp_size,
         tokens_value,
         sequences_value,
-        options.loss_scale_factor,
+        loss_scale_factor,
+        tensors,
+        names,
+        compiling(),
         backend,
         need_grad,
     )
@@ -116,41 +182,47 @@ def kpo_loss(
     batch_num_tokens: Optional[Tensor],
     global_batch_size: Optional[Tensor],
     advantages_per_token: bool,
-    q: float,
-    r: float,
-    p0: float,
-    x0: float,
+    q: Number,
+    r: Number,
+    p0: Number,
+    x0: Number,
     skip: bool,
     clip: bool,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: Optional[float],
-    log_ratio_cap: Optional[float],
+    clip_low: Number,
+    clip_high: Number,
+    dual_clip: Optional[Number],
+    log_ratio_cap: Optional[Number],
     agg: str,
     dp_size: int,
-    batch_num_tokens_value: Optional[float],
-    global_batch_size_value: Optional[float],
-    loss_scale_factor: Optional[float],
+    batch_num_tokens_value: Optional[Number],
+    global_batch_size_value: Optional[Number],
+    loss_scale_factor: Optional[Number],
+    number_tensors: list[Tensor],
+    number_tensor_names: str,
+    check_numbers: bool,
     backend: str,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_cu_seqlens_values(cu_seqlens, log_prob.shape[0])
     check_mask_values(mask)
-    batch = TokenBatch(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens, advantages_per_token)
-    options = LossOptions(
-        filter=_filter_options(q, r, p0, x0, skip),
-        clip=clip,
-        clip_low=clip_low,
-        clip_high=clip_high,
-        dual_clip=dual_clip,
-        log_ratio_cap=log_ratio_cap,
-        agg=agg,
-        dp_size=dp_size,
-        batch_num_tokens=batch_num_tokens if batch_num_tokens is not None else batch_num_tokens_value,
-        global_batch_size=global_batch_size if global_batch_size is not None else global_batch_size_value,
-        loss_scale_factor=loss_scale_factor,
-    )
     impl = lookup(backend)
+    batch = TokenBatch(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens, advantages_per_token)
+    numbers = zip(_LOSS_NUMBERS, (q, r, p0, x0, clip_low, clip_high, dual_clip, log_ratio_cap, loss_scale_factor))
+    given = {
+        **_given_numbers(numbers, number_tensors, number_tensor_names),
+        "clip": clip,
+        "agg": agg,
+        "dp_size": dp_size,
+        "batch_num_tokens": batch_num_tokens if batch_num_tokens is not None else batch_num_tokens_value,
+        "global_batch_size": global_batch_size if global_batch_size is not None else global_batch_size_value,
+    }
+    if check_numbers:  # traced by Dynamo: the values are checked here, on this call's numbers
+        options = check_loss_options(**given, mask_mode="skip" if skip else "position")
+        check_count_devices(options, log_prob.device)
+        impl.check_options(options.filter)
+    else:
+        filter_options = _filter_options(*(given.pop(name) for name in _FILTER_NUMBERS), skip)
+        options = LossOptions(filter=filter_options, **given)
     result = impl.loss_forward(batch, options, need_grad=need_grad)
     grad = result.grad.contiguous() if result.grad is not None else log_prob.new_empty(0, dtype=impl.output_dtypes(log_prob.dtype)["grad"])
     # Outputs are fresh tensors: some backends return loss and metrics as views of one buffer.

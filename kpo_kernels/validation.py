@@ -43,6 +43,31 @@ def _number(name, value, *, allow_inf=False):
     return value
 
 
+def compiling():
+    """Whether Dynamo is tracing: a Python number may then be symbolic (dynamic=True, or the
+    second value of a number), and reading it (a comparison, math.isnan, .item()) would break
+    the graph or specialise it to this value."""
+    return torch.compiler.is_compiling()
+
+
+def _traced_number(name, value, *, count=False):
+    """Under torch.compile, what can be checked without reading the value: its type, and a
+    tensor's shape, dtype and device. The custom op checks the value itself (the same
+    `check_loss_options` / `check_filter_params`, on the concrete numbers of each call)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a number or a one-element real tensor, got {value.dtype} {tuple(value.shape)}")
+        if not count and value.device.type != "cpu":
+            raise TypeError(
+                f"{name} must be a Python number or a CPU tensor (a {value.device.type} tensor would force a "
+                f"host synchronisation), got a tensor on {value.device}"
+            )
+        return value.reshape(())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return value
+
+
 def check_bool(name, value):
     """A Python bool from a bool or a numpy bool; TypeError otherwise (0/1 are refused: a
     number where a flag belongs is usually a misplaced argument)."""
@@ -69,6 +94,12 @@ def _ratio_range(name, value, *, allow_inf=False):
 
 
 def check_filter_params(*, q, r, p0, x0, mask_mode="skip"):
+    """Checked `FilterOptions` (Python floats). While Dynamo traces, only the types: the op
+    calls this again on the numbers of each call."""
+    if compiling():
+        _check_mask_mode(mask_mode)
+        q, r, p0, x0 = (_traced_number(name, value) for name, value in (("q", q), ("r", r), ("p0", p0), ("x0", x0)))
+        return FilterOptions(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode)
     q = _number("q", q)
     r = _number("r", r)
     p0 = _number("p0", p0, allow_inf=True)
@@ -83,9 +114,13 @@ def check_filter_params(*, q, r, p0, x0, mask_mode="skip"):
         raise ValueError(f"q / r overflows (q={q}, r={r}); supported: q / r <= {sys.float_info.max:.4g}")
     _ratio_range("q / r", q / r)
     _ratio_range("p0 / r", p0 / r, allow_inf=True)
+    _check_mask_mode(mask_mode)
+    return FilterOptions(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode)
+
+
+def _check_mask_mode(mask_mode):
     if mask_mode not in MASK_MODES:
         raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
-    return FilterOptions(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode)
 
 
 def _optional_count(name, value):
@@ -112,10 +147,11 @@ def _positive(name, value):
 
 
 def check_count_devices(options, device):
-    """Counts given as device tensors must be on the batch's device."""
+    """Counts given as tensors must be on the batch's device (or, while Dynamo traces, on the
+    CPU: the op reads those on the host)."""
     for name in ("batch_num_tokens", "global_batch_size"):
         value = getattr(options, name)
-        if isinstance(value, torch.Tensor) and value.device != device:
+        if isinstance(value, torch.Tensor) and value.device != device and value.device.type != "cpu":
             raise ValueError(f"{name} is on {value.device}, expected {device} (the device of the log-probs)")
 
 
@@ -139,7 +175,11 @@ def check_loss_options(
     per_call=True,
 ):
     """Checked `LossOptions`. per_call=False checks only what is fixed at construction (a
-    `KPOLoss`): the global counts that dp_size > 1 needs change every step and come per call."""
+    `KPOLoss`): the global counts that dp_size > 1 needs change every step and come per call.
+    While Dynamo traces, only the types (`_traced_options`): the op checks the values."""
+    if compiling():
+        return _traced_options(q, r, p0, x0, mask_mode, clip, clip_low, clip_high, dual_clip, log_ratio_cap, agg, dp_size,
+                               batch_num_tokens, global_batch_size, loss_scale_factor)
     filter_options = check_filter_params(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode)
     clip = check_bool("clip", clip)
     clip_low = _number("clip_low", clip_low)
@@ -154,8 +194,7 @@ def check_loss_options(
             raise ValueError(f"dual_clip must be > 1 (it bounds the loss at -dual_clip * A), got {dual_clip}")
     if log_ratio_cap is not None:
         log_ratio_cap = _number("log_ratio_cap", log_ratio_cap)
-    if agg not in AGG_MODES:
-        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    _check_agg(agg)
     dp_size = check_count("dp_size", dp_size, minimum=1)
     if dp_size > MAX_DP_SIZE:
         raise ValueError(f"dp_size must be <= {MAX_DP_SIZE}, got {dp_size}")
@@ -179,6 +218,55 @@ def check_loss_options(
         global_batch_size=global_batch_size,
         loss_scale_factor=loss_scale_factor,
     )
+
+
+def _check_agg(agg):
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+
+
+def _traced_options(q, r, p0, x0, mask_mode, clip, clip_low, clip_high, dual_clip, log_ratio_cap, agg, dp_size,
+                    batch_num_tokens, global_batch_size, loss_scale_factor):
+    """`LossOptions` as given (numbers possibly symbolic, numbers given as tensors kept), their
+    types checked; strings and flags fully (they are constants of the graph)."""
+    _check_agg(agg)
+    if isinstance(dp_size, bool) or not isinstance(dp_size, int):
+        raise TypeError(f"dp_size must be an int, got {type(dp_size).__name__} {dp_size!r}")
+
+    def optional(name, value, count=False):
+        return None if value is None else _traced_number(name, value, count=count)
+
+    return LossOptions(
+        filter=check_filter_params(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode),
+        clip=check_bool("clip", clip),
+        clip_low=_traced_number("clip_low", clip_low),
+        clip_high=_traced_number("clip_high", clip_high),
+        dual_clip=optional("dual_clip", dual_clip),
+        log_ratio_cap=optional("log_ratio_cap", log_ratio_cap),
+        agg=agg,
+        dp_size=dp_size,
+        batch_num_tokens=optional("batch_num_tokens", batch_num_tokens, count=True),
+        global_batch_size=optional("global_batch_size", global_batch_size, count=True),
+        loss_scale_factor=optional("loss_scale_factor", loss_scale_factor),
+    )
+
+
+def check_device(name, device):
+    """A `torch.device` that this torch can compute on; ValueError naming the argument
+    otherwise (torch itself fails later, inside a kernel launch or an allocation, with an
+    AssertionError that names nothing)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name} must be a device such as 'cuda', 'cuda:1' or 'cpu', got {device!r}") from None
+    if device.type == "meta":
+        raise ValueError(f"{name} is the meta device: kpo_kernels computes values and needs tensors that hold them")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} is {device}, but this torch cannot use CUDA (torch.cuda.is_available() is False)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} is {device}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _tensor(name, value, *, floating=True):
@@ -307,11 +395,26 @@ def _advantages(value, shape, cu_seqlens, device):
     )
 
 
+def check_log_prob_dtypes(log_prob, old_log_prob):
+    """The loss computes in log_prob's precision (float64 only for float64 log_prob): a float64
+    old_log_prob beside a lower-precision log_prob would be rounded silently, so it is refused.
+    A lower-precision old_log_prob (bf16 beside fp32) loses nothing and is accepted."""
+    if old_log_prob.dtype == torch.float64 and log_prob.dtype != torch.float64:
+        raise TypeError(
+            f"old_log_prob is float64 but log_prob is {log_prob.dtype}: the loss computes in log_prob's "
+            f"precision and would round old_log_prob silently; cast old_log_prob to {log_prob.dtype}, or "
+            "log_prob to float64 (backend='torch' then computes in float64)"
+        )
+
+
 def check_token_batch(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens=None):
     check_tokens("log_prob", log_prob, cu_seqlens)
     shape, device = log_prob.shape, log_prob.device
+    if device.type != "cpu":
+        check_device("log_prob", device)
     cu_seqlens = check_cu_seqlens(cu_seqlens, shape[0], device)
     _same_place("old_log_prob", _tensor("old_log_prob", old_log_prob), shape, device)
+    check_log_prob_dtypes(log_prob, old_log_prob)
     advantages, per_token = _advantages(advantages, shape, cu_seqlens, device)
     mask = check_mask(mask, shape, device)
     if is_weights is not None:

@@ -160,9 +160,13 @@ def test_opcheck_every_op(backend_name):
     for packed in (False, True):
         batch, _ = _inputs("default", packed)
         z = batch["log_prob"] - batch["old_log_prob"]
-        for mask_mode_skip in (True, False):
-            args = (z, batch["mask"], batch.get("cu_seqlens"), 1e-2, 1.0, 0.0, 0.0, mask_mode_skip, key)
+        for mask_mode in ("skip", "position"):
+            options = kpo_kernels.validation.check_filter_params(q=1e-2, r=1.0, p0=0.0, x0=0.0, mask_mode=mask_mode)
+            args = ops.filter_arguments(z, batch["mask"], batch.get("cu_seqlens"), options, key)
             torch.library.opcheck(torch.ops.kpo_kernels.kalman_filter.default, args)
+        # as a compiled step calls it: numbers checked inside the op, q given as a CPU tensor
+        args = (z, batch["mask"], batch.get("cu_seqlens"), 0.0, 1.0, 0.0, 0.0, True, [torch.tensor(1e-2)], "q", True, key)
+        torch.library.opcheck(torch.ops.kpo_kernels.kalman_filter.default, args)
 
 
 def test_value_checks_run_inside_the_ops_under_compile():

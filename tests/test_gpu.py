@@ -163,5 +163,6 @@ def test_opcheck_on_cuda():
     args = ops.loss_arguments(checked, options, key, True)
     torch.library.opcheck(torch.ops.kpo_kernels.kpo_loss.default, args)
     z = batch["log_prob"] - batch["old_log_prob"]
-    filter_args = (z, batch["mask"], None, 1e-2, 1.0, 0.0, 0.0, True, key)
+    filter_options = validation.check_filter_params(q=1e-2, r=1.0, p0=0.0, x0=0.0)
+    filter_args = ops.filter_arguments(z, batch["mask"], None, filter_options, key)
     torch.library.opcheck(torch.ops.kpo_kernels.kalman_filter.default, filter_args)

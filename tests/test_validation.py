@@ -140,3 +140,52 @@ def test_module_rejects_bad_configuration_at_construction():
 def test_triton_backend_block_size_must_be_a_power_of_two():
     with pytest.raises(ValueError, match="block_size"):
         kpo_kernels.TritonBackend(block_size=24)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that cannot use CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda")])
+def test_prepare_refuses_a_device_this_torch_cannot_use(device):
+    with pytest.raises(ValueError, match="device"):
+        kpo_kernels.prepare(16, q=1e-4, device=device)
+    with pytest.raises(ValueError, match="device"):
+        kpo_kernels.prepare(16, q=1e-4)  # the default, device="cuda"
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", 3.5])
+def test_prepare_refuses_what_is_not_a_device(device):
+    with pytest.raises(ValueError, match="device"):
+        kpo_kernels.prepare(16, device=device, backend="torch")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that cannot use CUDA")
+def test_the_device_check_names_the_argument():
+    """Tensors on CUDA cannot exist here; the helper every entry point calls on the
+    log-probs' device is tested directly."""
+    from kpo_kernels.validation import check_device
+
+    assert check_device("log_prob", torch.device("cpu")) == torch.device("cpu")
+    for device in ("cuda", torch.device("cuda", 1), "meta"):
+        with pytest.raises(ValueError, match="log_prob"):
+            check_device("log_prob", device)
+
+
+def test_meta_log_probs_are_refused_before_any_kernel():
+    args = {key: value.to("meta") for key, value in good_inputs().items()}
+    with pytest.raises(ValueError, match="log_prob"):
+        kpo_kernels.kpo_loss(**args, backend=SpyBackend())
+
+
+@pytest.mark.parametrize("old_dtype", [torch.float64])
+def test_float64_old_log_prob_with_lower_precision_log_prob_is_refused(old_dtype):
+    """The loss computes in log_prob's precision: a float64 old_log_prob would be rounded to
+    float32 silently. Lower-precision old_log_prob (bf16 / fp16 with fp32) loses nothing."""
+    inputs = good_inputs()
+    inputs["old_log_prob"] = inputs["old_log_prob"].to(old_dtype)
+    with pytest.raises(TypeError) as info:
+        kpo_kernels.kpo_loss(**inputs, backend=SpyBackend())
+    assert "old_log_prob" in str(info.value) and "log_prob" in str(info.value).replace("old_log_prob", "")
+    inputs["old_log_prob"] = inputs["old_log_prob"].to(torch.bfloat16)
+    kpo_kernels.kpo_loss(**inputs, backend="torch")
+    inputs["log_prob"] = inputs["log_prob"].double()
+    inputs["old_log_prob"] = inputs["old_log_prob"].double()
+    kpo_kernels.kpo_loss(**inputs, backend="torch")

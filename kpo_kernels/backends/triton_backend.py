@@ -124,6 +124,9 @@ class TritonBackend(Backend):
         self.tile_size = tile_size
         self.num_warps = num_warps
         self.poison = check_bool("poison", poison)
+        # The key as a string made here: under torch.compile(dynamic=True) Dynamo would treat
+        # the int settings as symbolic and cannot format them into a string.
+        self._settings_key = f"triton:{block_size}:{tile_size}:{num_warps}:{int(self.poison)}"
 
     def check_options(self, options):
         """The kernels take x0 as a float32 scalar: refuse what float32 cannot hold."""
@@ -146,7 +149,7 @@ class TritonBackend(Backend):
     def key(self):
         if type(self) is not TritonBackend:
             return super().key()
-        return f"triton:{self.block_size}:{self.tile_size}:{self.num_warps}:{int(self.poison)}"
+        return self._settings_key
 
     def unavailable_reason(self, device):
         if kernels is None:
