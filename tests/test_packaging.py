@@ -1,7 +1,7 @@
 """What `pip install .` (not editable) installs: one top-level package, with everything the main
 command needs inside it; and that main command, run from that copy alone, outside the checkout."""
 
-import importlib.util
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -18,7 +18,12 @@ BUILT_FROM = "c0ffee1"
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    if importlib.util.find_spec("setuptools") is None or importlib.util.find_spec("pip") is None:
+    # Asked of the installed distributions, not of the import system: finding the module `pip`
+    # in this process makes setuptools' distutils shim stand down for the rest of it, and a later
+    # torch.compile (inductor imports setuptools) then fails in the same test worker.
+    try:
+        importlib.metadata.version("pip"), importlib.metadata.version("setuptools")
+    except importlib.metadata.PackageNotFoundError:
         pytest.skip("pip and setuptools are needed to build the wheel here")
     out = tmp_path_factory.mktemp("wheel")
     # A copy of the files git does not ignore, built there: no build/ or *.egg-info lands in the
