@@ -79,17 +79,21 @@ def test_concurrent_calls_with_distinct_q_from_threads(small_cache, seed):
             errors.append(error)
 
     jobs = [filter_calls] * 4 + [loss_calls] * 2 + [fit_calls]
-    threads = [threading.Thread(target=run, args=(work, i)) for i, work in enumerate(jobs)]
+    _run_threads([threading.Thread(target=run, args=(work, i)) for i, work in enumerate(jobs)], switch)
+    assert not errors, errors[:3]
+    _assert_within_bounds(cache)
+    assert cache.nbytes("cpu", pinned=True) == 0  # every prepare was released
+
+
+def _run_threads(threads, switch_interval):
+    """Start and join `threads`, then restore the interpreter's switch interval."""
     try:
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
     finally:
-        sys.setswitchinterval(switch)
-    assert not errors, errors[:3]
-    _assert_within_bounds(cache)
-    assert cache.nbytes("cpu", pinned=True) == 0  # every prepare was released
+        sys.setswitchinterval(switch_interval)
 
 
 def test_cache_bookkeeping_survives_threads_that_pin_and_evict():
@@ -113,14 +117,7 @@ def test_cache_bookkeeping_survives_threads_that_pin_and_evict():
         except Exception as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(switch)
+    _run_threads([threading.Thread(target=work, args=(i,)) for i in range(6)], switch)
     assert not errors, errors[:3]
     _assert_within_bounds(cache)
     assert cache.nbytes("cpu", pinned=True) == 0
