@@ -19,6 +19,7 @@ from .validation import (
     check_count,
     check_count_devices,
     check_device,
+    check_tensor_device,
     check_cu_seqlens,
     check_filter_params,
     check_loss_options,
@@ -72,8 +73,7 @@ def kalman_filter(
     """
     options = check_filter_params(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode)
     check_tokens("log_ratio", log_ratio, cu_seqlens)
-    if log_ratio.device.type != "cpu":
-        check_device("log_ratio", log_ratio.device)
+    check_tensor_device("log_ratio", log_ratio.device)
     cu_seqlens = check_cu_seqlens(cu_seqlens, log_ratio.shape[0], log_ratio.device)
     mask = check_mask(mask, log_ratio.shape, log_ratio.device)
     impl = resolve_backend(backend, log_ratio.device, log_ratio.dtype)

@@ -251,10 +251,20 @@ def _traced_options(q, r, p0, x0, mask_mode, clip, clip_low, clip_high, dual_cli
     )
 
 
+def check_tensor_device(name, device):
+    """The device of a tensor the caller holds: it exists, so only what no kernel can compute on
+    (meta tensors, which hold no values) is refused. No CUDA runtime query: under torch.compile,
+    Dynamo cannot trace one (torch.cuda.device_count returns a non-tensor)."""
+    if device.type == "meta":
+        raise ValueError(f"{name} is on the meta device: kpo_kernels computes values and needs tensors that hold them")
+    return device
+
+
 def check_device(name, device):
     """A `torch.device` that this torch can compute on; ValueError naming the argument
     otherwise (torch itself fails later, inside a kernel launch or an allocation, with an
-    AssertionError that names nothing)."""
+    AssertionError that names nothing). For a device given as an argument (`prepare`); a
+    tensor's device: `check_tensor_device`."""
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
@@ -410,8 +420,7 @@ def check_log_prob_dtypes(log_prob, old_log_prob):
 def check_token_batch(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens=None):
     check_tokens("log_prob", log_prob, cu_seqlens)
     shape, device = log_prob.shape, log_prob.device
-    if device.type != "cpu":
-        check_device("log_prob", device)
+    check_tensor_device("log_prob", device)
     cu_seqlens = check_cu_seqlens(cu_seqlens, shape[0], device)
     _same_place("old_log_prob", _tensor("old_log_prob", old_log_prob), shape, device)
     check_log_prob_dtypes(log_prob, old_log_prob)

@@ -14,6 +14,7 @@ import torch
 import kpo_kernels
 from kpo_kernels import tables
 from kpo_kernels.tables import GAINS, PinnedTables, TableCache
+from conftest import DEVICE
 
 KIB = 1 << 10
 
@@ -264,25 +265,25 @@ def test_tables_read_during_capture_are_pinned_and_missing_ones_not_cached(small
 def test_prepare_covers_packed_batches_whose_offsets_are_on_the_device(small_cache, monkeypatch, backend):
     """Finding 11: a packed batch with offsets on the GPU sizes its tables by the token count N,
     not the longest sequence, so prepare(longest) did not cover it. Simulated on the CPU by
-    making the offsets count as device-resident; prepare's tokens= covers it."""
+    making the offsets count as device-resident (on a GPU they are); prepare's tokens= covers it."""
     cache = small_cache(max_bytes=1 << 20)
     lengths = [50, 64, 30, 60]
-    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).to(DEVICE)
     tokens = int(cu[-1])
     known_on_host = tables.packed_longest
     monkeypatch.setattr(tables, "packed_longest", lambda cu_seqlens, n: n)
-    x = torch.randn(tokens)
+    x = torch.randn(tokens, device=DEVICE)
 
     def packed_calls():
         kpo_kernels.kalman_filter(x, cu_seqlens=cu, q=0.0, backend=backend)
-        kpo_kernels.kpo_loss(x, x - 0.01, torch.ones(len(lengths), 1), cu_seqlens=cu, q=0.0, backend=backend)
+        kpo_kernels.kpo_loss(x, x - 0.01, torch.ones(len(lengths), 1, device=DEVICE), cu_seqlens=cu, q=0.0, backend=backend)
 
-    with kpo_kernels.prepare(max(lengths), q=0.0, device="cpu", backend=backend):
+    with kpo_kernels.prepare(max(lengths), q=0.0, device=DEVICE, backend=backend):
         builds = cache.builds
         packed_calls()
         assert cache.builds > builds  # q = 0 never saturates: the N-token tables were missing
     cache.clear()
-    with kpo_kernels.prepare(max(lengths), tokens=tokens, q=0.0, device="cpu", backend=backend):
+    with kpo_kernels.prepare(max(lengths), tokens=tokens, q=0.0, device=DEVICE, backend=backend):
         builds = cache.builds
         packed_calls()
         monkeypatch.setattr(tables, "packed_longest", known_on_host)

@@ -189,3 +189,18 @@ def test_float64_old_log_prob_with_lower_precision_log_prob_is_refused(old_dtype
     inputs["log_prob"] = inputs["log_prob"].double()
     inputs["old_log_prob"] = inputs["old_log_prob"].double()
     kpo_kernels.kpo_loss(**inputs, backend="torch")
+
+
+def test_a_tensors_device_is_checked_without_cuda_queries(monkeypatch):
+    """Under torch.compile Dynamo cannot trace torch.cuda.device_count (the first H200 run of the
+    compiled CUDA step failed on it): a tensor's device is checked without any CUDA query."""
+    from kpo_kernels.validation import check_tensor_device
+
+    def no_query(*args, **kwargs):
+        raise AssertionError("a CUDA runtime query")
+
+    monkeypatch.setattr(torch.cuda, "device_count", no_query)
+    monkeypatch.setattr(torch.cuda, "is_available", no_query)
+    assert check_tensor_device("log_prob", torch.device("cuda", 3)) == torch.device("cuda", 3)
+    with pytest.raises(ValueError, match="log_prob is on the meta device"):
+        check_tensor_device("log_prob", torch.device("meta"))
