@@ -40,7 +40,7 @@ def test_issue_bound_charges_the_busiest_sm():
     machine = static_model.Machine("test", 132, 1.0, 1.0)
     bound = static_model.roofline(row, machine)
     assert bound["waves"] == 2
-    assert bound["issue_us"] == pytest.approx(4 * 1000 / 4e3)
+    assert bound["issue_us"] == pytest.approx(4 * 1000 / 4e3 / static_model.ISSUE_EFFICIENCY)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
