@@ -8,6 +8,8 @@ A block that needs what a test cannot provide (a model, a trainer, a GPU) is mar
 
 import importlib.util
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -68,11 +70,14 @@ def test_the_pages_have_python_blocks_and_few_skips():
 
 
 @pytest.mark.parametrize("page, line, code, reason", PYTHON, ids=[f"{name(p)}:{line}" for p, line, _, _ in PYTHON])
-def test_python_block_runs(page, line, code, reason, capsys):
+def test_python_block_runs(page, line, code, reason, monkeypatch):
+    """Each block runs as a module that is importable while it runs, as a script's `__main__` is:
+    Dynamo (torch 2.11) imports the module of a compiled function's globals by name."""
     if reason is not None:
         pytest.skip(reason)
-    namespace = {"__name__": f"doc_block_{line}"}
-    exec(compile(code, f"{name(page)}:{line}", "exec"), namespace)  # noqa: S102 - the documentation's own code
+    module = types.ModuleType(f"doc_block_{line}")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(code, f"{name(page)}:{line}", "exec"), module.__dict__)  # noqa: S102 - the documentation's own code
 
 
 def test_training_step_reads_the_metrics_once():
