@@ -1,6 +1,6 @@
 """Host overhead of one kpo_loss forward + backward: eager, torch.compile, CUDA-graph replay.
 
-    python -m benchmarks.overhead [--json PATH] [--repeats N]
+    python -m benchmarks.overhead [--json PATH] [--repeats N] [--profile CALLS]
 
 At training micro-batch sizes the loss's device work is microseconds, so what a call costs is
 decided by the host: Python checks, op dispatch, kernel launches. For each shape (B = 8, T = 256
@@ -11,10 +11,16 @@ host's time again), the wall time of a CUDA-graph replay of the same step, and t
 device time (events around replays queued back to back: the kernels with no host between them).
 On a CPU there is no separate device: wall time is all there is, and
 the figures show what compiling saves of the Python around the ops.
+
+--profile CALLS runs that many eager steps at B = 8, T = 256 under cProfile and prints where the
+host time goes (the functions with the most time of their own, and the most time under them).
 """
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import statistics
 import time
 
@@ -100,11 +106,38 @@ def measure(repeats=50):
     return rows_out
 
 
+def profile(calls, top=30):
+    """cProfile of `calls` eager steps at the small shape: the report as text."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    new, old, adv, mask = _batch(*SHAPES[0], device)
+    log_prob = new.clone().requires_grad_()
+    for _ in range(5):
+        _step(_forward, log_prob, old, adv, mask)
+    sync()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        _step(_forward, log_prob, old, adv, mask)
+    sync()
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    out.write(f"cProfile of {calls} eager steps, B={SHAPES[0][0]} T={SHAPES[0][1]} on {device} (times per run of all calls)\n")
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return out.getvalue()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--profile", type=int, default=0, metavar="CALLS", help="profile this many eager steps instead")
     args = parser.parse_args(argv)
+    if args.profile:
+        print(profile(args.profile))
+        return
     rows = measure(args.repeats)
     for row in rows:
         parts = [f"B={row['B']:<3} T={row['T']:<5} {row['device']}", f"eager {row['eager_wall_s'] * 1e6:9.1f} us"]

@@ -87,6 +87,11 @@ def cases():
         yield f"loss-{name}-tiled", loss_run(batch, options, tiled)
         yield f"loss-{name}-packed", loss_run(packed(batch), options)
         yield f"loss-{name}-packed-tiled", loss_run(packed(batch), options, tiled)
+    # Rows cut into 40 tiles each: the finalize sums 128 tiles of a sequence per step.
+    long_rows = make_batch(2, 5000, seed=1, dtype=torch.float32, layout="holes")
+    many_tiles = kpo_kernels.TritonBackend(tile_size=128)
+    yield "loss-long-rows-many-tiles", loss_run(long_rows, {}, many_tiles)
+    yield "loss-long-rows-many-tiles-packed", loss_run(packed(long_rows), {}, many_tiles)
     # fit_noise(backend="triton"): the loss kernel for the metrics alone (no gradient, no clip).
     for label, backend in (("", None), ("-tiled", kpo_kernels.TritonBackend(tile_size=256))):
         batch = make_batch(3, 700, seed=1, layout="holes")

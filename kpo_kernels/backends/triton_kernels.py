@@ -624,8 +624,12 @@ def _safe_inverse(x):
 
 
 @triton.jit
-def _sequence_sums(stats_ptr, tile_offsets_ptr, seqs, in_bounds, num_slots, tiles_per_seq, IS_VARLEN: tl.constexpr):
-    """(valid tokens, loss sum) of a block of sequences, summed over each sequence's tiles."""
+def _sequence_sums(
+    stats_ptr, tile_offsets_ptr, seqs, in_bounds, num_slots, tiles_per_seq, IS_VARLEN: tl.constexpr, TILES: tl.constexpr
+):
+    """(valid tokens, loss sum) of a block of sequences, summed over each sequence's tiles,
+    TILES tiles of every sequence per step (a few long sequences have hundreds of tiles: one
+    dependent load per tile would make this loop the longest part of a short step)."""
     if IS_VARLEN:
         first = tl.load(tile_offsets_ptr + seqs, mask=in_bounds, other=0)
         count = tl.load(tile_offsets_ptr + seqs + 1, mask=in_bounds, other=0) - first
@@ -634,10 +638,12 @@ def _sequence_sums(stats_ptr, tile_offsets_ptr, seqs, in_bounds, num_slots, tile
         count = tl.where(in_bounds, tiles_per_seq, 0)
     tokens = tl.zeros_like(seqs).to(tl.float32)
     loss = tl.zeros_like(seqs).to(tl.float32)
-    for k in range(0, tl.max(count, 0)):
-        has = k < count
-        tokens += tl.load(stats_ptr + first + k, mask=has, other=0.0)
-        loss += tl.load(stats_ptr + num_slots + first + k, mask=has, other=0.0)
+    chunk = tl.arange(0, TILES)
+    for k in range(0, tl.max(count, 0), TILES):
+        slots = first[:, None] + k + chunk[None, :]
+        has = k + chunk[None, :] < count[:, None]
+        tokens += tl.sum(tl.load(stats_ptr + slots, mask=has, other=0.0), 1)
+        loss += tl.sum(tl.load(stats_ptr + num_slots + slots, mask=has, other=0.0), 1)
     return tokens, loss
 
 
@@ -664,6 +670,8 @@ def kpo_loss_finalize_kernel(
     HAS_SCALE_FACTOR: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    SEQ_BLOCK: tl.constexpr,
+    TILES: tl.constexpr,
 ):
     """Single program: tile statistics -> sequence weights (aggregation.row_weights), loss, metrics.
 
@@ -671,6 +679,8 @@ def kpo_loss_finalize_kernel(
     reduction order, no atomics. The horizon of seq-mean-token-sum-norm is T for padded batches
     and the longest sequence for packed ones, unless loss_scale_factor is given. TOKEN_COUNT and
     SEQUENCE_COUNT: 0 = count this batch, 1 = the scalar argument, 2 = read it from the pointer.
+    BLOCK_S tile slots per step for the metrics; SEQ_BLOCK sequences x TILES of their tiles per
+    step for the per-sequence sums.
     """
     # Metrics: sums and maxima over every tile slot (slots past the last tile hold zeros).
     tokens_acc = tl.zeros([BLOCK_S], tl.float32)
@@ -709,12 +719,14 @@ def kpo_loss_finalize_kernel(
     num_tokens = tl.sum(tokens_acc, 0)
 
     # Sequences with a valid token, and the longest sequence (the packed horizon).
-    nonempty_acc = tl.zeros([BLOCK_S], tl.float32)
-    longest = tl.zeros([BLOCK_S], tl.int32)
-    for start in range(0, num_seqs, BLOCK_S):
-        seqs = start + tl.arange(0, BLOCK_S)
+    nonempty_acc = tl.zeros([SEQ_BLOCK], tl.float32)
+    longest = tl.zeros([SEQ_BLOCK], tl.int32)
+    for start in range(0, num_seqs, SEQ_BLOCK):
+        seqs = start + tl.arange(0, SEQ_BLOCK)
         in_bounds = seqs < num_seqs
-        tokens, _ = _sequence_sums(stats_ptr, tile_offsets_ptr, seqs, in_bounds, num_slots, tiles_per_seq, IS_VARLEN)
+        tokens, _ = _sequence_sums(
+            stats_ptr, tile_offsets_ptr, seqs, in_bounds, num_slots, tiles_per_seq, IS_VARLEN, TILES
+        )
         nonempty_acc += (tokens > 0).to(tl.float32)
         if IS_VARLEN:
             lengths = tl.load(cu_seqlens_ptr + seqs + 1, mask=in_bounds, other=0) - tl.load(
@@ -743,11 +755,13 @@ def kpo_loss_finalize_kernel(
             horizon = T + 0.0 * num_tokens
         sequence_weight = sequence_weight * _safe_inverse(horizon)
 
-    loss = tl.zeros([BLOCK_S], tl.float32)
-    for start in range(0, num_seqs, BLOCK_S):
-        seqs = start + tl.arange(0, BLOCK_S)
+    loss = tl.zeros([SEQ_BLOCK], tl.float32)
+    for start in range(0, num_seqs, SEQ_BLOCK):
+        seqs = start + tl.arange(0, SEQ_BLOCK)
         in_bounds = seqs < num_seqs
-        tokens, row_loss = _sequence_sums(stats_ptr, tile_offsets_ptr, seqs, in_bounds, num_slots, tiles_per_seq, IS_VARLEN)
+        tokens, row_loss = _sequence_sums(
+            stats_ptr, tile_offsets_ptr, seqs, in_bounds, num_slots, tiles_per_seq, IS_VARLEN, TILES
+        )
         if AGG == AGG_TOKEN_MEAN:
             weight = token_weight + 0.0 * tokens
         elif AGG == AGG_TOKEN_SUM:
