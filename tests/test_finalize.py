@@ -29,10 +29,12 @@ def finalize(stats, tiles, sequences, tiles_per_seq, offsets, agg, per_step):
     row_scale = torch.full((sequences,), float("nan"), device=DEVICE)
     dummy = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     varlen = offsets is not None
+    # Packed: made-up sequence lengths (the horizon of seq-mean-token-sum-norm is the longest).
+    cu_seqlens = torch.arange(sequences + 1, dtype=torch.int32, device=DEVICE) ** 2 if varlen else dummy
     kernels.kpo_loss_finalize_kernel[(1,)](
-        stats, offsets if varlen else dummy, dummy, row_scale, out, sequences, tiles, tiles_per_seq, 77,
+        stats, offsets if varlen else dummy, cu_seqlens, row_scale, out, sequences, tiles, tiles_per_seq, 77,
         1.0, 0.0, 0.0, dummy, dummy, 0.0,
-        AGG=kernels.AGG_CODES[agg], TOKEN_COUNT=0, SEQUENCE_COUNT=0, HAS_SCALE_FACTOR=False, IS_VARLEN=False,
+        AGG=kernels.AGG_CODES[agg], TOKEN_COUNT=0, SEQUENCE_COUNT=0, HAS_SCALE_FACTOR=False, IS_VARLEN=varlen,
         BLOCK_S=1024, SEQ_BLOCK=WIDTHS[per_step], TILES=per_step, num_warps=4,
     )
     return out, row_scale
@@ -57,7 +59,7 @@ def made_up_stats(tiles_of, seed):
 SHAPES = {
     "one-tile": (5, 1, False),
     "many-rows": (40, 20, False),
-    "hundreds": (3, 300, False),
+    "hundreds": (3, 256, False),
     "packed-short": (300, 2, True),
     "packed-mixed": (40, 0, True),
     "packed-hundreds": (2, 260, True),
@@ -79,6 +81,7 @@ def test_every_width_of_the_finalize_gives_the_same_results(shape, agg):
     args = (stats, stats.shape[1], sequences, 0 if packed else tiles_each, offsets, agg)
     want_out, want_scale = finalize(*args, per_step=1)
     assert not want_out.isnan().any() and not want_scale.isnan().any()
+    assert want_out[0] != 0 and (want_scale != 0).any()  # the sequences' sums are not all empty
     for per_step in (16, 128):
         out, scale = finalize(*args, per_step=per_step)
         torch.testing.assert_close(out, want_out, rtol=2e-6, atol=1e-6, msg=f"{per_step} tiles per step")

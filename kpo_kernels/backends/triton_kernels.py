@@ -636,15 +636,18 @@ def _sequence_sums(
     else:
         first = seqs * tiles_per_seq
         count = tl.where(in_bounds, tiles_per_seq, 0)
-    tokens = tl.zeros_like(seqs).to(tl.float32)
-    loss = tl.zeros_like(seqs).to(tl.float32)
     chunk = tl.arange(0, TILES)
+    # Sums kept per (sequence, lane) and reduced once after the loop: Triton 3.6's
+    # thread-locality pass asserts on a reduction inside the loop whose result has two uses
+    # (seq-mean-token-mean with tiles_per_seq divisible by 16 failed to compile on the H200).
+    tokens = tl.zeros([seqs.shape[0], TILES], tl.float32)
+    loss = tl.zeros([seqs.shape[0], TILES], tl.float32)
     for k in range(0, tl.max(count, 0), TILES):
         slots = first[:, None] + k + chunk[None, :]
         has = k + chunk[None, :] < count[:, None]
-        tokens += tl.sum(tl.load(stats_ptr + slots, mask=has, other=0.0), 1)
-        loss += tl.sum(tl.load(stats_ptr + num_slots + slots, mask=has, other=0.0), 1)
-    return tokens, loss
+        tokens += tl.load(stats_ptr + slots, mask=has, other=0.0)
+        loss += tl.load(stats_ptr + num_slots + slots, mask=has, other=0.0)
+    return tl.sum(tokens, 1), tl.sum(loss, 1)
 
 
 @triton.jit
