@@ -111,7 +111,8 @@ def test_the_wider_finalize_paths_match_the_torch_backend(case, packed):
             mask=mask[keep], cu_seqlens=cu_seqlens,
         )
     impl = triton_backend(block_size=16, tile_size=16)
-    tiling = impl._plan(inputs["log_prob"].shape, inputs.get("cu_seqlens"), DEVICE)[2]
+    cu_seqlens = inputs["cu_seqlens"].to(DEVICE) if packed else None
+    tiling = impl._plan(inputs["log_prob"].shape, cu_seqlens, DEVICE)[2]
     assert kpo_kernels.backends.triton_backend._finalize_tiles_per_step(tiling) == per_step
     results = {}
     for name, backend in (("torch", "torch"), ("triton", impl)):
