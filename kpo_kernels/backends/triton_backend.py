@@ -23,9 +23,12 @@ except Exception as error:  # noqa: BLE001 - any failure means "no Triton here"
 # Triton decides at import time whether @triton.jit functions are interpreted.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Tokens per scan block: 2 per thread at 8 warps. The fused loss kernel then needs 68-78
-# registers on sm_90 without spills: 3 programs of 8 warps fit on an SM.
-MAX_BLOCK = 512
+# Tokens per scan block. Up to 512: 2 per thread (at most 8 warps). Rows longer than 512 use
+# 1024-token blocks at 4 warps, 8 tokens per thread: on an H200 (tune sweep of 2026-12-04,
+# benchmarks/RESULTS.md) the fused step was 1.07x (512 x 8192 fp32), 1.16x (bf16) and 1.14x
+# (64 x 4096) faster than 512-token blocks at 8 warps, the best of blocks 512-2048 x 4/8 warps.
+MAX_BLOCK = 1024
+WIDE_BLOCK_WARPS = 4
 PREFIX = 64  # earlier tiles folded per scan step
 UNDERFILLED_ROWS_PER_SM = 2  # fewer rows than this per SM: split rows into tiles
 PROGRAMS_PER_SM = 3  # tiles are sized for about this many programs per SM (see MAX_BLOCK)
@@ -102,13 +105,14 @@ class TritonBackend(Backend):
     outside a compiled function. docs/api.md lists where each backend runs.
 
     Args:
-        block_size: tokens per scan block, a power of two from 2 (default: up to 512, fitted to
-            the data).
+        block_size: tokens per scan block, a power of two from 2 (default: the rows' typical
+            length rounded up to a power of two, at most 1024).
         tile_size: tokens per program, an int >= 1; sequences longer than a tile are split across
             programs (default on CUDA: whole rows when there are enough rows to fill the GPU,
             else tiles sized for about PROGRAMS_PER_SM (3) programs per SM; under the interpreter:
             whole sequences).
-        num_warps: warps per program, a power of two up to 32 (default: chosen per launch).
+        num_warps: warps per program, a power of two up to 32 (default: two tokens per thread
+            up to 8 warps, and 4 warps for 1024-token blocks).
         poison: fill every output buffer with NaN before the kernels run, so that a position a
             kernel forgot to write shows up (the tests use it). Default False.
 
@@ -182,6 +186,8 @@ class TritonBackend(Backend):
     def _warps(self, block):
         if self.num_warps is not None:
             return self.num_warps
+        if block >= 1024:
+            return WIDE_BLOCK_WARPS
         return max(1, min(8, block // 64))  # two tokens per thread
 
     def _tile(self, rows, tokens, longest, block, device):
