@@ -80,6 +80,11 @@ from kpo_kernels.integrations.openrlhf import KPOPolicyLoss, disable, enable, sp
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# OpenRLHF has bound what it imports: the stand-ins leave sys.modules, so that other test files
+# run by the same pytest worker (TRL and verl probe for vllm) see no vllm or flash-attn.
+for _name in [m for m in sys.modules if m.split(".")[0] in ("vllm", "flash_attn") and sys.modules[m].__spec__.loader is None]:
+    del sys.modules[_name]
+
 IDENTITY = dict(q=1e8, r=1.0)  # K = 1 at every token: the filtered ratio is the token ratio (docs/math.md)
 
 
