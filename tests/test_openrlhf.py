@@ -330,7 +330,7 @@ def test_launcher_runs_openrlhf_with_the_worker_hook(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(ray, "init", lambda *a, runtime_env=None, **k: calls.append(runtime_env))
     monkeypatch.setattr(sys, "argv", sys.argv[:])
-    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setenv(ENV_VAR, "{}")  # main sets it; restored (removed) after the test
     with pytest.raises(SystemExit) as exit_code:
         kpo_openrlhf.main(["--kpo.q", "1e-5", "--help"])
     assert exit_code.value.code == 0 and "--actor.eps_clip_low_high" in capsys.readouterr().out

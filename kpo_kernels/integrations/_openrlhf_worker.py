@@ -4,7 +4,8 @@
 worker of the job (actors and vLLM engines alike). It calls `kpo_kernels.integrations.openrlhf.enable`
 with the launcher's options (environment variable `KPO_OPENRLHF_OPTIONS`) once
 `openrlhf.trainer.ray.ppo_actor` is imported: at once if it is, otherwise right after its import,
-so that a worker that never imports it (a vLLM engine) never imports DeepSpeed or KPO either.
+so that a worker that never imports it (a vLLM engine) imports nothing more than `kpo_kernels`
+itself: not OpenRLHF's actor module, not DeepSpeed.
 """
 
 import importlib.abc
