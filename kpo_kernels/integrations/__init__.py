@@ -4,6 +4,8 @@
   registry and defines `KPOPolicyLossConfig` (verl 0.9.x).
 - `kpo_kernels.integrations.trl`: `KPOGRPOConfig` and `KPOGRPOTrainer`, TRL's GRPOTrainer with the
   KPO policy loss (TRL 1.16.x).
+- `kpo_kernels.integrations.openrlhf`: `KPOPolicyLoss`, a drop-in for OpenRLHF's `PolicyLoss`,
+  `enable()`, and the launcher `python -m kpo_kernels.integrations.openrlhf` (OpenRLHF 0.11.x).
 
-Neither is imported here: `import kpo_kernels` (and this package) never imports verl or TRL.
+None is imported here: `import kpo_kernels` (and this package) never imports verl, TRL or OpenRLHF.
 """
