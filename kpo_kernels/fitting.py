@@ -152,6 +152,9 @@ def _sequences(log_ratio, mask, cu_seqlens, mask_mode, x0):
         inside = columns[None, :] <= lengths[:, None]
         return torch.where(valid, z, torch.where(inside, -x0, 0.0)), lengths
     lengths = valid.sum(-1)
+    prefix = torch.arange(width, device=device)[None, :] < lengths[:, None]
+    if device.type == "cpu" and bool(torch.equal(prefix, valid)):  # right-padded: already compact
+        return z, lengths
     slot = torch.where(valid, valid.cumsum(-1) - 1, width)  # each valid token's place among its row's valid tokens
     compact = torch.zeros(rows, width + 1, dtype=torch.float64, device=device)
     compact.scatter_(1, slot, z)  # masked tokens all land in the extra column, as zeros
@@ -170,33 +173,36 @@ def _spectrum(z, lengths, *, diffuse):
     the constant sum(beta log lam). Variance of coefficient k: R (lam_k + q) / lam_k^beta."""
     rows, width = z.shape
     device = z.device
-    if diffuse:  # first differences d_j = z_{j+1} - z_j, j = 1..n-1, sine basis sin(k j pi / n)
+    j = torch.arange(1, width + 1, device=device)
+    if diffuse:  # first differences d_j = z_{j+1} - z_j, j = 1..n-1, basis sin(k j pi / n)
         x = torch.zeros_like(z)
         x[:, : max(width - 1, 0)] = z[:, 1:] - z[:, :-1]
-        x = torch.where(torch.arange(width, device=device)[None, :] < (lengths[:, None] - 1), x, 0.0)
-        period = lengths.clamp(min=1)  # theta = pi / n, frequencies m = k = 1..n-1
+        x = torch.where(j[None, :] < lengths[:, None], x, 0.0)
+        period = lengths.clamp(min=1)  # sin(k j pi / n): exp(i pi k j / n) = exp(2 pi i k j / (2n))
         count = (lengths - 1).clamp(min=0)
-        outputs, step = max(width - 1, 1), 1
-    else:  # z_j, j = 1..n, basis sin((2k - 1) j pi / (2n + 1))
-        x = z
+        cycle, shift = 2 * period, None
+    else:  # z_j, j = 1..n, basis sin((2k - 1) j pi / (2n + 1)) = Im exp(-i j pi / (2n + 1)) exp(2 pi i k j / (2n + 1))
         period = 2 * lengths + 1
         count = lengths
-        outputs, step = max(2 * width - 1, 1), 2
-    # F_m = sum_j x_j exp(i pi m j / period) for m = 1..outputs, by Bluestein: m j = (m^2 + j^2 - (m - j)^2) / 2.
-    size = _fft_length(outputs + width)
-    j = torch.arange(1, width + 1, device=device)
+        cycle, shift = period, period
+        x = z
+    # F_k = sum_j x_j exp(2 pi i k j / cycle), k = 1..width, by Bluestein: k j = (k^2 + j^2 - (k - j)^2) / 2.
+    size = _fft_length(2 * width)
     d = torch.arange(size, device=device)
-    d = torch.where(d < outputs, d, d - size)  # lags -(width - 1)..outputs - 1, wrapped
-    a = x * _chirp(j, period)
-    b = _chirp(d, period).conj()
+    d = torch.where(d <= width, d, d - size)  # lags -(width - 1)..width - 1, wrapped
+    a = _chirp(j, cycle)
+    if shift is not None:  # exp(-i pi j / (2n + 1)) = exp(2 pi i (-j) / (2 cycle)) folded into the chirp
+        a = a * _chirp_linear(j, cycle)
+    a = x * a
+    b = _chirp(d, cycle).conj()
     conv = torch.fft.ifft(torch.fft.fft(a, n=size) * torch.fft.fft(b, n=size))
-    m = torch.arange(1, outputs + 1, step, device=device)[:width]  # the frequencies used, k = 1..
-    coefficient = (conv[:, m - 1] * _chirp(m, period)).imag
-    k = torch.arange(1, coefficient.shape[1] + 1, device=device)
+    k = j  # frequencies 1..width
+    coefficient = (conv[:, k - 1] * _chirp(k, cycle)).imag
     weight = (k[None, :] <= count[:, None]).to(torch.float64)
-    half_angle = (math.pi / 2) * m.to(torch.float64)[None, :] / period[:, None].to(torch.float64)
-    lam = 4.0 * torch.sin(half_angle) ** 2
-    lam = torch.where(weight > 0, lam, 1.0)
+    # lam_k = 4 sin^2(half angle): (2k - 1) pi / (2 (2n + 1)) for P0 = 0, k pi / (2n) diffuse
+    numerator = (2 * k - 1).to(torch.float64) if not diffuse else k.to(torch.float64)
+    half_angle = (math.pi / 2) * numerator[None, :] / (period if not diffuse else period).to(torch.float64)[:, None]
+    lam = torch.where(weight > 0, 4.0 * torch.sin(half_angle) ** 2, 1.0)
     norm = (2.0 / period.to(torch.float64)) if diffuse else (4.0 / period.to(torch.float64))
     y2 = coefficient**2 * norm[:, None] * weight
     if diffuse:
@@ -204,13 +210,21 @@ def _spectrum(z, lengths, *, diffuse):
     return lam, y2 * lam, weight, (weight * torch.log(lam)).sum()
 
 
-def _chirp(index, period):
-    """exp(i pi index^2 / (2 period)) per row (period (S,)), with index^2 reduced modulo
-    4 period first: exact phases for any length."""
-    period = period.to(torch.int64)[:, None]
-    reduced = torch.remainder(index.to(torch.int64)[None, :] ** 2, 4 * period)
-    angle = reduced.to(torch.float64) * (math.pi / 2) / period.to(torch.float64)
-    return torch.polar(torch.ones_like(angle), angle)
+def _chirp(index, cycle):
+    """exp(i pi index^2 / cycle) per row (cycle (S,)), index^2 reduced modulo 2 cycle first:
+    exact phases for any length."""
+    cycle = cycle.to(torch.int64)[:, None]
+    reduced = torch.remainder(index.to(torch.int64)[None, :] ** 2, 2 * cycle)
+    angle = reduced.to(torch.float64) * math.pi / cycle.to(torch.float64)
+    return torch.complex(torch.cos(angle), torch.sin(angle))
+
+
+def _chirp_linear(index, cycle):
+    """exp(-i pi index / cycle) per row."""
+    cycle = cycle.to(torch.int64)[:, None]
+    reduced = torch.remainder(index.to(torch.int64)[None, :], 2 * cycle)
+    angle = -reduced.to(torch.float64) * math.pi / cycle.to(torch.float64)
+    return torch.complex(torch.cos(angle), torch.sin(angle))
 
 
 def _all_reduce(tensor, group):
@@ -225,16 +239,14 @@ def _bins(lam, y2, weight):
     """Moments of the coefficients in fixed bins of log lam (width BIN_WIDTH): per bin, for the
     weights w and for y^2, the sums of 1, v and v^2 with v = log lam - (the bin's centre). A
     second-order Taylor expansion of each token's terms about its bin's centre then gives the
-    profile to about 1e-8 relative at any q, from (6, BINS) numbers (deterministic: index_put_
-    with accumulate)."""
+    profile to about 1e-8 relative at any q, from (6, BINS) numbers."""
     log_lam = torch.log(lam)
     index = ((log_lam - BIN_BASE) / BIN_WIDTH).floor().clamp(0, BINS - 1).long()
     v = log_lam - (BIN_BASE + (index.to(torch.float64) + 0.5) * BIN_WIDTH)
-    stats = torch.stack([weight, weight * v, weight * v * v, y2, y2 * v, y2 * v * v]).reshape(6, -1)
-    out = torch.zeros(6, BINS, dtype=torch.float64, device=lam.device)
-    rows = torch.arange(6, device=lam.device)[:, None].expand(6, index.numel())
-    out.index_put_((rows.reshape(-1), index.reshape(-1).repeat(6)), stats.reshape(-1), accumulate=True)
-    return out
+    index = index.reshape(-1)
+    y2v = y2 * v
+    stats = (weight, weight * v, weight * v * v, y2, y2v, y2v * v)
+    return torch.stack([torch.bincount(index, weights=stat.reshape(-1), minlength=BINS) for stat in stats])
 
 
 BINS = 4096
@@ -259,6 +271,9 @@ def _search(lam, y2, weight, constant, low, high, min_tokens, fallback, group):
     profile at the chosen ratio (tensors only; one all-reduce of the bins, one of the exact sums)."""
     device = lam.device
     lam, y2, weight = lam.reshape(-1), y2.reshape(-1), weight.reshape(-1)
+    if device.type == "cpu":  # drop the padding (selecting on the host costs nothing here)
+        keep = weight > 0
+        lam, y2, weight = lam[keep], y2[keep], weight[keep]
     bins = _bins(lam, y2, weight)
     totals = torch.cat([torch.stack([weight.sum(), constant, y2.sum()]), bins.reshape(-1)])
     totals = _all_reduce(totals, group)
