@@ -2,22 +2,29 @@
 
 from .api import KPOLoss, kalman_filter, kalman_gains, kpo_loss, prepare
 from .backends import Backend, TorchBackend, TritonBackend
+from .fit_options import FIT_MODES
+from .fitting import NoiseEstimate, estimate_noise
 from .noise import NoiseFit, fit_noise
 from .options import AGG_MODES, MASK_MODES, METRIC_NAMES
 from .tables import PinnedTables, release_tables
+from .tracker import NoiseTracker
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AGG_MODES",
     "Backend",
+    "FIT_MODES",
     "KPOLoss",
     "MASK_MODES",
     "METRIC_NAMES",
+    "NoiseEstimate",
     "NoiseFit",
+    "NoiseTracker",
     "PinnedTables",
     "TorchBackend",
     "TritonBackend",
+    "estimate_noise",
     "fit_noise",
     "kalman_filter",
     "kalman_gains",

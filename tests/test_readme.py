@@ -142,8 +142,8 @@ def test_the_math_sections_the_code_cites_exist():
     assert cited and cited <= headings, cited - headings
 
 
-PUBLIC_FUNCTIONS = ("kalman_filter", "kalman_gains", "kpo_loss", "prepare", "fit_noise", "release_tables")
-PUBLIC_CLASSES = ("KPOLoss", "NoiseFit", "Backend", "TorchBackend", "TritonBackend", "PinnedTables")
+PUBLIC_FUNCTIONS = ("kalman_filter", "kalman_gains", "kpo_loss", "prepare", "fit_noise", "estimate_noise", "release_tables")
+PUBLIC_CLASSES = ("KPOLoss", "NoiseFit", "NoiseEstimate", "NoiseTracker", "Backend", "TorchBackend", "TritonBackend", "PinnedTables")
 
 
 @pytest.mark.parametrize("name", PUBLIC_FUNCTIONS)

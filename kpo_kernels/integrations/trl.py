@@ -20,6 +20,11 @@ advantages and the completion mask (tool-output tokens masked, as TRL masks them
   added as TRL adds them.
 
 KPO's metrics are logged in TRL's metrics as `kpo/<name>` (see `LOGGED_METRICS`).
+
+`kalman_fit` ("off", "per_generation", "per_step") fits Q and R with a `NoiseTracker`: on the
+first stale micro-batch of each generation, or on every stale micro-batch before its loss
+(micro-batches of the optimizer step that generated them are on-policy and never fitted). The
+fit's metrics are logged as `kpo/<name>` for each name of `FIT_METRICS`.
 """
 
 from dataclasses import dataclass, field
@@ -29,8 +34,10 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from ..api import KPOLoss, kpo_loss
+from ..fit_options import FIT_MODES, check_fit_mode, check_fit_prior, check_fit_range, check_min_tokens
+from ..tracker import FIT_METRICS, NoiseTracker
 
-__all__ = ["LOGGED_METRICS", "LOSS_TYPE_AGG", "KPOGRPOConfig", "KPOGRPOTrainer"]
+__all__ = ["LOGGED_METRICS", "LOSS_TYPE_AGG", "KPOGRPOConfig", "KPOGRPOTrainer", "fit_options"]
 
 # TRL loss_type -> kpo_loss agg. The counts that make each one TRL's normalisation exactly are in
 # `KPOGRPOTrainer._aggregation`.
@@ -123,6 +130,15 @@ class KPOGRPOConfig(GRPOConfig):
     log_ratio_cap: Optional[float] = field(
         default=10.0, metadata={"help": "Upper cap of the filtered log-ratio before exp (None: no cap)."}
     )
+    kalman_fit: str = field(
+        default="off",
+        metadata={"help": f"Fit Q and R to the log-ratios: one of {FIT_MODES} (kalman_q, kalman_r until the first fit)."},
+    )
+    kalman_fit_q_min: float = field(default=1e-10, metadata={"help": "Lowest ratio Q / R a fit searches."})
+    kalman_fit_q_max: float = field(default=1e2, metadata={"help": "Highest ratio Q / R a fit searches."})
+    kalman_fit_min_tokens: int = field(
+        default=64, metadata={"help": "A micro-batch with fewer valid tokens (over the processes) keeps Q and R."}
+    )
     kpo_backend: str = field(default="auto", metadata={"help": "kpo_loss backend: 'auto', 'torch' or 'triton'."})
     epsilon: float = field(default=3e-4, metadata={"help": "Lower clip range of the filtered ratio."})
     epsilon_high: Optional[float] = field(
@@ -156,6 +172,17 @@ class KPOGRPOConfig(GRPOConfig):
                 "which equals TRL's two-sided clip only there"
             )
         KPOLoss(**kpo_options(self), backend=self.kpo_backend)  # checks every value, as kpo_loss will
+        fit_options(self)  # and the fit's, by their config names
+
+
+def fit_options(args):
+    """(mode, NoiseTracker keywords) from a KPOGRPOConfig, checked by the config's names."""
+    mode = check_fit_mode("kalman_fit", args.kalman_fit)
+    q_range = check_fit_range("kalman_fit_q_min, kalman_fit_q_max", (args.kalman_fit_q_min, args.kalman_fit_q_max))
+    min_tokens = check_min_tokens("kalman_fit_min_tokens", args.kalman_fit_min_tokens)
+    if mode != "off":
+        check_fit_prior("kalman_p0", float(args.kalman_p0) / float(args.kalman_r), mode)
+    return mode, {"q_range": q_range, "min_tokens": min_tokens}
 
 
 def kpo_options(args):
@@ -188,6 +215,19 @@ class KPOGRPOTrainer(GRPOTrainer):
             raise TypeError(f"KPOGRPOTrainer needs a KPOGRPOConfig, got {type(args).__name__}")
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
         self._kpo_options = {**kpo_options(args), "backend": args.kpo_backend}
+        mode, settings = fit_options(args)
+        self.noise_tracker = None
+        if mode != "off":
+            filter_options = {key: self._kpo_options[key] for key in ("q", "r", "p0", "x0", "mask_mode")}
+            self.noise_tracker = NoiseTracker(mode, **filter_options, **settings)
+        self._kpo_generated_at = None
+
+    def _generate_and_score_completions(self, inputs):
+        """TRL's generation; marks a new rollout batch for the noise tracker."""
+        self._kpo_generated_at = self.state.global_step
+        if self.noise_tracker is not None:
+            self.noise_tracker.new_generation()
+        return super()._generate_and_score_completions(inputs)
 
     def _aggregation(self, batch_size, inputs, mode):
         """(agg, count keywords, divisor): TRL's normalisation of `self.loss_type` as kpo_loss's
@@ -267,8 +307,13 @@ class KPOGRPOTrainer(GRPOTrainer):
             is_weights = weight if is_weights is None else is_weights * weight
 
         agg, counts, divisor = self._aggregation(mask.shape[0], inputs, mode)
+        options = dict(self._kpo_options)
+        if self.noise_tracker is not None:
+            # Fitted in training only, on micro-batches generated under earlier weights.
+            stale = mode == "train" and self.state.global_step != self._kpo_generated_at
+            options.update(self.noise_tracker(log_prob.detach() - old_log_prob, mask, stale=stale))
         loss, metrics = kpo_loss(
-            log_prob, old_log_prob, advantages, mask, agg=agg, is_weights=is_weights, **counts, **self._kpo_options
+            log_prob, old_log_prob, advantages, mask, agg=agg, is_weights=is_weights, **counts, **options
         )
 
         per_token_kl = None
@@ -323,3 +368,6 @@ class KPOGRPOTrainer(GRPOTrainer):
         logged["entropy"].append(entropy_sum / max(entropy_tokens, 1.0))
         if per_token_kl is not None:
             logged["kl"].append(values[rest + 2] / max(entropy_tokens, 1.0))
+        if self.noise_tracker is not None:  # host floats, the same on every process
+            for name in FIT_METRICS:
+                logged[f"kpo/{name}"].append(float(self.noise_tracker.metrics[name]))

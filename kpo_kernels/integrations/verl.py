@@ -42,8 +42,10 @@ from verl.trainer.ppo.core_algos import register_policy_loss
 from verl.workers.config import PolicyLossConfig
 
 from ..api import KPOLoss, kpo_loss
+from ..fit_options import check_fit_mode, check_fit_prior, check_fit_range, check_min_tokens
+from ..tracker import FIT_METRICS, NoiseTracker
 
-__all__ = ["LOSS_MODE", "METRICS", "KPOPolicyLossConfig", "compute_policy_loss_kpo", "kpo_loss_options"]
+__all__ = ["LOSS_MODE", "METRICS", "FIT_METRIC_NAMES", "KPOPolicyLossConfig", "compute_policy_loss_kpo", "kpo_loss_options"]
 
 LOSS_MODE = "kpo"
 
@@ -67,6 +69,12 @@ METRICS = {
     "actor/kpo_capfrac": "capfrac",
 }
 
+# With kalman_fit != "off": the NoiseTracker's metrics (docs/choosing-q-and-r.md), logged as
+# actor/kpo_<name>: the Q and R in use, the last fit's drift evidence and boundary (-1 lower end of
+# the ratio range, +1 upper, 0 inside), its status (0 fitted, 1 on-policy, 2 too few tokens,
+# 3 non-finite, -1 none yet) and whether this micro-batch was fitted.
+FIT_METRIC_NAMES = {f"actor/kpo_{name}": name for name in FIT_METRICS}
+
 # Keys of verl's `ActorConfig.global_batch_info`, passed by name to `kpo_loss` (as verl passes them
 # to `agg_loss`).
 GLOBAL_BATCH_KEYS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
@@ -82,6 +90,14 @@ class KPOPolicyLossConfig(PolicyLossConfig):
     dual_clip: c > 1 bounds the loss of a negative-advantage token at -c A; None disables it.
     mask_mode: "skip" (masked tokens are invisible to the filter) or "position".
     log_ratio_cap: the filtered log-ratio is clamped above at this value (None: no cap).
+    kalman_fit: "off" (default: kalman_q and kalman_r as given), "per_generation" (Q and R fitted
+        on the first stale micro-batch after an on-policy one, i.e. once per rollout batch, then
+        fixed) or "per_step" (fitted on every micro-batch before its loss); kalman_q and
+        kalman_r are the values until the first fit. A fit keeps P0 / R (kalman_p0 / kalman_r:
+        0 or inf). docs/verl.md.
+    kalman_fit_q_min, kalman_fit_q_max: the range of Q / R searched.
+    kalman_fit_min_tokens: a micro-batch with fewer valid tokens (over the data-parallel group)
+        keeps the previous Q and R.
 
     Build it from Hydra with `policy_loss._target_=kpo_kernels.integrations.verl.KPOPolicyLossConfig`;
     the hyperparameters are checked here, when verl builds the config, not at the first step.
@@ -96,6 +112,10 @@ class KPOPolicyLossConfig(PolicyLossConfig):
     dual_clip: Optional[float] = None
     mask_mode: str = "skip"
     log_ratio_cap: Optional[float] = 10.0
+    kalman_fit: str = "off"
+    kalman_fit_q_min: float = 1e-10
+    kalman_fit_q_max: float = 1e2
+    kalman_fit_min_tokens: int = 64
 
     def __post_init__(self):
         parent = getattr(super(), "__post_init__", None)
@@ -107,6 +127,7 @@ class KPOPolicyLossConfig(PolicyLossConfig):
                 + (f": {_BYPASS_MESSAGE}" if self.loss_mode == "bypass_mode" else "")
             )
         KPOLoss(**_hyperparameters(self))  # checks every value, as kpo_loss will
+        _fit_settings(self)  # and the fit's options, by their config names
 
 
 _BYPASS_MESSAGE = (
@@ -154,6 +175,35 @@ def _hyperparameters(policy_loss):
     return {keyword: policy_loss.get(field, _DEFAULTS[field]) for field, keyword in _HYPERPARAMETERS.items()}
 
 
+def _fit_settings(policy_loss):
+    """(mode, NoiseTracker keywords) of a policy-loss config, checked by their config names."""
+    if policy_loss is None:
+        policy_loss = {}
+    get = lambda field: policy_loss.get(field, _DEFAULTS[field])  # noqa: E731
+    mode = check_fit_mode("kalman_fit", get("kalman_fit"))
+    q_range = check_fit_range("kalman_fit_q_min, kalman_fit_q_max", (get("kalman_fit_q_min"), get("kalman_fit_q_max")))
+    min_tokens = check_min_tokens("kalman_fit_min_tokens", get("kalman_fit_min_tokens"))
+    if mode != "off":
+        check_fit_prior("kalman_p0", float(get("kalman_p0")) / float(get("kalman_r")), mode)
+    return mode, {"q_range": q_range, "min_tokens": min_tokens}
+
+
+# One NoiseTracker per process and setting: verl calls the loss with the same actor config for
+# every micro-batch of a worker.
+_TRACKERS = {}
+
+
+def _tracker(config, options):
+    mode, settings = _fit_settings(config.get("policy_loss", None))
+    if mode == "off":
+        return None
+    filter_options = {key: options[key] for key in ("q", "r", "p0", "x0", "mask_mode")}
+    key = (mode, tuple(sorted(settings.items())), tuple(sorted(filter_options.items())))
+    if key not in _TRACKERS:
+        _TRACKERS[key] = NoiseTracker(mode, **filter_options, **settings)
+    return _TRACKERS[key]
+
+
 def kpo_loss_options(config) -> dict[str, Any]:
     """The `kpo_loss` keywords (all but agg and is_weights) that a verl actor config defines."""
     options = _hyperparameters(config.get("policy_loss", None))
@@ -195,6 +245,10 @@ def compute_policy_loss_kpo(
             "config, which has no policy_loss with KPO's hyperparameters (kalman_q, kalman_r, ...); "
             "KPO refuses to run on defaults there. Use policy_loss_mode=vanilla for distillation"
         )
+    options = kpo_loss_options(config)
+    tracker = _tracker(config, options)
+    if tracker is not None:  # per_step: the fit's one host read, before the loss
+        options.update(tracker(log_prob.detach() - old_log_prob, response_mask))
     loss, metrics = kpo_loss(
         log_prob,
         old_log_prob,
@@ -202,7 +256,18 @@ def compute_policy_loss_kpo(
         response_mask,
         agg=loss_agg_mode,
         is_weights=rollout_is_weights,
-        **kpo_loss_options(config),
+        **options,
     )
-    values = torch.stack([metrics[name] for name in METRICS.values()]).tolist()  # the one host sync
-    return loss, dict(zip(METRICS, values))
+    names = list(METRICS.values())
+    stacked = [metrics[name] for name in names]
+    if tracker is not None:  # whether this micro-batch is on-policy, read with the metrics
+        valid = response_mask.bool()
+        stale = ((log_prob.detach() != old_log_prob) & valid).any()
+        stacked.append(stale.to(stacked[0].dtype))
+    values = torch.stack(stacked).tolist()  # the one host sync
+    logged = dict(zip(METRICS, values))
+    if tracker is not None:
+        if values[-1] == 0.0:  # an on-policy micro-batch: a new rollout batch begins
+            tracker.new_generation()
+        logged.update({name: float(tracker.metrics[key]) for name, key in FIT_METRIC_NAMES.items()})
+    return loss, logged

@@ -1,0 +1,72 @@
+"""Cost of the per-step noise fit beside the plain loss (issue 17): side by side, in one run.
+
+    python benchmarks/fit_cost.py [--repeats N] [--threads T] [--rows B] [--length T]
+
+On the synthetic RL batch of kpo_kernels.bench.data (64 x 4096 by default, float32, CPU torch
+backend), alternates within each repeat: (a) `kpo_loss` forward + backward at fixed Q and R (those the fit finds), and
+(b) what `NoiseTracker("per_step")` adds before it, `estimate_noise` on the detached log-ratios
+and its host read, followed by the same forward + backward at the fitted Q and R. Also times
+`fit_noise` once per repeat for reference. Prints one JSON line: medians and quartiles (seconds)
+and the ratio (b) / (a), whose bound is 2 (the fit costs at most one plain loss).
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--length", type=int, default=4096)
+    args = parser.parse_args()
+    import torch
+
+    import kpo_kernels
+    from kpo_kernels.bench.data import rl_batch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch = rl_batch(args.rows, args.length)
+    tracker = kpo_kernels.NoiseTracker("per_step")
+
+    def loss_step(options):
+        log_prob = batch["log_prob"].clone().requires_grad_()
+        loss, _ = kpo_kernels.kpo_loss(
+            log_prob, batch["old_log_prob"], batch["advantages"], batch["mask"], backend="torch", **options
+        )
+        loss.backward()
+
+    def fitted_step():
+        z = batch["log_prob"] - batch["old_log_prob"]
+        loss_step(tracker(z, batch["mask"]))
+
+    def fit_noise():
+        kpo_kernels.fit_noise(batch["log_prob"] - batch["old_log_prob"], batch["mask"])
+
+    fitted_step()  # warm-up; the plain loss then runs at the fitted Q and R (the same gain tables)
+    fixed = dict(tracker.options)
+    loss_step(fixed)
+    times = {"loss": [], "fit+loss": [], "fit_noise": []}
+    for _ in range(args.repeats):
+        for name, run in (("loss", lambda: loss_step(fixed)), ("fit+loss", fitted_step), ("fit_noise", fit_noise)):
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    summary = {
+        name: {"median": statistics.median(values), "quartiles": statistics.quantiles(values, n=4)[::2]}
+        for name, values in times.items()
+    }
+    summary["ratio_median"] = summary["fit+loss"]["median"] / summary["loss"]["median"]
+    summary["ratios_per_repeat"] = sorted(b / a for a, b in zip(times["loss"], times["fit+loss"]))
+    summary["shape"] = [args.rows, args.length]
+    summary["threads"] = torch.get_num_threads()
+    summary["fitted"] = {k: tracker.metrics[k] for k in ("kalman_q", "kalman_r", "fit_status", "at_boundary")}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""`NoiseTracker`: the Q and R a training loop passes to `kpo_loss`, fixed or fitted as it goes."""
+
+import math
+
+import torch
+
+from .fit_options import FIT_MODES, check_fit_mode, check_fit_prior, check_fit_range, check_min_tokens
+from .fitting import FITTED, STATUS_NAMES, estimate_noise
+from .validation import check_bool, check_filter_params
+
+# metric name -> meaning (NoiseTracker.metrics; verl logs them as actor/kpo_<name>, TRL as kpo/<name>)
+FIT_METRICS = ("kalman_q", "kalman_r", "drift_evidence", "at_boundary", "fit_status", "refit")
+
+
+class NoiseTracker:
+    """Keeps the filter's Q and R across training steps: fixed (`"off"`), fitted on the first
+    stale micro-batch of each rollout batch (`"per_generation"`), or fitted on every micro-batch
+    before its loss (`"per_step"`), with `estimate_noise` (docs/choosing-q-and-r.md, "Fitting
+    every step"; docs/api.md).
+
+        tracker = NoiseTracker("per_step")
+        for batch in micro_batches:
+            noise = tracker(log_prob.detach() - old_log_prob, mask)
+            loss, metrics = kpo_loss(log_prob, old_log_prob, advantages, mask, **noise)
+
+    Args:
+        mode: one of `FIT_MODES`: "off", "per_generation" or "per_step".
+        q, r, p0, x0: the filter's settings as in `kpo_loss`; q, r are used until a fit succeeds
+            (and whenever one falls back). A fit keeps P0 / R at p0 / r, which must be 0 or inf.
+        mask_mode: "skip" or "position", as in `kpo_loss`.
+        q_range: (lowest, highest) ratio Q / R searched. Default (1e-10, 1e2).
+        min_tokens: a micro-batch (over the group) with fewer tokens keeps the previous Q and R.
+        group: "auto" (default: the default `torch.distributed` group when one is initialised
+            with more than one process, else none), None (no collective), or a process group:
+            the fit's sums are all-reduced over it, so every rank gets the same Q and R.
+
+    Raises:
+        TypeError, ValueError: a bad option, named, at construction.
+
+    Calling it (`tracker(log_ratio, mask=None, *, cu_seqlens=None, stale=True)`) returns the
+    keywords {"q", "r", "p0"} for `kpo_loss`. It fits when the mode asks for it and `stale` is
+    True (pass False for a micro-batch known to be on-policy); a fit reads its few numbers back
+    to the host once (`kpo_loss` takes q and r as Python numbers). `new_generation()` marks a
+    new rollout batch for "per_generation". `metrics` holds the latest values of `FIT_METRICS`.
+    """
+
+    def __init__(self, mode="per_step", *, q=1e-6, r=1.0, p0=0.0, x0=0.0, mask_mode="skip", q_range=(1e-10, 1e2),
+                 min_tokens=64, group="auto"):
+        self.mode = check_fit_mode("mode", mode)
+        options = check_filter_params(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode)
+        self.p0_ratio = options.p0 / options.r
+        check_fit_prior("p0", self.p0_ratio, self.mode)
+        self.q_range = check_fit_range("q_range", q_range)
+        self.min_tokens = check_min_tokens("min_tokens", min_tokens)
+        if isinstance(group, str) and group != "auto":
+            raise ValueError(f"group must be 'auto', None or a torch.distributed process group, got {group!r}")
+        self.group = group
+        self.q, self.r, self.p0, self.x0, self.mask_mode = options.q, options.r, options.p0, options.x0, options.mask_mode
+        self._pending = self.mode == "per_generation"
+        self.metrics = {"kalman_q": self.q, "kalman_r": self.r, "drift_evidence": math.nan, "at_boundary": 0.0,
+                        "fit_status": -1.0, "refit": 0.0}
+
+    def new_generation(self):
+        """A new rollout batch begins: "per_generation" fits on its first stale micro-batch."""
+        self._pending = self.mode == "per_generation"
+
+    @property
+    def options(self):
+        """The keywords {"q", "r", "p0"} of `kpo_loss` in use now."""
+        return {"q": self.q, "r": self.r, "p0": self.p0}
+
+    def __call__(self, log_ratio, mask=None, *, cu_seqlens=None, stale=True):
+        """Fit if the mode asks for it (see the class docstring); return `options`."""
+        stale = check_bool("stale", stale)
+        self.metrics["refit"] = 0.0
+        if self.mode == "off" or not stale or (self.mode == "per_generation" and not self._pending):
+            return self.options
+        fit = estimate_noise(
+            log_ratio.detach(), mask, cu_seqlens=cu_seqlens, mask_mode=self.mask_mode, p0=self.p0_ratio, x0=self.x0,
+            q_range=self.q_range, min_tokens=self.min_tokens, fallback=(self.q, self.r), group=self._group(),
+        )
+        values = torch.stack([fit.q, fit.r, fit.drift_evidence, fit.at_boundary.double(), fit.status.double()]).tolist()
+        q, r, evidence, boundary, status = values  # the one host read of a fit
+        if status == FITTED:
+            self.q, self.r = q, r
+            self.p0 = self.p0_ratio * r if math.isfinite(self.p0_ratio) else self.p0_ratio
+            self._pending = False
+            self.metrics.update(drift_evidence=evidence, at_boundary=boundary, refit=1.0)
+        self.metrics.update(kalman_q=self.q, kalman_r=self.r, fit_status=status)
+        return self.options
+
+    def _group(self):
+        if self.group is None or not isinstance(self.group, str):
+            return self.group
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.group.WORLD
+        return None
+
+    def __repr__(self):
+        return f"NoiseTracker(mode={self.mode!r}, q={self.q:.4g}, r={self.r:.4g}, p0={self.p0:.4g})"
+
+
+__all__ = ["FIT_METRICS", "FIT_MODES", "STATUS_NAMES", "NoiseTracker"]

@@ -1,0 +1,132 @@
+"""NoiseTracker: off is today's behaviour, per_generation fits once per rollout batch, per_step
+every micro-batch; fallbacks keep the previous Q and R; bad options refused by name; under data
+parallelism (real gloo processes) every rank gets the same Q and R, those of the pooled data."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import kpo_kernels
+from kpo_kernels import NoiseTracker, estimate_noise, kpo_loss
+from test_noise import simulate
+
+
+def batch(seed, q=1e-4, r=0.01, rows=6):
+    z, mask = simulate(rows, 100, 200, q, r, seed)
+    return torch.where(mask, z, 0.0), mask
+
+
+def test_off_is_the_fixed_setting_without_reading_the_data():
+    tracker = NoiseTracker("off", q=1e-6, r=1.0)
+    z, mask = batch(1)
+    assert tracker(z, mask) == {"q": 1e-6, "r": 1.0, "p0": 0.0}
+    assert tracker(torch.full_like(z, math.nan), mask) == {"q": 1e-6, "r": 1.0, "p0": 0.0}
+    assert tracker.metrics["refit"] == 0.0
+    # the loss with tracker("off")'s keywords is bitwise the loss with the defaults
+    old = -torch.rand(z.shape, dtype=torch.float64)
+    adv = torch.randn(z.shape[0], dtype=torch.float64)
+    a, _ = kpo_loss(old + z, old, adv, mask, **tracker(z, mask))
+    b, _ = kpo_loss(old + z, old, adv, mask)
+    assert torch.equal(a, b)
+
+
+def test_per_step_fits_every_micro_batch():
+    tracker = NoiseTracker("per_step", q=1e-6, r=1.0)
+    for seed in (2, 3):
+        z, mask = batch(seed)
+        options = tracker(z, mask)
+        want = estimate_noise(z, mask)
+        assert options["q"] == float(want.q) and options["r"] == float(want.r) and options["p0"] == 0.0
+        assert tracker.metrics["refit"] == 1.0 and tracker.metrics["kalman_q"] == options["q"]
+        assert tracker.metrics["fit_status"] == 0.0
+
+
+def test_per_generation_fits_the_first_stale_micro_batch_of_each_generation():
+    tracker = NoiseTracker("per_generation", q=1e-6, r=1.0)
+    first, mask = batch(4)
+    second, _ = batch(5)
+    assert tracker(torch.zeros_like(first), mask) == {"q": 1e-6, "r": 1.0, "p0": 0.0}  # on-policy: still pending
+    assert tracker.metrics["fit_status"] == 1.0
+    fitted = tracker(first, mask)
+    assert fitted["q"] == float(estimate_noise(first, mask).q)
+    assert tracker(second, mask) == fitted  # fixed until the next generation
+    assert tracker(second, mask, stale=False) == fitted
+    tracker.new_generation()
+    assert tracker(second, mask, stale=False) == fitted  # declared on-policy: not fitted
+    assert tracker(second, mask)["q"] == float(estimate_noise(second, mask).q)
+
+
+def test_a_failed_fit_keeps_the_previous_values():
+    tracker = NoiseTracker("per_step", q=1e-6, r=1.0, p0=math.inf, min_tokens=50)
+    z, mask = batch(6)
+    fitted = tracker(z, mask)
+    assert fitted["p0"] == math.inf
+    for bad in (torch.zeros_like(z), torch.full_like(z, math.nan)):
+        assert tracker(bad, mask) == fitted
+        assert tracker.metrics["refit"] == 0.0
+    assert tracker(z, mask & (torch.arange(z.shape[1]) < 5)) == fitted  # 30 tokens < 50
+    assert tracker.metrics["fit_status"] == 2.0
+
+
+def test_p0_ratio_is_kept():
+    tracker = NoiseTracker("per_step", q=1e-6, r=1.0, p0=0.0)
+    z, mask = batch(7)
+    assert tracker(z, mask)["p0"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        ({"mode": "sometimes"}, ValueError, "mode"),
+        ({"mode": True}, TypeError, "mode"),
+        ({"p0": 0.5}, ValueError, "p0"),
+        ({"q": -1.0}, ValueError, "process noise"),
+        ({"r": 0.0}, ValueError, "observation noise"),
+        ({"q_range": (1e-3, 1e-4)}, ValueError, "q_range"),
+        ({"min_tokens": 0}, ValueError, "min_tokens"),
+        ({"mask_mode": "drop"}, ValueError, "mask_mode"),
+        ({"group": "world"}, ValueError, "group"),
+    ],
+)
+def test_bad_options_are_refused_by_name(kwargs, exc, words):
+    with pytest.raises(exc, match=words):
+        NoiseTracker(**kwargs)
+
+
+def test_p0_between_0_and_inf_is_fine_when_off():
+    assert NoiseTracker("off", p0=0.5).options["p0"] == 0.5
+
+
+# --- data parallelism ---------------------------------------------------------------------------
+
+
+def _rank(rank, world, path, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    try:
+        z, mask = batch(10 + rank, rows=3 + rank)  # different data and sizes on each rank
+        tracker = NoiseTracker("per_step")  # group="auto": the default group
+        options = tracker(z, mask)
+        torch.save({"options": options, "metrics": dict(tracker.metrics)}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_get_the_same_fit_that_of_the_pooled_data(tmp_path):
+    """Two gloo processes on the CPU, each with its own micro-batch: one all-reduce of the
+    estimator's sums, identical Q and R on both ranks, equal to the fit of both micro-batches
+    together in one process."""
+    mp.spawn(_rank, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert results[0] == results[1]
+    (z0, m0), (z1, m1) = batch(10, rows=3), batch(11, rows=4)
+    width = max(z0.shape[1], z1.shape[1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    pooled = estimate_noise(torch.cat([pad(z0), pad(z1)]), torch.cat([pad(m0), pad(m1)]))
+    assert results[0]["options"]["q"] == pytest.approx(float(pooled.q), rel=1e-9)
+    assert results[0]["options"]["r"] == pytest.approx(float(pooled.r), rel=1e-12)
+    assert results[0]["metrics"]["refit"] == 1.0
