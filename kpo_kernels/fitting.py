@@ -42,6 +42,7 @@ from typing import Optional
 import torch
 
 from .fit_options import check_fit_range, check_min_tokens
+from .fit_spectrum import bin_centres, bin_count, binned_moments, binned_quadratic, log_determinant, sequences, spectrum
 from .validation import _number, check_cu_seqlens, check_mask, check_tokens
 
 GRID = 16  # ratios per stage
@@ -126,105 +127,13 @@ def estimate_noise(
     min_tokens = check_min_tokens("min_tokens", min_tokens)
     fallback_q, fallback_r = (_number("fallback", value) for value in fallback)
     with torch.no_grad():
-        z, lengths = _sequences(log_ratio.detach(), mask, cu_seqlens, mask_mode, x0)
-        lam, y2, weight, constant = _spectrum(z, lengths, diffuse=p0 == math.inf)
-        return _search(lam, y2, weight, constant, low, high, min_tokens, (fallback_q, fallback_r), group)
-
-
-def _sequences(log_ratio, mask, cu_seqlens, mask_mode, x0):
-    """(z, n): (S, T) float64 log-ratios less x0, each sequence's tokens first, 0 after them; n (S,)."""
-    device = log_ratio.device
-    if cu_seqlens is not None:
-        starts, lengths = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        width = max(int(lengths.max()), 1) if lengths.numel() else 1  # the one host read of a packed batch
-        columns = torch.arange(width, device=device)
-        inside = columns[None, :] < lengths[:, None]
-        index = (starts[:, None] + columns[None, :]).clamp(max=max(log_ratio.shape[0] - 1, 0))
-        values = log_ratio[index] if log_ratio.numel() else torch.zeros(inside.shape, dtype=log_ratio.dtype, device=device)
-        valid = inside if mask is None else inside & (mask[index] != 0 if mask.numel() else inside)
-        log_ratio, mask = values, valid
-    valid = torch.ones(log_ratio.shape, dtype=torch.bool, device=device) if mask is None else mask != 0
-    z = torch.where(valid, log_ratio.to(torch.float64) - x0, 0.0)
-    rows, width = z.shape
-    if mask_mode == "position":  # masked tokens up to the last valid one are observations 0
-        columns = torch.arange(1, width + 1, device=device)
-        lengths = torch.where(valid, columns, 0).amax(-1) if width else torch.zeros(rows, dtype=torch.long, device=device)
-        inside = columns[None, :] <= lengths[:, None]
-        return torch.where(valid, z, torch.where(inside, -x0, 0.0)), lengths
-    lengths = valid.sum(-1)
-    prefix = torch.arange(width, device=device)[None, :] < lengths[:, None]
-    if device.type == "cpu" and bool(torch.equal(prefix, valid)):  # right-padded: already compact
-        return z, lengths
-    slot = torch.where(valid, valid.cumsum(-1) - 1, width)  # each valid token's place among its row's valid tokens
-    compact = torch.zeros(rows, width + 1, dtype=torch.float64, device=device)
-    compact.scatter_(1, slot, z)  # masked tokens all land in the extra column, as zeros
-    return compact[:, :width], lengths
-
-
-def _fft_length(needed):
-    """The smallest 2^k or 3 * 2^k at least `needed` (fast FFT sizes)."""
-    power = 1 << max(needed - 1, 0).bit_length()
-    three = 3 * (1 << max((needed - 1) // 3, 0).bit_length())
-    return min(power, three) if three >= needed else power
-
-
-def _spectrum(z, lengths, *, diffuse):
-    """Per coefficient: lam, y^2 * lam^beta (beta = 1 for P0 = 0, 0 diffuse), a 0/1 weight, and
-    the constant sum(beta log lam). Variance of coefficient k: R (lam_k + q) / lam_k^beta."""
-    rows, width = z.shape
-    device = z.device
-    j = torch.arange(1, width + 1, device=device)
-    if diffuse:  # first differences d_j = z_{j+1} - z_j, j = 1..n-1, basis sin(k j pi / n)
-        x = torch.zeros_like(z)
-        x[:, : max(width - 1, 0)] = z[:, 1:] - z[:, :-1]
-        x = torch.where(j[None, :] < lengths[:, None], x, 0.0)
-        period = lengths.clamp(min=1)  # sin(k j pi / n): exp(i pi k j / n) = exp(2 pi i k j / (2n))
-        count = (lengths - 1).clamp(min=0)
-        cycle, shift = 2 * period, None
-    else:  # z_j, j = 1..n, basis sin((2k - 1) j pi / (2n + 1)) = Im exp(-i j pi / (2n + 1)) exp(2 pi i k j / (2n + 1))
-        period = 2 * lengths + 1
-        count = lengths
-        cycle, shift = period, period
-        x = z
-    # F_k = sum_j x_j exp(2 pi i k j / cycle), k = 1..width, by Bluestein: k j = (k^2 + j^2 - (k - j)^2) / 2.
-    size = _fft_length(2 * width)
-    d = torch.arange(size, device=device)
-    d = torch.where(d <= width, d, d - size)  # lags -(width - 1)..width - 1, wrapped
-    a = _chirp(j, cycle)
-    if shift is not None:  # exp(-i pi j / (2n + 1)) = exp(2 pi i (-j) / (2 cycle)) folded into the chirp
-        a = a * _chirp_linear(j, cycle)
-    a = x * a
-    b = _chirp(d, cycle).conj()
-    conv = torch.fft.ifft(torch.fft.fft(a, n=size) * torch.fft.fft(b, n=size))
-    k = j  # frequencies 1..width
-    coefficient = (conv[:, k - 1] * _chirp(k, cycle)).imag
-    weight = (k[None, :] <= count[:, None]).to(torch.float64)
-    # lam_k = 4 sin^2(half angle): (2k - 1) pi / (2 (2n + 1)) for P0 = 0, k pi / (2n) diffuse
-    numerator = (2 * k - 1).to(torch.float64) if not diffuse else k.to(torch.float64)
-    half_angle = (math.pi / 2) * numerator[None, :] / (period if not diffuse else period).to(torch.float64)[:, None]
-    lam = torch.where(weight > 0, 4.0 * torch.sin(half_angle) ** 2, 1.0)
-    norm = (2.0 / period.to(torch.float64)) if diffuse else (4.0 / period.to(torch.float64))
-    y2 = coefficient**2 * norm[:, None] * weight
-    if diffuse:
-        return lam, y2, weight, torch.zeros((), dtype=torch.float64, device=device)
-    return lam, y2 * lam, weight, (weight * torch.log(lam)).sum()
-
-
-def _chirp(index, cycle):
-    """exp(i pi index^2 / cycle) per row (cycle (S,)), index^2 reduced modulo 2 cycle first:
-    exact phases for any length."""
-    cycle = cycle.to(torch.int64)[:, None]
-    reduced = torch.remainder(index.to(torch.int64)[None, :] ** 2, 2 * cycle)
-    angle = reduced.to(torch.float64) * math.pi / cycle.to(torch.float64)
-    return torch.complex(torch.cos(angle), torch.sin(angle))
-
-
-def _chirp_linear(index, cycle):
-    """exp(-i pi index / cycle) per row."""
-    cycle = cycle.to(torch.int64)[:, None]
-    reduced = torch.remainder(index.to(torch.int64)[None, :], 2 * cycle)
-    angle = -reduced.to(torch.float64) * math.pi / cycle.to(torch.float64)
-    return torch.complex(torch.cos(angle), torch.sin(angle))
+        z, lengths = sequences(log_ratio.detach(), mask, cu_seqlens, mask_mode, x0)
+        diffuse = p0 == math.inf
+        y2, lam, count = spectrum(z, lengths, diffuse=diffuse)
+        moments = binned_moments(y2, lam, bin_count(z.shape[1], group))
+        totals = torch.cat([torch.stack([count.sum().to(torch.float64), y2.sum()]), moments.reshape(-1)])
+        totals = _all_reduce(totals, group)
+        return _search(_Profile(totals, y2, lam, lengths, diffuse, group), low, high, min_tokens, (fallback_q, fallback_r))
 
 
 def _all_reduce(tensor, group):
@@ -235,64 +144,45 @@ def _all_reduce(tensor, group):
     return tensor
 
 
-def _bins(lam, y2, weight):
-    """Moments of the coefficients in fixed bins of log lam (width BIN_WIDTH): per bin, for the
-    weights w and for y^2, the sums of 1, v and v^2 with v = log lam - (the bin's centre). A
-    second-order Taylor expansion of each token's terms about its bin's centre then gives the
-    profile to about 1e-8 relative at any q, from (6, BINS) numbers."""
-    log_lam = torch.log(lam)
-    index = ((log_lam - BIN_BASE) / BIN_WIDTH).floor().clamp(0, BINS - 1).long()
-    v = log_lam - (BIN_BASE + (index.to(torch.float64) + 0.5) * BIN_WIDTH)
-    index = index.reshape(-1)
-    y2v = y2 * v
-    stats = (weight, weight * v, weight * v * v, y2, y2v, y2v * v)
-    return torch.stack([torch.bincount(index, weights=stat.reshape(-1), minlength=BINS) for stat in stats])
+class _Profile:
+    """The profile log-likelihood per token over u = log q: binned (the search) or exact (every
+    coefficient, at the end). The log-determinant is closed form per sequence either way; over a
+    process group its per-ratio sums are all-reduced at each evaluation."""
+
+    def __init__(self, totals, y2, lam, lengths, diffuse, group):
+        self.tokens, self.quadratic_total, moments = totals[0], totals[1], totals[2:].reshape(3, -1)
+        self.per = self.tokens.clamp(min=1.0)
+        self.moments, self.centre = moments, bin_centres(moments.shape[1], moments.device)
+        self.y2, self.lam, self.lengths, self.diffuse, self.group = y2.reshape(-1), lam.reshape(-1), lengths, diffuse, group
+
+    def _value(self, log_det, quadratic):
+        return -0.5 * (torch.log(2 * math.pi * quadratic / self.per) + log_det / self.per + 1.0)
+
+    def binned(self, u):
+        q = torch.exp(u)
+        log_det = _all_reduce(log_determinant(self.lengths, q, diffuse=self.diffuse), self.group)
+        return self._value(log_det, binned_quadratic(self.moments, self.centre, q))
+
+    def exact(self, u):
+        """(profile, R_hat) at the ratios exp(u), from every coefficient."""
+        q = torch.exp(u)
+        quadratic = (self.y2[None, :] / (self.lam[None, :] + q[:, None])).sum(-1)
+        sums = _all_reduce(torch.cat([log_determinant(self.lengths, q, diffuse=self.diffuse), quadratic]), self.group)
+        count = u.shape[0]
+        return self._value(sums[:count], sums[count:]), sums[count:] / self.per
 
 
-BINS = 4096
-BIN_WIDTH = 0.02  # in log lam; lam = 4 sin^2(...) lies in [~(pi / 2n)^2, 4]
-BIN_BASE = math.log(4.0) + 1e-9 - BINS * BIN_WIDTH  # bins cover lam from 4 down to 4 e^-82
-
-
-def _binned_profile(bins, u):
-    """(sum of log(lam + q), sum of y^2 / (lam + q)) for the ratios exp(u), from the bins."""
-    centre = torch.exp(BIN_BASE + (torch.arange(BINS, device=bins.device, dtype=torch.float64) + 0.5) * BIN_WIDTH)
-    q = torch.exp(u)[:, None]
-    shifted = centre[None, :] + q
-    s = centre[None, :] / shifted  # d log(lam + q) / d log lam
-    g = 1.0 / shifted
-    log_terms = torch.log(shifted) * bins[0] + s * bins[1] + 0.5 * s * (1 - s) * bins[2]
-    quad_terms = g * (bins[3] - s * bins[4] + 0.5 * s * (2 * s - 1) * bins[5])
-    return log_terms.sum(-1), quad_terms.sum(-1)
-
-
-def _search(lam, y2, weight, constant, low, high, min_tokens, fallback, group):
-    """Staged grid search of the binned profile log-likelihood over u = log q, then the exact
-    profile at the chosen ratio (tensors only; one all-reduce of the bins, one of the exact sums)."""
-    device = lam.device
-    lam, y2, weight = lam.reshape(-1), y2.reshape(-1), weight.reshape(-1)
-    if device.type == "cpu":  # drop the padding (selecting on the host costs nothing here)
-        keep = weight > 0
-        lam, y2, weight = lam[keep], y2[keep], weight[keep]
-    bins = _bins(lam, y2, weight)
-    totals = torch.cat([torch.stack([weight.sum(), constant, y2.sum()]), bins.reshape(-1)])
-    totals = _all_reduce(totals, group)
-    tokens, bins = totals[0], totals[3:].reshape(6, BINS)
-    per = tokens.clamp(min=1.0)
+def _search(profile, low, high, min_tokens, fallback):
+    """Staged grid search of the binned profile over u = log q, then the exact profile at the
+    chosen ratio and at the lower end of q_range (tensors only, no host read)."""
+    device = profile.y2.device
     lower, upper = math.log(low), math.log(high)
-
-    def profile(log_sum, quad_sum):
-        return -0.5 * (torch.log(2 * math.pi * quad_sum / per) + (log_sum - totals[1]) / per + 1.0)
-
     steps = torch.linspace(0.0, 1.0, GRID, dtype=torch.float64, device=device)
     a = torch.tensor(lower, dtype=torch.float64, device=device)
     b = torch.tensor(upper, dtype=torch.float64, device=device)
-    first = None
     for _ in range(STAGES):
         u = a + (b - a) * steps
-        values = torch.nan_to_num(profile(*_binned_profile(bins, u)), nan=-math.inf)
-        if first is None:
-            first = u[:1]
+        values = torch.nan_to_num(profile.binned(u), nan=-math.inf)
         best = torch.argmax(values)
         spacing = (b - a) / (GRID - 1)
         centre = u[best]
@@ -306,20 +196,15 @@ def _search(lam, y2, weight, constant, low, high, min_tokens, fallback, group):
     inside = (best > 0) & (best < GRID - 1)
     u_best = torch.where(inside, candidate, u[best])
     at_lower, at_upper = u_best <= lower, u_best >= upper
-    # The exact profile (every token) at the chosen ratio and at the lower end of q_range.
-    both = torch.stack([u_best, first[0]])
-    q = torch.exp(both)[:, None]
-    shifted = lam[None, :] + q
-    sums = torch.cat([(weight[None, :] * torch.log(shifted)).sum(-1), (y2[None, :] / shifted).sum(-1)])
-    sums = _all_reduce(sums, group)
-    exact = profile(sums[:2], sums[2:])
-    l_best, r_best = exact[0], sums[2] / per
+    exact, r_hat = profile.exact(torch.stack([u_best, torch.full_like(u_best, lower)]))
+    l_best, r_best = exact[0], r_hat[0]
     ratio = torch.where(at_lower, low, torch.where(at_upper, high, torch.exp(u_best)))
 
-    finite = torch.isfinite(l_best) & torch.isfinite(totals[2])
+    tokens, quadratic_total = profile.tokens, profile.quadratic_total
+    finite = torch.isfinite(l_best) & torch.isfinite(quadratic_total)
     status = torch.full((), FITTED, dtype=torch.long, device=device)
     status = torch.where(finite & (r_best > 0), status, NOT_FINITE)
-    status = torch.where(totals[2] == 0, ON_POLICY, status)
+    status = torch.where(quadratic_total == 0, ON_POLICY, status)
     status = torch.where(tokens < min_tokens, FEW_TOKENS, status)
     fitted = status == FITTED
     fallback_q, fallback_r = (torch.tensor(value, dtype=torch.float64, device=device) for value in fallback)

@@ -55,16 +55,18 @@ FAST = {(1e-6, 1e-2), (0.0, 1.0)}
     "q, r", [pytest.param(q, r, marks=() if (q, r) in FAST else pytest.mark.slow) for q, r in RECOVERY]
 )
 def test_the_maximiser_is_fit_noises(q, r):
-    """On test_noise.py's simulations (64 sequences of 2048-4096 tokens): the ratio within 0.1%
-    of fit_noise's (the goal was 10%), R within 1e-5 (goal 2%), the log-likelihood per token
-    within 1e-9 nats (goal 1e-3); without drift both stop at the lower end of q_range."""
+    """On test_noise.py's simulations (64 sequences of 2048-4096 tokens, float32): the ratio
+    within 0.1% of fit_noise's (the goal was 10%), R within 1e-5 (goal 2%), the log-likelihood
+    per token within 1e-6 nats (goal 1e-3; float32 log-ratios are transformed in float32, whose
+    ~1e-7 relative error is what separates it from fit_noise's float64 maximum); without drift
+    both stop at the lower end of q_range."""
     z, mask = simulate(64, 2048, 4096, q, r, 101, dtype=torch.float32)
     want = kpo_kernels.fit_noise(z, mask)
     got = estimate_noise(z, mask)
     assert int(got.status) == FITTED
     assert float(got.ratio) == pytest.approx(want.ratio, rel=1e-3)
     assert float(got.r) == pytest.approx(want.r, rel=1e-5)
-    assert float(got.log_likelihood) >= want.log_likelihood - 1e-9
+    assert float(got.log_likelihood) >= want.log_likelihood - 1e-6
     assert float(got.drift_evidence) == pytest.approx(want.drift_evidence, rel=1e-3, abs=1e-6)
     assert int(got.at_boundary) == {None: 0, "lower": -1, "upper": 1}[want.at_boundary]
 

@@ -1,0 +1,167 @@
+"""The sine transform behind `estimate_noise` (kpo_kernels/fitting.py explains the model): each
+sequence's coefficients y_k and eigenvalues lam_k, the closed-form log-determinant of each
+sequence's covariance, and the binned moments the search evaluates the profile from.
+
+Precision: float64 log-ratios are transformed in complex128 (the profile then agrees with
+`fit_noise` to ~1e-12); any other dtype (float32, bf16, fp16) in complex64, about 4 times
+cheaper on a CPU, whose coefficients carry ~1e-6 relative error: the inputs' own precision
+(float32 or less). Whatever the transform's precision, the sums the fit uses (the binned moments,
+the exact profile at the chosen ratio) are accumulated in float64.
+"""
+
+import math
+
+import torch
+
+BIN_WIDTH = 0.02  # in log lam: a second-order expansion about the centre is good to ~1e-8 relative
+BIN_TOP = math.log(4.0) + 1e-9  # lam = 4 sin^2(...) <= 4: bin i covers log lam in (TOP - (i + 1) W, TOP - i W]
+MAX_BINS = 4096  # down to lam = 4 e^-82: any length; used whole under a process group (same shape on every rank)
+
+
+def sequences(log_ratio, mask, cu_seqlens, mask_mode, x0):
+    """(z, n): (S, T) log-ratios less x0 (float64 for float64 input, else float32), each
+    sequence's tokens first, 0 after them; n (S,) int64."""
+    device = log_ratio.device
+    real = torch.float64 if log_ratio.dtype == torch.float64 else torch.float32
+    if cu_seqlens is not None:
+        starts, lengths = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        width = max(int(lengths.max()), 1) if lengths.numel() else 1  # the one host read of a packed batch
+        columns = torch.arange(width, device=device)
+        inside = columns[None, :] < lengths[:, None]
+        index = (starts[:, None] + columns[None, :]).clamp(max=max(log_ratio.shape[0] - 1, 0))
+        values = log_ratio[index] if log_ratio.numel() else torch.zeros(inside.shape, dtype=log_ratio.dtype, device=device)
+        valid = inside if mask is None else inside & (mask[index] != 0 if mask.numel() else inside)
+        log_ratio, mask = values, valid
+    valid = torch.ones(log_ratio.shape, dtype=torch.bool, device=device) if mask is None else mask != 0
+    z = log_ratio.to(real)
+    z = torch.where(valid, z - x0 if x0 else z, 0.0)
+    rows, width = z.shape
+    if mask_mode == "position":  # masked tokens up to the last valid one are observations 0
+        columns = torch.arange(1, width + 1, device=device)
+        lengths = torch.where(valid, columns, 0).amax(-1) if width else torch.zeros(rows, dtype=torch.long, device=device)
+        inside = columns[None, :] <= lengths[:, None]
+        return torch.where(valid, z, torch.where(inside, -x0, 0.0)), lengths
+    lengths = valid.sum(-1)
+    prefix = torch.arange(width, device=device)[None, :] < lengths[:, None]
+    if device.type == "cpu" and bool(torch.equal(prefix, valid)):  # right-padded: already compact
+        return z, lengths
+    slot = torch.where(valid, valid.cumsum(-1) - 1, width)  # each valid token's place among its row's valid tokens
+    compact = torch.zeros(rows, width + 1, dtype=real, device=device)
+    compact.scatter_(1, slot, z)  # masked tokens all land in the extra column, as zeros
+    return compact[:, :width], lengths
+
+
+def fft_length(needed):
+    """The smallest 2^k or 3 * 2^k at least `needed` (fast FFT sizes)."""
+    power = 1 << max(needed - 1, 0).bit_length()
+    three = 3 * (1 << max((needed - 1) // 3, 0).bit_length())
+    return min(power, three) if three >= needed else power
+
+
+def spectrum(z, lengths, *, diffuse):
+    """(y2, lam, count), float64: per coefficient y^2 lam^beta (beta = 1 for P0 = 0, 0 diffuse;
+    0 past a sequence's count) and lam (1 past the count); count (S,) coefficients per sequence.
+    Coefficient k's variance is R (lam_k + q) / lam_k^beta.
+
+    P0 = 0: y_k = Im F_k sqrt(4 / N), F_k = sum_j z_j exp(i pi (2k - 1) j / N), N = 2n + 1,
+    k, j = 1..n. Diffuse: the first differences x_j = z_{j+1} - z_j, j = 1..n - 1, and
+    F_k = sum_j x_j exp(i pi k j / n), y_k = Im F_k sqrt(2 / n). Both by Bluestein: with
+    c(m) = exp(i pi m^2 / C) and e(m) = exp(i pi m (m - s) / C) (C = N, s = 1; diffuse C = 2n,
+    s = 0, e = c), the phase is e(k) c(j) conj(e(k - j)): one circular convolution of length
+    M >= 2 T - 1 (three FFTs), whatever each row's length, and no host synchronisation.
+    """
+    rows, width = z.shape
+    device, real = z.device, z.dtype
+    if diffuse:
+        period, count = lengths.clamp(min=1), (lengths - 1).clamp(min=0)
+        cycle, shift = 2 * period, 0
+        x = z[:, 1:] - z[:, :-1]  # x_j at column j - 1; the difference across a row's end is masked
+        x = torch.where(torch.arange(width - 1, device=device)[None, :] < count[:, None], x, 0.0)
+    else:
+        count, period = lengths, 2 * lengths + 1
+        cycle, shift = period, 1
+        x = z
+    inputs = outputs = x.shape[1]  # j, k = 1..inputs (past a row's count they are masked)
+    if inputs == 0:  # no coefficients at all
+        empty = torch.zeros(rows, 0, dtype=torch.float64, device=device)
+        return empty, empty + 1.0, count
+    size = fft_length(2 * inputs - 1)
+    m = torch.arange(width + 1, device=device)
+    phases = torch.stack([m * m, m * (m - shift)]) if shift else (m * m)[None, :]
+    angle = torch.remainder(phases[None, :, :], 2 * cycle[:, None, None]).to(real)  # exact phases for any length
+    angle = angle * (math.pi / cycle.to(real))[:, None, None]
+    chirps = torch.polar(torch.ones((), dtype=real, device=device), angle)
+    c, e = chirps[:, 0], chirps[:, -1]
+    # lag d = k - j at position d mod size: d >= 0 -> e(d); d = -p < 0 -> e(-p) = e(p + s)
+    position = torch.arange(size, device=device)
+    index = torch.where(position < outputs, position, (size - position + shift).clamp(max=width))
+    b = e.index_select(1, index)
+    b.imag.neg_()  # conj(e(k - j))
+    spectrum_a = torch.fft.fft(x * c[:, 1 : inputs + 1], n=size)
+    spectrum_a.mul_(torch.fft.fft(b))
+    conv = torch.fft.ifft(spectrum_a, norm="forward")  # size times the circular convolution
+    coefficient = (conv[:, :outputs] * e[:, 1 : outputs + 1]).imag
+    k = torch.arange(1, outputs + 1, device=device)
+    inside = k[None, :] <= count[:, None]
+    norm = ((2.0 if diffuse else 4.0) / period.to(torch.float64)) / float(size) ** 2
+    y2 = torch.where(inside, coefficient.to(torch.float64).square_().mul_(norm[:, None]), 0.0)
+    # lam_k = 4 sin^2(half angle): (2k - 1) pi / (2N) for P0 = 0, k pi / (2n) diffuse
+    numerator = (k if diffuse else 2 * k - 1).to(real)
+    lam = torch.sin(numerator[None, :] * (math.pi / 2 / period.to(real))[:, None]).square_().mul_(4.0)
+    lam = torch.where(inside, lam.to(torch.float64), 1.0)
+    return (y2 if diffuse else y2.mul_(lam)), lam, count
+
+
+def bin_count(width, group):
+    """Bins from the top down to the smallest lam of a sequence of `width` tokens (all of
+    MAX_BINS under a process group, so that every rank's bins have the same shape)."""
+    if group is not None:
+        return MAX_BINS
+    smallest = 4.0 * math.sin(math.pi / (2 * (2 * max(width, 1) + 1))) ** 2
+    return min(int((BIN_TOP - math.log(smallest)) / BIN_WIDTH) + 2, MAX_BINS)
+
+
+def binned_moments(y2, lam, bins):
+    """(3, bins) float64: per bin of log lam, the sums of y2, y2 v and y2 v^2, v = log lam less
+    the bin's centre. A second-order expansion of each coefficient's 1 / (lam + q) about its
+    bin's centre then gives the quadratic part of the profile at any q from 3 x bins numbers."""
+    position = (BIN_TOP - torch.log(lam.reshape(-1))) / BIN_WIDTH
+    index = position.floor().clamp_(0, bins - 1)
+    v = (index + 0.5 - position) * BIN_WIDTH
+    index = index.long()
+    y2 = y2.reshape(-1)
+    y2v = y2 * v
+    return torch.stack([torch.bincount(index, weights=w, minlength=bins) for w in (y2, y2v, y2v * v)])
+
+
+def bin_centres(bins, device):
+    return torch.exp(BIN_TOP - (torch.arange(bins, device=device, dtype=torch.float64) + 0.5) * BIN_WIDTH)
+
+
+def binned_quadratic(moments, centre, q):
+    """sum of y2 / (lam + q) for each ratio of q (G,), from the binned moments: (G,)."""
+    shifted = centre[None, :] + q[:, None]
+    s = centre[None, :] / shifted  # d log(lam + q) / d log lam
+    terms = (moments[0] - s * moments[1] + 0.5 * s * (2 * s - 1) * moments[2]) / shifted
+    return terms.sum(-1)
+
+
+def log_determinant(lengths, q, *, diffuse):
+    """sum over sequences of log det(I + q M) (P0 = 0; M_ij = min(i, j)) or of
+    log det(q I + D) (diffuse; D the (n - 1)-dimensional (2, -1) second difference), for each
+    ratio of q (G,): (G,). With 2 + q = 2 cosh(phi) the tridiagonal recurrences give
+    cosh((n + 1/2) phi) / cosh(phi / 2) and sinh(n phi) / sinh(phi): per sequence, not per token."""
+    phi = 2.0 * torch.asinh(0.5 * torch.sqrt(q))[:, None]
+    n = lengths.to(torch.float64)[None, :]
+    if diffuse:
+        n = n.clamp(min=1.0)  # one token or none: no differences, log det 0
+        return (_log_sinh(n * phi) - _log_sinh(phi)).sum(-1)
+    return (_log_cosh((n + 0.5) * phi) - _log_cosh(0.5 * phi)).sum(-1)
+
+
+def _log_cosh(x):
+    return x + torch.log1p(torch.exp(-2.0 * x)) - math.log(2.0)
+
+
+def _log_sinh(x):
+    return x + torch.log(-torch.expm1(-2.0 * x)) - math.log(2.0)
