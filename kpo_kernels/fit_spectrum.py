@@ -59,57 +59,63 @@ def fft_length(needed):
 
 
 def spectrum(z, lengths, *, diffuse):
-    """(y2, lam, count), float64: per coefficient y^2 lam^beta (beta = 1 for P0 = 0, 0 diffuse;
-    0 past a sequence's count) and lam (1 past the count); count (S,) coefficients per sequence.
+    """(y2, lam, count): per coefficient y^2 lam^beta in float64 (beta = 1 for P0 = 0, 0 diffuse;
+    0 past a sequence's count) and lam in z's dtype (1 past the count); count (S,) coefficients
+    per sequence.
     Coefficient k's variance is R (lam_k + q) / lam_k^beta.
 
     P0 = 0: y_k = Im F_k sqrt(4 / N), F_k = sum_j z_j exp(i pi (2k - 1) j / N), N = 2n + 1,
     k, j = 1..n. Diffuse: the first differences x_j = z_{j+1} - z_j, j = 1..n - 1, and
-    F_k = sum_j x_j exp(i pi k j / n), y_k = Im F_k sqrt(2 / n). Both by Bluestein: with
-    c(m) = exp(i pi m^2 / C) and e(m) = exp(i pi m (m - s) / C) (C = N, s = 1; diffuse C = 2n,
-    s = 0, e = c), the phase is e(k) c(j) conj(e(k - j)): one circular convolution of length
-    M >= 2 T - 1 (three FFTs), whatever each row's length, and no host synchronisation.
+    F_k = sum_j x_j exp(i pi k j / n), y_k = Im F_k sqrt(2 / n). Both by Bluestein with one chirp
+    per row, g(m) = exp(i pi P(m) / D) (P = 2 m^2 - m, D = 2N; diffuse P = m^2, D = 2n): the phase
+    is g(k) g(j) conj(g(k - j)), since (2k - 1) j = G(k) + G(j) - G(k - j) for G(m) = m^2 - m / 2
+    (and 2 k j = k^2 + j^2 - (k - j)^2), so F is one circular convolution of length M >= 2T
+    (three FFTs, the first two in one call), whatever each row's length, no host synchronisation.
     """
     rows, width = z.shape
     device, real = z.device, z.dtype
     if diffuse:
         period, count = lengths.clamp(min=1), (lengths - 1).clamp(min=0)
-        cycle, shift = 2 * period, 0
         x = z[:, 1:] - z[:, :-1]  # x_j at column j - 1; the difference across a row's end is masked
         x = torch.where(torch.arange(width - 1, device=device)[None, :] < count[:, None], x, 0.0)
     else:
         count, period = lengths, 2 * lengths + 1
-        cycle, shift = period, 1
         x = z
     inputs = outputs = x.shape[1]  # j, k = 1..inputs (past a row's count they are masked)
     if inputs == 0:  # no coefficients at all
         empty = torch.zeros(rows, 0, dtype=torch.float64, device=device)
         return empty, empty + 1.0, count
-    size = fft_length(2 * inputs - 1)
-    m = torch.arange(width + 1, device=device)
-    phases = torch.stack([m * m, m * (m - shift)]) if shift else (m * m)[None, :]
-    angle = torch.remainder(phases[None, :, :], 2 * cycle[:, None, None]).to(real)  # exact phases for any length
-    angle = angle * (math.pi / cycle.to(real))[:, None, None]
-    chirps = torch.polar(torch.ones((), dtype=real, device=device), angle)
-    c, e = chirps[:, 0], chirps[:, -1]
-    # lag d = k - j at position d mod size: d >= 0 -> e(d); d = -p < 0 -> e(-p) = e(p + s)
+    size = fft_length(2 * inputs)
+    # one chirp per row, g(m) = exp(i pi P(m) / D), at the wrapped lags m of the positions 0..size - 1
     position = torch.arange(size, device=device)
-    index = torch.where(position < outputs, position, (size - position + shift).clamp(max=width))
-    b = e.index_select(1, index)
-    b.imag.neg_()  # conj(e(k - j))
-    spectrum_a = torch.fft.fft(x * c[:, 1 : inputs + 1], n=size)
-    spectrum_a.mul_(torch.fft.fft(b))
-    conv = torch.fft.ifft(spectrum_a, norm="forward")  # size times the circular convolution
-    coefficient = (conv[:, :outputs] * e[:, 1 : outputs + 1]).imag
+    m = torch.where(position <= size // 2, position, position - size)
+    phase = m * m if diffuse else 2 * m * m - m
+    half = 2 * period  # D
+    complex_dtype = torch.complex64 if real == torch.float32 else torch.complex128
+    both = torch.zeros(2, rows, size, dtype=complex_dtype, device=device)  # a, b
+    parts = torch.view_as_real(both)
+    angle = torch.remainder(phase[None, :], 2 * half[:, None]).to(real)  # exact phases for any length
+    angle.mul_((-math.pi / half.to(real))[:, None])
+    torch.cos(angle, out=parts[1, ..., 0])
+    torch.sin(angle, out=parts[1, ..., 1])  # b = conj(g)
+    cosine, sine = parts[1, :, 1 : inputs + 1, 0], parts[1, :, 1 : inputs + 1, 1]  # g(j) = cosine - i sine
+    torch.mul(x, cosine, out=parts[0, :, :inputs, 0])
+    torch.mul(x, sine, out=parts[0, :, :inputs, 1]).neg_()  # a = x g
+    spectra = torch.fft.fft(both)
+    conv = torch.fft.ifft(spectra[0].mul_(spectra[1]), norm="forward")  # size times the circular convolution
+    conv = torch.view_as_real(conv)[:, :outputs]
+    coefficient = (conv[..., 1] * cosine).addcmul_(conv[..., 0], sine, value=-1.0)  # Im(conv g(k))
     k = torch.arange(1, outputs + 1, device=device)
     inside = k[None, :] <= count[:, None]
-    norm = ((2.0 if diffuse else 4.0) / period.to(torch.float64)) / float(size) ** 2
-    y2 = torch.where(inside, coefficient.to(torch.float64).square_().mul_(norm[:, None]), 0.0)
     # lam_k = 4 sin^2(half angle): (2k - 1) pi / (2N) for P0 = 0, k pi / (2n) diffuse
     numerator = (k if diffuse else 2 * k - 1).to(real)
     lam = torch.sin(numerator[None, :] * (math.pi / 2 / period.to(real))[:, None]).square_().mul_(4.0)
-    lam = torch.where(inside, lam.to(torch.float64), 1.0)
-    return (y2 if diffuse else y2.mul_(lam)), lam, count
+    lam = torch.where(inside, lam, 1.0)
+    norm = (((2.0 if diffuse else 4.0) / float(size) ** 2) / period.to(torch.float64)).to(real)
+    y2 = coefficient.square().mul_(norm[:, None])
+    if not diffuse:
+        y2.mul_(lam)
+    return torch.where(inside, y2, 0.0).to(torch.float64), lam, count
 
 
 def bin_count(width, group):
@@ -125,7 +131,7 @@ def binned_moments(y2, lam, bins):
     """(3, bins) float64: per bin of log lam, the sums of y2, y2 v and y2 v^2, v = log lam less
     the bin's centre. A second-order expansion of each coefficient's 1 / (lam + q) about its
     bin's centre then gives the quadratic part of the profile at any q from 3 x bins numbers."""
-    position = (BIN_TOP - torch.log(lam.reshape(-1))) / BIN_WIDTH
+    position = (BIN_TOP - torch.log(lam.reshape(-1)).to(torch.float64)) / BIN_WIDTH
     index = position.floor().clamp_(0, bins - 1)
     v = (index + 0.5 - position) * BIN_WIDTH
     index = index.long()
