@@ -131,9 +131,9 @@ def binned_moments(y2, lam, bins):
     """(3, bins) float64: per bin of log lam, the sums of y2, y2 v and y2 v^2, v = log lam less
     the bin's centre. A second-order expansion of each coefficient's 1 / (lam + q) about its
     bin's centre then gives the quadratic part of the profile at any q from 3 x bins numbers."""
-    position = (BIN_TOP - torch.log(lam.reshape(-1)).to(torch.float64)) / BIN_WIDTH
+    position = torch.log(lam.reshape(-1)).mul_(-1.0 / BIN_WIDTH).add_(BIN_TOP / BIN_WIDTH)  # lam's dtype
     index = position.floor().clamp_(0, bins - 1)
-    v = (index + 0.5 - position) * BIN_WIDTH
+    v = (index + 0.5).sub_(position).mul_(BIN_WIDTH)  # in float32 ~1e-6 absolute, random: ~1e-8 in the sums
     index = index.long()
     y2 = y2.reshape(-1)
     y2v = y2 * v

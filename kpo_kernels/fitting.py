@@ -146,7 +146,7 @@ def _all_reduce(tensor, group):
 
 class _Profile:
     """The profile log-likelihood per token over u = log q: binned (the search) or exact (every
-    coefficient, at the end). The log-determinant is closed form per sequence either way; over a
+    coefficient, at the end, for float64 transforms). The log-determinant is closed form per sequence either way; over a
     process group its per-ratio sums are all-reduced at each evaluation."""
 
     def __init__(self, totals, y2, lam, lengths, diffuse, group):
@@ -164,12 +164,18 @@ class _Profile:
         return self._value(log_det, binned_quadratic(self.moments, self.centre, q))
 
     def exact(self, u):
-        """(profile, R_hat) at the ratios exp(u), from every coefficient."""
+        """(profile, R_hat) at the ratios exp(u): from every coefficient when the transform ran
+        in float64; else from the bins, whose ~1e-8 relative error is below the float32 one."""
         q = torch.exp(u)
-        quadratic = (self.y2[None, :] / (self.lam[None, :] + q[:, None])).sum(-1)
-        sums = _all_reduce(torch.cat([log_determinant(self.lengths, q, diffuse=self.diffuse), quadratic]), self.group)
-        count = u.shape[0]
-        return self._value(sums[:count], sums[count:]), sums[count:] / self.per
+        log_det = log_determinant(self.lengths, q, diffuse=self.diffuse)
+        if self.lam.dtype == torch.float64:
+            quadratic = (self.y2[None, :] / (self.lam[None, :] + q[:, None])).sum(-1)
+            sums = _all_reduce(torch.cat([log_det, quadratic]), self.group)
+            log_det, quadratic = sums[: u.shape[0]], sums[u.shape[0] :]
+        else:
+            log_det = _all_reduce(log_det, self.group)
+            quadratic = binned_quadratic(self.moments, self.centre, q)
+        return self._value(log_det, quadratic), quadratic / self.per
 
 
 def _search(profile, low, high, min_tokens, fallback):
