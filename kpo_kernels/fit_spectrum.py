@@ -10,6 +10,7 @@ the exact profile at the chosen ratio) are accumulated in float64.
 """
 
 import math
+import threading
 
 import torch
 
@@ -92,7 +93,7 @@ def spectrum(z, lengths, *, diffuse):
     phase = m * m if diffuse else 2 * m * m - m
     half = 2 * period  # D
     complex_dtype = torch.complex64 if real == torch.float32 else torch.complex128
-    both = torch.zeros(2, rows, size, dtype=complex_dtype, device=device)  # a, b
+    both, spectra, conv = _workspace((rows, size, inputs), complex_dtype, device)  # both: a, b
     parts = torch.view_as_real(both)
     angle = torch.remainder(phase[None, :], 2 * half[:, None]).to(real)  # exact phases for any length
     angle.mul_((-math.pi / half.to(real))[:, None])
@@ -101,8 +102,8 @@ def spectrum(z, lengths, *, diffuse):
     cosine, sine = parts[1, :, 1 : inputs + 1, 0], parts[1, :, 1 : inputs + 1, 1]  # g(j) = cosine - i sine
     torch.mul(x, cosine, out=parts[0, :, :inputs, 0])
     torch.mul(x, sine, out=parts[0, :, :inputs, 1]).neg_()  # a = x g
-    spectra = torch.fft.fft(both)
-    conv = torch.fft.ifft(spectra[0].mul_(spectra[1]), norm="forward")  # size times the circular convolution
+    torch.fft.fft(both, out=spectra)
+    torch.fft.ifft(spectra[0].mul_(spectra[1]), norm="forward", out=conv)  # size times the circular convolution
     conv = torch.view_as_real(conv)[:, :outputs]
     coefficient = (conv[..., 1] * cosine).addcmul_(conv[..., 0], sine, value=-1.0)  # Im(conv g(k))
     k = torch.arange(1, outputs + 1, device=device)
@@ -116,6 +117,27 @@ def spectrum(z, lengths, *, diffuse):
     if not diffuse:
         y2.mul_(lam)
     return torch.where(inside, y2, 0.0).to(torch.float64), lam, count
+
+
+_LAST = threading.local()
+
+
+def _workspace(key, dtype, device):
+    """(a and b, their spectra, the convolution): zeros past a's inputs. On the CPU the last
+    call's buffers are kept per thread and reused for the same shape (fresh multi-megabyte
+    tensors cost page faults worth a few passes over them); elsewhere the allocator caches."""
+    rows, size, inputs = key
+    cached = getattr(_LAST, "buffers", None)
+    if device.type == "cpu" and cached is not None and cached[0] == (key, dtype):
+        return cached[1]
+    buffers = (
+        torch.zeros(2, rows, size, dtype=dtype, device=device),
+        torch.empty(2, rows, size, dtype=dtype, device=device),
+        torch.empty(rows, size, dtype=dtype, device=device),
+    )
+    if device.type == "cpu":
+        _LAST.buffers = ((key, dtype), buffers)
+    return buffers
 
 
 def bin_count(width, group):
