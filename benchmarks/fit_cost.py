@@ -5,9 +5,10 @@
 On the synthetic RL batch of kpo_kernels.bench.data (64 x 4096 by default, float32, CPU torch
 backend), alternates within each repeat: (a) `kpo_loss` forward + backward at fixed Q and R (those the fit finds), and
 (b) what `NoiseTracker("per_step")` adds before it, `estimate_noise` on the detached log-ratios
-and its host read, followed by the same forward + backward at the fitted Q and R. Also times
-`fit_noise` once per repeat for reference. Prints one JSON line: medians and quartiles (seconds)
-and the ratio (b) / (a), whose bound is 2 (the fit costs at most one plain loss).
+and its host read, followed by the same forward + backward at the fitted Q and R, and (c) the fit
+alone (the tracker call). Also times `fit_noise` once per repeat for reference. Prints one JSON
+line: medians and quartiles (seconds), the ratio (b) / (a), whose bound is 2 (the fit costs at
+most one plain loss), and (c) / (a).
 """
 
 import argparse
@@ -50,9 +51,13 @@ def main():
     fitted_step()  # warm-up; the plain loss then runs at the fitted Q and R (the same gain tables)
     fixed = dict(tracker.options)
     loss_step(fixed)
-    times = {"loss": [], "fit+loss": [], "fit_noise": []}
+    def fit():
+        tracker(batch["log_prob"] - batch["old_log_prob"], batch["mask"])
+
+    times = {"loss": [], "fit+loss": [], "fit": [], "fit_noise": []}
+    steps = (("loss", lambda: loss_step(fixed)), ("fit+loss", fitted_step), ("fit", fit), ("fit_noise", fit_noise))
     for _ in range(args.repeats):
-        for name, run in (("loss", lambda: loss_step(fixed)), ("fit+loss", fitted_step), ("fit_noise", fit_noise)):
+        for name, run in steps:
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
@@ -62,6 +67,7 @@ def main():
     }
     summary["ratio_median"] = summary["fit+loss"]["median"] / summary["loss"]["median"]
     summary["ratios_per_repeat"] = sorted(b / a for a, b in zip(times["loss"], times["fit+loss"]))
+    summary["fit_over_loss_median"] = summary["fit"]["median"] / summary["loss"]["median"]
     summary["shape"] = [args.rows, args.length]
     summary["threads"] = torch.get_num_threads()
     summary["fitted"] = {k: tracker.metrics[k] for k in ("kalman_q", "kalman_r", "fit_status", "at_boundary")}

@@ -15,13 +15,16 @@ likelihood is that of the n - 1 first differences (each sequence's first token l
 `fit_noise`), whose covariance Q I + R D (D the (2, -1) second-difference matrix) is diagonal in
 the basis sin(k j pi / n), with eigenvalues R (q + lam_k), lam_k = 4 sin^2(k pi / (2n)).
 
-One batched transform per micro-batch (a chirp-z / Bluestein transform: three FFTs of a common
-length, whatever the sequence lengths, no host synchronisation) gives every (lam, y^2); after that
-the profile log-likelihood at any q costs a few operations per token, and the search evaluates
-`GRID` ratios per stage for `STAGES` stages on a shrinking log-spaced grid (each stage keeps the
-two grid intervals around its best point), then a parabola through the best point and its
-neighbours. Over a data-parallel group the per-ratio sums are all-reduced at each stage, so every
-rank searches the same profile and gets the same Q and R.
+One batched transform per micro-batch (kpo_kernels/fit_spectrum.py: a chirp-z / Bluestein
+transform, three FFTs of a common length whatever the sequence lengths, float32 unless the
+log-ratios are float64, no host synchronisation) gives every (lam, y^2). The log-determinant
+sum(log(1 + q / lam)) is closed form per sequence; the quadratic part comes from moments of
+y^2 binned in log lam. The search evaluates `GRID` ratios per stage for `STAGES` stages on a
+shrinking log-spaced grid (each stage keeps the two grid intervals around its best point), then
+a parabola through the best point and its neighbours; the profile and R_hat reported there are
+exact (every coefficient) for float64 transforms, binned (~1e-8 relative) otherwise. Over a
+data-parallel group the bins are all-reduced once and the log-determinant sums at each stage
+(GRID numbers), so every rank searches the same profile and gets the same Q and R.
 
 Which tokens: each sequence's valid tokens in order (`mask_mode="skip"`), or in `position` mode
 its positions up to its last valid token with masked ones as the observation 0 (what that filter
@@ -37,7 +40,6 @@ does it once per fit, together with the fit's metrics.
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
