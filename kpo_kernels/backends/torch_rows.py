@@ -83,7 +83,7 @@ def rows_loss(batch, options, need_grad):
     if mask is not None and not _is_prefix(valid_f, tokens):
         if not filt.skip:
             return None
-        compaction = Compaction(mask if mask.dtype == torch.bool else mask != 0)
+        compaction = Compaction(mask if mask.dtype == torch.bool else mask != 0, valid_f)
         z = compaction.compact(z)
 
     original_valid = valid_f

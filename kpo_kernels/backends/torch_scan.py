@@ -144,8 +144,12 @@ class Compaction:
     """Moves each row's valid tokens to the front of a (B, T) row, in order (skip mode with holes:
     the filter of a row is that of its valid tokens alone), and back."""
 
-    def __init__(self, valid):
-        self.count = torch.cumsum(valid, dim=-1)  # observations up to each token, n(t)
+    def __init__(self, valid, valid_f=None):
+        # Observations up to each token, n(t): a float cumulative sum (exact below 2^24 tokens a
+        # row in float32) is several times faster on CPUs than one of the bool mask.
+        dtype = torch.float32 if valid.shape[-1] < 2**24 else torch.float64
+        flags = valid_f if valid_f is not None and valid_f.dtype == dtype else valid.to(dtype)
+        self.count = torch.cumsum(flags, dim=-1).long()
         self.tokens = self.count[:, -1] if valid.shape[-1] else self.count.new_zeros(valid.shape[0])
         self.index = (self.count - 1).clamp_(min=0)  # where token t goes (if valid)
         self.valid = valid
