@@ -48,7 +48,8 @@ def kpo_loss_finalize_kernel(
     tile_offsets_ptr,
     cu_seqlens_ptr,
     row_scale_ptr,
-    out_ptr,
+    loss_ptr,
+    metrics_ptr,
     num_seqs,
     num_slots,
     tiles_per_seq,
@@ -70,7 +71,8 @@ def kpo_loss_finalize_kernel(
 ):
     """Single program: tile statistics -> sequence weights (aggregation.row_weights), loss, metrics.
 
-    out = [loss] + the metric vector in options.METRIC_NAMES order. Deterministic: fixed
+    Writes the loss and the metric vector (options.METRIC_NAMES order) to separate buffers, so
+    that the op returns them without copies. Deterministic: fixed
     reduction order, no atomics. The horizon of seq-mean-token-sum-norm is T for padded batches
     and the longest sequence for packed ones, unless loss_scale_factor is given. TOKEN_COUNT and
     SEQUENCE_COUNT: 0 = count this batch, 1 = the scalar argument, 2 = read it from the pointer.
@@ -175,15 +177,15 @@ def kpo_loss_finalize_kernel(
     # A NaN at a valid token shows in the sums; maxima must not hide it (GPU max ignores NaN).
     ratio_max = tl.where(ratio_sum != ratio_sum, ratio_sum, tl.where(has_tokens, tl.max(ratio_max_acc, 0), 0.0))
     raw_max = tl.where(raw_sum != raw_sum, raw_sum, tl.where(has_tokens, tl.max(raw_max_acc, 0), 0.0))
-    tl.store(out_ptr + 0, tl.sum(loss, 0))
-    tl.store(out_ptr + 1, tl.sum(clipped_acc, 0) * per_token)
-    tl.store(out_ptr + 2, tl.sum(lower_acc, 0) * per_token)
-    tl.store(out_ptr + 3, tl.sum(neg_z_acc, 0) * per_token)
-    tl.store(out_ptr + 4, ratio_sum * per_token)
-    tl.store(out_ptr + 5, ratio_max)
-    tl.store(out_ptr + 6, raw_sum * per_token)
-    tl.store(out_ptr + 7, raw_max)
-    tl.store(out_ptr + 8, num_tokens)
+    tl.store(loss_ptr, tl.sum(loss, 0))
+    tl.store(metrics_ptr + 0, tl.sum(clipped_acc, 0) * per_token)
+    tl.store(metrics_ptr + 1, tl.sum(lower_acc, 0) * per_token)
+    tl.store(metrics_ptr + 2, tl.sum(neg_z_acc, 0) * per_token)
+    tl.store(metrics_ptr + 3, ratio_sum * per_token)
+    tl.store(metrics_ptr + 4, ratio_max)
+    tl.store(metrics_ptr + 5, raw_sum * per_token)
+    tl.store(metrics_ptr + 6, raw_max)
+    tl.store(metrics_ptr + 7, num_tokens)
     # Diagnostics (aggregation.diagnostic_metrics): metrics 8..16 from statistics rows 9..17.
     diag = tl.sum(diag_acc, 1)
     scored = tl.sum(tl.where(diag_rows == 9, diag, 0.0), 0)
@@ -198,4 +200,4 @@ def kpo_loss_finalize_kernel(
     value = diag * scale
     index = tl.where(diag_rows == 9, 15, tl.where(diag_rows == 12, 16, tl.where(diag_rows < 12, diag_rows - 2, diag_rows - 3)))
     value = tl.where((diag_rows == 9) | (diag_rows == 12), diag, value)
-    tl.store(out_ptr + 1 + index, value, mask=diag_rows < 18)
+    tl.store(metrics_ptr + index, value, mask=diag_rows < 18)
