@@ -205,3 +205,86 @@ def test_enable_refuses_bad_options():
     with pytest.raises(ValueError):
         kpo_areal.enable(r=0.0)
     assert areal_actor.grpo_loss_fn.__module__ == "areal.trainer.ppo.actor"
+
+
+class _TrainEngine:
+    """Stand-in for the engine `PPOActor` drives (FSDPEngine.train_batch needs FSDP2 on a device
+    mesh): `train_batch` packs each micro-batch with AReaL's `pack_tensor_dict`, runs the tiny
+    model and AReaL's `_compute_logprobs_and_loss`, and backpropagates; it records the losses."""
+
+    def __init__(self, model):
+        self.model, self.losses = model, []
+
+    def train(self):
+        pass
+
+    def get_version(self):
+        return 3
+
+    def train_batch(self, mb, loss_fn, loss_weight_fn):
+        packed = pack_tensor_dict(dict(mb))
+        logits = self.model(packed["input_ids"])
+        weight = loss_weight_fn(packed)
+        loss = _engine()._compute_logprobs_and_loss(
+            logits, FSDPTrainContext(model_inputs=packed, mb_input=packed), loss_fn, loss_weight_fn, weight)
+        loss.backward()
+        self.losses.append(loss.detach())
+        return {}
+
+
+def _ppo_update(padded):
+    from areal.api.cli_args import PPOActorConfig
+
+    config = PPOActorConfig(experiment_name="kpo", trial_name="test", path="none", eps_clip=0.2, eps_clip_higher=0.28,
+                            c_clip=1.5, use_decoupled_loss=True, ppo_n_minibatches=2)
+    engine = _TrainEngine(_model())
+    stats_tracker.export_all(reset=True)
+    areal_actor.PPOActor(config, engine)._ppo_update({k: v.clone() for k, v in padded.items()})
+    return engine.losses, [p.grad.clone() for p in engine.model.parameters()], stats_tracker.export_all(reset=True)
+
+
+def test_enable_reaches_ppo_actor_update():
+    """AReaL's own `PPOActor._ppo_update` (its logging, micro-batch split and loss arguments) with
+    `enable(q=1e8)`: the same losses, gradients and statistics as without; with a real filter, the
+    KPO statistics appear."""
+    gen = torch.Generator().manual_seed(5)
+    b, s = 4, 14
+    lengths = torch.tensor([9, 14, 11, 12])
+    attention = torch.arange(s)[None, :] < lengths[:, None]
+    loss_mask = attention & (torch.arange(s)[None, :] >= 3) & (torch.arange(s)[None, :] < lengths[:, None] - 1)
+    input_ids = torch.randint(0, VOCAB, (b, s), generator=gen)
+    with torch.no_grad():
+        current = torch.log_softmax(_model()(input_ids), -1).gather(-1, torch.roll(input_ids, -1, -1)[..., None])[..., 0]
+    prox = current + 0.3 * torch.randn(b, s, generator=gen)
+    padded = dict(attention_mask=attention.long(), input_ids=input_ids, loss_mask=loss_mask.long(),
+                  logprobs=(prox + 0.2 * torch.randn(b, s, generator=gen)) * loss_mask, prox_logp=prox * loss_mask,
+                  advantages=torch.randn(b, 1, generator=gen).expand(b, s) * loss_mask, versions=torch.randint(0, 3, (b, s), generator=gen),
+                  rewards=torch.randn(b, generator=gen), kl_rewards=torch.zeros(b, s), tot_rewards=torch.zeros(b, s))
+    ref_losses, ref_grads, ref_stats = _ppo_update(padded)
+    kpo_areal.enable(**IDENTITY)
+    try:
+        losses, grads, stats = _ppo_update(padded)
+        kpo_areal.enable(q=1e-2, r=1.0)
+        _, _, filtered_stats = _ppo_update(padded)
+    finally:
+        kpo_areal.disable()
+    assert len(losses) == len(ref_losses) == 2
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), rtol=1e-5, atol=1e-7)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+    assert {k for k in stats if "kpo_" not in k} == set(ref_stats)
+    for key, value in ref_stats.items():
+        assert stats[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert "update/kpo_ratio_mean" in filtered_stats
+    assert filtered_stats["update/kpo_ratio_mean"] != pytest.approx(filtered_stats["update/kpo_raw_ratio_mean"], rel=1e-6)
+
+
+def test_kalman_fit_per_generation_refits_when_the_policy_version_moves():
+    mb = _batch(6, lengths=(40, 55, 47), drift=0.05)
+    fn = kpo_areal.enable(q=1e-6, r=1.0, kalman_fit="per_generation", kalman_fit_min_tokens=8)
+    kpo_areal.disable()
+    refits = []
+    for version in (3, 3, 4):
+        _, _, stats, _, _ = _run(functools.partial(fn, **_areal_args(current_version=version)), mb, _model())
+        refits.append(stats["kpo_refit"])
+    assert refits == [1.0, 0.0, 1.0]
