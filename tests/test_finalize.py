@@ -32,7 +32,7 @@ def finalize(stats, tiles, sequences, tiles_per_seq, offsets, agg, per_step):
     # Packed: made-up sequence lengths (the horizon of seq-mean-token-sum-norm is the longest).
     cu_seqlens = torch.arange(sequences + 1, dtype=torch.int32, device=DEVICE) ** 2 if varlen else dummy
     kernels.kpo_loss_finalize_kernel[(1,)](
-        stats, offsets if varlen else dummy, cu_seqlens, row_scale, out, sequences, tiles, tiles_per_seq, 77,
+        stats, offsets if varlen else dummy, cu_seqlens, row_scale, out[0:1], out[1:], sequences, tiles, tiles_per_seq, 77,
         1.0, 0.0, 0.0, dummy, dummy, 0.0,
         AGG=kernels.AGG_CODES[agg], TOKEN_COUNT=0, SEQUENCE_COUNT=0, HAS_SCALE_FACTOR=False, IS_VARLEN=varlen,
         BLOCK_S=1024, SEQ_BLOCK=WIDTHS[per_step], TILES=per_step, num_warps=4,

@@ -266,9 +266,8 @@ class TritonBackend(Backend):
         """Passes 1 and 2 for sequences longer than a tile: (valid counts, tile maps). latest:
         also each tile's map to its last valid token and that token's sign (the loss's sign flips)."""
         device = new.device
-        if not tiling.multi_tile:
-            dummy = torch.empty(1, dtype=torch.float32, device=device)
-            return dummy.int(), dummy
+        if not tiling.multi_tile:  # placeholders the kernels never read
+            return torch.empty(1, dtype=torch.int32, device=device), torch.empty(1, dtype=torch.float32, device=device)
         counts = self._empty((tiling.num_slots,), torch.int32, device)
         mask_arg = self._mask(mask)
         if options.skip and mask is not None:
@@ -322,9 +321,9 @@ class TritonBackend(Backend):
         if slots > 0:
             self._launch_loss(batch, options, tiling, stats, grad, block, warps)
         row_scale = self._empty((sequences,), torch.float32, device)
-        out = self._empty((1 + len(METRIC_NAMES),), torch.float32, device)
-        self._launch_finalize(batch, options, tiling, stats, row_scale, out)
-        return LossForward(loss=out[0], metrics=out[1:], grad=grad, row_scale=row_scale)
+        loss, metrics = self._empty((), torch.float32, device), self._empty((len(METRIC_NAMES),), torch.float32, device)
+        self._launch_finalize(batch, options, tiling, stats, row_scale, loss, metrics)
+        return LossForward(loss=loss, metrics=metrics, grad=grad, row_scale=row_scale)
 
     def _launch_loss(self, batch, options, tiling, stats, grad, block, warps):
         filt = options.filter
@@ -367,7 +366,7 @@ class TritonBackend(Backend):
             num_warps=warps,
         )
 
-    def _launch_finalize(self, batch, options, tiling, stats, row_scale, out):
+    def _launch_finalize(self, batch, options, tiling, stats, row_scale, loss, metrics):
         device = batch.device
         varlen = batch.cu_seqlens is not None
         dummy = torch.empty(1, dtype=torch.int32, device=device)
@@ -387,7 +386,8 @@ class TritonBackend(Backend):
             tiling.tile_offsets if tiling is not None else dummy,
             batch.cu_seqlens if varlen else dummy,
             row_scale,
-            out,
+            loss,
+            metrics,
             batch.num_sequences,
             stats.shape[1],
             tiling.tiles_per_seq if tiling is not None else 0,

@@ -6,6 +6,8 @@
   KPO policy loss (TRL 1.16.x).
 - `kpo_kernels.integrations.openrlhf`: `KPOPolicyLoss`, a drop-in for OpenRLHF's `PolicyLoss`,
   `enable()`, and the launcher `python -m kpo_kernels.integrations.openrlhf` (OpenRLHF 0.11.x).
+- `kpo_kernels.integrations.areal`: `kpo_grpo_loss_fn`, AReaL's `grpo_loss_fn` with the KPO
+  filter, and `enable()` / `disable()`, which put it in place of AReaL's own (AReaL 1.0.x).
 
-None is imported here: `import kpo_kernels` (and this package) never imports verl, TRL or OpenRLHF.
+None is imported here: `import kpo_kernels` (and this package) never imports verl, TRL, OpenRLHF or AReaL.
 """

@@ -1,0 +1,227 @@
+"""The torch backend's loss for a padded (B, T) CPU batch: its fast path (`rows_loss`).
+
+It computes what the general path (`TorchBackend.loss_forward`) computes, with the same float64
+filter and the same branch decisions, in fewer passes over the batch. It applies when
+
+- the batch is a (B, T) batch on the CPU (the checks below read values on the host);
+- every token input is finite everywhere, under the mask too: masking is then a multiplication;
+- advantages are per sequence, or per token but equal over each sequence's valid tokens (GRPO
+  broadcasts one per response);
+- the valid tokens of each row come first, or the mask mode is skip: rows with holes are then
+  compacted (`Compaction`), the loss computed on the compacted rows and the gradient moved back.
+
+Otherwise it returns None and the general path runs. What differs from the general path:
+
+- every row uses the same gains (position t: K_{t+1}): one `shared_scan`, one (T,) row of
+  variance ratios, and the diagnostics of consecutive tokens without gathers;
+- the branch decisions compare the masked filtered log-ratio (float64) with per-row bounds
+  (which depend only on the sign of the row's advantage) and come out as 0/1 floats: their sums
+  are the counts, and 1 - their sum where valid is where the gradient flows;
+- sign flips are counted from products of signs, exact in any float dtype.
+
+Sums over a compacted row run in a different order than over the row with its holes (rounding of
+the result dtype, as between layouts: docs/numerics.md).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import tables
+from ..options import KL_CLAMP
+from . import aggregation
+from .base import LossForward, log1p_neg
+from .torch_scan import COMPUTE, LARGEST_VALUE, Compaction, gain_lookup, prefix_filter
+
+
+def _bounds(low, high, dtype):
+    """Clip bounds as `dtype` scalars: beyond its range a bound cannot bind (rt > 0)."""
+    biggest = torch.finfo(dtype).max
+    return max(low, -biggest), (high if high <= biggest else math.inf)
+
+
+def _finite(tensor):
+    return math.isfinite(float(tensor.sum()))
+
+
+def _count(flags):
+    """Per row, the number of True flags."""
+    return flags.view(torch.uint8).sum(-1, dtype=torch.int32)
+
+
+def _is_prefix(valid_f, tokens):
+    """Whether each row's valid tokens are its first ones: their positions then sum to n(n-1)/2,
+    the smallest sum of n distinct positions (exact in float32 up to T = 4096)."""
+    length = valid_f.shape[-1]
+    dtype = valid_f.dtype if length <= 4096 else torch.float64
+    positions = torch.arange(length, dtype=dtype)
+    return torch.equal(valid_f.to(dtype) @ positions, (tokens * (tokens - 1) / 2).to(dtype))
+
+
+def rows_loss(batch, options, need_grad):
+    """`LossForward` of a (B, T) CPU batch, or None when the fast path does not apply."""
+    if batch.cu_seqlens is not None or batch.device.type != "cpu" or 0 in batch.shape:
+        return None
+    filt = options.filter
+    dtype = batch.result_dtype
+    rows, length = batch.shape
+    mask = batch.mask
+    if mask is None:
+        valid_f = torch.ones(batch.shape, dtype=dtype)
+    else:
+        valid_f = mask.to(dtype)
+    # Same-dtype arithmetic throughout: mixed float32/float64 operands take slow CPU loops.
+    z = batch.log_prob.to(COMPUTE, copy=True).sub_(batch.old_log_prob.to(COMPUTE))
+    others = [t for t in (batch.is_weights, batch.advantages) if t is not None]
+    if not _finite(z) or not all(_finite(t) for t in others):
+        return None
+    valid_64 = valid_f.to(COMPUTE)
+    z.mul_(valid_64)
+    tokens = valid_f.sum(-1)
+    compaction = None
+    if mask is not None and not _is_prefix(valid_f, tokens):
+        if not filt.skip:
+            return None
+        compaction = Compaction(mask if mask.dtype == torch.bool else mask != 0, valid_f)
+        z = compaction.compact(z)
+
+    original_valid = valid_f
+
+    def tokenwise(values):  # a per-token input, 0 at invalid tokens, in the rows' layout
+        values = values.to(dtype) * original_valid
+        return values if compaction is None else compaction.compact(values)
+
+    weight = None if batch.is_weights is None else tokenwise(batch.is_weights)
+    advantage = batch.advantages.to(dtype)
+    if batch.advantages_per_token:
+        per_token = tokenwise(batch.advantages)
+        advantage = per_token[:, 0].clone()
+    if compaction is not None:
+        valid_f = torch.lt(torch.arange(length, dtype=dtype), tokens[:, None], out=torch.empty_like(valid_f))
+        valid_64 = valid_f.to(COMPUTE)
+    if batch.advantages_per_token and not torch.equal(per_token, advantage[:, None] * valid_f):
+        return None
+    advantage = torch.where(tokens > 0, advantage, 0.0)
+    weight = valid_f if weight is None else weight
+
+    checked = batch.log_prob.dtype != torch.float64 and abs(filt.x0) <= LARGEST_VALUE
+    x = prefix_filter(z, filt, checked=checked).mul_(valid_64)  # 0 at invalid tokens
+    count = tokens.long()
+    z_low = z.to(dtype, copy=True)
+    stats = _diagnostics(z, x, z_low, count, dtype, filt)
+
+    capped = None
+    top = float(x.max())
+    if options.log_ratio_cap is not None and top > options.log_ratio_cap:
+        capped = torch.gt(x, options.log_ratio_cap).logical_and_(valid_64 > 0)
+        stats["capped"] = _count(capped)
+        x.clamp_(max=options.log_ratio_cap).mul_(valid_64)
+        top = options.log_ratio_cap
+    if top >= math.log(torch.finfo(dtype).max):
+        return None  # an infinite ratio: the general path keeps its gradient 0 where frozen
+    rt = x.to(dtype, copy=True).exp_()  # filtered ratio; 1 at invalid tokens
+
+    neg_adv = advantage.neg()[:, None]
+    positive, negative = advantage > 0, advantage < 0
+    unclipped = rt * neg_adv
+    if options.clip:
+        token_loss = torch.clamp(rt, *_bounds(1 - options.clip_low, 1 + options.clip_high, dtype)).mul_(neg_adv)
+        torch.maximum(unclipped, token_loss, out=token_loss)
+    else:
+        token_loss = unclipped.clone()
+    if options.dual_clip is not None:
+        floor = torch.where(negative, advantage.neg() * options.dual_clip, math.inf)
+        torch.minimum(token_loss, floor.to(dtype)[:, None], out=token_loss)
+    stats["loss_sum"] = token_loss.mul_(weight).sum(-1)
+
+    # Frozen tokens (the loss does not depend on log_prob): above a per-row upper bound of the
+    # filtered log-ratio (clip_high for A > 0, the dual clip for A < 0), below a lower one
+    # (clip_low for A < 0), or capped. x is 0 at invalid tokens, inside every bound. Compared
+    # in float64 into bool flags (a float output of a float64 comparison is slow on CPUs).
+    upper = torch.full((rows,), math.inf, dtype=COMPUTE)
+    lower = torch.full((rows,), -math.inf, dtype=COMPUTE)
+    if options.clip:
+        upper.masked_fill_(positive, math.log1p(options.clip_high))
+        lower.masked_fill_(negative, log1p_neg(options.clip_low))
+    if options.dual_clip is not None:
+        upper.masked_fill_(negative, math.log(options.dual_clip))
+    frozen = capped
+    if bool(torch.isfinite(upper).any()):
+        above = torch.gt(x, upper[:, None])
+        total = _count(above)
+        if options.clip:
+            stats["clipped_high"] = torch.where(positive, total, 0)
+        if options.dual_clip is not None:
+            stats["clipped_lower"] = torch.where(negative, total, 0)
+        frozen = above if frozen is None else frozen.logical_or_(above)
+    if bool(torch.isfinite(lower).any()):
+        below = torch.lt(x, lower[:, None])
+        stats["clipped_low"] = _count(below)
+        frozen = below if frozen is None else frozen.logical_or_(below)
+    if options.clip:
+        for name in ("clipped_high", "clipped_low"):
+            stats.setdefault(name, torch.zeros_like(tokens))
+        stats["clipped"] = stats["clipped_high"] + stats["clipped_low"]
+
+    grad = None
+    if need_grad:  # d token_loss / d log_prob = -A * rt * w where the loss is not frozen
+        grad = unclipped.mul_(weight)
+        if frozen is not None:
+            grad.mul_(frozen.logical_not_())
+        if compaction is not None:
+            grad = compaction.expand(grad).mul_(original_valid)
+
+    ratio = rt.mul_(valid_f)
+    raw = z_low.exp_().mul_(valid_f)
+    stats.update(
+        tokens=tokens,
+        neg_log_ratio_sum=z.clamp_(-KL_CLAMP, KL_CLAMP).sum(-1).neg_(),
+        ratio_sum=ratio.sum(-1),
+        ratio_max=ratio.amax(-1),
+        raw_ratio_sum=raw.sum(-1),
+        raw_ratio_max=raw.amax(-1),
+    )
+    none = torch.zeros_like(tokens)
+    columns = torch.stack([stats.get(name, none).to(dtype) for name in aggregation.STAT_NAMES], dim=-1)
+    row_scale, loss, metrics = aggregation.finalize(columns, options, length)
+    return LossForward(loss, metrics, grad, row_scale)
+
+
+def _diagnostics(z, x, z_low, count, dtype, options):
+    """The diagnostic columns (docs/math.md section 5b) of rows whose valid tokens come first:
+    z and x (float64) are 0 at invalid tokens, z_low is z in the result dtype; count holds the
+    valid tokens of each row."""
+    rows, length = z.shape
+    r = options.r
+    ratios = tables.variance_ratio_table(length, options.q, r, options.p0, z.device, COMPUTE)
+    w = gain_lookup(ratios, torch.arange(length))  # w of the token at position t: its observation t + 1
+
+    # Innovation e = z - (the state before the token), x0 before the first token. At a row's first
+    # invalid token t = n this reads -x_{n-1}: zeroed; after it z = x = 0.
+    e = torch.empty_like(z)
+    torch.sub(z[:, 1:], x[:, :-1], out=e[:, 1:])
+    torch.sub(z[:, :1], options.x0, out=e[:, :1])
+    end = count.clamp(max=length - 1)[:, None]
+    e.scatter_(1, end, e.gather(1, end).mul_((count == length)[:, None]))
+    nis = (e.square_() @ w).div_(r)
+
+    unscored = F.pad(torch.cumsum(w == 0, 0), (1, 0))[count]  # S = inf (p0 = inf, first observation)
+    log_s = w.log().neg_().add_(math.log(r)).masked_fill_(w == 0, 0.0)
+    log_s_sum = F.pad(torch.cumsum(log_s, 0), (1, 0))[count]
+    scored = (count - unscored).to(COMPUTE)
+
+    def flips(values):  # pairs of neighbours with strictly opposite signs (0 at invalid tokens)
+        sign = torch.sign(values)
+        return (sign[:, :-1] * sign[:, 1:]).clamp_(max=0).sum(-1).neg_()
+
+    # float32 inputs: z is a multiple of 2^-149, so its float32 rounding keeps its sign.
+    z_signs = z_low
+    return {
+        "innovation_tokens": scored,
+        "nis_sum": nis,
+        "log_likelihood_sum": (scored * math.log(2 * math.pi)).add_(log_s_sum).add_(nis).mul_(-0.5),
+        "sign_flip_pairs": (count - 1).clamp_(min=0),
+        "sign_flips_raw": flips(z_signs),
+        "sign_flips_filtered": flips(x),
+    }

@@ -1,0 +1,236 @@
+"""The fused loss: forward (filter, clipped surrogate, its derivative and the statistics of
+aggregation.STAT_NAMES per tile) and backward (the stored derivative scaled per sequence)."""
+
+import triton
+import triton.language as tl
+
+from .triton_common import (
+    _block_maps,
+    _last,
+    _variance_ratio,
+    _shift_in,
+    _sign_code,
+    _latest,
+    _flips,
+    _pack3,
+    _unpack3_sum,
+    _tile_state_and_latest,
+    _locate,
+    _seq_base,
+    _load_valid,
+    _load_log_ratio,
+    _tile_seen,
+    KL_CLAMP,
+    NO_TOKEN,
+)
+
+# ----------------------------------------------------------------------------- the fused loss
+
+
+@triton.jit
+def kpo_loss_fwd_kernel(
+    log_prob_ptr,
+    old_log_prob_ptr,
+    mask_ptr,
+    adv_ptr,
+    weights_ptr,
+    gains_ptr,
+    gains_last,
+    ratio_ptr,
+    ratio_last,
+    cu_seqlens_ptr,
+    tile_offsets_ptr,
+    counts_ptr,
+    agg_ptr,
+    grad_ptr,
+    stats_ptr,
+    num_seqs,
+    num_slots,
+    T,
+    tile_size,
+    search_steps,
+    stride_lp_row,
+    stride_lp_tok,
+    stride_old_row,
+    stride_old_tok,
+    stride_mask_row,
+    stride_mask_tok,
+    stride_adv_row,
+    stride_adv_tok,
+    stride_w_row,
+    stride_w_tok,
+    x0,
+    log_ratio_cap,
+    ratio_low,
+    ratio_high,
+    log_ratio_low,
+    log_ratio_high,
+    dual_clip,
+    log_dual_clip,
+    log_2pi_r,
+    inv_r,
+    HAS_MASK: tl.constexpr,
+    SKIP: tl.constexpr,
+    ADV_PER_TOKEN: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    CLIP: tl.constexpr,
+    DUAL_CLIP: tl.constexpr,
+    STORE_GRAD: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    PREFIX: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
+        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
+    )
+    lp_row = _seq_base(log_prob_ptr, seq, seq_start, stride_lp_row, stride_lp_tok, IS_VARLEN)
+    old_row = _seq_base(old_log_prob_ptr, seq, seq_start, stride_old_row, stride_old_tok, IS_VARLEN)
+    mask_row = _seq_base(mask_ptr, seq, seq_start, stride_mask_row, stride_mask_tok, IS_VARLEN)
+    w_row = _seq_base(weights_ptr, seq, seq_start, stride_w_row, stride_w_tok, IS_VARLEN)
+    grad_row = grad_ptr + seq_start
+    if ADV_PER_TOKEN:
+        adv_row = _seq_base(adv_ptr, seq, seq_start, stride_adv_row, stride_adv_tok, IS_VARLEN)
+    else:
+        adv_scalar = tl.load(adv_ptr + seq.to(tl.int64) * stride_adv_row).to(tl.float32)
+    seen = _tile_seen(counts_ptr, first, tile, tile_start, SKIP and HAS_MASK, PREFIX)
+    # The state entering the tile and the sign code of the last valid token before it.
+    state, latest = _tile_state_and_latest(agg_ptr, num_slots, first, tile, x0, PREFIX)
+
+    # Statistics of the tile, accumulated per lane and reduced once at the end. The nine token
+    # counts share three int32 registers a lane, 10 bits each (_pack3): a lane sees one token
+    # per block and a tile has at most MAX_BLOCKS_PER_TILE = 1023 blocks (the launcher's bound).
+    counts_a = tl.zeros([BLOCK], tl.int32)  # valid tokens, scored tokens, sign-flip pairs
+    counts_b = tl.zeros([BLOCK], tl.int32)  # raw flips, filtered flips, capped
+    counts_c = tl.zeros([BLOCK], tl.int32)  # clipped high, clipped low, dual-clip floor
+    loss_sum = tl.zeros([BLOCK], tl.float32)
+    nis_sum = tl.zeros([BLOCK], tl.float32)
+    ll_sum = tl.zeros([BLOCK], tl.float32)
+    neg_z_sum = tl.zeros([BLOCK], tl.float32)
+    ratio_sum = tl.zeros([BLOCK], tl.float32)
+    ratio_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    raw_sum = tl.zeros([BLOCK], tl.float32)
+    raw_max = tl.full([BLOCK], float("-inf"), tl.float32)
+
+    for start in range(tile_start, tile_end, BLOCK):
+        pos = start + tl.arange(0, BLOCK)
+        in_bounds = pos < tile_end
+        valid = _load_valid(mask_row, stride_mask_tok, pos, in_bounds, HAS_MASK)
+        z = _load_log_ratio(lp_row, old_row, stride_lp_tok, stride_old_tok, pos, valid, True)
+        w = _variance_ratio(ratio_ptr, valid, pos, seen, ratio_last, SKIP)
+        c, b, seen = _block_maps(z, valid, in_bounds, pos, gains_ptr, gains_last, seen, SKIP)
+        x = state - c * state + b
+
+        # Innovation e = z - xhat_before with S = R / w (docs/math.md section 5b): the state before each token
+        # is the previous lane's (the carried state for lane 0).
+        e = z - _shift_in(x, state, BLOCK)
+        scored = valid & (w > 0.0)  # S finite: all but a diffuse prior's first observation
+        nis = e * e * w * inv_r
+        nis_sum += tl.where(scored, nis, 0.0)
+        ll_sum += tl.where(scored, -0.5 * (log_2pi_r - tl.log(tl.where(scored, w, 1.0)) + nis), 0.0)
+        # Sign flips against the previous valid token of the sequence: the latest valid code
+        # before each lane, from this block's scan or, before the block's first, the carry.
+        code = _sign_code(z, x, valid)
+        codes = tl.associative_scan(code, 0, _latest)
+        previous = _shift_in(codes, latest, BLOCK)
+        pair, flip_raw, flip_filtered = _flips(code, tl.where(previous == NO_TOKEN, latest, previous))
+        counts_a += _pack3(valid, scored, pair)
+        latest = _latest(latest, tl.sum(tl.where(tl.arange(0, BLOCK) == BLOCK - 1, codes, 0), 0))
+
+        state = _last(x, BLOCK)
+        x = tl.where(valid, x, 0.0)
+
+        # Branch decisions (cap, clip, dual clip) compare the filtered log-ratio with the log of
+        # each bound: rt = exp(x) would add its own rounding to the decision.
+        if HAS_CAP:
+            frozen = x > log_ratio_cap
+            x = tl.where(frozen, log_ratio_cap, x)
+        else:
+            frozen = pos < 0  # all false
+        counts_b += _pack3(flip_raw, flip_filtered, frozen & valid)
+        rt = tl.exp(x)
+        if ADV_PER_TOKEN:
+            adv = tl.load(adv_row + pos * stride_adv_tok, mask=valid, other=0.0).to(tl.float32)
+        else:
+            adv = tl.where(valid, adv_scalar, 0.0)
+
+        loss = -adv * rt
+        if CLIP:
+            clip_high = (adv > 0) & (x > log_ratio_high)
+            clip_low = (adv < 0) & (x < log_ratio_low)
+            loss = tl.where(clip_high, -adv * ratio_high, tl.where(clip_low, -adv * ratio_low, loss))
+            frozen = frozen | clip_high | clip_low
+            counts_c += _pack3(clip_high, clip_low, pos < 0)
+        if DUAL_CLIP:
+            lower = (adv < 0) & (x > log_dual_clip)
+            loss = tl.where(lower, -adv * dual_clip, loss)
+            frozen = frozen | lower
+            counts_c += _pack3(pos < 0, pos < 0, lower)
+        # d loss / d log_prob = -A * rt (the stop-gradient trick), 0 where a branch froze it.
+        dloss = tl.where(frozen, 0.0, -adv * rt)
+        if HAS_WEIGHTS:
+            w = tl.load(w_row + pos * stride_w_tok, mask=valid, other=0.0).to(tl.float32)
+            loss = loss * w
+            dloss = dloss * w
+        loss = tl.where(valid, loss, 0.0)
+        if STORE_GRAD:
+            tl.store(grad_row + pos, tl.where(valid, dloss, 0.0).to(grad_ptr.dtype.element_ty), mask=in_bounds)
+
+        raw = tl.exp(z)
+        loss_sum += loss
+        # ppo_kl as verl computes it: z clamped to [-KL_CLAMP, KL_CLAMP] (NaN stays NaN).
+        neg_z_sum -= tl.where(z < -KL_CLAMP, -KL_CLAMP, tl.where(z > KL_CLAMP, KL_CLAMP, z))
+        ratio_sum += tl.where(valid, rt, 0.0)
+        ratio_max = tl.maximum(ratio_max, tl.where(valid, rt, float("-inf")))
+        raw_sum += tl.where(valid, raw, 0.0)
+        raw_max = tl.maximum(raw_max, tl.where(valid, raw, float("-inf")))
+
+    # Column-major (NUM_STATS, slots) statistics, rows in aggregation.STAT_NAMES order.
+    out = stats_ptr + slot
+    high = _unpack3_sum(counts_c, 0)
+    low = _unpack3_sum(counts_c, 1)
+    tl.store(out + 0 * num_slots, _unpack3_sum(counts_a, 0))
+    tl.store(out + 1 * num_slots, tl.sum(loss_sum, 0))
+    tl.store(out + 2 * num_slots, high + low)
+    tl.store(out + 3 * num_slots, _unpack3_sum(counts_c, 2))
+    tl.store(out + 4 * num_slots, tl.sum(neg_z_sum, 0))
+    tl.store(out + 5 * num_slots, tl.sum(ratio_sum, 0))
+    tl.store(out + 6 * num_slots, tl.max(ratio_max, 0))
+    tl.store(out + 7 * num_slots, tl.sum(raw_sum, 0))
+    tl.store(out + 8 * num_slots, tl.max(raw_max, 0))
+    tl.store(out + 9 * num_slots, _unpack3_sum(counts_a, 1))
+    tl.store(out + 10 * num_slots, tl.sum(nis_sum, 0))
+    tl.store(out + 11 * num_slots, tl.sum(ll_sum, 0))
+    tl.store(out + 12 * num_slots, _unpack3_sum(counts_a, 2))
+    tl.store(out + 13 * num_slots, _unpack3_sum(counts_b, 0))
+    tl.store(out + 14 * num_slots, _unpack3_sum(counts_b, 1))
+    tl.store(out + 15 * num_slots, high)
+    tl.store(out + 16 * num_slots, low)
+    tl.store(out + 17 * num_slots, _unpack3_sum(counts_b, 2))
+
+
+@triton.jit
+def kpo_loss_bwd_kernel(
+    grad_ptr,
+    row_scale_ptr,
+    grad_output_ptr,
+    out_ptr,
+    cu_seqlens_ptr,
+    tile_offsets_ptr,
+    num_seqs,
+    T,
+    tile_size,
+    search_steps,
+    IS_VARLEN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """d loss / d log_prob = grad_output * sequence weight * stored per-token derivative."""
+    seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
+        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
+    )
+    scale = tl.load(grad_output_ptr).to(tl.float32) * tl.load(row_scale_ptr + seq)
+    for start in range(tile_start, tile_end, BLOCK):
+        pos = seq_start + start + tl.arange(0, BLOCK)
+        in_bounds = start + tl.arange(0, BLOCK) < tile_end
+        grad = tl.load(grad_ptr + pos, mask=in_bounds, other=0.0).to(tl.float32)
+        tl.store(out_ptr + pos, (grad * scale).to(out_ptr.dtype.element_ty), mask=in_bounds)

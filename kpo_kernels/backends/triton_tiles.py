@@ -1,0 +1,186 @@
+"""Passes 1 and 2 of a multi-tile sequence (tile counts and composed maps), the tile table of a
+packed batch, and the filter kernel (triton_kernels.py describes the passes)."""
+
+import triton
+import triton.language as tl
+
+from .triton_common import (
+    _compose,
+    _block_maps,
+    _last,
+    _sign,
+    _locate,
+    _seq_base,
+    _load_valid,
+    _load_log_ratio,
+    _tile_seen,
+    _tile_state,
+)
+
+# ----------------------------------------------------------------------------- passes 1 and 2
+
+
+@triton.jit
+def tile_count_kernel(
+    mask_ptr,
+    cu_seqlens_ptr,
+    tile_offsets_ptr,
+    counts_ptr,
+    num_seqs,
+    T,
+    tile_size,
+    search_steps,
+    stride_mask_row,
+    stride_mask_tok,
+    IS_VARLEN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Pass 1: valid tokens in each tile (but the last of a sequence: no tile after it reads it)."""
+    seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
+        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
+    )
+    tile_end = tl.where(tile_end == length, tile_start, tile_end)
+    mask_row = _seq_base(mask_ptr, seq, seq_start, stride_mask_row, stride_mask_tok, IS_VARLEN)
+    total = tl.zeros([BLOCK], tl.int32)
+    for start in range(tile_start, tile_end, BLOCK):
+        pos = start + tl.arange(0, BLOCK)
+        total += _load_valid(mask_row, stride_mask_tok, pos, pos < tile_end, True).to(tl.int32)
+    tl.store(counts_ptr + slot, tl.sum(total, 0))
+
+
+@triton.jit
+def tile_aggregate_kernel(
+    new_ptr,
+    old_ptr,
+    mask_ptr,
+    gains_ptr,
+    gains_last,
+    cu_seqlens_ptr,
+    tile_offsets_ptr,
+    counts_ptr,
+    agg_ptr,
+    num_seqs,
+    num_slots,
+    T,
+    tile_size,
+    search_steps,
+    stride_new_row,
+    stride_new_tok,
+    stride_old_row,
+    stride_old_tok,
+    stride_mask_row,
+    stride_mask_tok,
+    HAS_OLD: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    SKIP: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    PREFIX: tl.constexpr,
+    BLOCK: tl.constexpr,
+    STORE_LATEST: tl.constexpr = False,
+):
+    """Pass 2: the composed affine map of each tile, stored as agg[0, slot] = C, agg[1, slot] = B
+    (but for the last tile of a sequence: no tile after it reads it). STORE_LATEST (the loss's
+    sign flips) also stores the map from the tile's entry to the state after its last valid
+    token (agg[2], agg[3]) and that token's sign(z) + 1 (agg[4]; 3 when the tile has none)."""
+    seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
+        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
+    )
+    tile_end = tl.where(tile_end == length, tile_start, tile_end)
+    new_row = _seq_base(new_ptr, seq, seq_start, stride_new_row, stride_new_tok, IS_VARLEN)
+    old_row = _seq_base(old_ptr, seq, seq_start, stride_old_row, stride_old_tok, IS_VARLEN)
+    mask_row = _seq_base(mask_ptr, seq, seq_start, stride_mask_row, stride_mask_tok, IS_VARLEN)
+    seen = _tile_seen(counts_ptr, first, tile, tile_start, SKIP and HAS_MASK, PREFIX)
+    c_tile = tile_start.to(tl.float32) * 0.0
+    b_tile = tile_start.to(tl.float32) * 0.0
+    cl_tile = c_tile
+    bl_tile = b_tile
+    k_tile = c_tile + 3.0
+    for start in range(tile_start, tile_end, BLOCK):
+        lanes = tl.arange(0, BLOCK)
+        pos = start + lanes
+        in_bounds = pos < tile_end
+        valid = _load_valid(mask_row, stride_mask_tok, pos, in_bounds, HAS_MASK)
+        z = _load_log_ratio(new_row, old_row, stride_new_tok, stride_old_tok, pos, valid, HAS_OLD)
+        c, b, seen = _block_maps(z, valid, in_bounds, pos, gains_ptr, gains_last, seen, SKIP)
+        if STORE_LATEST:
+            latest = tl.max(tl.where(valid, lanes, -1), 0)  # a max: any lane order gives the same
+            pick = lanes == latest
+            cl, bl = _compose(c_tile, b_tile, tl.sum(tl.where(pick, c, 0.0), 0), tl.sum(tl.where(pick, b, 0.0), 0))
+            k = tl.sum(tl.where(pick, _sign(z) + 1, 0), 0).to(tl.float32)
+            cl_tile = tl.where(latest >= 0, cl, cl_tile)
+            bl_tile = tl.where(latest >= 0, bl, bl_tile)
+            k_tile = tl.where(latest >= 0, k, k_tile)
+        c_tile, b_tile = _compose(c_tile, b_tile, _last(c, BLOCK), _last(b, BLOCK))
+    tl.store(agg_ptr + slot, c_tile)
+    tl.store(agg_ptr + num_slots + slot, b_tile)
+    if STORE_LATEST:
+        tl.store(agg_ptr + 2 * num_slots + slot, cl_tile)
+        tl.store(agg_ptr + 3 * num_slots + slot, bl_tile)
+        tl.store(agg_ptr + 4 * num_slots + slot, k_tile)
+
+
+# ----------------------------------------------------------------------------- the filter
+
+
+@triton.jit
+def kalman_filter_kernel(
+    z_ptr,
+    mask_ptr,
+    gains_ptr,
+    gains_last,
+    cu_seqlens_ptr,
+    tile_offsets_ptr,
+    counts_ptr,
+    agg_ptr,
+    out_ptr,
+    num_seqs,
+    num_slots,
+    T,
+    tile_size,
+    search_steps,
+    stride_z_row,
+    stride_z_tok,
+    stride_mask_row,
+    stride_mask_tok,
+    x0,
+    HAS_MASK: tl.constexpr,
+    SKIP: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    PREFIX: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Filtered log-ratio of every token (0 where masked), written contiguously."""
+    seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
+        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
+    )
+    z_row = _seq_base(z_ptr, seq, seq_start, stride_z_row, stride_z_tok, IS_VARLEN)
+    mask_row = _seq_base(mask_ptr, seq, seq_start, stride_mask_row, stride_mask_tok, IS_VARLEN)
+    out_row = out_ptr + seq_start
+    seen = _tile_seen(counts_ptr, first, tile, tile_start, SKIP and HAS_MASK, PREFIX)
+    state = _tile_state(agg_ptr, num_slots, first, tile, x0, PREFIX)
+    for start in range(tile_start, tile_end, BLOCK):
+        pos = start + tl.arange(0, BLOCK)
+        in_bounds = pos < tile_end
+        valid = _load_valid(mask_row, stride_mask_tok, pos, in_bounds, HAS_MASK)
+        z = _load_log_ratio(z_row, z_row, stride_z_tok, stride_z_tok, pos, valid, False)
+        c, b, seen = _block_maps(z, valid, in_bounds, pos, gains_ptr, gains_last, seen, SKIP)
+        x = state - c * state + b
+        state = _last(x, BLOCK)
+        tl.store(out_row + pos, tl.where(valid, x, 0.0), mask=in_bounds)
+
+
+@triton.jit
+def tile_offsets_kernel(cu_seqlens_ptr, tile_offsets_ptr, num_seqs, tile_size, BLOCK_S: tl.constexpr):
+    """tile_offsets[s] = number of tiles of the sequences before s (num_seqs + 1 entries)."""
+    carry = tl.program_id(0) * 0
+    tl.store(tile_offsets_ptr, carry)
+    for start in range(0, num_seqs, BLOCK_S):
+        seqs = start + tl.arange(0, BLOCK_S)
+        in_bounds = seqs < num_seqs
+        lengths = tl.load(cu_seqlens_ptr + seqs + 1, mask=in_bounds, other=0) - tl.load(
+            cu_seqlens_ptr + seqs, mask=in_bounds, other=0
+        )
+        tiles = ((lengths + tile_size - 1) // tile_size).to(tl.int32)
+        ends = carry + tl.cumsum(tiles, 0)
+        tl.store(tile_offsets_ptr + seqs + 1, ends, mask=in_bounds)
+        carry += tl.sum(tiles, 0)
