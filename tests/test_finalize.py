@@ -16,9 +16,9 @@ import kpo_kernels
 from conftest import DEVICE, triton_backend
 from helpers import grid
 from kpo_kernels.backends.aggregation import NUM_STATS
+from kpo_kernels.backends.triton_backend import _finalize_launch
 from kpo_kernels.options import AGG_MODES, METRIC_NAMES
 
-WIDTHS = {1: 1024, 16: 256, 128: 32}  # tiles per step -> sequences per step (as the launcher)
 
 
 def finalize(stats, tiles, sequences, tiles_per_seq, offsets, agg, per_step):
@@ -35,7 +35,7 @@ def finalize(stats, tiles, sequences, tiles_per_seq, offsets, agg, per_step):
         stats, offsets if varlen else dummy, cu_seqlens, row_scale, out[0:1], out[1:], sequences, tiles, tiles_per_seq, 77,
         1.0, 0.0, 0.0, dummy, dummy, 0.0,
         AGG=kernels.AGG_CODES[agg], TOKEN_COUNT=0, SEQUENCE_COUNT=0, HAS_SCALE_FACTOR=False, IS_VARLEN=varlen,
-        BLOCK_S=1024, SEQ_BLOCK=WIDTHS[per_step], TILES=per_step, num_warps=4,
+        BLOCK_S=1024, **_finalize_launch(per_step),
     )
     return out, row_scale
 

@@ -68,6 +68,14 @@ def _finalize_tiles_per_step(tiling):
     return 1 if mean <= 2 else 16 if mean <= 17 else 128
 
 
+def _finalize_launch(tiles):
+    """The finalize kernel's per-sequence layout for `tiles` tiles per step: SEQ_BLOCK, TILES
+    and num_warps (sequences x tiles per step within 4096 values, 1024 sequences for one tile)."""
+    if tiles == 1:
+        return dict(SEQ_BLOCK=1024, TILES=1, num_warps=4)
+    return dict(SEQ_BLOCK=4096 // tiles, TILES=tiles, num_warps=8)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -404,9 +412,7 @@ class TritonBackend(Backend):
             HAS_SCALE_FACTOR=options.loss_scale_factor is not None,
             IS_VARLEN=varlen,
             BLOCK_S=1024,
-            SEQ_BLOCK=1024 if tiles == 1 else 4096 // tiles,
-            TILES=tiles,
-            num_warps=4 if tiles == 1 else 8,
+            **_finalize_launch(tiles),
         )
 
     def loss_backward(self, grad, row_scale, grad_output, cu_seqlens, dtype):
