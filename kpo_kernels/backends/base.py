@@ -52,14 +52,24 @@ class Backend:
         """Refuse (ValueError naming the argument) `FilterOptions` this backend cannot compute
         exactly; called before any kernel runs."""
 
-    def filter(self, log_ratio, mask, options, cu_seqlens=None):
+    def filter(self, log_ratio, mask, options, cu_seqlens=None, state=None):
         """Filtered log-ratio of a (B, T) batch, or of a packed (N,) one with `cu_seqlens`:
         float32 (float64 for float64 input where the backend supports it), 0 where the mask
-        is 0."""
+        is 0. state: None, or a `state.FilterState` of (B,) / (S,) tensors on the data's device
+        that each sequence enters with instead of (x0, no observation, no valid token)
+        (docs/math.md section 7)."""
         raise NotImplementedError
 
-    def loss_forward(self, batch, options, need_grad):
-        """Returns a `LossForward` for a checked `TokenBatch` and `LossOptions`."""
+    def loss_forward(self, batch, options, need_grad, state=None):
+        """Returns a `LossForward` for a checked `TokenBatch` and `LossOptions`; `state` as in
+        `filter`."""
+        raise NotImplementedError
+
+    def chunk_maps(self, log_prob, old_log_prob, mask, options, cu_seqlens, count):
+        """The `state.ChunkMaps` of each sequence of a (B, T) or packed (N,) batch of log-ratios
+        z = log_prob - old_log_prob (old_log_prob None: log_prob is z) whose sequences consumed
+        `count` ((B,) / (S,) int64 on the data's device) observations before (docs/math.md
+        section 7)."""
         raise NotImplementedError
 
     def loss_backward(self, grad, row_scale, grad_output, cu_seqlens, dtype):
