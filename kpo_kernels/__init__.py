@@ -6,6 +6,7 @@ from .fit_options import FIT_MODES
 from .fitting import NoiseEstimate, estimate_noise
 from .noise import NoiseFit, fit_noise
 from .options import AGG_MODES, MASK_MODES, METRIC_NAMES
+from .state import FilterState
 from .tables import PinnedTables, release_tables
 from .tracker import NoiseTracker
 
@@ -15,6 +16,7 @@ __all__ = [
     "AGG_MODES",
     "Backend",
     "FIT_MODES",
+    "FilterState",
     "KPOLoss",
     "MASK_MODES",
     "METRIC_NAMES",

@@ -15,7 +15,9 @@ from .backends import expand_rows
 from .dispatch import backend_key, check_backend_argument, resolve_backend
 from .gains import gain_schedule
 from .options import METRIC_NAMES
+from .state import ChunkMaps, FilterState, advance, check_state
 from .validation import (
+    check_bool,
     check_count,
     check_count_devices,
     check_device,
@@ -40,6 +42,8 @@ def kalman_filter(
     x0=0.0,
     mask_mode="skip",
     cu_seqlens=None,
+    initial_state=None,
+    return_state=False,
     backend="auto",
 ):
     """Causal Kalman-filtered log-ratio of every token (docs/math.md section 2).
@@ -58,12 +62,18 @@ def kalman_filter(
             (they are observations 0 at their position).
         cu_seqlens: int32 or int64 (S + 1,) offsets of packed sequences (flash-attention varlen), with a
             1-D `log_ratio`.
+        initial_state: None (each sequence starts from x0), or a `FilterState` of (B,) / (S,)
+            tensors: the state each sequence enters this call with, when its earlier tokens
+            were filtered before (docs/math.md section 7; x0 is then not used).
+        return_state: also return the `FilterState` after each sequence's last token, to pass
+            as `initial_state` of the call with the sequences' next tokens.
         backend: "auto" (Triton for CUDA tensors up to float32, torch otherwise), "torch", "triton" or a
             `Backend` instance.
 
     Returns:
         A tensor of `log_ratio`'s shape on its device: float32 (float64 for float64 input on the
-        torch backend), 0 at masked tokens. Not differentiable.
+        torch backend), 0 at masked tokens. Not differentiable. With `return_state`, the pair
+        (filtered, final FilterState).
 
     Raises:
         TypeError, ValueError: a bad shape, dtype, device or option, naming the argument, before
@@ -76,10 +86,29 @@ def kalman_filter(
     check_tensor_device("log_ratio", log_ratio.device)
     cu_seqlens = check_cu_seqlens(cu_seqlens, log_ratio.shape[0], log_ratio.device)
     mask = check_mask(mask, log_ratio.shape, log_ratio.device)
+    num_sequences = log_ratio.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    state = check_state(initial_state, num_sequences, log_ratio.device)
+    return_state = check_bool("return_state", return_state)
     impl = resolve_backend(backend, log_ratio.device, log_ratio.dtype)
     if not compiling():  # compiled: the op checks (see ops.filter_arguments)
         impl.check_options(options)
-    return torch.ops.kpo_kernels.kalman_filter(*ops.filter_arguments(log_ratio.detach(), mask, cu_seqlens, options, backend_key(impl)))
+    arguments = ops.filter_arguments(log_ratio.detach(), mask, cu_seqlens, state, options, backend_key(impl))
+    filtered = torch.ops.kpo_kernels.kalman_filter(*arguments)
+    if not return_state:
+        return filtered
+    return filtered, _final_state(log_ratio.detach(), None, mask, cu_seqlens, state, options, impl, num_sequences)
+
+
+def _final_state(log_prob, old_log_prob, mask, cu_seqlens, state, options, impl, num_sequences):
+    """The FilterState after the call's tokens: the entering one (or the start) advanced by the
+    chunk maps of the call's tokens (docs/math.md section 7)."""
+    if state is None:
+        state = FilterState.start(num_sequences, options.x0, device=log_prob.device)
+    maps = torch.ops.kpo_kernels.kalman_chunk_maps(
+        log_prob, old_log_prob, mask, cu_seqlens, state.count, float(options.q), float(options.r), float(options.p0),
+        options.skip, backend_key(impl),
+    )
+    return advance(state, ChunkMaps(*maps))
 
 
 def kalman_gains(n, *, q=1e-6, r=1.0, p0=0.0):
@@ -227,6 +256,8 @@ def kpo_loss(
     global_batch_size=None,
     loss_scale_factor=None,
     cu_seqlens=None,
+    initial_state=None,
+    return_state=False,
     backend="auto",
 ):
     """The KPO policy loss: the clipped surrogate of the Kalman-filtered token ratio.
@@ -257,13 +288,18 @@ def kpo_loss(
         dp_size, batch_num_tokens, global_batch_size, loss_scale_factor: verl's global-batch
             normalisation (counts may be one-element tensors on the data's device).
         cu_seqlens: int32 or int64 (S + 1,) offsets of packed sequences.
+        initial_state, return_state: the filter's state entering each sequence, and whether to
+            return the state after it, as in `kalman_filter` (docs/math.md section 7). The
+            aggregation sees this call's tokens only: for a sequence cut into chunks, pass the
+            totals (`agg="token-sum"` with weights, or `kpo_kernels.context_parallel`).
         backend: "auto", "torch", "triton" or a `Backend` instance.
 
     Returns:
         (loss, metrics): loss a 0-dim tensor (float32; float64 for float64 inputs on the torch
         backend), differentiable with respect to `log_prob`; metrics a dict from each name of
         `METRIC_NAMES` to a 0-dim tensor (docs/math.md sections 5 and 5b). No host
-        synchronisation.
+        synchronisation (but for an `initial_state`, whose largest count sizes the gain tables:
+        one host read). With `return_state`, (loss, metrics, final FilterState).
 
     Raises:
         TypeError, ValueError: a bad shape, dtype, device or option, naming the argument, before
@@ -291,14 +327,21 @@ def kpo_loss(
     )
     batch = check_token_batch(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens)
     check_count_devices(options, batch.device)
+    state = check_state(initial_state, batch.num_sequences, batch.device)
+    return_state = check_bool("return_state", return_state)
     impl = resolve_backend(backend, batch.device, log_prob.dtype)
     if not compiling():  # compiled: the op checks the numbers (see ops.loss_arguments)
         impl.check_options(options.filter)
     need_grad = _needs_autograd(log_prob)
-    arguments = ops.loss_arguments(batch, options, backend_key(impl), need_grad)
+    arguments = ops.loss_arguments(batch, state, options, backend_key(impl), need_grad)
     run = _KPOLossFunction.apply if need_grad else torch.ops.kpo_kernels.kpo_loss
     loss, metric_vector, _, _ = run(*arguments)
-    return loss, dict(zip(METRIC_NAMES, metric_vector.unbind()))
+    metrics = dict(zip(METRIC_NAMES, metric_vector.unbind()))
+    if not return_state:
+        return loss, metrics
+    final = _final_state(batch.log_prob.detach(), batch.old_log_prob.detach(), batch.mask, batch.cu_seqlens, state,
+                         options.filter, impl, batch.num_sequences)
+    return loss, metrics, final
 
 
 class KPOLoss(torch.nn.Module):
@@ -342,4 +385,4 @@ _LOSS_DEFAULTS = {
     for name, parameter in inspect.signature(kpo_loss).parameters.items()
     if parameter.kind is parameter.KEYWORD_ONLY
 }
-_TENSOR_OR_BACKEND = ("is_weights", "cu_seqlens", "backend")
+_TENSOR_OR_BACKEND = ("is_weights", "cu_seqlens", "initial_state", "return_state", "backend")

@@ -18,6 +18,10 @@ tensor under compile) travel in `number_tensors`, named by `number_tensor_names`
   per-token derivative without the aggregation weights (empty when not needed), `row_scale`
   the weight of each row or packed sequence.
 - `kpo_loss_backward(grad, row_scale, grad_output, cu_seqlens, dtype, backend) -> d log_prob`
+- `kalman_chunk_maps(log_prob, old_log_prob, mask, cu_seqlens, count, ...) -> ChunkMaps fields`
+
+The filter and the loss take an optional entering state (`state.FilterState`, docs/math.md
+section 7) as three optional tensors.
 
 Autograd sits on top, in `api` (an autograd.Function, which torch.func transforms also accept).
 """
@@ -30,6 +34,7 @@ from torch.types import Number
 
 from .dispatch import lookup
 from .options import METRIC_NAMES, FilterOptions, LossOptions, TokenBatch
+from .state import FilterState, check_count_values, check_state_values
 from .validation import (
     check_count_devices,
     check_cu_seqlens_values,
@@ -77,10 +82,30 @@ def _given_numbers(named, number_tensors, number_tensor_names):
 _FILTER_NUMBERS = ("q", "r", "p0", "x0")
 
 
-def filter_arguments(log_ratio, mask, cu_seqlens, options, backend):
+def filter_arguments(log_ratio, mask, cu_seqlens, state, options, backend):
     """The positional arguments of `kalman_filter` for checked (or, compiled, traced) options."""
     plain, tensors, names = _split_numbers((name, getattr(options, name)) for name in _FILTER_NUMBERS)
-    return (log_ratio, mask, cu_seqlens, *plain, options.skip, tensors, names, compiling(), backend)
+    return (log_ratio, mask, cu_seqlens, *_state_tensors(state), *plain, options.skip, tensors, names, compiling(), backend)
+
+
+def _state_tensors(state):
+    """A FilterState as three optional tensor arguments."""
+    return (None, None, None) if state is None else (state.x, state.count, state.last_sign)
+
+
+def _given_state(state):
+    """The `state` keyword for a backend call, only when there is one: a backend written before
+    states existed keeps working for calls without one."""
+    return {} if state is None else {"state": state}
+
+
+def _state(x, count, last_sign):
+    """The FilterState of three optional tensor arguments, its values checked."""
+    if x is None:
+        return None
+    state = FilterState(x, count, last_sign)
+    check_state_values(state)
+    return state
 
 
 @torch.library.custom_op("kpo_kernels::kalman_filter", mutates_args=())
@@ -88,6 +113,9 @@ def kalman_filter(
     log_ratio: Tensor,
     mask: Optional[Tensor],
     cu_seqlens: Optional[Tensor],
+    state_x: Optional[Tensor],
+    state_count: Optional[Tensor],
+    state_sign: Optional[Tensor],
     q: Number,
     r: Number,
     p0: Number,
@@ -100,6 +128,7 @@ def kalman_filter(
 ) -> Tensor:
     check_cu_seqlens_values(cu_seqlens, log_ratio.shape[0])
     check_mask_values(mask)
+    state = _state(state_x, state_count, state_sign)
     impl = lookup(backend)
     if check_numbers:
         given = _given_numbers(zip(_FILTER_NUMBERS, (q, r, p0, x0)), number_tensors, number_tensor_names)
@@ -107,7 +136,7 @@ def kalman_filter(
         impl.check_options(options)
     else:
         options = _filter_options(q, r, p0, x0, skip)
-    return impl.filter(log_ratio, mask, options, cu_seqlens).contiguous()
+    return impl.filter(log_ratio, mask, options, cu_seqlens, **_given_state(state)).contiguous()
 
 
 @kalman_filter.register_fake
@@ -122,7 +151,7 @@ def _(log_ratio, mask, cu_seqlens, *args):
 _LOSS_NUMBERS = ("q", "r", "p0", "x0", "clip_low", "clip_high", "dual_clip", "log_ratio_cap", "loss_scale_factor")
 
 
-def loss_arguments(batch, options, backend, need_grad):
+def loss_arguments(batch, state, options, backend, need_grad):
     """The positional arguments of `kpo_loss` for a checked TokenBatch and LossOptions (or,
     while Dynamo traces, options whose numbers the op checks: `check_numbers`)."""
     filt = options.filter
@@ -147,6 +176,7 @@ def loss_arguments(batch, options, backend, need_grad):
         batch.cu_seqlens,
         tokens_tensor,
         sequences_tensor,
+        *_state_tensors(state),
         batch.advantages_per_token,
         q,
         r,
@@ -181,6 +211,9 @@ def kpo_loss(
     cu_seqlens: Optional[Tensor],
     batch_num_tokens: Optional[Tensor],
     global_batch_size: Optional[Tensor],
+    state_x: Optional[Tensor],
+    state_count: Optional[Tensor],
+    state_sign: Optional[Tensor],
     advantages_per_token: bool,
     q: Number,
     r: Number,
@@ -205,6 +238,7 @@ def kpo_loss(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_cu_seqlens_values(cu_seqlens, log_prob.shape[0])
     check_mask_values(mask)
+    state = _state(state_x, state_count, state_sign)
     impl = lookup(backend)
     batch = TokenBatch(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens, advantages_per_token)
     numbers = zip(_LOSS_NUMBERS, (q, r, p0, x0, clip_low, clip_high, dual_clip, log_ratio_cap, loss_scale_factor))
@@ -223,7 +257,7 @@ def kpo_loss(
     else:
         filter_options = _filter_options(*(given.pop(name) for name in _FILTER_NUMBERS), skip)
         options = LossOptions(filter=filter_options, **given)
-    result = impl.loss_forward(batch, options, need_grad=need_grad)
+    result = impl.loss_forward(batch, options, need_grad=need_grad, **_given_state(state))
     grad = result.grad.contiguous() if result.grad is not None else log_prob.new_empty(0, dtype=impl.output_dtypes(log_prob.dtype)["grad"])
     # Outputs must be fresh tensors: a backend may return loss and metrics as views of one
     # buffer (copied here); the built-in backends do not, and pay no copy.
@@ -259,6 +293,38 @@ def _(grad, row_scale, grad_output, cu_seqlens, dtype, backend):
     return grad.new_empty(grad.shape, dtype=dtype)
 
 
+# ----------------------------------------------------------------------------- chunk maps
+
+
+@torch.library.custom_op("kpo_kernels::kalman_chunk_maps", mutates_args=())
+def kalman_chunk_maps(
+    log_prob: Tensor,
+    old_log_prob: Optional[Tensor],
+    mask: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    count: Tensor,
+    q: float,
+    r: float,
+    p0: float,
+    skip: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The ChunkMaps fields of each sequence (docs/math.md section 7); options checked by the caller."""
+    check_cu_seqlens_values(cu_seqlens, log_prob.shape[0])
+    check_mask_values(mask)
+    check_count_values(count)
+    options = _filter_options(q, r, p0, 0.0, skip)
+    maps = lookup(backend).chunk_maps(log_prob, old_log_prob, mask, options, cu_seqlens, count)
+    return tuple(t.contiguous() for t in maps)
+
+
+@kalman_chunk_maps.register_fake
+def _(log_prob, old_log_prob, mask, cu_seqlens, count, q, r, p0, skip, backend):
+    dtype = lookup(backend).output_dtypes(log_prob.dtype)["maps"]
+    maps = tuple(count.new_empty(count.shape, dtype=dtype) for _ in range(4))
+    return (*maps, count.new_empty(count.shape, dtype=torch.int8), count.new_empty(count.shape, dtype=torch.int64))
+
+
 # ----------------------------------------------------------------------------- vmap
 
 
@@ -266,5 +332,5 @@ def _refuse_vmap(info, in_dims, *args):
     raise NotImplementedError(VMAP_MESSAGE)
 
 
-for _op in ("kpo_kernels::kalman_filter", "kpo_kernels::kpo_loss", "kpo_kernels::kpo_loss_backward"):
+for _op in ("kpo_kernels::kalman_filter", "kpo_kernels::kpo_loss", "kpo_kernels::kpo_loss_backward", "kpo_kernels::kalman_chunk_maps"):
     torch.library.register_vmap(_op, _refuse_vmap)

@@ -90,3 +90,60 @@ def compose(first, second):
     b_last = torch.where(later, b1 - cl2 * b1 + bl2, bl1)
     raw_sign = torch.where(later, second.raw_sign, first.raw_sign)
     return ChunkMaps(c, b, c_last, b_last, raw_sign, first.count + second.count)
+
+
+def check_state(state, num_sequences, device, name="initial_state"):
+    """A FilterState of (S,) tensors on `device` (values: `check_state_values`, inside the ops),
+    returned with count as int64 and last_sign as int8."""
+    if state is None:
+        return None
+    if not isinstance(state, FilterState):
+        raise TypeError(f"{name} must be a kpo_kernels.FilterState, got {type(state).__name__}")
+    for field, value in zip(FilterState._fields, state):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}.{field} must be a torch.Tensor, got {type(value).__name__}")
+        if value.shape != (num_sequences,):
+            raise ValueError(f"{name}.{field} has shape {tuple(value.shape)}, expected ({num_sequences},): one per sequence")
+        if value.device != device:
+            raise ValueError(f"{name}.{field} is on {value.device}, expected {device} (the device of the log-probs)")
+    if not state.x.dtype.is_floating_point:
+        raise TypeError(f"{name}.x must be floating point, got {state.x.dtype}")
+    for field in ("count", "last_sign"):
+        value = getattr(state, field)
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name}.{field} must be an integer tensor, got {value.dtype}")
+    return FilterState(state.x, state.count.to(torch.int64), state.last_sign.to(torch.int8))
+
+
+def check_state_values(state, name="initial_state"):
+    """count >= 0 and last_sign a code in 0..9 (see `_require`)."""
+    if state is None:
+        return
+    check_count_values(state.count, f"{name}.count")
+    in_range = (state.last_sign >= 0) & (state.last_sign <= NO_TOKEN)
+    _require(in_range, f"{name}.last_sign must be a sign code in 0..{NO_TOKEN}")
+
+
+def check_count_values(count, name="count"):
+    """Every observation count >= 0 (see `_require`)."""
+    _require(count >= 0, f"{name} must be >= 0")
+
+
+def _require(flags, message):
+    """All flags true: checked on the host for CPU tensors, asynchronously on an accelerator
+    (torch._assert_async: no host synchronisation; a violation fails the next synchronising call)."""
+    if not flags.numel():
+        return
+    if flags.device.type == "cpu":
+        if not bool(flags.all()):
+            raise ValueError(message)
+    else:
+        torch._assert_async(flags.all(), message)
+
+
+def largest_count(state):
+    """The largest count of a state (0 for none): the gain tables must reach count + length.
+    One host read on an accelerator."""
+    if state is None or not state.count.numel():
+        return 0
+    return int(state.count.max())

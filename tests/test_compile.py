@@ -118,7 +118,7 @@ def test_kalman_filter_compiles_without_graph_breaks(backend_name, packed):
 
 
 def test_the_ops_are_registered():
-    for name in ("kalman_filter", "kpo_loss", "kpo_loss_backward"):
+    for name in ("kalman_filter", "kpo_loss", "kpo_loss_backward", "kalman_chunk_maps"):
         assert hasattr(torch.ops.kpo_kernels, name)
 
 
@@ -133,8 +133,21 @@ def _op_samples(backend):
                 batch.get("is_weights"), batch.get("cu_seqlens"),
             )
             loss_options = kpo_kernels.validation.check_loss_options(**{**_LOSS_DEFAULTS, **options})
-            samples.append(ops.loss_arguments(checked, loss_options, key, True))
+            samples.append(ops.loss_arguments(checked, None, loss_options, key, True))
+            if family == "default" and backend.name in STATEFUL:
+                samples.append(ops.loss_arguments(checked, _state(checked.num_sequences), loss_options, key, True))
     return samples
+
+
+STATEFUL = ("torch",)  # backends whose ops take an entering state
+
+
+def _state(sequences):
+    """An entering state with every kind of entry (docs/math.md section 7)."""
+    state = kpo_kernels.FilterState.start(sequences, device=DEVICE, dtype=torch.float32)
+    count = torch.arange(sequences, device=DEVICE) * 7
+    sign = torch.arange(sequences, device=DEVICE).remainder(10).to(torch.int8)
+    return kpo_kernels.FilterState(torch.linspace(-0.2, 0.3, sequences, device=DEVICE), count, sign)
 
 
 _LOSS_DEFAULTS = {
@@ -160,12 +173,20 @@ def test_opcheck_every_op(backend_name):
     for packed in (False, True):
         batch, _ = _inputs("default", packed)
         z = batch["log_prob"] - batch["old_log_prob"]
+        cu_seqlens = batch.get("cu_seqlens")
+        sequences = z.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        states = (None, _state(sequences)) if backend.name in STATEFUL else (None,)
         for mask_mode in ("skip", "position"):
             options = kpo_kernels.validation.check_filter_params(q=1e-2, r=1.0, p0=0.0, x0=0.0, mask_mode=mask_mode)
-            args = ops.filter_arguments(z, batch["mask"], batch.get("cu_seqlens"), options, key)
-            torch.library.opcheck(torch.ops.kpo_kernels.kalman_filter.default, args)
+            for state in states:
+                args = ops.filter_arguments(z, batch["mask"], cu_seqlens, state, options, key)
+                torch.library.opcheck(torch.ops.kpo_kernels.kalman_filter.default, args)
+            if backend.name in STATEFUL:
+                count = torch.arange(sequences, device=DEVICE) * 3
+                args = (batch["log_prob"], batch["old_log_prob"], batch["mask"], cu_seqlens, count, 1e-2, 1.0, 0.0, mask_mode == "skip", key)
+                torch.library.opcheck(torch.ops.kpo_kernels.kalman_chunk_maps.default, args)
         # as a compiled step calls it: numbers checked inside the op, q given as a CPU tensor
-        args = (z, batch["mask"], batch.get("cu_seqlens"), 0.0, 1.0, 0.0, 0.0, True, [torch.tensor(1e-2)], "q", True, key)
+        args = (z, batch["mask"], cu_seqlens, None, None, None, 0.0, 1.0, 0.0, 0.0, True, [torch.tensor(1e-2)], "q", True, key)
         torch.library.opcheck(torch.ops.kpo_kernels.kalman_filter.default, args)
 
 

@@ -160,9 +160,9 @@ def test_opcheck_on_cuda():
         log_ratio_cap=10.0, agg="seq-mean-token-mean", dp_size=1, batch_num_tokens=None, global_batch_size=None,
         loss_scale_factor=None,
     )
-    args = ops.loss_arguments(checked, options, key, True)
+    args = ops.loss_arguments(checked, None, options, key, True)
     torch.library.opcheck(torch.ops.kpo_kernels.kpo_loss.default, args)
     z = batch["log_prob"] - batch["old_log_prob"]
     filter_options = validation.check_filter_params(q=1e-2, r=1.0, p0=0.0, x0=0.0)
-    filter_args = ops.filter_arguments(z, batch["mask"], None, filter_options, key)
+    filter_args = ops.filter_arguments(z, batch["mask"], None, None, filter_options, key)
     torch.library.opcheck(torch.ops.kpo_kernels.kalman_filter.default, filter_args)

@@ -85,9 +85,9 @@ class Backend:
 
     def output_dtypes(self, dtype):
         """Dtypes of the results for inputs of `dtype`: filter, loss (and metrics), grad (the
-        stored per-token derivative) and row_scale. The custom ops' fake implementations
+        stored per-token derivative), row_scale and maps (the float fields of `chunk_maps`). The custom ops' fake implementations
         allocate with them, so they must be what the methods above return."""
-        return dict.fromkeys(("filter", "loss", "grad", "row_scale"), torch.float32)
+        return dict.fromkeys(("filter", "loss", "grad", "row_scale", "maps"), torch.float32)
 
     def key(self):
         """A string that identifies this backend and its settings (`dispatch.lookup` turns it

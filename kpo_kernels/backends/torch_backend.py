@@ -18,8 +18,10 @@ import torch
 from .. import tables
 from ..options import KL_CLAMP
 from . import aggregation
+from ..options import TokenBatch
 from .base import Backend, LossForward, expand_rows, log1p_neg
 from .torch_layouts import _Packed, _Rows, _valid, diagnostic_columns, innovation_terms  # noqa: F401 (noise.py)
+from .torch_chunks import packed_chunk_maps
 from .torch_rows import _bounds, rows_loss
 from .torch_scan import COMPUTE
 
@@ -35,25 +37,32 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def filter(self, log_ratio, mask, options, cu_seqlens=None):
+    def filter(self, log_ratio, mask, options, cu_seqlens=None, state=None):
+        if state is not None and cu_seqlens is None:  # rows with a state: the packed path
+            flat = _flatten(log_ratio, mask)
+            return self.filter(*flat, options, _row_offsets(log_ratio), state).view(log_ratio.shape)
         valid = _valid(mask, log_ratio.shape, log_ratio.device)
         z = torch.where(valid, log_ratio.to(COMPUTE), 0.0)
-        layout = _Rows(log_ratio.shape) if cu_seqlens is None else _Packed(cu_seqlens, log_ratio.shape[0])
+        layout = _Rows(log_ratio.shape) if cu_seqlens is None else _Packed(cu_seqlens, log_ratio.shape[0], state)
         out_dtype = torch.float64 if log_ratio.dtype == torch.float64 else torch.float32
         return torch.where(valid, layout.filter(z, valid, options), 0.0).to(out_dtype)
 
-    def loss_forward(self, batch, options, need_grad):
+    def loss_forward(self, batch, options, need_grad, state=None):
         # The scan and every branch decision (cap, clip, dual clip) use the float64 filtered
         # log-ratio, so decisions agree with a float64 definition token for token; values are
         # computed in the result dtype. Garbage under the mask is replaced once; after that
         # every masked quantity is finite and multiplying by the mask zeroes it (cheaper than
         # `where` on CPUs). Arithmetic is in place where it can be: fresh multi-megabyte CPU
         # allocations cost page faults. Padded CPU batches take the fast path (torch_rows).
-        fast = rows_loss(batch, options, need_grad)
+        if state is not None and batch.cu_seqlens is None:  # rows with a state: the packed path
+            result = self.loss_forward(_packed_rows(batch), options, need_grad, state)
+            grad = None if result.grad is None else result.grad.view(batch.shape)
+            return LossForward(result.loss, result.metrics, grad, result.row_scale)
+        fast = rows_loss(batch, options, need_grad) if state is None else None
         if fast is not None:
             return fast
         dtype = batch.result_dtype
-        layout = _Rows(batch.shape) if batch.cu_seqlens is None else _Packed(batch.cu_seqlens, batch.shape[0])
+        layout = _Rows(batch.shape) if batch.cu_seqlens is None else _Packed(batch.cu_seqlens, batch.shape[0], state)
         valid = _valid(batch.mask, batch.shape, batch.device)
         invalid = ~valid
         valid_f = valid.to(dtype)
@@ -114,6 +123,12 @@ class TorchBackend(Backend):
             grad.masked_fill_(invalid if frozen is None else frozen | invalid, 0.0)
         return LossForward(loss, metrics, grad, row_scale)
 
+    def chunk_maps(self, log_prob, old_log_prob, mask, options, cu_seqlens, count):
+        if cu_seqlens is None:  # rows: the packed path
+            flat_old = None if old_log_prob is None else old_log_prob.reshape(-1)
+            return self.chunk_maps(log_prob.reshape(-1), flat_old, _flat(mask), options, _row_offsets(log_prob), count)
+        return packed_chunk_maps(log_prob, old_log_prob, mask, options, cu_seqlens, count)
+
     def loss_backward(self, grad, row_scale, grad_output, cu_seqlens, dtype):
         scale = expand_rows(grad_output.to(row_scale.dtype) * row_scale, grad.shape, cu_seqlens)
         return (grad * scale).to(dtype)
@@ -123,7 +138,34 @@ class TorchBackend(Backend):
         tables.variance_ratio_table(length, q, r, p0, device, COMPUTE)
 
     def output_dtypes(self, dtype):
-        return dict.fromkeys(("filter", "loss", "grad", "row_scale"), torch.float64 if dtype == torch.float64 else torch.float32)
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        return {**dict.fromkeys(("filter", "loss", "grad", "row_scale"), wide), "maps": torch.float64}
 
     def key(self):
         return "torch" if type(self) is TorchBackend else super().key()
+
+
+def _flat(tensor):
+    return None if tensor is None else tensor.reshape(-1)
+
+
+def _flatten(log_ratio, mask):
+    return log_ratio.reshape(-1), _flat(mask)
+
+
+def _row_offsets(tokens):
+    """cu_seqlens of the rows of a (B, T) tensor seen as B packed sequences of T tokens."""
+    rows, width = tokens.shape
+    return torch.arange(rows + 1, device=tokens.device, dtype=torch.int64) * width
+
+
+def _packed_rows(batch):
+    """A padded TokenBatch as the packed batch of its rows (docs/math.md section 1: the same
+    per-token quantities; the horizon of `seq-mean-token-sum-norm`, the longest sequence, is T)."""
+    advantages = batch.advantages
+    if batch.advantages_per_token:
+        advantages = advantages.reshape(-1)
+    return TokenBatch(
+        _flat(batch.log_prob), _flat(batch.old_log_prob), advantages, _flat(batch.mask), _flat(batch.is_weights),
+        _row_offsets(batch.log_prob), batch.advantages_per_token,
+    )

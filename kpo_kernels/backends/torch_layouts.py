@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import tables
+from ..state import NO_TOKEN, largest_count
 from . import aggregation
 from .torch_scan import (
     COMPUTE,
@@ -144,7 +145,7 @@ class _Rows:
 class _Packed:
     """A packed (N,) stream of sequences delimited by cu_seqlens (S + 1,)."""
 
-    def __init__(self, cu_seqlens, num_tokens):
+    def __init__(self, cu_seqlens, num_tokens, state=None):
         self.cu_seqlens = cu_seqlens.long()
         self.num_seqs = cu_seqlens.numel() - 1
         tokens = torch.arange(num_tokens, device=cu_seqlens.device)
@@ -153,20 +154,29 @@ class _Packed:
         lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
         self.horizon = lengths.max() if self.num_seqs else 0  # the longest sequence (no host sync)
         self.longest = tables.packed_longest(cu_seqlens, num_tokens)  # the tables' length bound
+        # An entering state (docs/math.md section 7): each sequence starts from state.x, its
+        # gain index is offset by state.count, its first valid token pairs with state.last_sign.
+        self.state = state
+        self.offset = 0
+        if state is not None:
+            self.offset = state.count[self.seq]
+            self.longest += largest_count(state)
+
+    def _start(self, x0):
+        """The state before each sequence's first token, at every token (or the number x0)."""
+        return x0 if self.state is None else self.state.x.to(COMPUTE)[self.seq]
 
     def filter(self, z, valid, options):
         """Filtered log-ratio of a packed z: one scan over the stream, where the first token of
         each sequence forgets the state exactly (its map is x -> x0 (1 - c) + c z, a = 0)."""
         gains = tables.gain_table(self.longest, options.q, options.r, options.p0, z.device, COMPUTE)
+        c = self.per_observation(gains, valid, options.skip)
         if options.skip:
-            count = self._running(valid)  # gain index n(t) within the sequence
-            c = gain_lookup(gains, count.sub_(1)).mul_(valid)
-        else:
-            c = gain_lookup(gains, self.pos)
+            c = c.mul_(valid)
         bad = nonfinite(z)
         b = c * (z if bad is None else z.masked_fill(bad, 0.0))
         first = self.pos == 0
-        b = torch.where(first, options.x0 * (1 - c) + b, b)
+        b = torch.where(first, self._start(options.x0) * (1 - c) + b, b)
         x = affine_scan(torch.sub(1.0, c).masked_fill_(first, 0.0)[None], b[None], need_a=False)[1][0]
         return x if bad is None else ieee_nonfinite(x, z, c, bad, self._running)
 
@@ -200,8 +210,8 @@ class _Packed:
     def per_observation(self, table, valid, skip):
         """A per-observation table (indexed like the gains) at every token."""
         if skip:
-            return gain_lookup(table, self._running(valid).sub_(1))
-        return gain_lookup(table, self.pos)
+            return gain_lookup(table, self._running(valid).sub_(1).add_(self.offset))
+        return gain_lookup(table, self.pos + self.offset)
 
     def row_sum(self, values):
         return self._sum(values)
@@ -217,14 +227,24 @@ class _Packed:
         """Per sequence: (pairs of consecutive valid tokens, of those with strictly opposite
         signs of z, of x)."""
         has, (pz, px) = self.previous_valid(valid, z, x)
-        return self.count(has), self.count((pz * z < 0) & has), self.count((px * x < 0) & has)
+        pairs, raw, filtered = self.count(has), self.count((pz * z < 0) & has), self.count((px * x < 0) & has)
+        if self.state is None:
+            return pairs, raw, filtered
+        # Each sequence's first valid token pairs with the last valid token before the chunk.
+        code = self.state.last_sign.to(torch.int64)
+        carried = (valid & ~has & (code != NO_TOKEN)[self.seq]).to(torch.int64)
+        raw_before, filtered_before = (code // 3 - 1)[self.seq], (code % 3 - 1)[self.seq]
+        pairs = pairs + self._sum(carried)
+        raw = raw + self._sum(carried * (_sign(z) * raw_before < 0))
+        filtered = filtered + self._sum(carried * (_sign(x) * filtered_before < 0))
+        return pairs, raw, filtered
 
     def previous_state(self, x, x0):
-        """The state before each token (x0 before the first of each sequence)."""
+        """The state before each token (x0, or the entering state, before the first of each sequence)."""
         if x.numel() == 0:
             return x.clone()
         before = F.pad(x[:-1], (1, 0))
-        return before.masked_fill_(self.pos == 0, x0)
+        return torch.where(self.pos == 0, self._start(x0), before)
 
     def previous_valid(self, valid, *values):
         """(has, values at the previous valid token of the same sequence)."""
@@ -236,6 +256,11 @@ class _Packed:
         last.clamp_(min=0)
         return has, [v[last] for v in values]
 
+
+
+def _sign(v):
+    """-1, 0 or 1 as int64 (0 for 0 and NaN, as the kernels' sign codes)."""
+    return torch.sign(v).nan_to_num_(0.0).to(torch.int64)
 
 
 def _opposite(v):
