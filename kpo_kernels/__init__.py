@@ -2,6 +2,7 @@
 
 from .api import KPOLoss, kalman_filter, kalman_gains, kpo_loss, prepare
 from .backends import Backend, TorchBackend, TritonBackend
+from .context_parallel import Pieces, context_parallel_kpo_loss
 from .fit_options import FIT_MODES
 from .fitting import NoiseEstimate, estimate_noise
 from .noise import NoiseFit, fit_noise
@@ -24,8 +25,10 @@ __all__ = [
     "NoiseFit",
     "NoiseTracker",
     "PinnedTables",
+    "Pieces",
     "TorchBackend",
     "TritonBackend",
+    "context_parallel_kpo_loss",
     "estimate_noise",
     "fit_noise",
     "kalman_filter",
