@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from kpo_kernels import kpo_loss
 from kpo_kernels.integrations import slime as kpo_slime
 
 
@@ -87,3 +88,93 @@ def test_options_from_args():
 def test_options_refused_by_name(overrides, error, match):
     with pytest.raises(error, match=match):
         kpo_slime.kpo_options(slime_args(**overrides))
+
+
+OPTIONS = {"q": 1e-3, "r": 0.5, "clip_low": 0.2, "clip_high": 0.28, "dual_clip": 3.0, "backend": "torch"}
+# (total_lengths, response_lengths): one-token prompts, an empty response, responses shorter than
+# a chunk (so that some ranks hold none of them), a fully masked sample.
+LENGTHS = ([40, 9, 2, 30, 57, 25], [31, 4, 1, 0, 50, 3])
+
+
+def micro_batch(seed, lengths=LENGTHS):
+    """Whole responses in float64: current and old log-probs (a drifting log-ratio plus token
+    noise), per-token advantages constant along each response (slime's GRPO), 0/1 int masks."""
+    gen = torch.Generator().manual_seed(seed)
+    total, response = lengths
+    new = [-1.0 - torch.rand(n, generator=gen, dtype=torch.float64) for n in response]
+    drift = [torch.cumsum(0.05 * torch.randn(n, generator=gen, dtype=torch.float64), 0) for n in response]
+    old = [p - d - 0.2 * torch.randn(n, generator=gen, dtype=torch.float64) for p, d, n in zip(new, drift, response)]
+    adv = [torch.full((n,), float(a), dtype=torch.float64) for n, a in zip(response, torch.randn(len(response), generator=gen))]
+    masks = [(torch.rand(n, generator=gen) > 0.2).int() for n in response]
+    masks[1].zero_()
+    return total, response, new, old, adv, masks
+
+
+def rollout_sums(masks):
+    """slime's `rollout_mask_sums` when samples 2i and 2i + 1 are one rollout."""
+    sums = [int(m.sum()) for m in masks]
+    return [sums[i] + sums[i ^ 1] if (i ^ 1) < len(sums) else sums[i] for i in range(len(sums))]
+
+
+def unsharded(batch, denominators, per_token_loss):
+    """slime's reduction of KPO's token losses over whole responses, from `kpo_loss` on a
+    right-padded batch: sum over samples of sum_t m L / max(denominator, 1), or the plain sum."""
+    total, response, new, old, adv, masks = batch
+    width = max(response)
+    pad = lambda ts: torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[0])) for t in ts])  # noqa: E731
+    log_prob = pad(new).requires_grad_()
+    if per_token_loss:
+        weights = None
+    else:
+        den = [float(m.sum()) for m in masks] if denominators is None else [float(d) for d in denominators]
+        weights = (1.0 / torch.tensor(den, dtype=torch.float64).clamp(min=1.0))[:, None].expand(len(response), width)
+    loss, metrics = kpo_loss(log_prob, pad(old), pad(adv), pad(masks).bool(), agg="token-sum", is_weights=weights,
+                             **OPTIONS)
+    (grad,) = torch.autograd.grad(loss, log_prob)
+    return loss.detach(), [grad[s, :n] for s, n in enumerate(response)], metrics
+
+
+def rank_loss(batch, rank, cp_size, denominators, per_token_loss):
+    """One CP rank: its slices of the whole responses, `cp_rank_loss`, the loss, the gradient at
+    its tokens (scattered back into whole-response tensors, 0 elsewhere) and the metrics."""
+    total, response, new, old, adv, masks = batch
+    pieces = kpo_slime.slime_pieces(total, response, rank, cp_size)
+    local = lambda ts: [torch.cat([ts[s][p.start:p.stop] for p in pieces[2 * s:2 * s + 2]]) for s in range(len(ts))]  # noqa: E731
+    log_probs = [t.clone().requires_grad_() for t in local(new)]
+    loss, metrics = kpo_slime.cp_rank_loss(
+        log_probs, local(old), local(adv), masks, total, response, cp_rank=rank, cp_size=cp_size,
+        denominators=denominators, per_token_loss=per_token_loss, **OPTIONS,
+    )
+    grads = torch.autograd.grad(loss, log_probs, allow_unused=True)
+    whole = [torch.zeros(n, dtype=torch.float64) for n in response]
+    for s, g in enumerate(grads):
+        if g is not None:
+            index = torch.tensor([j for p in pieces[2 * s:2 * s + 2] for j in range(p.start, p.stop)], dtype=torch.int64)
+            whole[s][index] = g
+    return loss.detach(), whole, {k: v.detach() for k, v in metrics.items()}
+
+
+VARIANTS = [(None, False), ("rollout", False), (None, True)]
+
+
+def check_against_unsharded(batch, results):
+    """`results[variant]`: the (loss, whole-response gradients, metrics) of every rank."""
+    for (denominators, per_token_loss), ranks in zip(VARIANTS, results):
+        den = rollout_sums(batch[5]) if denominators == "rollout" else None
+        loss, grads, metrics = unsharded(batch, den, per_token_loss)
+        assert float(sum(r[0] for r in ranks)) == pytest.approx(float(loss), rel=1e-12, abs=1e-14)
+        for s in range(len(grads)):
+            torch.testing.assert_close(sum(r[1][s] for r in ranks), grads[s], rtol=1e-10, atol=1e-14)
+        for _, _, rank_metrics in ranks:
+            for name, value in metrics.items():
+                torch.testing.assert_close(rank_metrics[name].to(value.dtype), value, rtol=1e-10, atol=1e-12,
+                                           msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_without_context_parallelism_the_loss_is_slimes_reduction_of_kpo_loss():
+    batch = micro_batch(0)
+    results = []
+    for denominators, per_token_loss in VARIANTS:
+        den = rollout_sums(batch[5]) if denominators == "rollout" else None
+        results.append([rank_loss(batch, 0, 1, den, per_token_loss)])
+    check_against_unsharded(batch, results)

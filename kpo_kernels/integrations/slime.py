@@ -29,11 +29,12 @@ KL loss through `sum_of_sample_mean`. The KPO options come from `args` (attribut
 `--eps-clip`, `--eps-clip-high`, `--eps-clip-c`.
 """
 
+import itertools
 from typing import NamedTuple
 
 import torch
 
-from ..api import KPOLoss
+from ..api import KPOLoss, kpo_loss
 
 __all__ = ["KPO_ARGS", "LOGGED_METRICS", "SlimePiece", "slime_pieces", "kpo_options", "cp_rank_loss",
            "kpo_policy_loss"]
@@ -141,8 +142,8 @@ def cp_rank_loss(log_probs, old_log_probs, advantages, loss_masks, total_lengths
             tokens in slime's layout (`slime_pieces`); `log_probs` gets the gradient.
         loss_masks: per sample, the whole response's mask (slime's `loss_masks`).
         total_lengths, response_lengths, cp_rank, cp_size: as in `slime_pieces`.
-        group: the context-parallel process group (None: the default group, or no
-            communication when cp_size is 1).
+        group: the context-parallel process group (None: the default group); not used when
+            cp_size is 1 (then the responses are whole: a packed `kpo_loss`).
         denominators: per sample, slime's `rollout_mask_sums` (None: each mask's own sum); each
             sample's token losses are divided by it, at least 1. Ignored with `per_token_loss`.
         per_token_loss: slime's `--calculate-per-token-loss`: the plain sum of token losses.
@@ -154,8 +155,6 @@ def cp_rank_loss(log_probs, old_log_probs, advantages, loss_masks, total_lengths
         tokens is the whole loss's) and `kpo_loss`'s metrics of the whole micro-batch, the same
         on every rank.
     """
-    from ..context_parallel import Pieces, context_parallel_kpo_loss
-
     pieces = slime_pieces(total_lengths, response_lengths, cp_rank, cp_size)
     num = len(response_lengths)
     local = [sum(p.stop - p.start for p in pieces[2 * s:2 * s + 2]) for s in range(num)]
@@ -167,21 +166,25 @@ def cp_rank_loss(log_probs, old_log_probs, advantages, loss_masks, total_lengths
     log_prob = torch.cat(list(log_probs))
     device = log_prob.device
     mask = torch.cat([loss_masks[p.sequence][p.start:p.stop].to(device) for p in pieces]).bool()
-    layout = Pieces(lengths=torch.tensor([p.stop - p.start for p in pieces], dtype=torch.int64),
-                    sequence=torch.tensor([p.sequence for p in pieces], dtype=torch.int64),
-                    order=torch.tensor([p.order for p in pieces], dtype=torch.int64), num_sequences=num)
     weights = None
     if not per_token_loss:
         if denominators is None:
             denominators = [m.sum() for m in loss_masks]
-        denominators = torch.stack([torch.as_tensor(d, dtype=torch.float32, device=device) for d in denominators]
-                                   ) if num else torch.zeros(0, device=device)
-        weights = torch.repeat_interleave(1.0 / denominators.clamp(min=1.0), torch.tensor(local, device=device),
-                                          output_size=log_prob.shape[0])
-    return context_parallel_kpo_loss(
-        log_prob, torch.cat(list(old_log_probs)).to(device), torch.cat(list(advantages)).to(device), mask,
-        group=group if cp_size > 1 else None, layout=layout, agg="token-sum", is_weights=weights, **options,
-    )
+        denominators = torch.stack([torch.as_tensor(d, dtype=torch.float64, device=device) for d in denominators]
+                                   ) if num else torch.zeros(0, dtype=torch.float64, device=device)
+        weights = (1.0 / denominators.clamp(min=1.0)).to(torch.promote_types(log_prob.dtype, torch.float32))
+        weights = torch.repeat_interleave(weights, torch.tensor(local, device=device), output_size=log_prob.shape[0])
+    tensors = (log_prob, torch.cat(list(old_log_probs)).to(device), torch.cat(list(advantages)).to(device), mask)
+    if cp_size == 1:  # whole responses, one after the other: a packed batch
+        cu_seqlens = torch.tensor([0, *itertools.accumulate(local)], dtype=torch.int64, device=device)
+        return kpo_loss(*tensors, cu_seqlens=cu_seqlens, agg="token-sum", is_weights=weights, **options)
+    from ..context_parallel import Pieces, context_parallel_kpo_loss
+
+    layout = Pieces(lengths=torch.tensor([p.stop - p.start for p in pieces], dtype=torch.int64),
+                    sequence=torch.tensor([p.sequence for p in pieces], dtype=torch.int64),
+                    order=torch.tensor([p.order for p in pieces], dtype=torch.int64), num_sequences=num)
+    return context_parallel_kpo_loss(*tensors, group=group, layout=layout, agg="token-sum", is_weights=weights,
+                                     **options)
 
 
 def kpo_policy_loss(args, batch, logits, sum_of_sample_mean):
