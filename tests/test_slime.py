@@ -7,11 +7,13 @@ token (not per interval, as the adapter does); the options read from slime's `ar
 rank losses of real gloo process groups against the unsharded `kpo_loss` with slime's reduction.
 """
 
+import os
 import random
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from kpo_kernels import kpo_loss
 from kpo_kernels.integrations import slime as kpo_slime
@@ -178,3 +180,29 @@ def test_without_context_parallelism_the_loss_is_slimes_reduction_of_kpo_loss():
         den = rollout_sums(batch[5]) if denominators == "rollout" else None
         results.append([rank_loss(batch, 0, 1, den, per_token_loss)])
     check_against_unsharded(batch, results)
+
+
+def _cp_rank(rank, cp_size, path, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=cp_size)
+    try:
+        batch = micro_batch(0)
+        results = []
+        for denominators, per_token_loss in VARIANTS:
+            den = rollout_sums(batch[5]) if denominators == "rollout" else None
+            results.append(rank_loss(batch, rank, cp_size, den, per_token_loss))  # group None: the default group
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("cp_size", [2, 4])
+def test_context_parallel_ranks_sum_to_the_unsharded_loss_and_gradient(cp_size, tmp_path):
+    """cp_size gloo processes, each with its zigzag slices of the same micro-batch: the rank losses
+    sum to slime's reduction of the unsharded `kpo_loss`, each rank's gradient is the unsharded
+    gradient at its tokens, and every rank gets the unsharded metrics."""
+    pytest.importorskip("kpo_kernels.context_parallel", reason="the context-parallel loss is not in this checkout")
+    mp.spawn(_cp_rank, args=(cp_size, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=cp_size, join=True)
+    per_rank = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(cp_size)]
+    check_against_unsharded(micro_batch(0), [[r[v] for r in per_rank] for v in range(len(VARIANTS))])
