@@ -8,6 +8,8 @@
   `enable()`, and the launcher `python -m kpo_kernels.integrations.openrlhf` (OpenRLHF 0.11.x).
 - `kpo_kernels.integrations.areal`: `kpo_grpo_loss_fn`, AReaL's `grpo_loss_fn` with the KPO
   filter, and `enable()` / `disable()`, which put it in place of AReaL's own (AReaL 1.0.x).
+- `kpo_kernels.integrations.slime`: `kpo_policy_loss`, for slime's `--custom-loss-function-path`,
+  with context parallelism (slime 0.3.x, Megatron backend).
 
-None is imported here: `import kpo_kernels` (and this package) never imports verl, TRL, OpenRLHF or AReaL.
+None is imported here: `import kpo_kernels` (and this package) never imports verl, TRL, OpenRLHF, AReaL or slime.
 """
