@@ -144,3 +144,23 @@ def test_bad_arguments(kwargs, exc, words):
     z, mask = simulate(4, 10, 10, 1e-3, 1.0, 1)
     with pytest.raises(exc, match=words):
         estimate_noise(z, **{"mask": mask, **kwargs})
+
+
+@pytest.mark.parametrize("p0", [0.0, math.inf])
+def test_rows_of_very_different_lengths_are_transformed_in_buckets(p0):
+    """On the CPU rows are grouped by FFT length (fit_spectrum.buckets): every row in exactly one
+    bucket, several buckets here, and the profile at the chosen ratio still fit_noise's exactly."""
+    from kpo_kernels.fit_spectrum import buckets
+
+    z, mask = simulate(12, 3, 2500, 1e-3, 0.04, 5)
+    lengths = mask.sum(1)
+    plan = buckets(lengths, z.shape[1], p0 == math.inf)
+    assert len(plan) > 1
+    rows = torch.cat([torch.arange(len(lengths)) if index is None else index for index, _ in plan])
+    assert sorted(rows.tolist()) == list(range(len(lengths)))
+    assert all(int(lengths[index].max()) <= columns for index, columns in plan if index is not None)
+    got = estimate_noise(z, mask, p0=p0)
+    want_l, want_r, tokens = fit_noise_profile(z, mask, float(got.ratio), p0)
+    assert float(got.log_likelihood) == pytest.approx(want_l, rel=1e-12)
+    assert float(got.r) == pytest.approx(want_r, rel=1e-12)
+    assert int(got.num_tokens) == tokens
