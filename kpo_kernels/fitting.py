@@ -90,6 +90,7 @@ def estimate_noise(
     min_tokens=64,
     fallback=(1e-6, 1.0),
     group=None,
+    max_tokens=None,
 ):
     """Maximum-likelihood Q and R of the filter, the `fit_noise` model, in one batched transform
     (docs/choosing-q-and-r.md, "Fitting every step").
@@ -109,6 +110,10 @@ def estimate_noise(
             non-finite log-ratios).
         group: None, or a `torch.distributed` process group over which the fit's sums are
             all-reduced (every rank gets the same result); None uses no collective.
+        max_tokens: None (default: every sequence), or a cap on the positions transformed: when
+            the sequences (rows x longest, a shape: no host read) hold more, every k-th sequence
+            is fitted, k = ceil(positions / max_tokens). Cheaper, at a statistical cost:
+            docs/choosing-q-and-r.md, "Fitting every step".
 
     Returns:
         A `NoiseEstimate` of 0-dim float64 tensors on `log_ratio`'s device.
@@ -128,8 +133,12 @@ def estimate_noise(
     low, high = check_fit_range("q_range", q_range)
     min_tokens = check_min_tokens("min_tokens", min_tokens)
     fallback_q, fallback_r = (_number("fallback", value) for value in fallback)
+    max_tokens = None if max_tokens is None else check_min_tokens("max_tokens", max_tokens)
     with torch.no_grad():
         z, lengths = sequences(log_ratio.detach(), mask, cu_seqlens, mask_mode, x0)
+        if max_tokens is not None and z.numel() > max_tokens:
+            step = -(-z.numel() // max_tokens)
+            z, lengths = z[::step], lengths[::step]
         diffuse = p0 == math.inf
         count = (lengths - 1).clamp(min=0) if diffuse else lengths
         exact = z.dtype == torch.float64  # the exact profile at the end reads every coefficient
