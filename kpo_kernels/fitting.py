@@ -16,7 +16,7 @@ likelihood is that of the n - 1 first differences (each sequence's first token l
 the basis sin(k j pi / n), with eigenvalues R (q + lam_k), lam_k = 4 sin^2(k pi / (2n)).
 
 One batched transform per micro-batch (kpo_kernels/fit_spectrum.py: a chirp-z / Bluestein
-transform, three FFTs of a common length whatever the sequence lengths, float32 unless the
+transform, three FFTs of a common length per bucket of rows (one bucket off the CPU), float32 unless the
 log-ratios are float64, no host synchronisation) gives every (lam, y^2). The log-determinant
 sum(log(1 + q / lam)) is closed form per sequence; the quadratic part comes from moments of
 y^2 binned in log lam. The search evaluates `GRID` ratios per stage for `STAGES` stages on a
