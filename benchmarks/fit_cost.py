@@ -1,14 +1,15 @@
 """Cost of the per-step noise fit beside the plain loss (issue 17): side by side, in one run.
 
-    python benchmarks/fit_cost.py [--repeats N] [--threads T] [--rows B] [--length T]
+    python benchmarks/fit_cost.py [--repeats N] [--threads T] [--rows B] [--length T] [--max-tokens N]
 
 On the synthetic RL batch of kpo_kernels.bench.data (64 x 4096 by default, float32, CPU torch
 backend), alternates within each repeat: (a) `kpo_loss` forward + backward at fixed Q and R (those the fit finds), and
 (b) what `NoiseTracker("per_step")` adds before it, `estimate_noise` on the detached log-ratios
 and its host read, followed by the same forward + backward at the fitted Q and R, and (c) the fit
-alone (the tracker call). Also times `fit_noise` once per repeat for reference. Prints one JSON
-line: medians and quartiles (seconds), the ratio (b) / (a), whose bound is 2 (the fit costs at
-most one plain loss), and (c) / (a).
+alone (the tracker call), and with --max-tokens (d) the same as (b) with `NoiseTracker(max_tokens=N)`
+(every k-th sequence fitted). Also times `fit_noise` once per repeat for reference. Prints one
+JSON line: medians and quartiles (seconds), the ratio (b) / (a), whose bound is 2 (the fit costs
+at most one plain loss), (c) / (a), and (d) / (a).
 """
 
 import argparse
@@ -23,6 +24,7 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--max-tokens", type=int, default=0, help="also time NoiseTracker(max_tokens=N) (0: not)")
     args = parser.parse_args()
     import torch
 
@@ -33,6 +35,7 @@ def main():
         torch.set_num_threads(args.threads)
     batch = rl_batch(args.rows, args.length)
     tracker = kpo_kernels.NoiseTracker("per_step")
+    capped = kpo_kernels.NoiseTracker("per_step", max_tokens=args.max_tokens or None)
 
     def loss_step(options):
         log_prob = batch["log_prob"].clone().requires_grad_()
@@ -45,6 +48,10 @@ def main():
         z = batch["log_prob"] - batch["old_log_prob"]
         loss_step(tracker(z, batch["mask"]))
 
+    def capped_step():
+        z = batch["log_prob"] - batch["old_log_prob"]
+        loss_step(capped(z, batch["mask"]))
+
     def fit_noise():
         kpo_kernels.fit_noise(batch["log_prob"] - batch["old_log_prob"], batch["mask"])
 
@@ -54,8 +61,11 @@ def main():
     def fit():
         tracker(batch["log_prob"] - batch["old_log_prob"], batch["mask"])
 
-    times = {"loss": [], "fit+loss": [], "fit": [], "fit_noise": []}
-    steps = (("loss", lambda: loss_step(fixed)), ("fit+loss", fitted_step), ("fit", fit), ("fit_noise", fit_noise))
+    steps = [("loss", lambda: loss_step(fixed)), ("fit+loss", fitted_step), ("fit", fit), ("fit_noise", fit_noise)]
+    if args.max_tokens:
+        capped_step()
+        steps.insert(2, ("capped fit+loss", capped_step))
+    times = {name: [] for name, _ in steps}
     for _ in range(args.repeats):
         for name, run in steps:
             start = time.perf_counter()
@@ -68,6 +78,10 @@ def main():
     summary["ratio_median"] = summary["fit+loss"]["median"] / summary["loss"]["median"]
     summary["ratios_per_repeat"] = sorted(b / a for a, b in zip(times["loss"], times["fit+loss"]))
     summary["fit_over_loss_median"] = summary["fit"]["median"] / summary["loss"]["median"]
+    if args.max_tokens:
+        summary["capped_ratio_median"] = summary["capped fit+loss"]["median"] / summary["loss"]["median"]
+        summary["capped_ratios_per_repeat"] = sorted(b / a for a, b in zip(times["loss"], times["capped fit+loss"]))
+        summary["capped_fitted"] = {k: capped.metrics[k] for k in ("kalman_q", "kalman_r")}
     summary["shape"] = [args.rows, args.length]
     summary["threads"] = torch.get_num_threads()
     summary["fitted"] = {k: tracker.metrics[k] for k in ("kalman_q", "kalman_r", "fit_status", "at_boundary")}

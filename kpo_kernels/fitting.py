@@ -16,7 +16,7 @@ likelihood is that of the n - 1 first differences (each sequence's first token l
 the basis sin(k j pi / n), with eigenvalues R (q + lam_k), lam_k = 4 sin^2(k pi / (2n)).
 
 One batched transform per micro-batch (kpo_kernels/fit_spectrum.py: a chirp-z / Bluestein
-transform, three FFTs of a common length whatever the sequence lengths, float32 unless the
+transform, three FFTs of a common length per bucket of rows (one bucket off the CPU), float32 unless the
 log-ratios are float64, no host synchronisation) gives every (lam, y^2). The log-determinant
 sum(log(1 + q / lam)) is closed form per sequence; the quadratic part comes from moments of
 y^2 binned in log lam. The search evaluates `GRID` ratios per stage for `STAGES` stages on a
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from .fit_options import check_fit_range, check_min_tokens
-from .fit_spectrum import bin_centres, bin_count, binned_moments, binned_quadratic, log_determinant, sequences, spectrum
+from .fit_spectrum import bin_centres, bin_count, binned_quadratic, log_determinant, sequences, spectral_sums
 from .validation import _number, check_cu_seqlens, check_mask, check_tokens
 
 GRID = 16  # ratios per stage
@@ -90,6 +90,7 @@ def estimate_noise(
     min_tokens=64,
     fallback=(1e-6, 1.0),
     group=None,
+    max_tokens=None,
 ):
     """Maximum-likelihood Q and R of the filter, the `fit_noise` model, in one batched transform
     (docs/choosing-q-and-r.md, "Fitting every step").
@@ -109,6 +110,10 @@ def estimate_noise(
             non-finite log-ratios).
         group: None, or a `torch.distributed` process group over which the fit's sums are
             all-reduced (every rank gets the same result); None uses no collective.
+        max_tokens: None (default: every sequence), or a cap on the positions transformed: when
+            the sequences (rows x longest, a shape: no host read) hold more, every k-th sequence
+            is fitted, k = ceil(positions / max_tokens). Cheaper, at a statistical cost:
+            docs/choosing-q-and-r.md, "Fitting every step".
 
     Returns:
         A `NoiseEstimate` of 0-dim float64 tensors on `log_ratio`'s device.
@@ -128,14 +133,20 @@ def estimate_noise(
     low, high = check_fit_range("q_range", q_range)
     min_tokens = check_min_tokens("min_tokens", min_tokens)
     fallback_q, fallback_r = (_number("fallback", value) for value in fallback)
+    max_tokens = None if max_tokens is None else check_min_tokens("max_tokens", max_tokens)
     with torch.no_grad():
         z, lengths = sequences(log_ratio.detach(), mask, cu_seqlens, mask_mode, x0)
+        if max_tokens is not None and z.numel() > max_tokens:
+            step = -(-z.numel() // max_tokens)
+            z, lengths = z[::step], lengths[::step]
         diffuse = p0 == math.inf
-        y2, lam, count = spectrum(z, lengths, diffuse=diffuse)
-        moments = binned_moments(y2, lam, bin_count(z.shape[1], group))
-        totals = torch.cat([torch.stack([count.sum().to(torch.float64), y2.sum()]), moments.reshape(-1)])
+        count = (lengths - 1).clamp(min=0) if diffuse else lengths
+        exact = z.dtype == torch.float64  # the exact profile at the end reads every coefficient
+        y2_total, moments, y2, lam = spectral_sums(z, lengths, diffuse=diffuse, bins=bin_count(z.shape[1], group), keep=exact)
+        totals = torch.cat([torch.stack([count.sum().to(torch.float64), y2_total]), moments.reshape(-1)])
         totals = _all_reduce(totals, group)
-        return _search(_Profile(totals, y2, lam, lengths, diffuse, group), low, high, min_tokens, (fallback_q, fallback_r))
+        profile = _Profile(totals, y2, lam, lengths, diffuse, group)
+        return _search(profile, low, high, min_tokens, (fallback_q, fallback_r))
 
 
 def _all_reduce(tensor, group):
@@ -155,7 +166,8 @@ class _Profile:
         self.tokens, self.quadratic_total, moments = totals[0], totals[1], totals[2:].reshape(3, -1)
         self.per = self.tokens.clamp(min=1.0)
         self.moments, self.centre = moments, bin_centres(moments.shape[1], moments.device)
-        self.y2, self.lam, self.lengths, self.diffuse, self.group = y2.reshape(-1), lam.reshape(-1), lengths, diffuse, group
+        self.y2, self.lam, self.lengths, self.diffuse, self.group = y2, lam, lengths, diffuse, group
+        self.device = totals.device
 
     def _value(self, log_det, quadratic):
         return -0.5 * (torch.log(2 * math.pi * quadratic / self.per) + log_det / self.per + 1.0)
@@ -170,7 +182,7 @@ class _Profile:
         in float64; else from the bins, whose ~1e-8 relative error is below the float32 one."""
         q = torch.exp(u)
         log_det = log_determinant(self.lengths, q, diffuse=self.diffuse)
-        if self.lam.dtype == torch.float64:
+        if self.y2 is not None:
             quadratic = (self.y2[None, :] / (self.lam[None, :] + q[:, None])).sum(-1)
             sums = _all_reduce(torch.cat([log_det, quadratic]), self.group)
             log_det, quadratic = sums[: u.shape[0]], sums[u.shape[0] :]
@@ -183,7 +195,7 @@ class _Profile:
 def _search(profile, low, high, min_tokens, fallback):
     """Staged grid search of the binned profile over u = log q, then the exact profile at the
     chosen ratio and at the lower end of q_range (tensors only, no host read)."""
-    device = profile.y2.device
+    device = profile.device
     lower, upper = math.log(low), math.log(high)
     steps = torch.linspace(0.0, 1.0, GRID, dtype=torch.float64, device=device)
     a = torch.tensor(lower, dtype=torch.float64, device=device)
