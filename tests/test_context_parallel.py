@@ -15,6 +15,7 @@ from kpo_kernels.state import FilterState, advance, compose
 
 from helpers import make_batch
 
+TOKENWISE = ("log_prob", "old_log_prob", "mask", "is_weights")
 OPTIONS = {"q": 1e-2, "r": 1e-2, "clip_low": 0.02, "clip_high": 0.03, "dual_clip": 3.0}
 
 
@@ -31,6 +32,10 @@ def _cases(world):
             options = {**OPTIONS, "mask_mode": mask_mode, "p0": p0, "agg": agg, "backend": "torch"}
             cases.append((f"padded-{layout}-{mask_mode}-{agg}", {"packed": False, "layout": layout, "mask": holes}, options))
             cases.append((f"packed-{layout}-{mask_mode}-{agg}", {"packed": True, "layout": layout, "mask": holes}, options))
+        weighted = {"mask": "holes", "per_token": True, "layout": layout}
+        options = {**OPTIONS, "agg": "token-mean", "backend": "torch"}
+        cases.append((f"padded-{layout}-per-token", {**weighted, "packed": False}, options))
+        cases.append((f"packed-{layout}-per-token", {**weighted, "packed": True}, options))
     return cases
 
 
@@ -42,16 +47,17 @@ def _lengths(world, seed):
 
 def _full(world, spec, seed=3):
     """The unsharded batch: padded (B, T) with T a multiple of 2 world, or packed with cu_seqlens."""
+    per_token = spec.get("per_token", False)
+    kinds = {"adv_per_token": per_token, "is_weights": per_token}
     if not spec["packed"]:
-        batch = make_batch(5, 6 * world, layout=spec["mask"], seed=seed, dtype=torch.float64)
+        batch = make_batch(5, 6 * world, layout=spec["mask"], seed=seed, dtype=torch.float64, **kinds)
         return {**batch, "cu_seqlens": None}
     lengths = _lengths(world, seed)
     width = max(lengths)
-    batch = make_batch(len(lengths), width, layout=spec["mask"], seed=seed, dtype=torch.float64)
+    batch = make_batch(len(lengths), width, layout=spec["mask"], seed=seed, dtype=torch.float64, **kinds)
     keep = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
-    packed = {name: batch[name][keep] for name in ("log_prob", "old_log_prob")}
-    packed["mask"] = batch["mask"][keep] if batch["mask"] is not None else None
-    packed["advantages"] = batch["advantages"][:, None]
+    packed = {name: batch[name][keep] if batch.get(name) is not None else None for name in TOKENWISE}
+    packed["advantages"] = batch["advantages"][keep] if per_token else batch["advantages"][:, None]
     packed["cu_seqlens"] = torch.tensor([0] + lengths).cumsum(0)
     return packed
 
@@ -71,17 +77,19 @@ def _shard(full, spec, rank, world):
         rows, width = full["log_prob"].shape
         columns = torch.cat([torch.arange(width)[s] for s in _chunk_slices(width, spec["layout"], rank, world)])
         index = (torch.arange(rows)[:, None] * width + columns).reshape(-1)
-        local = {name: full[name][:, columns] for name in ("log_prob", "old_log_prob")}
-        local["mask"] = full["mask"][:, columns] if full["mask"] is not None else None
-        return {**local, "advantages": full["advantages"]}, index
+        local = {name: full[name][:, columns] if full.get(name) is not None else None for name in TOKENWISE}
+        per_token = full["advantages"].shape == full["log_prob"].shape
+        return {**local, "advantages": full["advantages"][:, columns] if per_token else full["advantages"]}, index
     offsets = full["cu_seqlens"].tolist()
     index = torch.cat([
         torch.arange(start, end)[s]
         for start, end in zip(offsets[:-1], offsets[1:])
         for s in _chunk_slices(end - start, spec["layout"], rank, world)
     ])
-    local = {name: full[name][index] if full[name] is not None else None for name in ("log_prob", "old_log_prob", "mask")}
-    return {**local, "advantages": full["advantages"], "cu_seqlens": full["cu_seqlens"]}, index
+    local = {name: full[name][index] if full.get(name) is not None else None for name in TOKENWISE}
+    per_token = full["advantages"].shape == full["log_prob"].shape
+    advantages = full["advantages"][index] if per_token else full["advantages"]
+    return {**local, "advantages": advantages, "cu_seqlens": full["cu_seqlens"]}, index
 
 
 def _worker(rank, world, path, out):
@@ -112,7 +120,8 @@ def test_sharded_loss_gradient_and_metrics_equal_the_unsharded_call(tmp_path, wo
         full = _full(world, spec)
         log_prob = full["log_prob"].clone().requires_grad_()
         loss, metrics = kpo_kernels.kpo_loss(
-            log_prob, full["old_log_prob"], full["advantages"], full["mask"], cu_seqlens=full["cu_seqlens"], **options
+            log_prob, full["old_log_prob"], full["advantages"], full["mask"], cu_seqlens=full["cu_seqlens"],
+            is_weights=full.get("is_weights"), **options
         )
         loss.backward()
         loss = loss.detach()
@@ -142,7 +151,8 @@ def test_layout_pieces_tile_every_sequence_once():
 
 
 def test_chunks_in_turns_equal_the_whole_sequence():
-    """One process, a 2^17-token response filtered in 7 uneven chunks with the carried state."""
+    """One process, two 2^17-token responses filtered (and their loss computed) in 7 uneven
+    chunks with the carried state."""
     gen = torch.Generator().manual_seed(0)
     length = 2**17
     z = (torch.randn(2, length, generator=gen, dtype=torch.float64) * 0.05).cumsum(-1) * 0.01
@@ -160,6 +170,28 @@ def test_chunks_in_turns_equal_the_whole_sequence():
         _, final = kpo_kernels.kalman_filter(z, mask, return_state=True, **kwargs)
         torch.testing.assert_close(state.x, final.x, rtol=0, atol=1e-13)
         assert torch.equal(state.count, final.count) and torch.equal(state.last_sign, final.last_sign)
+
+        # The loss in the same chunks: token sums add up, every metric's numerator too.
+        old = -torch.rand(2, length, generator=gen, dtype=torch.float64)
+        advantages = torch.tensor([1.0, -0.5], dtype=torch.float64)
+        loss_kwargs = {**kwargs, "agg": "token-sum", "clip_low": 0.01, "clip_high": 0.01}
+        whole_loss, whole_metrics = kpo_kernels.kpo_loss(old + z, old, advantages, mask, **loss_kwargs)
+        state, total, sums = None, 0.0, {}
+        for start, end in zip(cuts[:-1], cuts[1:]):
+            part = slice(start, end)
+            loss, metrics, state = kpo_kernels.kpo_loss(
+                (old + z)[:, part], old[:, part], advantages, mask[:, part], initial_state=state, return_state=True, **loss_kwargs
+            )
+            total += float(loss)
+            for name, denominator in (("clipfrac", "num_tokens"), ("log_likelihood", "innovation_tokens"),
+                                      ("sign_flip_filtered", "sign_flip_pairs")):
+                sums[name] = sums.get(name, 0.0) + float(metrics[name] * metrics[denominator])
+                sums[denominator] = sums.get(denominator, 0.0) + float(metrics[denominator])
+        assert total == pytest.approx(float(whole_loss), rel=1e-11)
+        for name, denominator in (("clipfrac", "num_tokens"), ("log_likelihood", "innovation_tokens"),
+                                  ("sign_flip_filtered", "sign_flip_pairs")):
+            assert sums[denominator] == float(whole_metrics[denominator])
+            assert sums[name] / sums[denominator] == pytest.approx(float(whole_metrics[name]), rel=1e-11, abs=1e-14)
 
 
 def test_composed_maps_equal_the_maps_of_the_whole():
