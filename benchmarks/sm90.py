@@ -31,6 +31,7 @@ KERNELS = (
     "tile_count_kernel",
     "tile_aggregate_kernel",
     "tile_offsets_kernel",
+    "chunk_maps_kernel",
 )
 
 

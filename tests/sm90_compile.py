@@ -37,14 +37,29 @@ LOSS_CONFIGS = {
 LENGTHS = (16, 700, 5000)
 
 
-def loss_run(batch, options, backend=None):
+def entering_state(sequences):
+    """A FilterState with counts, signs and x that differ per sequence (the values do not matter
+    to the compiler; the dtypes are those of state.FilterState)."""
+    from kpo_kernels.state import FilterState
+
+    return FilterState(
+        torch.linspace(-0.1, 0.1, sequences, dtype=torch.float64),
+        torch.arange(sequences, dtype=torch.int64) * 1000,
+        torch.arange(sequences, dtype=torch.int64).remainder(10).to(torch.int8),
+    )
+
+
+def loss_run(batch, options, backend=None, state=False):
     def run():
         impl = backend or kpo_kernels.TritonBackend()
         checked = kpo_kernels.validation.check_token_batch(
             batch["log_prob"], batch["old_log_prob"], batch["advantages"], batch["mask"], batch.get("is_weights"),
             batch.get("cu_seqlens"),
         )
-        result = impl.loss_forward(checked, kpo_kernels.validation.check_loss_options(**{**LOSS_DEFAULTS, **options}), True)
+        result = impl.loss_forward(
+            checked, kpo_kernels.validation.check_loss_options(**{**LOSS_DEFAULTS, **options}), True,
+            entering_state(checked.num_sequences) if state else None,
+        )
         impl.loss_backward(result.grad, result.row_scale, torch.ones(()), checked.cu_seqlens, batch["log_prob"].dtype)
 
     return run
@@ -76,6 +91,28 @@ def packed(batch):
     return flat
 
 
+def filter_run(z, mask, mode, cu_seqlens=None, backend=None, state=False):
+    """The backend's filter (with an entering state: the HAS_STATE variants) and, with a state,
+    chunk_maps of the same chunk."""
+    from kpo_kernels.options import FilterOptions
+
+    def run():
+        impl = backend or kpo_kernels.TritonBackend()
+        options = FilterOptions(q=1e-6, r=1.0, p0=0.0, x0=0.0, mask_mode=mode)
+        sequences = cu_seqlens.numel() - 1 if cu_seqlens is not None else z.shape[0]
+        entering = entering_state(sequences) if state else None
+        impl.filter(z, mask, options, cu_seqlens, entering)
+        if state:
+            impl.chunk_maps(z, None, mask, options, cu_seqlens, entering.count)
+
+    return run
+
+
+# Launches with an entering state (docs/math.md section 7): the HAS_STATE variants, compared
+# with their stateless twins by test_compile_sm90.py.
+STATE_CASES = ("fp32-holes", "bf16-unmasked-position")
+
+
 def cases():
     for name, config in LOSS_CONFIGS.items():
         config = dict(config)
@@ -87,6 +124,10 @@ def cases():
         yield f"loss-{name}-tiled", loss_run(batch, options, tiled)
         yield f"loss-{name}-packed", loss_run(packed(batch), options)
         yield f"loss-{name}-packed-tiled", loss_run(packed(batch), options, tiled)
+        if name in STATE_CASES:
+            yield f"state-loss-{name}-T700", loss_run(batch, options, state=True)
+            yield f"state-loss-{name}-tiled", loss_run(batch, options, tiled, state=True)
+            yield f"state-loss-{name}-packed-tiled", loss_run(packed(batch), options, tiled, state=True)
     # Rows cut into 64 tiles each: the finalize sums 128 tiles of a sequence per step (a tile
     # count divisible by 16 is specialised: Triton 3.6 failed on this variant on the H200).
     long_rows = make_batch(2, 8192, seed=1, dtype=torch.float32, layout="holes")
@@ -109,6 +150,10 @@ def cases():
                 lambda z=z, mask=mask, mode=mode: kpo_kernels.kalman_filter(
                     z.reshape(-1), None if mask is None else mask.reshape(-1), mask_mode=mode, cu_seqlens=cu, backend=tiled
                 )
+            )
+            yield "state-" + label, filter_run(z, mask, mode, state=True)
+            yield "state-" + label + "-packed-tiled", filter_run(
+                z.reshape(-1), None if mask is None else mask.reshape(-1), mode, cu, tiled, state=True
             )
 
 

@@ -73,3 +73,26 @@ def test_fused_loss_kernel_registers_reported(compiled, record_property):
         low = " (below the launcher's assumption)" if resident[key] < launcher.PROGRAMS_PER_SM else ""
         print(f"  {v['registers']:4d} regs x {v['num_warps']} warps: {resident[key]}/SM{low}  {key.split(':')[0]}")
     assert all(n >= 1 for n in resident.values()), resident
+
+
+def test_state_variants_cost_no_occupancy(compiled):
+    """The HAS_STATE variants (an entering FilterState, docs/math.md section 7) compile without
+    spills; the fused loss keeps the programs per SM of its stateless twin (the same case without
+    the state), the filter at least the launcher's assumption (launcher.PROGRAMS_PER_SM)."""
+    state = {k: v for k, v in compiled.items() if k.startswith("state-")}
+    assert any("kpo_loss_fwd_kernel" in k for k in state) and any("kalman_filter_kernel" in k for k in state)
+    assert any("chunk_maps_kernel" in k for k in state) and any("tile_aggregate_kernel" in k for k in state)
+    assert all(v["ok"] and v["local"] == 0 for v in state.values()), state
+    resident = {k: programs_per_sm(v["registers"], v["num_warps"], v["shared"]) for k, v in compiled.items() if v["ok"]}
+    compared = 0
+    for key in sorted(state):
+        twin = key[len("state-"):]
+        if twin in compiled and ("kpo_loss_fwd_kernel" in key or "kalman_filter_kernel" in key):
+            print(f"  {compiled[twin]['registers']:4d} -> {state[key]['registers']:4d} regs, "
+                  f"{resident[twin]} -> {resident[key]}/SM: {key}")
+            compared += 1
+        if "kpo_loss_fwd_kernel" in key:
+            assert resident[key] >= resident[twin], (key, state[key], compiled[twin])
+        if "kalman_filter_kernel" in key:
+            assert resident[key] >= launcher.PROGRAMS_PER_SM, (key, state[key])
+    assert compared >= 8, compared

@@ -8,7 +8,9 @@ import os
 import torch
 
 from .. import tables
+from ..gains import saturation_index
 from ..options import METRIC_NAMES
+from ..state import ChunkMaps
 from ..validation import check_bool, check_count
 from .aggregation import NUM_STATS
 from .base import Backend, LossForward, log1p_neg
@@ -240,7 +242,8 @@ class TritonBackend(Backend):
 
     def _empty(self, shape, dtype, device):
         if self.poison:
-            return torch.full(shape, float("nan") if dtype.is_floating_point else -(2**30), dtype=dtype, device=device)
+            poison = float("nan") if dtype.is_floating_point else max(-(2**30), torch.iinfo(dtype).min)
+            return torch.full(shape, poison, dtype=dtype, device=device)
         return torch.empty(shape, dtype=dtype, device=device)
 
     @staticmethod
@@ -270,54 +273,120 @@ class TritonBackend(Backend):
             return mask
         return mask.view(_SAME_SIZE_INT[mask.element_size()])
 
-    def _tile_passes(self, tiling, new, old, mask, gains, options, block, warps, latest=False):
+    def _tile_passes(self, tiling, new, old, mask, gains, options, block, warps, latest=False, count=None, every_tile=False):
         """Passes 1 and 2 for sequences longer than a tile: (valid counts, tile maps). latest:
-        also each tile's map to its last valid token and that token's sign (the loss's sign flips)."""
+        also each tile's map to its last valid token and that token's sign (the loss's sign flips).
+        count: observations each sequence consumed before (an entering state). every_tile: also
+        the last tile of each sequence, even when it is the only one (chunk_maps)."""
         device = new.device
-        if not tiling.multi_tile:  # placeholders the kernels never read
+        if not tiling.multi_tile and not every_tile:  # placeholders the kernels never read
             return torch.empty(1, dtype=torch.int32, device=device), torch.empty(1, dtype=torch.float32, device=device)
         counts = self._empty((tiling.num_slots,), torch.int32, device)
         mask_arg = self._mask(mask)
+        state_kwargs = dict(HAS_STATE=True) if count is not None else {}  # stateless launches as before
+        if every_tile:
+            state_kwargs["EVERY_TILE"] = True
         if options.skip and mask is not None:
             kernels.tile_count_kernel[tiling.grid](
                 mask_arg, *tiling.launch_args(), counts, tiling.num_seqs, tiling.width, tiling.tile_size,
                 tiling.search_steps, *self._strides(mask, tiling.varlen), IS_VARLEN=tiling.varlen, BLOCK=block,
-                num_warps=warps,
+                num_warps=warps, **({"EVERY_TILE": True} if every_tile else {}),
             )
         aggregates = self._empty((5 if latest else 2, tiling.num_slots), torch.float32, device)
         kernels.tile_aggregate_kernel[tiling.grid](
             new, old if old is not None else new, mask_arg if mask is not None else new, gains, gains.numel() - 1,
-            *tiling.launch_args(), counts, aggregates, tiling.num_seqs, tiling.num_slots, tiling.width,
+            *tiling.launch_args(), counts, aggregates, count, tiling.num_seqs, tiling.num_slots, tiling.width,
             tiling.tile_size, tiling.search_steps, *self._strides(new, tiling.varlen),
             *self._strides(old if old is not None else new, tiling.varlen), *self._strides(mask, tiling.varlen),
             HAS_OLD=old is not None, HAS_MASK=mask is not None, SKIP=options.skip, IS_VARLEN=tiling.varlen,
-            PREFIX=PREFIX, BLOCK=block, STORE_LATEST=latest, num_warps=warps,
+            PREFIX=PREFIX, BLOCK=block, STORE_LATEST=latest, num_warps=warps, **state_kwargs,
         )
         return counts, aggregates
 
+    # ------------------------------------------------------------------ an entering state
+
+    @staticmethod
+    def _table_longest(tiling, options, count):
+        """The sequence-length bound the tables are sized by: the batch's (tiling.longest), plus
+        the observations consumed before when sequences enter with a state (the gain index
+        runs up to count + length). Counts on the CPU give it exactly; on CUDA, without a host
+        synchronisation, the tables run to the gains' saturation (q > 0), past which every
+        gain index is clamped. q = 0 never saturates: there the largest count is read (one
+        synchronisation)."""
+        if count is None or count.numel() == 0:
+            return tiling.longest
+        if count.device.type == "cpu":
+            return tiling.longest + max(0, int(count.max()))
+        saturation = saturation_index(options.q, options.r, options.p0)
+        if saturation is not None:
+            return max(tiling.longest, saturation + 1)
+        return tiling.longest + max(0, int(count.max()))  # q = 0 on CUDA: the one synchronisation
+
+    @staticmethod
+    def _state_args(state):
+        """(x as float32, count, last_sign) of a FilterState for the kernels, or Nones (the
+        kernels' stateless variants: HAS_STATE=False compiles them as without a state)."""
+        if state is None:
+            return None, None, None
+        return state.x.to(torch.float32).contiguous(), state.count.contiguous(), state.last_sign.contiguous()
+
     # ------------------------------------------------------------------ the filter
 
-    def filter(self, log_ratio, mask, options, cu_seqlens=None):
+    def filter(self, log_ratio, mask, options, cu_seqlens=None, state=None):
         log_ratio, mask = self._addressable(log_ratio), self._addressable(mask)
         device = log_ratio.device
         out = self._empty(log_ratio.shape, torch.float32, device)
         if log_ratio.numel() == 0:
             return out
         block, warps, tiling = self._plan(log_ratio.shape, cu_seqlens, device)
-        gains = tables.gain_table(tiling.longest, options.q, options.r, options.p0, device, torch.float32)
-        counts, aggregates = self._tile_passes(tiling, log_ratio, None, mask, gains, options, block, warps)
+        state_x, state_count, state_sign = self._state_args(state)
+        longest = self._table_longest(tiling, options, state_count)
+        gains = tables.gain_table(longest, options.q, options.r, options.p0, device, torch.float32)
+        counts, aggregates = self._tile_passes(tiling, log_ratio, None, mask, gains, options, block, warps, count=state_count)
         kernels.kalman_filter_kernel[tiling.grid](
             log_ratio, self._mask(mask) if mask is not None else log_ratio, gains, gains.numel() - 1, *tiling.launch_args(),
-            counts, aggregates, out, tiling.num_seqs, tiling.num_slots, tiling.width, tiling.tile_size,
-            tiling.search_steps, *self._strides(log_ratio, tiling.varlen), *self._strides(mask, tiling.varlen),
-            options.x0, HAS_MASK=mask is not None, SKIP=options.skip, IS_VARLEN=tiling.varlen,
-            PREFIX=PREFIX, BLOCK=block, num_warps=warps,
+            counts, aggregates, out, state_x, state_count, state_sign, tiling.num_seqs, tiling.num_slots, tiling.width,
+            tiling.tile_size, tiling.search_steps, *self._strides(log_ratio, tiling.varlen),
+            *self._strides(mask, tiling.varlen), options.x0, HAS_MASK=mask is not None, SKIP=options.skip,
+            IS_VARLEN=tiling.varlen, PREFIX=PREFIX, BLOCK=block, num_warps=warps,
+            **(dict(HAS_STATE=True) if state is not None else {}),
         )
         return out
 
+    # ------------------------------------------------------------------ a chunk's maps
+
+    def chunk_maps(self, log_prob, old_log_prob, mask, options, cu_seqlens, count):
+        """state.ChunkMaps per sequence (docs/math.md section 7): passes 1 and 2 over every tile
+        (the tile maps at the sequences' entering counts), then their in-order composition per
+        sequence. No host synchronisation (but _table_longest's for q = 0 on CUDA)."""
+        log_prob, old_log_prob, mask = (self._addressable(t) for t in (log_prob, old_log_prob, mask))
+        device = log_prob.device
+        sequences = cu_seqlens.numel() - 1 if cu_seqlens is not None else log_prob.shape[0]
+        maps = self._empty((4, sequences), torch.float32, device)
+        raw_sign = self._empty((sequences,), torch.int8, device)
+        consumed = self._empty((sequences,), torch.int64, device)
+        if sequences == 0:
+            return ChunkMaps(*maps, raw_sign, consumed)
+        if cu_seqlens is None and log_prob.shape[1] == 0:  # no token: identity maps
+            maps.zero_()
+            return ChunkMaps(*maps, raw_sign.fill_(3), consumed.zero_())
+        block, warps, tiling = self._plan(log_prob.shape, cu_seqlens, device)
+        count = count.contiguous()
+        longest = self._table_longest(tiling, options, count)
+        gains = tables.gain_table(longest, options.q, options.r, options.p0, device, torch.float32)
+        counts, aggregates = self._tile_passes(
+            tiling, log_prob, old_log_prob, mask, gains, options, block, warps, latest=True, count=count, every_tile=True
+        )
+        kernels.chunk_maps_kernel[(sequences,)](
+            *tiling.launch_args(), counts, aggregates, maps, raw_sign, consumed, sequences, tiling.num_slots,
+            tiling.width, tiling.tiles_per_seq, USE_COUNTS=options.skip and mask is not None, IS_VARLEN=tiling.varlen,
+            PREFIX=PREFIX, num_warps=1,
+        )
+        return ChunkMaps(*maps, raw_sign, consumed)
+
     # ------------------------------------------------------------------ the loss
 
-    def loss_forward(self, batch, options, need_grad):
+    def loss_forward(self, batch, options, need_grad, state=None):
         device = batch.device
         sequences = batch.num_sequences
         # Packed batches need their tile table even without tokens (the finalize reads it).
@@ -327,27 +396,29 @@ class TritonBackend(Backend):
         stats = self._empty((NUM_STATS, slots), torch.float32, device)
         grad = self._empty(batch.shape, _derivative_dtype(batch.log_prob.dtype), device) if need_grad else None
         if slots > 0:
-            self._launch_loss(batch, options, tiling, stats, grad, block, warps)
+            self._launch_loss(batch, options, tiling, stats, grad, block, warps, state)
         row_scale = self._empty((sequences,), torch.float32, device)
         loss, metrics = self._empty((), torch.float32, device), self._empty((len(METRIC_NAMES),), torch.float32, device)
         self._launch_finalize(batch, options, tiling, stats, row_scale, loss, metrics)
         return LossForward(loss=loss, metrics=metrics, grad=grad, row_scale=row_scale)
 
-    def _launch_loss(self, batch, options, tiling, stats, grad, block, warps):
+    def _launch_loss(self, batch, options, tiling, stats, grad, block, warps, state=None):
         filt = options.filter
         varlen = tiling.varlen
-        gains = tables.gain_table(tiling.longest, filt.q, filt.r, filt.p0, batch.device, torch.float32)
+        state_x, state_count, state_sign = self._state_args(state)
+        longest = self._table_longest(tiling, filt, state_count)
+        gains = tables.gain_table(longest, filt.q, filt.r, filt.p0, batch.device, torch.float32)
         lp, old, adv, mask, weights = (
             self._addressable(t) for t in (batch.log_prob, batch.old_log_prob, batch.advantages, batch.mask, batch.is_weights)
         )
-        ratios = tables.variance_ratio_table(tiling.longest, filt.q, filt.r, filt.p0, batch.device, torch.float32)
-        counts, aggregates = self._tile_passes(tiling, lp, old, mask, gains, filt, block, warps, latest=True)
+        ratios = tables.variance_ratio_table(longest, filt.q, filt.r, filt.p0, batch.device, torch.float32)
+        counts, aggregates = self._tile_passes(tiling, lp, old, mask, gains, filt, block, warps, latest=True, count=state_count)
         adv_per_token = batch.advantages_per_token
         adv_strides = self._strides(adv, varlen) if adv_per_token else (adv.stride(0), 0)
         kernels.kpo_loss_fwd_kernel[tiling.grid](
             lp, old, self._mask(mask) if mask is not None else lp, adv, weights if weights is not None else lp,
             gains, gains.numel() - 1, ratios, ratios.numel() - 1, *tiling.launch_args(), counts, aggregates, grad if grad is not None else stats, stats,
-            tiling.num_seqs, tiling.num_slots, tiling.width, tiling.tile_size, tiling.search_steps,
+            state_x, state_count, state_sign, tiling.num_seqs, tiling.num_slots, tiling.width, tiling.tile_size, tiling.search_steps,
             *self._strides(lp, varlen), *self._strides(old, varlen), *self._strides(mask, varlen),
             *adv_strides, *self._strides(weights, varlen),
             filt.x0,
@@ -372,6 +443,7 @@ class TritonBackend(Backend):
             PREFIX=PREFIX,
             BLOCK=block,
             num_warps=warps,
+            **(dict(HAS_STATE=True) if state is not None else {}),
         )
 
     def _launch_finalize(self, batch, options, tiling, stats, row_scale, loss, metrics):

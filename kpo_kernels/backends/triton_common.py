@@ -131,18 +131,18 @@ def _compose_latest(c1, b1, cl1, bl1, k1, c2, b2, cl2, bl2, k2):
 
 
 @triton.jit
-def _tile_state_and_latest(agg_ptr, num_slots, first, tile, x0, PREFIX: tl.constexpr):
-    """(state entering the tile, sign code of the sequence's last valid token before the tile):
-    _tile_state, folding the (M, L, k) summaries of the earlier tiles (rows 0-4 of agg) in order
-    with a scan (the composition is not commutative: never tl.reduce)."""
-    c_in = x0 * 0.0
-    b_in = x0 * 0.0
-    cl_in = x0 * 0.0
-    bl_in = x0 * 0.0
-    k_in = x0 * 0.0 + 3.0
-    for k in range(0, tile, PREFIX):
+def _fold_tiles(agg_ptr, num_slots, first, tiles, zero, PREFIX: tl.constexpr):
+    """The (M, L, k) summaries (rows 0-4 of agg) of a sequence's tiles 0..tiles-1 composed in
+    order, with a scan (the composition is not commutative: never tl.reduce). zero: a float32
+    0 of the caller's shape."""
+    c_in = zero
+    b_in = zero
+    cl_in = zero
+    bl_in = zero
+    k_in = zero + 3.0
+    for k in range(0, tiles, PREFIX):
         ks = k + tl.arange(0, PREFIX)
-        earlier = ks < tile
+        earlier = ks < tiles
         c = tl.load(agg_ptr + first + ks, mask=earlier, other=0.0)
         b = tl.load(agg_ptr + num_slots + first + ks, mask=earlier, other=0.0)
         cl = tl.load(agg_ptr + 2 * num_slots + first + ks, mask=earlier, other=0.0)
@@ -153,9 +153,29 @@ def _tile_state_and_latest(agg_ptr, num_slots, first, tile, x0, PREFIX: tl.const
             c_in, b_in, cl_in, bl_in, k_in,
             _last(c, PREFIX), _last(b, PREFIX), _last(cl, PREFIX), _last(bl, PREFIX), _last(kk, PREFIX),
         )
+    return c_in, b_in, cl_in, bl_in, k_in
+
+
+@triton.jit
+def _tile_state_and_latest(agg_ptr, num_slots, first, tile, x0, entering, PREFIX: tl.constexpr):
+    """(state entering the tile, sign code of the sequence's last valid token before the tile):
+    x0 pushed through the earlier tiles' maps (_fold_tiles); `entering` (the code before the
+    sequence's first tile: NO_TOKEN, or the entering FilterState's) when they have no valid token."""
+    c_in, b_in, cl_in, bl_in, k_in = _fold_tiles(agg_ptr, num_slots, first, tile, x0 * 0.0, PREFIX)
     x_latest = x0 - cl_in * x0 + bl_in
-    code = tl.where(k_in != 3.0, 3 * k_in.to(tl.int32) + _sign(x_latest) + 1, NO_TOKEN)
+    code = tl.where(k_in != 3.0, 3 * k_in.to(tl.int32) + _sign(x_latest) + 1, entering)
     return x0 - c_in * x0 + b_in, code
+
+
+@triton.jit
+def _entering_state(x_ptr, count_ptr, sign_ptr, seq, last):
+    """A sequence's entering FilterState (docs/math.md section 7): (x as float32, observations
+    consumed as int32, sign code as int32). The count is clamped to the tables' last index
+    `last`: every gain index is count + something >= 0, clamped to `last` anyway, so this
+    changes no index and keeps int32 from overflowing."""
+    x = tl.load(x_ptr + seq).to(tl.float32)
+    count = tl.minimum(tl.load(count_ptr + seq).to(tl.int64), last).to(tl.int32)
+    return x, count, tl.load(sign_ptr + seq).to(tl.int32)
 
 
 # ----------------------------------------------------------------------------- layout

@@ -14,6 +14,11 @@ run in parallel (so that a few long rows still fill the GPU), in three passes:
   3. the main kernel: each tile folds the maps of the tiles before it into its starting state
      (a tree reduction), then filters its tokens and computes everything else.
 
+A sequence may enter with a state (FilterState, docs/math.md section 7): the HAS_STATE variants
+start it from its x and offset its gain index by its count, including in pass 2, whose tile maps
+depend on the gain index. `chunk_maps_kernel` composes a chunk's tile maps (passes 1 and 2 over
+every tile) into its maps per sequence.
+
 The main loss kernel stores per tile the statistics of aggregation.STAT_NAMES and d loss /
 d log_prob without the aggregation weight; `kpo_loss_finalize_kernel` (one program) turns the
 statistics into per-sequence weights, the loss and the metrics; backward multiplies the stored
@@ -31,10 +36,17 @@ launcher (triton_backend.py) and the tools that record its launches use.
 from .triton_common import AGG_CODES
 from .triton_finalize import kpo_loss_finalize_kernel
 from .triton_loss import kpo_loss_bwd_kernel, kpo_loss_fwd_kernel
-from .triton_tiles import kalman_filter_kernel, tile_aggregate_kernel, tile_count_kernel, tile_offsets_kernel
+from .triton_tiles import (
+    chunk_maps_kernel,
+    kalman_filter_kernel,
+    tile_aggregate_kernel,
+    tile_count_kernel,
+    tile_offsets_kernel,
+)
 
 __all__ = [
     "AGG_CODES",
+    "chunk_maps_kernel",
     "kalman_filter_kernel",
     "kpo_loss_bwd_kernel",
     "kpo_loss_finalize_kernel",

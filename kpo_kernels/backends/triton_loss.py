@@ -20,6 +20,7 @@ from .triton_common import (
     _load_valid,
     _load_log_ratio,
     _tile_seen,
+    _entering_state,
     KL_CLAMP,
     NO_TOKEN,
 )
@@ -44,6 +45,9 @@ def kpo_loss_fwd_kernel(
     agg_ptr,
     grad_ptr,
     stats_ptr,
+    state_x_ptr,
+    state_count_ptr,
+    state_sign_ptr,
     num_seqs,
     num_slots,
     T,
@@ -80,7 +84,10 @@ def kpo_loss_fwd_kernel(
     IS_VARLEN: tl.constexpr,
     PREFIX: tl.constexpr,
     BLOCK: tl.constexpr,
+    HAS_STATE: tl.constexpr = False,
 ):
+    """HAS_STATE: each sequence enters with the FilterState (state_x, state_count, state_sign)
+    instead of (x0, 0, NO_TOKEN) (docs/math.md section 7)."""
     seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
         cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
     )
@@ -95,7 +102,12 @@ def kpo_loss_fwd_kernel(
         adv_scalar = tl.load(adv_ptr + seq.to(tl.int64) * stride_adv_row).to(tl.float32)
     seen = _tile_seen(counts_ptr, first, tile, tile_start, SKIP and HAS_MASK, PREFIX)
     # The state entering the tile and the sign code of the last valid token before it.
-    state, latest = _tile_state_and_latest(agg_ptr, num_slots, first, tile, x0, PREFIX)
+    if HAS_STATE:
+        x_in, offset, entering = _entering_state(state_x_ptr, state_count_ptr, state_sign_ptr, seq, gains_last)
+        seen += offset
+        state, latest = _tile_state_and_latest(agg_ptr, num_slots, first, tile, x_in, entering, PREFIX)
+    else:
+        state, latest = _tile_state_and_latest(agg_ptr, num_slots, first, tile, x0, NO_TOKEN, PREFIX)
 
     # Statistics of the tile, accumulated per lane and reduced once at the end. The nine token
     # counts share three int32 registers a lane, 10 bits each (_pack3): a lane sees one token
@@ -117,8 +129,9 @@ def kpo_loss_fwd_kernel(
         in_bounds = pos < tile_end
         valid = _load_valid(mask_row, stride_mask_tok, pos, in_bounds, HAS_MASK)
         z = _load_log_ratio(lp_row, old_row, stride_lp_tok, stride_old_tok, pos, valid, True)
-        w = _variance_ratio(ratio_ptr, valid, pos, seen, ratio_last, SKIP)
-        c, b, seen = _block_maps(z, valid, in_bounds, pos, gains_ptr, gains_last, seen, SKIP)
+        index = pos + offset if HAS_STATE else pos  # the gain index in position mode
+        w = _variance_ratio(ratio_ptr, valid, index, seen, ratio_last, SKIP)
+        c, b, seen = _block_maps(z, valid, in_bounds, index, gains_ptr, gains_last, seen, SKIP)
         x = state - c * state + b
 
         # Innovation e = z - xhat_before with S = R / w (docs/math.md section 5b): the state before each token

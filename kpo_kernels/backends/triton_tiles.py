@@ -15,6 +15,8 @@ from .triton_common import (
     _load_log_ratio,
     _tile_seen,
     _tile_state,
+    _entering_state,
+    _fold_tiles,
 )
 
 # ----------------------------------------------------------------------------- passes 1 and 2
@@ -34,12 +36,15 @@ def tile_count_kernel(
     stride_mask_tok,
     IS_VARLEN: tl.constexpr,
     BLOCK: tl.constexpr,
+    EVERY_TILE: tl.constexpr = False,
 ):
-    """Pass 1: valid tokens in each tile (but the last of a sequence: no tile after it reads it)."""
+    """Pass 1: valid tokens in each tile (but the last of a sequence, which no tile after it
+    reads, unless EVERY_TILE: chunk_maps counts the whole sequence)."""
     seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
         cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
     )
-    tile_end = tl.where(tile_end == length, tile_start, tile_end)
+    if not EVERY_TILE:
+        tile_end = tl.where(tile_end == length, tile_start, tile_end)
     mask_row = _seq_base(mask_ptr, seq, seq_start, stride_mask_row, stride_mask_tok, IS_VARLEN)
     total = tl.zeros([BLOCK], tl.int32)
     for start in range(tile_start, tile_end, BLOCK):
@@ -59,6 +64,7 @@ def tile_aggregate_kernel(
     tile_offsets_ptr,
     counts_ptr,
     agg_ptr,
+    state_count_ptr,
     num_seqs,
     num_slots,
     T,
@@ -77,19 +83,27 @@ def tile_aggregate_kernel(
     PREFIX: tl.constexpr,
     BLOCK: tl.constexpr,
     STORE_LATEST: tl.constexpr = False,
+    HAS_STATE: tl.constexpr = False,
+    EVERY_TILE: tl.constexpr = False,
 ):
     """Pass 2: the composed affine map of each tile, stored as agg[0, slot] = C, agg[1, slot] = B
-    (but for the last tile of a sequence: no tile after it reads it). STORE_LATEST (the loss's
-    sign flips) also stores the map from the tile's entry to the state after its last valid
-    token (agg[2], agg[3]) and that token's sign(z) + 1 (agg[4]; 3 when the tile has none)."""
+    (but for the last tile of a sequence, which no tile after it reads, unless EVERY_TILE).
+    STORE_LATEST (the loss's sign flips, chunk_maps) also stores the map from the tile's entry
+    to the state after its last valid token (agg[2], agg[3]) and that token's sign(z) + 1
+    (agg[4]; 3 when the tile has none). HAS_STATE: each sequence consumed state_count[seq]
+    observations before its first token (the gain index starts there; docs/math.md section 7)."""
     seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
         cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
     )
-    tile_end = tl.where(tile_end == length, tile_start, tile_end)
+    if not EVERY_TILE:
+        tile_end = tl.where(tile_end == length, tile_start, tile_end)
     new_row = _seq_base(new_ptr, seq, seq_start, stride_new_row, stride_new_tok, IS_VARLEN)
     old_row = _seq_base(old_ptr, seq, seq_start, stride_old_row, stride_old_tok, IS_VARLEN)
     mask_row = _seq_base(mask_ptr, seq, seq_start, stride_mask_row, stride_mask_tok, IS_VARLEN)
     seen = _tile_seen(counts_ptr, first, tile, tile_start, SKIP and HAS_MASK, PREFIX)
+    if HAS_STATE:
+        offset = tl.minimum(tl.load(state_count_ptr + seq).to(tl.int64), gains_last).to(tl.int32)
+        seen += offset
     c_tile = tile_start.to(tl.float32) * 0.0
     b_tile = tile_start.to(tl.float32) * 0.0
     cl_tile = c_tile
@@ -101,7 +115,8 @@ def tile_aggregate_kernel(
         in_bounds = pos < tile_end
         valid = _load_valid(mask_row, stride_mask_tok, pos, in_bounds, HAS_MASK)
         z = _load_log_ratio(new_row, old_row, stride_new_tok, stride_old_tok, pos, valid, HAS_OLD)
-        c, b, seen = _block_maps(z, valid, in_bounds, pos, gains_ptr, gains_last, seen, SKIP)
+        index = pos + offset if HAS_STATE else pos  # the gain index in position mode
+        c, b, seen = _block_maps(z, valid, in_bounds, index, gains_ptr, gains_last, seen, SKIP)
         if STORE_LATEST:
             latest = tl.max(tl.where(valid, lanes, -1), 0)  # a max: any lane order gives the same
             pick = lanes == latest
@@ -133,6 +148,9 @@ def kalman_filter_kernel(
     counts_ptr,
     agg_ptr,
     out_ptr,
+    state_x_ptr,
+    state_count_ptr,
+    state_sign_ptr,
     num_seqs,
     num_slots,
     T,
@@ -148,8 +166,10 @@ def kalman_filter_kernel(
     IS_VARLEN: tl.constexpr,
     PREFIX: tl.constexpr,
     BLOCK: tl.constexpr,
+    HAS_STATE: tl.constexpr = False,
 ):
-    """Filtered log-ratio of every token (0 where masked), written contiguously."""
+    """Filtered log-ratio of every token (0 where masked), written contiguously. HAS_STATE: each
+    sequence enters with the FilterState (state_x, state_count) instead of (x0, 0)."""
     seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
         cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
     )
@@ -157,16 +177,63 @@ def kalman_filter_kernel(
     mask_row = _seq_base(mask_ptr, seq, seq_start, stride_mask_row, stride_mask_tok, IS_VARLEN)
     out_row = out_ptr + seq_start
     seen = _tile_seen(counts_ptr, first, tile, tile_start, SKIP and HAS_MASK, PREFIX)
-    state = _tile_state(agg_ptr, num_slots, first, tile, x0, PREFIX)
+    if HAS_STATE:
+        x_in, offset, _ = _entering_state(state_x_ptr, state_count_ptr, state_sign_ptr, seq, gains_last)
+        seen += offset
+        state = _tile_state(agg_ptr, num_slots, first, tile, x_in, PREFIX)
+    else:
+        state = _tile_state(agg_ptr, num_slots, first, tile, x0, PREFIX)
     for start in range(tile_start, tile_end, BLOCK):
         pos = start + tl.arange(0, BLOCK)
         in_bounds = pos < tile_end
         valid = _load_valid(mask_row, stride_mask_tok, pos, in_bounds, HAS_MASK)
         z = _load_log_ratio(z_row, z_row, stride_z_tok, stride_z_tok, pos, valid, False)
-        c, b, seen = _block_maps(z, valid, in_bounds, pos, gains_ptr, gains_last, seen, SKIP)
+        index = pos + offset if HAS_STATE else pos  # the gain index in position mode
+        c, b, seen = _block_maps(z, valid, in_bounds, index, gains_ptr, gains_last, seen, SKIP)
         x = state - c * state + b
         state = _last(x, BLOCK)
         tl.store(out_row + pos, tl.where(valid, x, 0.0), mask=in_bounds)
+
+
+@triton.jit
+def chunk_maps_kernel(
+    cu_seqlens_ptr,
+    tile_offsets_ptr,
+    counts_ptr,
+    agg_ptr,
+    maps_ptr,
+    raw_sign_ptr,
+    count_ptr,
+    num_seqs,
+    num_slots,
+    T,
+    tiles_per_seq,
+    USE_COUNTS: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    PREFIX: tl.constexpr,
+):
+    """A chunk's maps per sequence (state.ChunkMaps, docs/math.md section 7), one program per
+    sequence: the in-order composition of its tiles' (M, L, k) summaries (passes 1 and 2 with
+    EVERY_TILE), stored as maps[0..3, seq] = (c, b, c_last, b_last), raw_sign[seq] and the
+    observations consumed, count[seq]: its valid tokens (USE_COUNTS: skip mode with a mask)
+    or its length."""
+    seq = tl.program_id(0)
+    if IS_VARLEN:
+        first = tl.load(tile_offsets_ptr + seq)
+        tiles = tl.load(tile_offsets_ptr + seq + 1) - first
+        length = tl.load(cu_seqlens_ptr + seq + 1) - tl.load(cu_seqlens_ptr + seq)
+    else:
+        first = seq * tiles_per_seq
+        tiles = seq * 0 + tiles_per_seq
+        length = seq * 0 + T
+    c, b, cl, bl, k = _fold_tiles(agg_ptr, num_slots, first, tiles, seq.to(tl.float32) * 0.0, PREFIX)
+    tl.store(maps_ptr + seq, c)
+    tl.store(maps_ptr + num_seqs + seq, b)
+    tl.store(maps_ptr + 2 * num_seqs + seq, cl)
+    tl.store(maps_ptr + 3 * num_seqs + seq, bl)
+    tl.store(raw_sign_ptr + seq, k.to(tl.int8))
+    count = _tile_seen(counts_ptr, first, tiles, length, USE_COUNTS, PREFIX)
+    tl.store(count_ptr + seq, count.to(tl.int64))
 
 
 @triton.jit
