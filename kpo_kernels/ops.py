@@ -315,7 +315,8 @@ def kalman_chunk_maps(
     check_count_values(count)
     options = _filter_options(q, r, p0, 0.0, skip)
     maps = lookup(backend).chunk_maps(log_prob, old_log_prob, mask, options, cu_seqlens, count)
-    return tuple(t.contiguous() for t in maps)
+    # Copies of S numbers each: a backend may return rows of one buffer, which outputs must not share.
+    return tuple(t.clone(memory_format=torch.contiguous_format) for t in maps)
 
 
 @kalman_chunk_maps.register_fake

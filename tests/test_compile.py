@@ -139,7 +139,7 @@ def _op_samples(backend):
     return samples
 
 
-STATEFUL = ("torch",)  # backends whose ops take an entering state
+STATEFUL = ("torch", "triton")  # backends whose ops take an entering state
 
 
 def _state(sequences):
