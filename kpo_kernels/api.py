@@ -298,8 +298,9 @@ def kpo_loss(
         (loss, metrics): loss a 0-dim tensor (float32; float64 for float64 inputs on the torch
         backend), differentiable with respect to `log_prob`; metrics a dict from each name of
         `METRIC_NAMES` to a 0-dim tensor (docs/math.md sections 5 and 5b). No host
-        synchronisation (but for an `initial_state`, whose largest count sizes the gain tables:
-        one host read). With `return_state`, (loss, metrics, final FilterState).
+        synchronisation (but for an `initial_state` on the torch backend, or at q = 0, whose
+        largest count sizes the gain tables: one host read). With `return_state`, (loss,
+        metrics, final FilterState).
 
     Raises:
         TypeError, ValueError: a bad shape, dtype, device or option, naming the argument, before
