@@ -22,6 +22,7 @@ import tempfile
 import torch
 
 from kpo_kernels.backends import triton_backend as launcher
+from kpo_kernels.backends import triton_launch as launch
 
 KERNELS = (
     "kalman_filter_kernel",
@@ -47,7 +48,7 @@ def record(run, sm_count=132):
     """Every kernel launch `run()` makes, as (kernel, grid, args, kwargs), planned as on CUDA."""
     launches = []
     originals = {name: getattr(launcher.kernels, name) for name in KERNELS}
-    interpreted, tile, sms = launcher.INTERPRETED, launcher.TritonBackend._tile, launcher._sm_count
+    interpreted, tile, sms = launcher.INTERPRETED, launcher.TritonBackend._tile, launch._sm_count
 
     def cuda_tile(self, rows, tokens, longest, block, device):
         return tile(self, rows, tokens, longest, block, torch.device("cuda", 0))
@@ -57,12 +58,12 @@ def record(run, sm_count=132):
             setattr(launcher.kernels, name, _Recorder(kernel, launches))
         launcher.INTERPRETED = True  # let the launcher accept CPU tensors
         launcher.TritonBackend._tile = cuda_tile
-        launcher._sm_count = lambda index: sm_count
+        launch._sm_count = lambda index: sm_count
         run()
     finally:
         for name, kernel in originals.items():
             setattr(launcher.kernels, name, kernel)
-        launcher.INTERPRETED, launcher.TritonBackend._tile, launcher._sm_count = interpreted, tile, sms
+        launcher.INTERPRETED, launcher.TritonBackend._tile, launch._sm_count = interpreted, tile, sms
     return launches
 
 

@@ -1,9 +1,7 @@
 """Triton backend: launches the kernels of `triton_kernels` (CUDA, or CPU under TRITON_INTERPRET=1)."""
 
 import dataclasses
-import functools
 import math
-import os
 
 import torch
 
@@ -14,100 +12,27 @@ from ..state import ChunkMaps
 from ..validation import check_bool, check_count
 from .aggregation import NUM_STATS
 from .base import Backend, LossForward, log1p_neg
-
-_IMPORT_ERROR = None
-try:
-    from . import triton_kernels as kernels
-except Exception as error:  # noqa: BLE001 - any failure means "no Triton here"
-    kernels = None
-    _IMPORT_ERROR = error
-
-# Triton decides at import time whether @triton.jit functions are interpreted.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-# Tokens per scan block. Up to 512: 2 per thread (at most 8 warps). Rows longer than 512 use
-# 1024-token blocks at 4 warps, 8 tokens per thread: on an H200 (tune sweep of 2026-12-04,
-# benchmarks/RESULTS.md) the fused step was 1.07x (512 x 8192 fp32), 1.16x (bf16) and 1.14x
-# (64 x 4096) faster than 512-token blocks at 8 warps, the best of blocks 512-2048 x 4/8 warps.
-MAX_BLOCK = 1024
-WIDE_BLOCK_WARPS = 4
-PREFIX = 64  # earlier tiles folded per scan step
-UNDERFILLED_ROWS_PER_SM = 2  # fewer rows than this per SM: split rows into tiles
-PROGRAMS_PER_SM = 3  # tiles are sized for about this many programs per SM (see MAX_BLOCK)
-INT32_OFFSETS = 2**31  # kernels index tokens with int32 positions times strides
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-MAX_TENSOR_NUMEL = 2**20  # Triton's limit on the elements of one block
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-MAX_BLOCKS_PER_TILE = 1023  # the loss kernel counts tokens per lane in 10-bit fields
+from .triton_launch import (  # noqa: F401 (facts of the backend that tests and benchmarks read here)
+    FLOAT32_MAX,
+    INT32_OFFSETS,
+    INTERPRETED,
+    MAX_TENSOR_NUMEL,
+    PREFIX,
+    PROGRAMS_PER_SM,
+    LaunchPlan,
+    _cdiv,
+    _derivative_dtype,
+    _finalize_launch,
+    _finalize_tiles_per_step,
+    _IMPORT_ERROR,
+    _pow2_at_least,
+    _SAME_SIZE_INT,
+    kernels,
+    triton_import_error,
+)
 
 
-def triton_import_error():
-    """The exception raised while importing Triton, or None if it imported."""
-    return _IMPORT_ERROR
-
-
-def _derivative_dtype(dtype):
-    """The per-token derivative waits for backward in float32, or in bfloat16 for bfloat16
-    inputs: the gradient ends in bfloat16 anyway and the round trip then moves half the bytes.
-    (float16 keeps float32: an unweighted -A * rt can exceed its range.)"""
-    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-
-
-def _pow2_at_least(n):
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _cdiv(a, b):
-    return -(-a // b)
-
-
-def _finalize_tiles_per_step(tiling):
-    """How many tiles of each sequence the finalize kernel sums per step: 1 when sequences are
-    one tile (or two) each, more for a few long sequences cut into many tiles (2 x 131072 on an
-    H200: 128 tiles each, 36 us of a 63 us step with one tile per step). Padded batches know
-    their tiles per sequence; for packed ones slots / sequences overestimates the mean by < 1."""
-    mean = 1.0 if tiling is None else tiling.num_slots / max(1, tiling.num_seqs)
-    return 1 if mean <= 2 else 16 if mean <= 17 else 128
-
-
-def _finalize_launch(tiles):
-    """The finalize kernel's per-sequence layout for `tiles` tiles per step: SEQ_BLOCK, TILES
-    and num_warps (sequences x tiles per step within 4096 values, 1024 sequences for one tile)."""
-    if tiles == 1:
-        return dict(SEQ_BLOCK=1024, TILES=1, num_warps=4)
-    return dict(SEQ_BLOCK=4096 // tiles, TILES=tiles, num_warps=8)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-@dataclasses.dataclass
-class _Tiling:
-    """How the tokens of a batch are cut into tiles (see triton_kernels)."""
-
-    varlen: bool
-    num_seqs: int
-    width: int  # T for padded batches (0 for packed ones)
-    tile_size: int
-    num_slots: int
-    grid: tuple
-    multi_tile: bool
-    search_steps: int
-    cu_seqlens: torch.Tensor  # the packed offsets (a dummy for padded batches)
-    tile_offsets: torch.Tensor  # first tile slot of each sequence (a dummy for padded batches)
-    longest: int  # a bound of the sequence length (T; packed: the longest, or N): the gain table's length
-
-    @property
-    def tiles_per_seq(self):
-        return self.grid[1] if not self.varlen else 0
-
-    def launch_args(self):
-        return self.cu_seqlens, self.tile_offsets
-
-
-class TritonBackend(Backend):
+class TritonBackend(LaunchPlan, Backend):
     """The fused Triton kernels: pass an instance as `backend=` to choose their launch settings.
 
     `backend="triton"` (or "auto" on CUDA) uses `TritonBackend()`, the tuned defaults. Runs on
@@ -185,60 +110,6 @@ class TritonBackend(Backend):
             f"it runs on CUDA tensors (got {device.type}); on CPU tensors only with "
             "TRITON_INTERPRET=1 set before kpo_kernels is imported"
         )
-
-    # ------------------------------------------------------------------ launch configuration
-
-    def _block(self, typical_length):
-        if self.block_size is not None:
-            return self.block_size
-        return min(MAX_BLOCK, max(16, _pow2_at_least(typical_length)))
-
-    def _warps(self, block):
-        if self.num_warps is not None:
-            return self.num_warps
-        if block >= 1024:
-            return WIDE_BLOCK_WARPS
-        return max(1, min(8, block // 64))  # two tokens per thread
-
-    def _tile(self, rows, tokens, longest, block, device):
-        """Tokens per tile, a multiple of the block."""
-        if self.tile_size is not None:
-            wanted = self.tile_size
-        elif device.type != "cuda":
-            wanted = longest  # the interpreter runs programs one at a time: no point splitting
-        else:
-            sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-            if rows >= UNDERFILLED_ROWS_PER_SM * sms:
-                wanted = longest
-            else:
-                wanted = max(block, _pow2_at_least(_cdiv(tokens, PROGRAMS_PER_SM * sms)))
-        wanted = min(wanted, MAX_BLOCKS_PER_TILE * block)
-        return _cdiv(max(1, min(wanted, longest)), block) * block
-
-    def _plan(self, shape, cu_seqlens, device):
-        """(block, warps, tiling) of a padded (B, T) or packed (N,) batch."""
-        if cu_seqlens is None:
-            typical = shape[1]
-        else:
-            typical = _cdiv(shape[0], max(1, cu_seqlens.numel() - 1))  # mean sequence length
-        block = self._block(typical)
-        return block, self._warps(block), self._tiling(shape, cu_seqlens, device, block)
-
-    def _tiling(self, shape, cu_seqlens, device, block):
-        if cu_seqlens is None:
-            rows, width = shape
-            tile = self._tile(rows, rows * width, width, block, device)
-            tiles = _cdiv(width, tile)
-            dummy = torch.empty(1, dtype=torch.int32, device=device)
-            return _Tiling(False, rows, width, tile, rows * tiles, (rows, tiles), tiles > 1, 1, dummy, dummy, width)
-        tokens, sequences = shape[0], cu_seqlens.numel() - 1
-        tile = self._tile(sequences, tokens, max(tokens, 1), block, device)
-        slots = _cdiv(tokens, tile) + sequences
-        offsets = torch.empty(sequences + 1, dtype=torch.int32, device=device)
-        kernels.tile_offsets_kernel[(1,)](cu_seqlens, offsets, sequences, tile, BLOCK_S=1024)
-        steps = max(1, sequences.bit_length())
-        longest = tables.packed_longest(cu_seqlens, tokens)  # the tables' length bound
-        return _Tiling(True, sequences, 0, tile, slots, (slots,), tokens > tile, steps, cu_seqlens, offsets, max(longest, 1))
 
     def _empty(self, shape, dtype, device):
         if self.poison:
