@@ -8,7 +8,7 @@ filter and the same branch decisions, in fewer passes over the batch. It applies
 - advantages are per sequence, or per token but equal over each sequence's valid tokens (GRPO
   broadcasts one per response);
 - the valid tokens of each row come first, or the mask mode is skip: rows with holes are then
-  compacted (`Compaction`), the loss computed on the compacted rows and the gradient moved back.
+  compacted (`TailCompaction`), the loss computed on the compacted rows and the gradient moved back.
 
 Otherwise it returns None and the general path runs. What differs from the general path:
 
@@ -32,7 +32,7 @@ from .. import tables
 from ..options import KL_CLAMP
 from . import aggregation
 from .base import LossForward, log1p_neg
-from .torch_scan import COMPUTE, LARGEST_VALUE, Compaction, gain_lookup, prefix_filter
+from .torch_scan import COMPUTE, LARGEST_VALUE, gain_lookup, prefix_filter
 
 
 def _bounds(low, high, dtype):
@@ -67,26 +67,37 @@ def rows_loss(batch, options, need_grad):
     dtype = batch.result_dtype
     rows, length = batch.shape
     mask = batch.mask
-    if mask is None:
-        valid_f = torch.ones(batch.shape, dtype=dtype)
-    else:
-        valid_f = mask.to(dtype)
-    # Same-dtype arithmetic throughout: mixed float32/float64 operands take slow CPU loops.
-    z = batch.log_prob.to(COMPUTE, copy=True).sub_(batch.old_log_prob.to(COMPUTE))
+    valid_b = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0)
+    valid_f = torch.ones(batch.shape, dtype=dtype) if mask is None else mask.to(dtype)
+    # Same-dtype arithmetic throughout: with mixed float32/float64 operands a CPU op first makes
+    # a float64 copy of the float32 one. Fresh (B, T) float64 buffers are what costs most here
+    # (their pages are faulted in anew), so the ones that fall dead are reused: `spare` holds
+    # old_log_prob, then the compaction's index or z before compaction, then x; and masking is
+    # a `where` on the bool mask, in place.
+    z = batch.log_prob.to(COMPUTE, copy=True)
+    spare = batch.old_log_prob.to(COMPUTE, copy=True)
+    z.sub_(spare)
     others = [t for t in (batch.is_weights, batch.advantages) if t is not None]
     if not _finite(z) or not all(_finite(t) for t in others):
         return None
-    valid_64 = valid_f.to(COMPUTE)
-    z.mul_(valid_64)
     tokens = valid_f.sum(-1)
     compaction = None
     if mask is not None and not _is_prefix(valid_f, tokens):
         if not filt.skip:
             return None
-        compaction = Compaction(mask if mask.dtype == torch.bool else mask != 0, valid_f)
-        z = compaction.compact(z)
+        compaction = TailCompaction(valid_f, index=spare.view(torch.int64))
+        spare, z = z, compaction.compact(z)
 
     original_valid = valid_f
+    if compaction is not None:  # from here on, valid_b and valid_f are the compacted rows' mask
+        valid_b = torch.arange(length, dtype=dtype) < tokens[:, None]
+        valid_f = valid_b.to(dtype)
+    zero = torch.zeros((), dtype=COMPUTE)
+
+    def masked(values):  # values (float64), set to 0 at invalid tokens in place
+        return values if valid_b is None else torch.where(valid_b, values, zero, out=values)
+
+    masked(z)  # 0 at invalid tokens (and in the compacted tails, whatever was under the mask)
 
     def tokenwise(values):  # a per-token input, 0 at invalid tokens, in the rows' layout
         values = values.to(dtype) * original_valid
@@ -97,26 +108,28 @@ def rows_loss(batch, options, need_grad):
     if batch.advantages_per_token:
         per_token = tokenwise(batch.advantages)
         advantage = per_token[:, 0].clone()
-    if compaction is not None:
-        valid_f = torch.lt(torch.arange(length, dtype=dtype), tokens[:, None], out=torch.empty_like(valid_f))
-        valid_64 = valid_f.to(COMPUTE)
     if batch.advantages_per_token and not torch.equal(per_token, advantage[:, None] * valid_f):
         return None
     advantage = torch.where(tokens > 0, advantage, 0.0)
     weight = valid_f if weight is None else weight
 
     checked = batch.log_prob.dtype != torch.float64 and abs(filt.x0) <= LARGEST_VALUE
-    x = prefix_filter(z, filt, checked=checked).mul_(valid_64)  # 0 at invalid tokens
+    x = masked(prefix_filter(z, filt, checked=checked, out=spare))  # 0 at invalid tokens
     count = tokens.long()
     z_low = z.to(dtype, copy=True)
-    stats = _diagnostics(z, x, z_low, count, dtype, filt)
+    low, high = torch.aminmax(z)  # ppo_kl's clamp changes nothing within +-KL_CLAMP
+    clamped = z if max(-float(low), float(high)) <= KL_CLAMP else z.clamp(-KL_CLAMP, KL_CLAMP)
+    neg_log_ratio_sum = clamped.sum(-1).neg_()
+    stats = _diagnostics(z, x, z_low, count, dtype, filt)  # z is overwritten
 
     capped = None
     top = float(x.max())
     if options.log_ratio_cap is not None and top > options.log_ratio_cap:
-        capped = torch.gt(x, options.log_ratio_cap).logical_and_(valid_64 > 0)
+        capped = torch.gt(x, options.log_ratio_cap)
+        if valid_b is not None:
+            capped.logical_and_(valid_b)
         stats["capped"] = _count(capped)
-        x.clamp_(max=options.log_ratio_cap).mul_(valid_64)
+        masked(x.clamp_(max=options.log_ratio_cap))
         top = options.log_ratio_cap
     if top >= math.log(torch.finfo(dtype).max):
         return None  # an infinite ratio: the general path keeps its gradient 0 where frozen
@@ -170,13 +183,13 @@ def rows_loss(batch, options, need_grad):
         if frozen is not None:
             grad.mul_(frozen.logical_not_())
         if compaction is not None:
-            grad = compaction.expand(grad).mul_(original_valid)
+            grad = compaction.expand(grad)  # invalid tokens read a tail: 0 (weight is 0 there)
 
     ratio = rt.mul_(valid_f)
     raw = z_low.exp_().mul_(valid_f)
     stats.update(
         tokens=tokens,
-        neg_log_ratio_sum=z.clamp_(-KL_CLAMP, KL_CLAMP).sum(-1).neg_(),
+        neg_log_ratio_sum=neg_log_ratio_sum,
         ratio_sum=ratio.sum(-1),
         ratio_max=ratio.amax(-1),
         raw_ratio_sum=raw.sum(-1),
@@ -188,10 +201,39 @@ def rows_loss(batch, options, need_grad):
     return LossForward(loss, metrics, grad, row_scale)
 
 
+class TailCompaction:
+    """Moves each row's valid tokens to the front of its (B, T) row, in order, and back: what
+    `torch_scan.Compaction` does, in fewer passes (no running count). One int64 index serves both
+    ways: a valid token's place in its compacted row, and for an invalid token its row's last
+    place T - 1, which is in the compacted row's tail (a row with an invalid token has fewer than
+    T valid ones)."""
+
+    def __init__(self, valid_f, index=None):
+        # Observations up to each token, n(t): a float cumulative sum (exact below 2^24 tokens a
+        # row in float32) is several times faster on CPUs than one of the bool mask, and the
+        # index is formed in place in it: n(t) - 1 where valid, T - 1 elsewhere. index: an int64
+        # (B, T) tensor to hold it, or None.
+        length = valid_f.shape[-1]
+        dtype = torch.float32 if length < 2**24 else torch.float64
+        flags = valid_f.to(dtype)
+        count = torch.cumsum(flags, dim=-1).sub_(length).mul_(flags).add_(length - 1)
+        self.index = count.long() if index is None else index.copy_(count)
+
+    def compact(self, values):
+        """(B, T) values -> (B, T) with the valid tokens first, in order; after them 0, except
+        the last place of a row with invalid tokens, which holds one of their values."""
+        return torch.zeros_like(values).scatter_(1, self.index, values)
+
+    def expand(self, compacted):
+        """Compacted values -> each valid token's value at its own place; at an invalid token the
+        value at the row's last place (0 when the compacted tail is)."""
+        return torch.gather(compacted, 1, self.index)
+
+
 def _diagnostics(z, x, z_low, count, dtype, options):
     """The diagnostic columns (docs/math.md section 5b) of rows whose valid tokens come first:
     z and x (float64) are 0 at invalid tokens, z_low is z in the result dtype; count holds the
-    valid tokens of each row."""
+    valid tokens of each row. z is overwritten (with the innovations)."""
     rows, length = z.shape
     r = options.r
     ratios = tables.variance_ratio_table(length, options.q, r, options.p0, z.device, COMPUTE)
@@ -199,9 +241,9 @@ def _diagnostics(z, x, z_low, count, dtype, options):
 
     # Innovation e = z - (the state before the token), x0 before the first token. At a row's first
     # invalid token t = n this reads -x_{n-1}: zeroed; after it z = x = 0.
-    e = torch.empty_like(z)
-    torch.sub(z[:, 1:], x[:, :-1], out=e[:, 1:])
-    torch.sub(z[:, :1], options.x0, out=e[:, :1])
+    e = z  # in place: one (B, T) float64 buffer fewer
+    e[:, 1:].sub_(x[:, :-1])
+    e[:, :1].sub_(options.x0)
     end = count.clamp(max=length - 1)[:, None]
     e.scatter_(1, end, e.gather(1, end).mul_((count == length)[:, None]))
     nis = (e.square_() @ w).div_(r)
@@ -212,8 +254,9 @@ def _diagnostics(z, x, z_low, count, dtype, options):
     scored = (count - unscored).to(COMPUTE)
 
     def flips(values):  # pairs of neighbours with strictly opposite signs (0 at invalid tokens)
-        sign = torch.sign(values)
-        return (sign[:, :-1] * sign[:, 1:]).clamp_(max=0).sum(-1).neg_()
+        # Signs as int8 from two comparisons: an eighth of the memory of x's float64 signs.
+        sign = torch.gt(values, 0).view(torch.int8).sub_(torch.lt(values, 0).view(torch.int8))
+        return (sign[:, :-1] * sign[:, 1:]).clamp_(max=0).sum(-1, dtype=torch.int32).neg_()
 
     # float32 inputs: z is a multiple of 2^-149, so its float32 rounding keeps its sign.
     z_signs = z_low

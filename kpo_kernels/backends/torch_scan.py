@@ -73,11 +73,13 @@ def _chunk_products(a):
     return None
 
 
-def shared_scan(z, c, a, x0):
+def shared_scan(z, c, a, x0, out=None):
     """x (B, T) float64 with x_t = a_t x_{t-1} + c_t z_t, x_{-1} = x0, for a (B, T) float64 z
     and (T,) coefficients a, c (None: 1) shared by the rows (module docstring). The caller
     guarantees |z|, |x0| <= LARGEST_VALUE. Returns None when the products leave float64's range
-    within a chunk (large q); the caller then runs `affine_scan`. x may be a strided view."""
+    within a chunk (large q); the caller then runs `affine_scan`. x may be a strided view. out:
+    a contiguous (B, T) float64 tensor other than z that x is written to when T is a multiple of
+    the chunk length (fresh (B, T) buffers cost more than a pass on CPUs), or None."""
     rows, length = z.shape
     plan = _chunk_products(a) if length else None
     if plan is None:
@@ -85,7 +87,8 @@ def shared_scan(z, c, a, x0):
     size, products, first = plan
     chunks = products.shape[0]
     weights = products.reciprocal() if c is None else F.pad(c, (0, chunks * size - length)).view(chunks, size) / products
-    out = torch.empty(rows, chunks * size, dtype=COMPUTE, device=z.device)
+    if out is None or out.shape != (rows, chunks * size) or not out.is_contiguous():
+        out = torch.empty(rows, chunks * size, dtype=COMPUTE, device=z.device)
     torch.mul(z, weights.view(-1)[:length], out=out[:, :length])
     out[:, length:].zero_()
     sums = out.view(rows, chunks, size).cumsum_(-1)
@@ -124,15 +127,15 @@ def scannable(z, x0):
     return max(-float(low), float(high)) <= LARGEST_VALUE
 
 
-def prefix_filter(z, options, checked=False):
+def prefix_filter(z, options, checked=False, out=None):
     """Filtered log-ratio (float64) of a (B, T) float64 z (0 at invalid tokens, finite) whose
     rows all use K_{t+1} at position t (position mode, or skip mode with the valid tokens first).
-    checked: z is known to be within LARGEST_VALUE (float32 inputs)."""
+    checked: z is known to be within LARGEST_VALUE (float32 inputs). out: as in `shared_scan`."""
     length = z.shape[-1]
     c = position_gains(length, options, z.device)
     x = None
     if checked or scannable(z, options.x0):
-        x = shared_scan(z, c, 1.0 - c, options.x0)
+        x = shared_scan(z, c, 1.0 - c, options.x0, out=out)
     if x is None:
         a_total, x = affine_scan(1.0 - c, z * c, need_a=options.x0 != 0)
         if options.x0 != 0:

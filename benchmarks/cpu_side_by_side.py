@@ -1,0 +1,81 @@
+"""Issue 18 item 4 on a shared CPU: kpo-torch, grpo-eager and vectorized-cumsum side by side.
+
+`python -m benchmarks.cpu_side_by_side [--rounds 30] [--rows 64] [--length 4096]`
+
+Forward + backward (`forward_backward`) of the `rl_batch` data, right-padded, and the same batch
+with 10% of its valid tokens masked ("holes", the skip mode's compaction). On a VM whose cores
+are shared the wall time says little, so this measures CPU time (`time.process_time`) with one
+thread, the implementations in alternation within one process (order reversed every round), and
+reports medians, p20-p80 and the ratios of medians. kpo-torch is first checked against the
+float64 yardstick (as `python -m kpo_kernels` checks it). Read the ratios, not the milliseconds.
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from kpo_kernels.bench.correctness import failures, measure_errors, yardstick
+from kpo_kernels.bench.data import rl_batch
+from kpo_kernels.bench.implementations import forward_backward
+
+NAMES = ("kpo-torch", "grpo-eager", "vectorized-cumsum")
+HOLE_FRACTION = 0.1
+
+
+def with_holes(batch, fraction=HOLE_FRACTION, seed=1):
+    """The batch with `fraction` of its valid tokens masked, at random places."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.rand(batch["mask"].shape, generator=gen) >= fraction
+    return {**batch, "mask": batch["mask"] & keep}
+
+
+def _quantile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
+
+
+def side_by_side(batch, rounds, warmup=3):
+    """{name: [CPU ms per call]} with the implementations alternated, order reversed each round."""
+    times = {name: [] for name in NAMES}
+    for i in range(warmup + rounds):
+        for name in NAMES if i % 2 == 0 else reversed(NAMES):
+            start = time.process_time()
+            forward_backward(name, batch)
+            elapsed = time.process_time() - start
+            if i >= warmup:
+                times[name].append(elapsed * 1e3)
+    return times
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--no-check", action="store_true", help="skip the float64 check")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    padded = rl_batch(args.rows, args.length)
+    layouts = {"padded": padded, "holes": with_holes(padded)}
+    print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}, 1 thread, CPU time")
+    for layout, batch in layouts.items():
+        if not args.no_check:
+            errors = measure_errors("kpo-torch", batch, yardstick(batch))
+            wrong = failures({"impl": "kpo-torch", "status": "ok", "dtype": "fp32", **errors})
+            assert not wrong, f"kpo-torch disagrees with float64 on {layout}: {wrong}"
+        times = side_by_side(batch, args.rounds)
+        med = {name: statistics.median(values) for name, values in times.items()}
+        cells = [f"{n} {med[n]:.1f} ({_quantile(times[n], 0.2):.1f}-{_quantile(times[n], 0.8):.1f})" for n in NAMES]
+        print(f"{layout}: " + ", ".join(cells) + " ms")
+        print(
+            f"{layout}: kpo / grpo-eager {med['kpo-torch'] / med['grpo-eager']:.2f}x, "
+            f"kpo / cumsum {med['kpo-torch'] / med['vectorized-cumsum']:.2f}x"
+        )
+    print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} at the end")
+
+
+if __name__ == "__main__":
+    main()
