@@ -176,9 +176,20 @@ class _Packed:
         bad = nonfinite(z)
         b = c * (z if bad is None else z.masked_fill(bad, 0.0))
         first = self.pos == 0
-        b = torch.where(first, self._start(options.x0) * (1 - c) + b, b)
+        start, bad_start = self._start(options.x0), None
+        if self.state is not None:
+            # An entering state that is inf or NaN (an earlier chunk's token was): the recursion
+            # gives NaN at every token of the sequence (inf - inf), as the whole-sequence call
+            # does after such a token. Scanned as 0: in the scan of the stream a NaN or inf would
+            # leak into the next sequences (0 * NaN at their reset).
+            bad_start = nonfinite(start)
+            if bad_start is not None:
+                start = start.masked_fill(bad_start, 0.0)
+        b = torch.where(first, start * (1 - c) + b, b)
         x = affine_scan(torch.sub(1.0, c).masked_fill_(first, 0.0)[None], b[None], need_a=False)[1][0]
-        return x if bad is None else ieee_nonfinite(x, z, c, bad, self._running)
+        if bad is not None:
+            x = ieee_nonfinite(x, z, c, bad, self._running)
+        return x if bad_start is None else x.masked_fill_(bad_start, math.nan)
 
     def _running(self, flags):
         """Inclusive count of `flags` within each token's sequence."""
