@@ -161,7 +161,9 @@ def _tile_state_and_latest(agg_ptr, num_slots, first, tile, x0, entering, PREFIX
     """(state entering the tile, sign code of the sequence's last valid token before the tile):
     x0 pushed through the earlier tiles' maps (_fold_tiles); `entering` (the code before the
     sequence's first tile: NO_TOKEN, or the entering FilterState's) when they have no valid token."""
-    c_in, b_in, cl_in, bl_in, k_in = _fold_tiles(agg_ptr, num_slots, first, tile, x0 * 0.0, PREFIX)
+    # The zeros from the tile index, not x0 * 0.0: an entering state may be inf or NaN (an
+    # earlier chunk's token was), and its NaN would make k_in, hence the sign code, garbage.
+    c_in, b_in, cl_in, bl_in, k_in = _fold_tiles(agg_ptr, num_slots, first, tile, tile.to(tl.float32) * 0.0, PREFIX)
     x_latest = x0 - cl_in * x0 + bl_in
     code = tl.where(k_in != 3.0, 3 * k_in.to(tl.int32) + _sign(x_latest) + 1, entering)
     return x0 - c_in * x0 + b_in, code
@@ -268,8 +270,8 @@ def _tile_state(agg_ptr, num_slots, first, tile, x0, PREFIX: tl.constexpr):
     never with tl.reduce: on GPUs tl.reduce combines lanes in butterfly order (it assumes a
     commutative operation), which the interpreter's in-order fold would not reveal.
     """
-    c_in = x0 * 0.0
-    b_in = x0 * 0.0
+    c_in = tile.to(tl.float32) * 0.0  # not x0 * 0.0: an entering state may be inf or NaN
+    b_in = tile.to(tl.float32) * 0.0
     for k in range(0, tile, PREFIX):
         ks = k + tl.arange(0, PREFIX)
         earlier = ks < tile
