@@ -112,7 +112,12 @@ def check_state(state, num_sequences, device, name="initial_state"):
         value = getattr(state, field)
         if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
             raise TypeError(f"{name}.{field} must be an integer tensor, got {value.dtype}")
-    return FilterState(state.x, state.count.to(torch.int64), state.last_sign.to(torch.int8))
+    last_sign = state.last_sign
+    if last_sign.dtype not in (torch.int8, torch.uint8, torch.bool):
+        # Narrowing to int8 wraps (265 and -247 would read as 9): a code out of range becomes
+        # -1 first, which check_state_values refuses (on the device, without a sync).
+        last_sign = torch.where((last_sign < 0) | (last_sign > NO_TOKEN), -1, last_sign)
+    return FilterState(state.x, state.count.to(torch.int64), last_sign.to(torch.int8))
 
 
 def check_state_values(state, name="initial_state"):
