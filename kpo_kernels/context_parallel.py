@@ -284,14 +284,20 @@ def _as_stream(log_prob, old_log_prob, advantages, mask, is_weights, pieces):
     if not isinstance(advantages, torch.Tensor):
         raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
     sequences = pieces.num_sequences
+    # One per sequence: (S, 1), or (B,) for padded rows. A 1-D stream refuses (S,), as kpo_loss
+    # does for a packed batch: on a rank whose token count happens to be S it would read as
+    # one per token, so that its meaning would depend on the rank's share of the tokens.
+    per_sequence = ((sequences, 1),) if len(shape) == 1 else ((sequences,), (sequences, 1))
     if advantages.shape == shape:  # the shape alone decides, as in kpo_loss
         advantages = advantages.reshape(-1)
-    elif advantages.shape in ((sequences,), (sequences, 1)):
+    elif advantages.shape in per_sequence:
         advantages = advantages.reshape(-1)[pieces.sequence][:, None]
     else:
         raise ValueError(
             f"advantages has shape {tuple(advantages.shape)}: expected one per token {tuple(shape)} or one per "
-            f"sequence ({sequences},) / ({sequences}, 1)"
+            f"sequence {' / '.join(str(s) for s in per_sequence)}"
+            + (f"; for one advantage per sequence pass advantages[:, None], of shape ({sequences}, 1)"
+               if len(shape) == 1 and advantages.shape == (sequences,) else "")
         )
     return _Stream(flat[0], flat[1], advantages, flat[2], flat[3], cu_seqlens, pieces)
 
