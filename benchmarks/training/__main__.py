@@ -58,6 +58,9 @@ def parse(argv):
     )
     parser.add_argument("--threshold", type=float, help="reward for 'steps to threshold' (default 0.5, or that of --from-json)")
     parser.add_argument("--workers", type=int, help="runs in parallel, one torch thread each (default: 2 on a CPU, 1 on CUDA)")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads per run (0: torch's default; default: 1 when runs are parallel, else 0)"
+    )
     parser.add_argument("--json", metavar="PATH", help="write the runs, their curves and the summary as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write the figure (PNG)")
     parser.add_argument("--from-json", metavar="PATH", help="no training: summarise and plot the runs of an earlier --json")
@@ -88,11 +91,15 @@ def parse(argv):
             parser.error(f"--kpo-clip: two comma-separated numbers, got {args.kpo_clip!r}")
         args.kpo_clip = (low, high)
     if args.delta is not None:
-        high = args.kpo_clip[1] if args.kpo_clip else PAPER["epsilon_high"]
-        if any(METHODS[name].config is not GRPOConfig for name in methods) and not args.delta >= 1 + high:
-            parser.error(f"--delta must be >= 1 + the KPO methods' epsilon_high ({1 + high}): it is their dual clip")
+        highs = [_epsilon_high(METHODS[name], args.kpo_clip) for name in methods if METHODS[name].config is not GRPOConfig]
+        if highs and not args.delta >= 1 + max(highs):
+            parser.error(f"--delta must be >= 1 + the KPO methods' epsilon_high ({1 + max(highs)}): it is their dual clip")
     cuda = torch.cuda.is_available()
     args.workers = args.workers or (1 if cuda else min(2, os.cpu_count() or 1))
+    if args.threads is None:
+        args.threads = 1 if args.workers > 1 else 0
+    elif args.threads < 0:
+        parser.error("--threads must be >= 0")
     try:
         args.schedule = Schedule(
             steps=args.steps,
@@ -103,7 +110,7 @@ def parse(argv):
             strides=args.strides,
             kpo_clip=args.kpo_clip,
             delta=args.delta,
-            threads=1 if args.workers > 1 else 0,
+            threads=args.threads,
         )
     except ValueError as error:
         parser.error(str(error))
@@ -112,8 +119,15 @@ def parse(argv):
 
 def _training_options(args):
     names = ("quick", "seeds", "steps", "methods", "lr", "length", "steps_per_generation", "num_iterations")
-    names += ("strides", "kpo_clip", "delta", "workers")
+    names += ("strides", "kpo_clip", "delta", "workers", "threads")
     return {name: getattr(args, name) for name in names}
+
+
+def _epsilon_high(method, kpo_clip):
+    """The upper clip range a KPO method trains with under --kpo-clip."""
+    if kpo_clip is not None and not method.own_clip:
+        return kpo_clip[1]
+    return method.options.get("epsilon_high", PAPER["epsilon_high"])
 
 
 def main(argv=None):
