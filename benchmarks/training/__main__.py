@@ -167,7 +167,7 @@ def main(argv=None):
         from .plot import plot
 
         plot(runs, args.plot, title=_title(settings), threshold=threshold)
-    nonfinite = sum(run["nonfinite_steps"] for run in runs)
+    nonfinite = sum(report.nonfinite_steps(run["steps"]) for run in runs)
     if nonfinite:
         print(f"{nonfinite} steps had a non-finite loss or gradient norm", file=sys.stderr)
     return 0

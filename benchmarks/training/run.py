@@ -13,7 +13,7 @@ from transformers.utils import logging as transformers_logging
 
 from kpo_kernels.integrations.trl import KPOGRPOConfig
 
-from . import task
+from . import report, task
 from .trainers import METHODS
 
 # Logged keys kept in the curves, by the name they get there (a tuple: the first one logged).
@@ -161,9 +161,7 @@ def train(method_name, seed, schedule, output_dir):
         "seconds": seconds,
         "device": "cuda" if cuda else "cpu",
         "steps": recorder.steps,
-        "nonfinite_steps": sum(
-            any(not math.isfinite(value) for name, value in row.items() if name != "step") for row in recorder.steps
-        ),
+        "nonfinite_steps": report.nonfinite_steps(recorder.steps),
     }
     fits = getattr(trainer, "noise_fits", [])
     if fits:
