@@ -215,3 +215,30 @@ def test_summaries_of_synthetic_runs():
     assert c["peak_reward"]["mean"] == pytest.approx(a["peak_reward"]["mean"])
     text = report.table(summary, 0.5)
     assert "| a | 0.800 ± 0.000 |" in text and "| b |" in text
+
+
+def test_seed_table_and_merged_json_files(tmp_path):
+    import json
+
+    from benchmarks.training.__main__ import _load_records
+
+    def run(method, seed, grad_norm):
+        steps = [{"step": 1, "loss": 0.0, "grad_norm": grad_norm, "stale": 0.0, "reward": 0.25}]
+        return {"method": method, "seed": seed, "seconds": 1.0, "steps": steps, "nonfinite_steps": 0}
+
+    def write(name, runs, steps=600):
+        path = tmp_path / name
+        record = {"schedule": {"steps": steps}, "machine": "m", "date": "d", "commit": name, "threshold": 0.5, "runs": runs}
+        path.write_text(json.dumps(record))
+        return str(path)
+
+    first = write("a.json", [run("grpo", 0, 547785.5), run("grpo", 1, 93.2)])
+    second = write("b.json", [run("kpo-paper", 0, 1.35)])
+    merged = _load_records([first, second])
+    assert [source["commit"] for source in merged["sources"]] == ["a.json", "b.json"]
+    text = report.seed_table(report.summarize(merged["runs"], 0.5))
+    assert "| grpo | 0, 1 | 0.25, 0.25 | 5.5e5, 93 |" in text and "| kpo-paper | 0 | 0.25 | 1.4 |" in text
+    with pytest.raises(SystemExit, match="another schedule"):
+        _load_records([first, write("c.json", [run("kpo-paper", 1, 1.0)], steps=150)])
+    with pytest.raises(SystemExit, match="repeat"):
+        _load_records([first, first])

@@ -63,7 +63,9 @@ def parse(argv):
     )
     parser.add_argument("--json", metavar="PATH", help="write the runs, their curves and the summary as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write the figure (PNG)")
-    parser.add_argument("--from-json", metavar="PATH", help="no training: summarise and plot the runs of an earlier --json")
+    parser.add_argument(
+        "--from-json", metavar="PATH[,PATH]", help="no training: summarise and plot the runs of earlier --json files"
+    )
     args = parser.parse_args(argv)
     if args.from_json:
         given = [option for option, value in _training_options(args).items() if value != parser.get_default(option)]
@@ -133,10 +135,8 @@ def _epsilon_high(method, kpo_clip):
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
     if args.from_json:
-        with open(args.from_json) as f:
-            record = json.load(f)
+        record = _load_records(args.from_json.split(","))
         runs, settings = record["runs"], record["schedule"]
-        print(f"{len(runs)} runs from {args.from_json} ({record['machine']}, {record['date']}, commit {record['commit']})")
         threshold = args.threshold if args.threshold is not None else record["threshold"]
     else:
         settings = schedule_dict(args.schedule)
@@ -158,6 +158,8 @@ def main(argv=None):
     record["summary"] = report.summarize(runs, threshold)
     print()
     print(report.table(record["summary"], threshold))
+    print()
+    print(report.seed_table(record["summary"]))
     if not args.from_json:
         print(f"\nwall time {record['wall_seconds']:.0f} s on {record['machine']}")
     if args.json:
@@ -171,6 +173,30 @@ def main(argv=None):
     if nonfinite:
         print(f"{nonfinite} steps had a non-finite loss or gradient norm", file=sys.stderr)
     return 0
+
+
+def _load_records(paths):
+    """The runs of one or more --json files of the same schedule, as one record (the first's
+    settings; `sources` names each file's machine, date and commit)."""
+    records = []
+    for path in paths:
+        with open(path) as f:
+            records.append(json.load(f))
+        record = records[-1]
+        print(f"{len(record['runs'])} runs from {path} ({record['machine']}, {record['date']}, commit {record['commit']})")
+        differ = sorted(key for key in {**record["schedule"], **records[0]["schedule"]}
+                        if record["schedule"].get(key) != records[0]["schedule"].get(key))
+        if differ:
+            raise SystemExit(f"--from-json: {path} has another schedule than {paths[0]} ({', '.join(differ)})")
+        if record.get("threshold") != records[0].get("threshold"):
+            raise SystemExit(f"--from-json: {path} has another threshold than {paths[0]}")
+    runs = [run for record in records for run in record["runs"]]
+    keys = [(run["method"], run["seed"]) for run in runs]
+    if len(set(keys)) < len(keys):
+        raise SystemExit("--from-json: the files repeat a (method, seed)")
+    merged = dict(records[0], runs=runs)
+    merged["sources"] = [{key: record.get(key) for key in ("machine", "date", "commit", "wall_seconds")} for record in records]
+    return merged
 
 
 def _train_all(args, schedule):

@@ -210,3 +210,21 @@ def _tracker_line(method, entry):
         f"drift evidence median {span('fit_evidence_median')} nats; at a boundary of the range in "
         f"{100 * entry['fit_at_boundary']['mean']:.0f}% of fits; {cost}"
     )
+
+
+def seed_table(summary):
+    """Final reward and largest gradient norm of each seed, per method (Markdown)."""
+    lines = ["| method | seeds | final reward by seed | largest gradient norm by seed |", "|---|---|---|---|"]
+    for method, entry in summary.items():
+        rewards = ", ".join(f"{value:.2f}" for value in entry["final_reward"]["values"])
+        norms = ", ".join(_short(value) for value in entry["grad_norm_max"]["values"])
+        lines.append(f"| {method} | {', '.join(map(str, entry['seeds']))} | {rewards} | {norms} |")
+    return "\n".join(lines)
+
+
+def _short(value):
+    """A gradient norm in two or three significant digits (1.4, 93, 2.3e5)."""
+    if value >= 1e4:
+        mantissa, exponent = f"{value:.1e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{value:.2g}" if value < 100 else f"{value:.0f}"
