@@ -102,7 +102,8 @@ def _fit_summary(rows):
             fit_ratio_min=ratios[0], fit_ratio_median=statistics.median(ratios), fit_ratio_max=ratios[-1],
             fit_r_min=min(row["kalman_r"] for row in fits), fit_r_max=max(row["kalman_r"] for row in fits),
             fit_r_last=fits[-1]["kalman_r"], fit_evidence_median=statistics.median(evidence),
-            fit_at_boundary=sum(row.get("at_boundary", 0.0) for row in fits) / len(fits),
+            fit_at_lower=sum(row.get("at_boundary") == -1.0 for row in fits) / len(fits),
+            fit_at_upper=sum(row.get("at_boundary") == 1.0 for row in fits) / len(fits),
         )
     return out
 
@@ -207,8 +208,8 @@ def _tracker_line(method, entry):
     return (
         f"{method}: {span('fits')} fits per run; Q/R {span('fit_ratio_min')} (lowest) to {span('fit_ratio_max')} "
         f"(highest), medians {span('fit_ratio_median')}; R {span('fit_r_min')} (lowest), last {span('fit_r_last')}; "
-        f"drift evidence median {span('fit_evidence_median')} nats; at a boundary of the range in "
-        f"{100 * entry['fit_at_boundary']['mean']:.0f}% of fits; {cost}"
+        f"drift evidence median {span('fit_evidence_median')} nats; at the lower / upper end of the range in "
+        f"{100 * entry['fit_at_lower']['mean']:.0f}% / {100 * entry['fit_at_upper']['mean']:.0f}% of fits; {cost}"
     )
 
 
