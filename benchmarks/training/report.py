@@ -228,4 +228,4 @@ def _short(value):
     if value >= 1e4:
         mantissa, exponent = f"{value:.1e}".split("e")
         return f"{mantissa}e{int(exponent)}"
-    return f"{value:.2g}" if value < 100 else f"{value:.0f}"
+    return f"{value:.2g}" if value < 10 else f"{value:.0f}"
