@@ -14,7 +14,7 @@ if importlib.util.find_spec("trl") is None:
 import kpo_kernels.integrations.trl as integration  # noqa: E402
 from benchmarks.training import report, task  # noqa: E402
 from benchmarks.training.run import Schedule, train  # noqa: E402
-from benchmarks.training.trainers import ratio_statistics  # noqa: E402
+from benchmarks.training.trainers import METHODS, ratio_statistics  # noqa: E402
 from helpers import make_mask  # noqa: E402
 from kpo_kernels import fit_noise, kpo_loss  # noqa: E402
 
@@ -113,6 +113,53 @@ def test_refitted_kpo_fits_each_generation(tmp_path, loss_calls):
     assert fits[0]["q"] != fits[1]["q"]
 
 
+@pytest.mark.parametrize("method", ["kpo-per-step", "kpo-per-step-wide-clip", "kpo-per-generation"])
+def test_product_fit_reaches_the_loss_and_is_timed(tmp_path, loss_calls, method):
+    """kpo-per-step / kpo-per-generation: KPOGRPOConfig.kalman_fit's tracker sets the loss's q
+    and r; its values and the time around its call are in the curves."""
+    run = train(method, 0, Schedule(**{**TINY.__dict__, "steps": 8}), str(tmp_path))
+    rows = run["steps"]
+    assert [row["refit"] for row in rows] == (
+        [0.0, 1.0, 1.0, 1.0] * 2 if "per-step" in method else [0.0, 1.0, 0.0, 0.0] * 2
+    )  # fitted on stale micro-batches only; per generation: the first stale one
+    for row, (z, mask, q, r) in zip(rows, loss_calls):
+        assert (q, r) == (row["kalman_q"], row["kalman_r"])
+        assert row["fit_seconds"] >= 0 and row["loss_seconds"] > row["fit_seconds"]
+    fitted = fit_noise(*loss_calls[1][:2])  # float64; the tracker's fit is float32 (docs: Q/R to ~1e-4)
+    assert rows[1]["kalman_q"] == pytest.approx(fitted.q, rel=1e-3) and rows[1]["kalman_r"] == pytest.approx(fitted.r, rel=1e-3)
+    assert loss_calls[0][2:] == (1e-6, 1.0)  # the paper's q and R until the first fit
+    assert math.isnan(rows[0]["drift_evidence"]) and run["nonfinite_steps"] == 0  # NaN only until the first fit
+    assert report.nonfinite_steps([{**rows[1], "loss": math.nan}]) == 1
+    summary = report.summarize([run], 0.5)[method]
+    assert summary["fits"]["values"] == [6 if "per-step" in method else 2]
+    assert summary["fit_ms_per_step"]["mean"] > 0 and 0 < summary["fit_share_of_loss"]["mean"] < 1
+    assert f"{method}: " in report.table(report.summarize([run], 0.5), 0.5)
+
+
+@pytest.mark.parametrize(
+    ("method", "kpo_clip", "clip"),
+    [
+        ("grpo-paper-clip", None, (3e-4, 4e-4)),
+        ("grpo-paper-clip", (0.1, 0.1), (3e-4, 4e-4)),
+        ("kpo-per-step-wide-clip", (0.1, 0.1), (0.2, 0.2)),
+        ("kpo-per-step", None, (3e-4, 4e-4)),
+        ("kpo-per-step", (0.1, 0.1), (0.1, 0.1)),
+    ],
+)
+def test_controls_train_with_their_own_clip_range(tmp_path, monkeypatch, method, kpo_clip, clip):
+    """The controls' clip range is part of the method; --kpo-clip changes only the others'."""
+    seen = []
+    real = METHODS[method].trainer.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append((kwargs["args"].epsilon, kwargs["args"].epsilon_high))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(METHODS[method].trainer, "__init__", spy)
+    train(method, 0, Schedule(**{**TINY.__dict__, "steps": 1, "kpo_clip": kpo_clip}), str(tmp_path))
+    assert seen == [clip]
+
+
 @pytest.mark.parametrize(("method", "stale"), [("grpo", [0.0, 1.0, 1.0, 1.0]), ("grpo-onpolicy", [0.0] * 4)])
 def test_observer_of_trl_grpo(tmp_path, method, stale):
     run = train(method, 0, TINY, str(tmp_path))
@@ -168,3 +215,30 @@ def test_summaries_of_synthetic_runs():
     assert c["peak_reward"]["mean"] == pytest.approx(a["peak_reward"]["mean"])
     text = report.table(summary, 0.5)
     assert "| a | 0.800 ± 0.000 |" in text and "| b |" in text
+
+
+def test_seed_table_and_merged_json_files(tmp_path):
+    import json
+
+    from benchmarks.training.__main__ import _load_records
+
+    def run(method, seed, grad_norm):
+        steps = [{"step": 1, "loss": 0.0, "grad_norm": grad_norm, "stale": 0.0, "reward": 0.25}]
+        return {"method": method, "seed": seed, "seconds": 1.0, "steps": steps, "nonfinite_steps": 0}
+
+    def write(name, runs, steps=600):
+        path = tmp_path / name
+        record = {"schedule": {"steps": steps}, "machine": "m", "date": "d", "commit": name, "threshold": 0.5, "runs": runs}
+        path.write_text(json.dumps(record))
+        return str(path)
+
+    first = write("a.json", [run("grpo", 0, 547785.5), run("grpo", 1, 93.2)])
+    second = write("b.json", [run("kpo-paper", 0, 1.35)])
+    merged = _load_records([first, second])
+    assert [source["commit"] for source in merged["sources"]] == ["a.json", "b.json"]
+    text = report.seed_table(report.summarize(merged["runs"], 0.5))
+    assert "| grpo | 0, 1 | 0.25, 0.25 | 5.5e5, 93 |" in text and "| kpo-paper | 0 | 0.25 | 1.4 |" in text
+    with pytest.raises(SystemExit, match="another schedule"):
+        _load_records([first, write("c.json", [run("kpo-paper", 1, 1.0)], steps=150)])
+    with pytest.raises(SystemExit, match="repeat"):
+        _load_records([first, first])

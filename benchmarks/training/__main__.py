@@ -58,9 +58,14 @@ def parse(argv):
     )
     parser.add_argument("--threshold", type=float, help="reward for 'steps to threshold' (default 0.5, or that of --from-json)")
     parser.add_argument("--workers", type=int, help="runs in parallel, one torch thread each (default: 2 on a CPU, 1 on CUDA)")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads per run (0: torch's default; default: 1 when runs are parallel, else 0)"
+    )
     parser.add_argument("--json", metavar="PATH", help="write the runs, their curves and the summary as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write the figure (PNG)")
-    parser.add_argument("--from-json", metavar="PATH", help="no training: summarise and plot the runs of an earlier --json")
+    parser.add_argument(
+        "--from-json", metavar="PATH[,PATH]", help="no training: summarise and plot the runs of earlier --json files"
+    )
     args = parser.parse_args(argv)
     if args.from_json:
         given = [option for option, value in _training_options(args).items() if value != parser.get_default(option)]
@@ -88,11 +93,15 @@ def parse(argv):
             parser.error(f"--kpo-clip: two comma-separated numbers, got {args.kpo_clip!r}")
         args.kpo_clip = (low, high)
     if args.delta is not None:
-        high = args.kpo_clip[1] if args.kpo_clip else PAPER["epsilon_high"]
-        if any(METHODS[name].config is not GRPOConfig for name in methods) and not args.delta >= 1 + high:
-            parser.error(f"--delta must be >= 1 + the KPO methods' epsilon_high ({1 + high}): it is their dual clip")
+        highs = [_epsilon_high(METHODS[name], args.kpo_clip) for name in methods if METHODS[name].config is not GRPOConfig]
+        if highs and not args.delta >= 1 + max(highs):
+            parser.error(f"--delta must be >= 1 + the KPO methods' epsilon_high ({1 + max(highs)}): it is their dual clip")
     cuda = torch.cuda.is_available()
     args.workers = args.workers or (1 if cuda else min(2, os.cpu_count() or 1))
+    if args.threads is None:
+        args.threads = 1 if args.workers > 1 else 0
+    elif args.threads < 0:
+        parser.error("--threads must be >= 0")
     try:
         args.schedule = Schedule(
             steps=args.steps,
@@ -103,7 +112,7 @@ def parse(argv):
             strides=args.strides,
             kpo_clip=args.kpo_clip,
             delta=args.delta,
-            threads=1 if args.workers > 1 else 0,
+            threads=args.threads,
         )
     except ValueError as error:
         parser.error(str(error))
@@ -112,17 +121,22 @@ def parse(argv):
 
 def _training_options(args):
     names = ("quick", "seeds", "steps", "methods", "lr", "length", "steps_per_generation", "num_iterations")
-    names += ("strides", "kpo_clip", "delta", "workers")
+    names += ("strides", "kpo_clip", "delta", "workers", "threads")
     return {name: getattr(args, name) for name in names}
+
+
+def _epsilon_high(method, kpo_clip):
+    """The upper clip range a KPO method trains with under --kpo-clip."""
+    if kpo_clip is not None and not method.own_clip:
+        return kpo_clip[1]
+    return method.options.get("epsilon_high", PAPER["epsilon_high"])
 
 
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
     if args.from_json:
-        with open(args.from_json) as f:
-            record = json.load(f)
+        record = _load_records(args.from_json.split(","))
         runs, settings = record["runs"], record["schedule"]
-        print(f"{len(runs)} runs from {args.from_json} ({record['machine']}, {record['date']}, commit {record['commit']})")
         threshold = args.threshold if args.threshold is not None else record["threshold"]
     else:
         settings = schedule_dict(args.schedule)
@@ -144,6 +158,8 @@ def main(argv=None):
     record["summary"] = report.summarize(runs, threshold)
     print()
     print(report.table(record["summary"], threshold))
+    print()
+    print(report.seed_table(record["summary"]))
     if not args.from_json:
         print(f"\nwall time {record['wall_seconds']:.0f} s on {record['machine']}")
     if args.json:
@@ -153,10 +169,34 @@ def main(argv=None):
         from .plot import plot
 
         plot(runs, args.plot, title=_title(settings), threshold=threshold)
-    nonfinite = sum(run["nonfinite_steps"] for run in runs)
+    nonfinite = sum(report.nonfinite_steps(run["steps"]) for run in runs)
     if nonfinite:
         print(f"{nonfinite} steps had a non-finite loss or gradient norm", file=sys.stderr)
     return 0
+
+
+def _load_records(paths):
+    """The runs of one or more --json files of the same schedule, as one record (the first's
+    settings; `sources` names each file's machine, date and commit)."""
+    records = []
+    for path in paths:
+        with open(path) as f:
+            records.append(json.load(f))
+        record = records[-1]
+        print(f"{len(record['runs'])} runs from {path} ({record['machine']}, {record['date']}, commit {record['commit']})")
+        differ = sorted(key for key in {**record["schedule"], **records[0]["schedule"]}
+                        if record["schedule"].get(key) != records[0]["schedule"].get(key))
+        if differ:
+            raise SystemExit(f"--from-json: {path} has another schedule than {paths[0]} ({', '.join(differ)})")
+        if record.get("threshold") != records[0].get("threshold"):
+            raise SystemExit(f"--from-json: {path} has another threshold than {paths[0]}")
+    runs = [run for record in records for run in record["runs"]]
+    keys = [(run["method"], run["seed"]) for run in runs]
+    if len(set(keys)) < len(keys):
+        raise SystemExit("--from-json: the files repeat a (method, seed)")
+    merged = dict(records[0], runs=runs)
+    merged["sources"] = [{key: record.get(key) for key in ("machine", "date", "commit", "wall_seconds")} for record in records]
+    return merged
 
 
 def _train_all(args, schedule):

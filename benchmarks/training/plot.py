@@ -15,6 +15,10 @@ COLOURS = {
     "kpo-fit": "tab:green",
     "kpo-refit": "tab:red",
     "grpo-onpolicy": "tab:gray",
+    "kpo-per-generation": "tab:purple",
+    "kpo-per-step": "tab:brown",
+    "grpo-paper-clip": "tab:cyan",
+    "kpo-per-step-wide-clip": "tab:olive",
 }
 STEP_WINDOW = 20
 

@@ -13,7 +13,7 @@ from transformers.utils import logging as transformers_logging
 
 from kpo_kernels.integrations.trl import KPOGRPOConfig
 
-from . import task
+from . import report, task
 from .trainers import METHODS
 
 # Logged keys kept in the curves, by the name they get there (a tuple: the first one logged).
@@ -39,6 +39,15 @@ CURVE_KEYS = {
     # above 1 + epsilon_high with A > 0 / below 1 - epsilon with A < 0 (KPO: the filtered ratio)
     "clipfrac_high": ("kpo/clipfrac_high", "clip_ratio/high_mean"),
     "clipfrac_low": ("kpo/clipfrac_low", "clip_ratio/low_mean"),
+    # KPOGRPOTrainer's noise tracker (kalman_fit), and the benchmark's timers (trainers.py)
+    "kalman_q": "kpo/kalman_q",
+    "kalman_r": "kpo/kalman_r",
+    "drift_evidence": "kpo/drift_evidence",
+    "at_boundary": "kpo/at_boundary",
+    "fit_status": "kpo/fit_status",
+    "refit": "kpo/refit",
+    "fit_seconds": "bench/fit_seconds",
+    "loss_seconds": "bench/loss_seconds",
 }
 
 
@@ -98,7 +107,7 @@ def train(method_name, seed, schedule, output_dir):
     transformers_logging.set_verbosity_error()
     cuda = torch.cuda.is_available()
     options = dict(method.options)
-    if schedule.kpo_clip is not None and issubclass(method.config, KPOGRPOConfig):
+    if schedule.kpo_clip is not None and issubclass(method.config, KPOGRPOConfig) and not method.own_clip:
         options["epsilon"], options["epsilon_high"] = schedule.kpo_clip
     if schedule.delta is not None:
         options["delta"] = schedule.delta
@@ -152,9 +161,7 @@ def train(method_name, seed, schedule, output_dir):
         "seconds": seconds,
         "device": "cuda" if cuda else "cpu",
         "steps": recorder.steps,
-        "nonfinite_steps": sum(
-            any(not math.isfinite(value) for name, value in row.items() if name != "step") for row in recorder.steps
-        ),
+        "nonfinite_steps": report.nonfinite_steps(recorder.steps),
     }
     fits = getattr(trainer, "noise_fits", [])
     if fits:

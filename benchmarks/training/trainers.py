@@ -9,15 +9,28 @@
   this is the run that would have used the fitted values from the start.
 - `kpo-refit`: as `kpo-fit`, refitted on the first stale micro-batch of every generation (the
   fit's cost: a few dozen filter passes over one micro-batch, once per generation).
+- `kpo-per-generation`, `kpo-per-step`: `KPOGRPOTrainer` with the product's own fit,
+  `KPOGRPOConfig(kalman_fit="per_generation" | "per_step")` as a TRL user sets it, and the
+  paper's clip range (q = 1e-6, R = 1 until the first fit).
 - `grpo-onpolicy`: TRL's `GRPOTrainer` with one optimizer step per generation (no stale ratios),
   the reference for what the off-policy schedule costs.
+
+Controls:
+- `grpo-paper-clip`: TRL's `GRPOTrainer` and `grpo` loss with the paper's clip range
+  (epsilon 3e-4, epsilon_high 4e-4) and no filter: what the clip range does without the filter.
+- `kpo-per-step-wide-clip`: `kpo-per-step` with TRL's default clip range (0.2 / 0.2): what the
+  filter does without the paper's clip range.
 
 The observer does not change any loss: it keeps the per-token log-probs that the trainer computes
 for its loss and logs statistics of z = log_prob - old_log_prob under `ratio/`, from the same
 code for every method; `ratio/stale` is 1 on micro-batches generated under earlier weights.
-KPO's filtered statistics are KPOGRPOTrainer's own `kpo/` metrics.
+KPO's filtered statistics and the fit's values are KPOGRPOTrainer's own `kpo/` metrics. The fit's
+cost is timed around KPOGRPOTrainer's `noise_tracker` call (`bench/fit_seconds`, 0 on steps
+without a fit), beside the time of the whole loss call (`bench/loss_seconds`: the policy's
+forward pass, the fit and the loss).
 """
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +39,9 @@ from trl import GRPOConfig, GRPOTrainer
 from kpo_kernels import fit_noise
 from kpo_kernels.integrations.trl import KPOGRPOConfig, KPOGRPOTrainer
 
-PAPER = {"kalman_q": 1e-6, "kalman_r": 1.0, "epsilon": 3e-4, "epsilon_high": 4e-4}
+PAPER_CLIP = {"epsilon": 3e-4, "epsilon_high": 4e-4}
+PAPER = {"kalman_q": 1e-6, "kalman_r": 1.0, **PAPER_CLIP}
+TRL_CLIP = {"epsilon": 0.2, "epsilon_high": 0.2}  # GRPOConfig's defaults
 
 
 @dataclass(frozen=True)
@@ -35,6 +50,7 @@ class Method:
     config: type
     options: dict = field(default_factory=dict)
     on_policy: bool = False  # one optimizer step per generation, whatever the schedule
+    own_clip: bool = False  # the clip range is part of the method: --kpo-clip leaves it alone
 
 
 class RatioObserver:
@@ -57,16 +73,22 @@ class RatioObserver:
 
     def _compute_loss(self, model, inputs):
         self._observing, self._inputs = True, inputs
+        start = time.perf_counter()
         try:
             loss = super()._compute_loss(model, inputs)
         finally:
             self._observing = False
+        seconds = time.perf_counter() - start
         z, mask = self._log_ratio(self._observed)
         self._observed, self._inputs = None, None
         mode = "train" if self.model.training else "eval"
         for name, value in ratio_statistics(z, mask).items():
             self._metrics[mode][f"ratio/{name}"].append(value)
         self._metrics[mode]["ratio/stale"].append(float(self._stale))
+        self._metrics[mode]["bench/loss_seconds"].append(seconds)
+        tracker = getattr(self, "noise_tracker", None)
+        if isinstance(tracker, TimedTracker):
+            self._metrics[mode]["bench/fit_seconds"].append(tracker.take())
         return loss
 
     def _before_loss(self, log_prob):
@@ -116,8 +138,35 @@ class ObservedGRPOTrainer(RatioObserver, GRPOTrainer):
     """TRL's GRPOTrainer, unchanged but for the ratio observer."""
 
 
+class TimedTracker:
+    """A NoiseTracker with a wall-clock timer around each call (CPU: the fit's host read makes
+    it synchronous on a GPU too); `take()` returns the seconds since the last `take()`."""
+
+    def __init__(self, tracker):
+        self._tracker, self._seconds = tracker, 0.0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self._tracker(*args, **kwargs)
+        finally:
+            self._seconds += time.perf_counter() - start
+
+    def take(self):
+        seconds, self._seconds = self._seconds, 0.0
+        return seconds
+
+    def __getattr__(self, name):
+        return getattr(self._tracker, name)
+
+
 class ObservedKPOGRPOTrainer(RatioObserver, KPOGRPOTrainer):
-    """KPOGRPOTrainer with the ratio observer."""
+    """KPOGRPOTrainer with the ratio observer, and a timer around its noise tracker."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.noise_tracker is not None:
+            self.noise_tracker = TimedTracker(self.noise_tracker)
 
 
 class FittedKPOGRPOTrainer(ObservedKPOGRPOTrainer):
@@ -153,5 +202,12 @@ METHODS = {
     "kpo-paper": Method(ObservedKPOGRPOTrainer, KPOGRPOConfig, PAPER),
     "kpo-fit": Method(FittedKPOGRPOTrainer, KPOGRPOConfig, PAPER),
     "kpo-refit": Method(RefittedKPOGRPOTrainer, KPOGRPOConfig, PAPER),
+    "kpo-per-generation": Method(ObservedKPOGRPOTrainer, KPOGRPOConfig, {**PAPER, "kalman_fit": "per_generation"}),
+    "kpo-per-step": Method(ObservedKPOGRPOTrainer, KPOGRPOConfig, {**PAPER, "kalman_fit": "per_step"}),
     "grpo-onpolicy": Method(ObservedGRPOTrainer, GRPOConfig, on_policy=True),
+    # Controls: the paper's clip range without the filter; the per-step fit without that clip range.
+    "grpo-paper-clip": Method(ObservedGRPOTrainer, GRPOConfig, PAPER_CLIP, own_clip=True),
+    "kpo-per-step-wide-clip": Method(
+        ObservedKPOGRPOTrainer, KPOGRPOConfig, {**PAPER, **TRL_CLIP, "kalman_fit": "per_step"}, own_clip=True
+    ),
 }
