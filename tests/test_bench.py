@@ -126,7 +126,7 @@ def _timing_row(impl, rows, length, ms, backend=None):
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed (the `bench` extra)")
 def test_figure_two_panels_nan_drawn_no_point_hidden():
-    from kpo_kernels.bench import report
+    from kpo_kernels.bench import figure
 
     rows = [
         _accuracy_row("kpo", 256, 3e-8, 0.0), _accuracy_row("kpo", 131072, 5e-8, 1e-7),
@@ -136,7 +136,7 @@ def test_figure_two_panels_nan_drawn_no_point_hidden():
         _timing_row("kpo-torch", 64, 4096, 10.0), _timing_row("vectorized-cumsum", 64, 4096, 10.0),
         _timing_row("vectorized-cumsum", 2, 131072, 10.0),
     ]
-    fig = report.figure(rows)
+    fig = figure.figure(rows)
     accuracy, timing = fig.axes
     labels = [t.get_text() for t in accuracy.get_yticklabels()]
     nan_y = accuracy.get_yticks()[labels.index("NaN")]

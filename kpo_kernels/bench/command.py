@@ -11,7 +11,7 @@ import torch
 import kpo_kernels
 from kpo_kernels.noise_report import noise_section
 
-from . import report
+from . import figure, report
 from .cases import DTYPES, Case, accuracy_cases, default_cases, sweep_cases
 from .correctness import FILTER_TOL, failures, grad_tol, reference_agrees
 from .data import noise_generator, rl_batch
@@ -173,7 +173,7 @@ def run_command(args):
         report.write_markdown(everything, args.markdown, skipped)
         print(f"wrote {args.markdown}")
     if args.plot:
-        report.plot(everything, args.plot)
+        figure.plot(everything, args.plot)
         print(f"wrote {args.plot}")
 
     failed = [r for r in everything if r.get("check") == "fail"]
