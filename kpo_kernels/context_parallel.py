@@ -17,6 +17,7 @@ group. The loss of each rank is its share: the shares sum to the unsharded loss,
 gradient at a rank's tokens is the unsharded gradient there.
 """
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -27,7 +28,7 @@ from .api import kpo_loss
 from .backends.aggregation import row_weights
 from .dispatch import backend_key, resolve_backend
 from .options import METRIC_NAMES
-from .state import NO_RAW_SIGN, ChunkMaps, FilterState, advance, compose
+from .state import NO_RAW_SIGN, ChunkMaps, FilterState, advance, compose, require
 from .validation import check_loss_options, check_mask, check_tokens
 
 LAYOUTS = ("zigzag", "contiguous")
@@ -161,6 +162,8 @@ def _prefix_counts(sequence, order, observations, sequences):
     the observations of the sorted piece i's sequence before it (an exclusive sum)."""
     key = sequence * (order.max() + 1 if order.numel() else 1) + order
     perm = torch.argsort(key, stable=True)
+    ordered = key[perm]
+    require(ordered[1:] != ordered[:-1], "two pieces of the group have the same (sequence, order)")
     counts = observations[perm]
     totals = torch.zeros(sequences, dtype=counts.dtype, device=counts.device).index_add_(0, sequence, observations)
     offsets = torch.cumsum(totals, 0) - totals
@@ -267,6 +270,27 @@ def _stream(log_prob, old_log_prob, advantages, mask, is_weights, layout, cu_seq
     return _as_stream(log_prob, old_log_prob, advantages, mask, is_weights, pieces)
 
 
+def _checked_pieces(pieces, device):
+    """The Pieces as int64 tensors on `device`; shapes checked here, values where they are
+    data (`state.require`: on the host for CPU tensors, asynchronously on an accelerator)."""
+    sequences = pieces.num_sequences
+    if isinstance(sequences, bool) or not isinstance(sequences, numbers.Integral) or sequences < 0:
+        raise ValueError(f"Pieces.num_sequences must be an int >= 0, got {sequences!r}")
+    fields = []
+    for name in ("lengths", "sequence", "order"):
+        value = getattr(pieces, name)
+        if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
+            raise TypeError(f"Pieces.{name} must be a 1-D integer tensor")
+        if value.shape != pieces.lengths.shape:
+            raise ValueError(f"Pieces.{name} has {value.numel()} entries, Pieces.lengths {pieces.lengths.numel()}")
+        fields.append(value.to(device=device, dtype=torch.int64))
+    lengths, sequence, order = fields
+    require(lengths >= 0, "Pieces.lengths must be >= 0")
+    require((sequence >= 0) & (sequence < sequences), f"Pieces.sequence must be in 0..{sequences - 1}")
+    require(order >= 0, "Pieces.order must be >= 0")
+    return Pieces(lengths, sequence, order, int(sequences))
+
+
 def _as_stream(log_prob, old_log_prob, advantages, mask, is_weights, pieces):
     shape = log_prob.shape
     flat = [None if t is None else t.reshape(-1) for t in (log_prob, old_log_prob, mask, is_weights)]
@@ -275,8 +299,8 @@ def _as_stream(log_prob, old_log_prob, advantages, mask, is_weights, pieces):
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)} (that of log_prob)")
     check_mask(mask, shape, log_prob.device)
     device = log_prob.device
-    lengths = pieces.lengths.to(device=device, dtype=torch.int64)
-    pieces = Pieces(lengths, pieces.sequence.to(device), pieces.order.to(device), int(pieces.num_sequences))
+    pieces = _checked_pieces(pieces, device)
+    lengths = pieces.lengths
     tokens = flat[0].numel()
     if device.type == "cpu" and int(lengths.sum()) != tokens:
         raise ValueError(f"the pieces hold {int(lengths.sum())} tokens, log_prob {tokens}")

@@ -121,20 +121,20 @@ def check_state(state, num_sequences, device, name="initial_state"):
 
 
 def check_state_values(state, name="initial_state"):
-    """count >= 0 and last_sign a code in 0..9 (see `_require`)."""
+    """count >= 0 and last_sign a code in 0..9 (see `require`)."""
     if state is None:
         return
     check_count_values(state.count, f"{name}.count")
     in_range = (state.last_sign >= 0) & (state.last_sign <= NO_TOKEN)
-    _require(in_range, f"{name}.last_sign must be a sign code in 0..{NO_TOKEN}")
+    require(in_range, f"{name}.last_sign must be a sign code in 0..{NO_TOKEN}")
 
 
 def check_count_values(count, name="count"):
-    """Every observation count >= 0 (see `_require`)."""
-    _require(count >= 0, f"{name} must be >= 0")
+    """Every observation count >= 0 (see `require`)."""
+    require(count >= 0, f"{name} must be >= 0")
 
 
-def _require(flags, message):
+def require(flags, message):
     """All flags true: checked on the host for CPU tensors, asynchronously on an accelerator
     (torch._assert_async: no host synchronisation; a violation fails the next synchronising call)."""
     if not flags.numel():

@@ -236,3 +236,31 @@ def test_bad_arguments_are_refused_by_name():
     with pytest.raises(TypeError, match="return_state"):
         kpo_kernels.kalman_filter(z, return_state="yes")
     assert isinstance(Pieces(torch.zeros(1), torch.zeros(1), torch.zeros(1), 1), tuple)
+
+
+def test_bad_pieces_are_refused_by_name(tmp_path):
+    """A one-process gloo group in this process: the checks of a Pieces layout's values."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        z = torch.zeros(5)
+        good = Pieces(torch.tensor([2, 3]), torch.tensor([0, 1]), torch.tensor([0, 0]), 2)
+        loss, _ = context_parallel_kpo_loss(z, z, torch.ones(2, 1), layout=good)
+        assert float(loss) == -1.0  # ratio 1, advantage 1, the mean over sequences
+        cases = [
+            (good._replace(lengths=torch.tensor([6, -1])), ValueError, "Pieces.lengths must be >= 0"),
+            (good._replace(sequence=torch.tensor([0, 2])), ValueError, r"Pieces.sequence must be in 0..1"),
+            (good._replace(order=torch.tensor([0, -3])), ValueError, "Pieces.order must be >= 0"),
+            (good._replace(sequence=torch.tensor([1, 1])), ValueError, "the same \\(sequence, order\\)"),
+            (good._replace(lengths=torch.tensor([2.0, 3.0])), TypeError, "Pieces.lengths must be a 1-D integer tensor"),
+            (good._replace(order=torch.tensor([0])), ValueError, "Pieces.order has 1 entries"),
+            (good._replace(num_sequences=-1), ValueError, "Pieces.num_sequences must be an int >= 0"),
+            (good._replace(lengths=torch.tensor([2, 2])), ValueError, "the pieces hold 4 tokens, log_prob 5"),
+        ]
+        for pieces, error, words in cases:
+            with pytest.raises(error, match=words):
+                context_parallel_kpo_loss(z, z, torch.ones(2, 1), layout=pieces)
+    finally:
+        dist.destroy_process_group()
