@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops
-from .api import kpo_loss
+from .api import _LOSS_DEFAULTS, _TENSOR_OR_BACKEND, kpo_loss
 from .backends.aggregation import row_weights
 from .dispatch import backend_key, resolve_backend
 from .options import METRIC_NAMES
@@ -143,11 +143,8 @@ def context_parallel_kpo_loss(
     return loss, dict(zip(METRIC_NAMES, _combine_metrics(_gather(vector[None], group, world)).unbind()))
 
 
-_DEFAULTS = {
-    "q": 1e-6, "r": 1.0, "p0": 0.0, "x0": 0.0, "mask_mode": "skip", "clip": True, "clip_low": 3e-4, "clip_high": 4e-4,
-    "dual_clip": None, "log_ratio_cap": 10.0, "agg": "seq-mean-token-mean", "dp_size": 1, "batch_num_tokens": None,
-    "global_batch_size": None, "loss_scale_factor": None,
-}
+# kpo_loss's option defaults (the numbers and modes check_loss_options takes).
+_DEFAULTS = {name: value for name, value in _LOSS_DEFAULTS.items() if name not in _TENSOR_OR_BACKEND}
 
 
 def _gather(tensor, group, world):
