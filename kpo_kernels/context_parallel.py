@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from . import ops
+from . import ops  # noqa: F401 (registers torch.ops.kpo_kernels.*, which this module calls)
 from .api import _LOSS_DEFAULTS, _TENSOR_OR_BACKEND, kpo_loss
 from .backends.aggregation import row_weights
 from .dispatch import backend_key, resolve_backend
@@ -91,7 +91,7 @@ def context_parallel_kpo_loss(
         and its gradient is the unsharded gradient at this rank's tokens); metrics those of the
         unsharded call, the same on every rank.
     """
-    for name in ("initial_state", "return_state", "cu_seqlens_local"):
+    for name in ("initial_state", "return_state"):
         if name in options:
             raise TypeError(f"context_parallel_kpo_loss does not take {name}")
     checked = check_loss_options(**{**_DEFAULTS, **options})
