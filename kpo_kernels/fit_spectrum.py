@@ -108,9 +108,10 @@ def spectral_sums(z, lengths, *, diffuse, bins, keep):
     total, moments, kept = 0.0, 0.0, []
     for rows, columns in buckets(lengths, z.shape[1], diffuse):
         block, block_lengths = (z, lengths) if rows is None else (z[rows, :columns], lengths[rows])
-        y2, lam, _ = spectrum(block, block_lengths, diffuse=diffuse)
-        total = total + y2.sum()
-        moments = moments + binned_moments(y2, lam, bins)
+        y2, lam, count = spectrum(block, block_lengths, diffuse=diffuse)
+        sums = binned_moments(y2, lam, count, block_lengths, bins, diffuse=diffuse)
+        total = total + sums[0].sum()
+        moments = moments + sums
         if keep:
             kept.append((y2.reshape(-1), lam.reshape(-1)))
     y2, lam = (torch.cat(items) for items in zip(*kept)) if keep else (None, None)
@@ -153,8 +154,14 @@ def spectrum(z, lengths, *, diffuse):
     complex_dtype = torch.complex64 if real == torch.float32 else torch.complex128
     both, spectra, conv = _workspace((rows, size, inputs), complex_dtype, device)  # both: a, b
     parts = torch.view_as_real(both)
-    angle = torch.remainder(phase[None, :], 2 * half[:, None]).to(real)  # exact phases for any length
-    angle.mul_((-math.pi / half.to(real))[:, None])
+    # the phase P(m) / D reduced modulo 2: exactly in integers for float64 data; otherwise in turns,
+    # P / (2D) in float64 less its integer part (~1e-11 for any length, far below float32's
+    # rounding of the angle, and 7 times cheaper than the integer remainder on a CPU)
+    if real == torch.float64:
+        angle = torch.remainder(phase[None, :], 2 * half[:, None]).to(real).mul_((-math.pi / half.to(real))[:, None])
+    else:
+        turns = torch.mul(phase.to(torch.float64)[None, :], (0.5 / half.to(torch.float64))[:, None]).frac_()
+        angle = torch.mul(turns, -2.0 * math.pi, out=torch.empty(turns.shape, dtype=real, device=device))
     torch.cos(angle, out=parts[1, ..., 0])
     torch.sin(angle, out=parts[1, ..., 1])  # b = conj(g)
     cosine, sine = parts[1, :, 1 : inputs + 1, 0], parts[1, :, 1 : inputs + 1, 1]  # g(j) = cosine - i sine
@@ -169,12 +176,12 @@ def spectrum(z, lengths, *, diffuse):
     # lam_k = 4 sin^2(half angle): (2k - 1) pi / (2N) for P0 = 0, k pi / (2n) diffuse
     numerator = (k if diffuse else 2 * k - 1).to(real)
     lam = torch.sin(numerator[None, :] * (math.pi / 2 / period.to(real))[:, None]).square_().mul_(4.0)
-    lam = torch.where(inside, lam, 1.0)
+    lam.clamp_(min=torch.finfo(real).tiny)  # past a row's count (y2 = 0 there) lam may round to 0: keep log lam finite
     norm = (((2.0 if diffuse else 4.0) / float(size) ** 2) / period.to(torch.float64)).to(real)
-    y2 = coefficient.square().mul_(norm[:, None])
+    y2 = coefficient.square_().mul_(norm[:, None])
     if not diffuse:
         y2.mul_(lam)
-    return torch.where(inside, y2, 0.0).to(torch.float64), lam, count
+    return y2.masked_fill_(~inside, 0.0).to(torch.float64), lam, count
 
 
 _LAST = threading.local()
@@ -208,17 +215,39 @@ def bin_count(width, group):
     return min(int((BIN_TOP - math.log(smallest)) / BIN_WIDTH) + 2, MAX_BINS)
 
 
-def binned_moments(y2, lam, bins):
+def binned_moments(y2, lam, count, lengths, bins, *, diffuse):
     """(3, bins) float64: per bin of log lam, the sums of y2, y2 v and y2 v^2, v = log lam less
     the bin's centre. A second-order expansion of each coefficient's 1 / (lam + q) about its
-    bin's centre then gives the quadratic part of the profile at any q from 3 x bins numbers."""
-    position = torch.log(lam.reshape(-1)).mul_(-1.0 / BIN_WIDTH).add_(BIN_TOP / BIN_WIDTH)  # lam's dtype
-    index = position.floor().clamp_(0, bins - 1)
-    v = (index + 0.5).sub_(position).mul_(BIN_WIDTH)  # in float32 ~1e-6 absolute, random: ~1e-8 in the sums
-    index = index.long()
-    y2 = y2.reshape(-1)
-    y2v = y2 * v
-    return torch.stack([torch.bincount(index, weights=w, minlength=bins) for w in (y2, y2v, y2v * v)])
+    bin's centre then gives the quadratic part of the profile at any q from 3 x bins numbers.
+
+    lam_k rises with k in every row, so each bin holds a run of consecutive coefficients of a
+    row: the run's ends come from inverting lam_k = 4 sin^2(nu_k pi / (2 p)) at the bin edges
+    (per row and edge, not per coefficient), and its sums from prefix sums of y2 L^0..2,
+    L = log lam (float64), then shifted to the bin's centre."""
+    rows, width = y2.shape
+    device = y2.device
+    log_lam = torch.log(lam).to(torch.float64)
+    powers = torch.empty(3, rows, width + 1, dtype=torch.float64, device=device)
+    powers[:, :, 0] = 0.0
+    powers[0, :, 1:] = y2
+    torch.mul(y2, log_lam, out=powers[1, :, 1:])
+    torch.mul(powers[1, :, 1:], log_lam, out=powers[2, :, 1:])
+    prefix = powers.cumsum_(2)  # prefix[:, :, K] sums coefficients 1..K
+    # K_i: coefficients with log lam <= edge e_i = TOP - i W, i = 0..bins (K_0 = all, K_bins = none:
+    # the last bin also takes every smaller lam, as a clamp would)
+    edges = BIN_TOP - torch.arange(1, bins, device=device, dtype=torch.float64) * BIN_WIDTH
+    half_angle = torch.asin(torch.exp(0.5 * edges).mul_(0.5).clamp_(max=1.0))  # lam <= e^edge <=> angle <= this
+    period = (lengths.clamp(min=1) if diffuse else 2 * lengths + 1).to(torch.float64)
+    nu = half_angle[None, :] * (2.0 / math.pi) * period[:, None]  # nu_k <= this
+    below = nu.floor_() if diffuse else nu.add_(1.0).mul_(0.5).floor_()
+    below = torch.minimum(below, count[:, None].to(torch.float64)).clamp_(min=0.0).long()
+    ends = torch.cat([count[:, None].clamp(min=0, max=width), below, torch.zeros_like(count)[:, None]], 1)
+    at = prefix.gather(2, ends[None].expand(3, rows, bins + 1))  # (3, rows, bins + 1)
+    sums = (at[..., :-1] - at[..., 1:]).sum(1)  # (3, bins): sums of y2 L^p per bin
+    centre = BIN_TOP - (torch.arange(bins, device=device, dtype=torch.float64) + 0.5) * BIN_WIDTH
+    first = sums[1] - centre * sums[0]  # sum y2 (L - c)
+    second = sums[2] - 2.0 * centre * sums[1] + centre.square() * sums[0]  # sum y2 (L - c)^2
+    return torch.stack([sums[0], first, second])
 
 
 def bin_centres(bins, device):

@@ -135,8 +135,12 @@ def estimate_noise(
     fallback_q, fallback_r = (_number("fallback", value) for value in fallback)
     max_tokens = None if max_tokens is None else check_min_tokens("max_tokens", max_tokens)
     with torch.no_grad():
-        z, lengths = sequences(log_ratio.detach(), mask, cu_seqlens, mask_mode, x0)
-        if max_tokens is not None and z.numel() > max_tokens:
+        log_ratio = log_ratio.detach()
+        if max_tokens is not None and cu_seqlens is None and log_ratio.numel() > max_tokens:  # padded: rows first
+            step = -(-log_ratio.numel() // max_tokens)
+            log_ratio, mask = log_ratio[::step], None if mask is None else mask[::step]
+        z, lengths = sequences(log_ratio, mask, cu_seqlens, mask_mode, x0)
+        if max_tokens is not None and cu_seqlens is not None and z.numel() > max_tokens:  # packed: sequences as rows
             step = -(-z.numel() // max_tokens)
             z, lengths = z[::step], lengths[::step]
         diffuse = p0 == math.inf

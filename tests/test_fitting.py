@@ -192,3 +192,35 @@ def test_half_the_sequences_meet_the_likelihood_goal(q, r):
     assert float(got.r) == pytest.approx(want.r, rel=1e-2)
     whole, _, _ = fit_noise_profile(z, mask, float(got.ratio))
     assert whole >= want.log_likelihood - 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p0", [0.0, math.inf])
+def test_binned_quadratic_is_every_coefficients(p0, dtype):
+    """The bins (runs of consecutive coefficients found from each row's bin edges, summed by
+    prefix sums) give sum y2 / (lam + q) over every coefficient to 1e-8 relative at every ratio
+    of q_range (1e-7 for a float32 transform, whose log lam is rounded to float32), with rows of 0, 1, 2 and up to 700 tokens in one bucket (lam past a row's count
+    clamped, its y2 zero); and the moments are the same as assigning each coefficient to its bin."""
+    from kpo_kernels.fit_spectrum import bin_centres, bin_count, binned_moments, binned_quadratic, spectrum
+
+    diffuse = p0 == math.inf
+    z, mask = simulate(9, 1, 700, 1e-4, 0.05, 11, dtype=dtype)
+    mask[0] = False
+    mask[1, 1:] = False
+    mask[2, 2:] = False
+    lengths = mask.sum(1)
+    z = torch.where(mask, z, 0.0)
+    y2, lam, count = spectrum(z, lengths, diffuse=diffuse)
+    bins = bin_count(z.shape[1], None)
+    moments = binned_moments(y2, lam, count, lengths, bins, diffuse=diffuse)
+    q = torch.logspace(-10, 2, 49, dtype=torch.float64)
+    exact = (y2.reshape(-1)[None, :] / (lam.reshape(-1).double()[None, :] + q[:, None])).sum(-1)
+    got = binned_quadratic(moments, bin_centres(bins, "cpu"), q)
+    assert torch.allclose(got, exact, rtol=1e-8 if dtype == torch.float64 else 1e-7, atol=0.0)
+    inside = torch.arange(1, y2.shape[1] + 1)[None, :] <= count[:, None]
+    position = (math.log(4.0) + 1e-9 - torch.log(lam).double()) / 0.02  # log lam in lam's dtype, as binned
+    index = position.floor().clamp(0, bins - 1).long()[inside]
+    v = (index + 0.5 - position[inside]) * 0.02  # log lam less the bin centre
+    weights = y2[inside]
+    want = torch.stack([torch.bincount(index, w, minlength=bins) for w in (weights, weights * v, weights * v * v)])
+    assert torch.allclose(moments, want, rtol=1e-9, atol=1e-12 * float(weights.sum()))
