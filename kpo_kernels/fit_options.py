@@ -35,6 +35,18 @@ def check_min_tokens(name, value):
     return check_count(name, value, minimum=2)
 
 
+# The per-step fit's default budget: positions (rows x longest sequence) transformed per micro-batch.
+# A larger micro-batch is fitted on every k-th sequence, k = ceil(positions / budget): at 64 x 4096
+# a quarter of the sequences, which keeps fit + loss under twice the loss on a CPU
+# (benchmarks/RESULTS.md) and the likelihood within 3e-5 nats per token of the full fit's maximum.
+PER_STEP_MAX_TOKENS = 65536
+
+
+def check_max_tokens(name, value):
+    """None (every sequence) or an int >= 2."""
+    return None if value is None else check_count(name, value, minimum=2)
+
+
 def check_fit_prior(name, p0_ratio, mode):
     """A fit keeps P0 / R fixed; the cheap estimator has a closed form only for 0 and inf."""
     if mode != "off" and p0_ratio not in (0.0, math.inf):

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fit_options import check_fit_range, check_min_tokens
+from .fit_options import check_fit_range, check_max_tokens, check_min_tokens
 from .fit_spectrum import bin_centres, bin_count, binned_quadratic, log_determinant, sequences, spectral_sums
 from .validation import _number, check_cu_seqlens, check_mask, check_tokens
 
@@ -133,7 +133,7 @@ def estimate_noise(
     low, high = check_fit_range("q_range", q_range)
     min_tokens = check_min_tokens("min_tokens", min_tokens)
     fallback_q, fallback_r = (_number("fallback", value) for value in fallback)
-    max_tokens = None if max_tokens is None else check_min_tokens("max_tokens", max_tokens)
+    max_tokens = check_max_tokens("max_tokens", max_tokens)
     with torch.no_grad():
         log_ratio = log_ratio.detach()
         if max_tokens is not None and cu_seqlens is None and log_ratio.numel() > max_tokens:  # padded: rows first

@@ -4,7 +4,9 @@ import math
 
 import torch
 
-from .fit_options import FIT_MODES, check_fit_mode, check_fit_prior, check_fit_range, check_min_tokens
+from .fit_options import (
+    FIT_MODES, PER_STEP_MAX_TOKENS, check_fit_mode, check_fit_prior, check_fit_range, check_max_tokens, check_min_tokens,
+)
 from .fitting import FITTED, STATUS_NAMES, estimate_noise
 from .validation import check_bool, check_filter_params
 
@@ -33,8 +35,11 @@ class NoiseTracker:
         group: "auto" (default: the default `torch.distributed` group when one is initialised
             with more than one process, else none), None (no collective), or a process group:
             the fit's sums are all-reduced over it, so every rank gets the same Q and R.
-        max_tokens: None (default), or `estimate_noise`'s cap: fit every k-th sequence of a
-            micro-batch larger than this (cheaper, statistically noisier).
+        max_tokens: the per-step fit's budget (default `PER_STEP_MAX_TOKENS`, 65536): a micro-batch
+            of more positions (rows x longest sequence) is fitted on every k-th sequence,
+            `estimate_noise`'s cap (cheaper, statistically noisier: docs/choosing-q-and-r.md);
+            None: every sequence. A "per_generation" fit, once per rollout batch, reads every
+            sequence.
 
     Raises:
         TypeError, ValueError: a bad option, named, at construction.
@@ -47,7 +52,7 @@ class NoiseTracker:
     """
 
     def __init__(self, mode="per_step", *, q=1e-6, r=1.0, p0=0.0, x0=0.0, mask_mode="skip", q_range=(1e-10, 1e2),
-                 min_tokens=64, group="auto", max_tokens=None):
+                 min_tokens=64, group="auto", max_tokens=PER_STEP_MAX_TOKENS):
         self.mode = check_fit_mode("mode", mode)
         options = check_filter_params(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode)
         self.p0_ratio = options.p0 / options.r
@@ -57,7 +62,7 @@ class NoiseTracker:
         if isinstance(group, str) and group != "auto":
             raise ValueError(f"group must be 'auto', None or a torch.distributed process group, got {group!r}")
         self.group = group
-        self.max_tokens = None if max_tokens is None else check_min_tokens("max_tokens", max_tokens)
+        self.max_tokens = check_max_tokens("max_tokens", max_tokens)
         self.q, self.r, self.p0, self.x0, self.mask_mode = options.q, options.r, options.p0, options.x0, options.mask_mode
         self._pending = self.mode == "per_generation"
         self.metrics = {"kalman_q": self.q, "kalman_r": self.r, "drift_evidence": math.nan, "at_boundary": 0.0,
@@ -81,7 +86,7 @@ class NoiseTracker:
         fit = estimate_noise(
             log_ratio.detach(), mask, cu_seqlens=cu_seqlens, mask_mode=self.mask_mode, p0=self.p0_ratio, x0=self.x0,
             q_range=self.q_range, min_tokens=self.min_tokens, fallback=(self.q, self.r), group=self._group(),
-            max_tokens=self.max_tokens,
+            max_tokens=self.max_tokens if self.mode == "per_step" else None,
         )
         values = torch.stack([fit.q, fit.r, fit.drift_evidence, fit.at_boundary.double(), fit.status.double()]).tolist()
         q, r, evidence, boundary, status = values  # the one host read of a fit

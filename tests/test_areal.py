@@ -204,6 +204,8 @@ def test_enable_refuses_bad_options():
         kpo_areal.enable(qq=1.0)
     with pytest.raises(ValueError):
         kpo_areal.enable(r=0.0)
+    with pytest.raises(ValueError, match="kalman_fit_max_tokens"):
+        kpo_areal.enable(kalman_fit="per_step", kalman_fit_max_tokens=1)
     assert areal_actor.grpo_loss_fn.__module__ == "areal.trainer.ppo.actor"
 
 

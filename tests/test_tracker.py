@@ -44,6 +44,24 @@ def test_per_step_fits_every_micro_batch():
         assert tracker.metrics["fit_status"] == 0.0
 
 
+def test_the_per_step_budget_fits_every_kth_sequence_of_a_larger_micro_batch():
+    """per_step fits at most max_tokens positions (default PER_STEP_MAX_TOKENS): a larger
+    micro-batch on every k-th sequence, as estimate_noise(max_tokens=...); None fits every
+    sequence; per_generation always reads every sequence."""
+    from kpo_kernels.fit_options import PER_STEP_MAX_TOKENS
+
+    z, mask = batch(6, rows=12)  # 12 x 200 positions
+    capped = estimate_noise(z, mask, max_tokens=z.numel() // 3)
+    whole = estimate_noise(z, mask)
+    assert float(capped.q) != float(whole.q)
+    assert NoiseTracker("per_step", max_tokens=z.numel() // 3)(z, mask)["q"] == float(capped.q)
+    assert NoiseTracker("per_step", max_tokens=None)(z, mask)["q"] == float(whole.q)
+    assert NoiseTracker("per_generation", max_tokens=z.numel() // 3)(z, mask)["q"] == float(whole.q)
+    assert NoiseTracker().max_tokens == PER_STEP_MAX_TOKENS == 65536
+    big, big_mask = simulate(40, 1900, 2000, 1e-4, 0.01, 7, dtype=torch.float32)  # 80000 positions: every 2nd row
+    assert NoiseTracker("per_step")(big, big_mask)["q"] == float(estimate_noise(big[::2], big_mask[::2]).q)
+
+
 def test_per_generation_fits_the_first_stale_micro_batch_of_each_generation():
     tracker = NoiseTracker("per_generation", q=1e-6, r=1.0)
     first, mask = batch(4)
@@ -87,6 +105,9 @@ def test_p0_ratio_is_kept():
         ({"r": 0.0}, ValueError, "observation noise"),
         ({"q_range": (1e-3, 1e-4)}, ValueError, "q_range"),
         ({"min_tokens": 0}, ValueError, "min_tokens"),
+        ({"max_tokens": 1}, ValueError, "max_tokens"),
+        ({"max_tokens": 2.5}, TypeError, "max_tokens"),
+        ({"max_tokens": "all"}, TypeError, "max_tokens"),
         ({"mask_mode": "drop"}, ValueError, "mask_mode"),
         ({"group": "world"}, ValueError, "group"),
     ],

@@ -62,6 +62,7 @@ def test_trl_fits_q_and_r_while_training(tmp_path, monkeypatch, kalman_fit):
         ({"kalman_fit": "per_step", "kalman_p0": 0.5}, "kalman_p0"),
         ({"kalman_fit_q_min": -1.0}, "kalman_fit_q_min"),
         ({"kalman_fit_min_tokens": 0}, "kalman_fit_min_tokens"),
+        ({"kalman_fit_max_tokens": 1}, "kalman_fit_max_tokens"),
     ],
 )
 def test_trl_config_refuses_bad_fit_options_by_name(tmp_path, bad, words):

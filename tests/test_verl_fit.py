@@ -90,6 +90,8 @@ def test_off_logs_what_it_logged_before():
         ({"kalman_fit_q_min": 0.0}, "kalman_fit_q_min"),
         ({"kalman_fit_q_min": 1.0, "kalman_fit_q_max": 0.1}, "kalman_fit_q_max"),
         ({"kalman_fit_min_tokens": 1}, "kalman_fit_min_tokens"),
+        ({"kalman_fit_max_tokens": 0}, "kalman_fit_max_tokens"),
+        ({"kalman_fit_max_tokens": 1.5}, "kalman_fit_max_tokens"),
     ],
 )
 def test_bad_fit_options_fail_when_the_config_is_built(bad, words):

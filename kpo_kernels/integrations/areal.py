@@ -31,7 +31,9 @@ from areal.utils import stats_tracker
 from areal.utils.functional import functional as areal_functional
 
 from ..api import kalman_filter, kpo_loss
-from ..fit_options import check_fit_mode, check_fit_prior, check_fit_range, check_min_tokens
+from ..fit_options import (
+    PER_STEP_MAX_TOKENS, check_fit_mode, check_fit_prior, check_fit_range, check_max_tokens, check_min_tokens,
+)
 from ..tracker import FIT_METRICS, NoiseTracker
 
 __all__ = ["KPO_OPTIONS", "LOGGED_METRICS", "kpo_grpo_loss_fn", "enable", "disable"]
@@ -39,7 +41,7 @@ __all__ = ["KPO_OPTIONS", "LOGGED_METRICS", "kpo_grpo_loss_fn", "enable", "disab
 # Keyword options of kpo_grpo_loss_fn beyond grpo_loss_fn's, with their defaults.
 KPO_OPTIONS = {"q": 1e-6, "r": 1.0, "p0": 0.0, "x0": 0.0, "mask_mode": "skip", "log_ratio_cap": 10.0,
                "backend": "auto", "kalman_fit": "off", "kalman_fit_q_min": 1e-10, "kalman_fit_q_max": 1e2,
-               "kalman_fit_min_tokens": 64}
+               "kalman_fit_min_tokens": 64, "kalman_fit_max_tokens": PER_STEP_MAX_TOKENS}
 # kpo_loss metrics logged per micro-batch with stats_tracker.scalar as `kpo_<name>` (in AReaL's
 # "update" scope: `update/kpo_<name>`); with kalman_fit the NoiseTracker's FIT_METRICS too.
 LOGGED_METRICS = ("ratio_mean", "ratio_max", "raw_ratio_mean", "raw_ratio_max", "nis_mean", "sign_flip_raw",
@@ -58,10 +60,12 @@ def _check_options(options):
     mode = check_fit_mode("kalman_fit", options["kalman_fit"])
     q_range = check_fit_range("kalman_fit_q_min, kalman_fit_q_max", (options["kalman_fit_q_min"], options["kalman_fit_q_max"]))
     min_tokens = check_min_tokens("kalman_fit_min_tokens", options["kalman_fit_min_tokens"])
+    max_tokens = check_max_tokens("kalman_fit_max_tokens", options["kalman_fit_max_tokens"])
     if mode == "off":
         return options, None
     check_fit_prior("p0", float(options["p0"]) / float(options["r"]), mode)
-    tracker = NoiseTracker(mode, **{k: options[k] for k in _FILTER_KEYS}, q_range=q_range, min_tokens=min_tokens)
+    tracker = NoiseTracker(mode, **{k: options[k] for k in _FILTER_KEYS}, q_range=q_range, min_tokens=min_tokens,
+                           max_tokens=max_tokens)
     return options, tracker
 
 
@@ -231,7 +235,8 @@ def enable(**options):
             (as in `kpo_loss`; log_ratio_cap caps the filtered log-ratio), kalman_fit ("off",
             "per_generation": fitted on the first stale micro-batch after AReaL's policy version
             changes, "per_step": every micro-batch), kalman_fit_q_min, kalman_fit_q_max,
-            kalman_fit_min_tokens (the NoiseTracker's q_range and min_tokens).
+            kalman_fit_min_tokens, kalman_fit_max_tokens (the NoiseTracker's q_range, min_tokens
+            and max_tokens: the per-step fit's budget, None for every sequence).
 
     Returns:
         The bound loss function now in place (a `functools.partial`).

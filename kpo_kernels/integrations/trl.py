@@ -34,7 +34,9 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from ..api import KPOLoss, kpo_loss
-from ..fit_options import FIT_MODES, check_fit_mode, check_fit_prior, check_fit_range, check_min_tokens
+from ..fit_options import (
+    FIT_MODES, PER_STEP_MAX_TOKENS, check_fit_mode, check_fit_prior, check_fit_range, check_max_tokens, check_min_tokens,
+)
 from ..tracker import FIT_METRICS, NoiseTracker
 
 __all__ = ["LOGGED_METRICS", "LOSS_TYPE_AGG", "KPOGRPOConfig", "KPOGRPOTrainer", "fit_options"]
@@ -139,6 +141,10 @@ class KPOGRPOConfig(GRPOConfig):
     kalman_fit_min_tokens: int = field(
         default=64, metadata={"help": "A micro-batch with fewer valid tokens (over the processes) keeps Q and R."}
     )
+    kalman_fit_max_tokens: Optional[int] = field(
+        default=PER_STEP_MAX_TOKENS,
+        metadata={"help": "Per-step fit's budget of positions per micro-batch (larger: every k-th sequence; None: all)."},
+    )
     kpo_backend: str = field(default="auto", metadata={"help": "kpo_loss backend: 'auto', 'torch' or 'triton'."})
     epsilon: float = field(default=3e-4, metadata={"help": "Lower clip range of the filtered ratio."})
     epsilon_high: Optional[float] = field(
@@ -180,9 +186,10 @@ def fit_options(args):
     mode = check_fit_mode("kalman_fit", args.kalman_fit)
     q_range = check_fit_range("kalman_fit_q_min, kalman_fit_q_max", (args.kalman_fit_q_min, args.kalman_fit_q_max))
     min_tokens = check_min_tokens("kalman_fit_min_tokens", args.kalman_fit_min_tokens)
+    max_tokens = check_max_tokens("kalman_fit_max_tokens", args.kalman_fit_max_tokens)
     if mode != "off":
         check_fit_prior("kalman_p0", float(args.kalman_p0) / float(args.kalman_r), mode)
-    return mode, {"q_range": q_range, "min_tokens": min_tokens}
+    return mode, {"q_range": q_range, "min_tokens": min_tokens, "max_tokens": max_tokens}
 
 
 def kpo_options(args):

@@ -42,7 +42,9 @@ from verl.trainer.ppo.core_algos import register_policy_loss
 from verl.workers.config import PolicyLossConfig
 
 from ..api import KPOLoss, kpo_loss
-from ..fit_options import check_fit_mode, check_fit_prior, check_fit_range, check_min_tokens
+from ..fit_options import (
+    PER_STEP_MAX_TOKENS, check_fit_mode, check_fit_prior, check_fit_range, check_max_tokens, check_min_tokens,
+)
 from ..tracker import FIT_METRICS, NoiseTracker
 
 __all__ = ["LOSS_MODE", "METRICS", "FIT_METRIC_NAMES", "KPOPolicyLossConfig", "compute_policy_loss_kpo", "kpo_loss_options"]
@@ -98,6 +100,8 @@ class KPOPolicyLossConfig(PolicyLossConfig):
     kalman_fit_q_min, kalman_fit_q_max: the range of Q / R searched.
     kalman_fit_min_tokens: a micro-batch with fewer valid tokens (over the data-parallel group)
         keeps the previous Q and R.
+    kalman_fit_max_tokens: the per-step fit's budget of positions per micro-batch (65536; a larger
+        micro-batch is fitted on every k-th sequence); null: every sequence.
 
     Build it from Hydra with `policy_loss._target_=kpo_kernels.integrations.verl.KPOPolicyLossConfig`;
     the hyperparameters are checked here, when verl builds the config, not at the first step.
@@ -116,6 +120,7 @@ class KPOPolicyLossConfig(PolicyLossConfig):
     kalman_fit_q_min: float = 1e-10
     kalman_fit_q_max: float = 1e2
     kalman_fit_min_tokens: int = 64
+    kalman_fit_max_tokens: Optional[int] = PER_STEP_MAX_TOKENS
 
     def __post_init__(self):
         parent = getattr(super(), "__post_init__", None)
@@ -183,9 +188,10 @@ def _fit_settings(policy_loss):
     mode = check_fit_mode("kalman_fit", get("kalman_fit"))
     q_range = check_fit_range("kalman_fit_q_min, kalman_fit_q_max", (get("kalman_fit_q_min"), get("kalman_fit_q_max")))
     min_tokens = check_min_tokens("kalman_fit_min_tokens", get("kalman_fit_min_tokens"))
+    max_tokens = check_max_tokens("kalman_fit_max_tokens", get("kalman_fit_max_tokens"))
     if mode != "off":
         check_fit_prior("kalman_p0", float(get("kalman_p0")) / float(get("kalman_r")), mode)
-    return mode, {"q_range": q_range, "min_tokens": min_tokens}
+    return mode, {"q_range": q_range, "min_tokens": min_tokens, "max_tokens": max_tokens}
 
 
 # One NoiseTracker per process and setting: verl calls the loss with the same actor config for
