@@ -209,16 +209,16 @@ def _search(profile, low, high, min_tokens, fallback):
         values = torch.nan_to_num(profile.binned(u), nan=-math.inf)
         best = torch.argmax(values)
         spacing = (b - a) / (GRID - 1)
-        centre = u[best]
+        centre = u.take(best)  # take, not u[best]: indexing with a 0-dim tensor reads it on the host
         a, b = (centre - spacing).clamp(min=lower), (centre + spacing).clamp(max=upper)
     # a parabola through the best point and its neighbours (the last grid)
     index = best.clamp(1, GRID - 2)
-    left, mid, right = values[index - 1], values[index], values[index + 1]
+    left, mid, right = values.take(index - 1), values.take(index), values.take(index + 1)
     curvature = left - 2 * mid + right
     offset = torch.where(curvature < 0, 0.5 * (left - right) / curvature, 0.0).clamp(-1.0, 1.0)
-    candidate = u[index] + offset * spacing
+    candidate = u.take(index) + offset * spacing
     inside = (best > 0) & (best < GRID - 1)
-    u_best = torch.where(inside, candidate, u[best])
+    u_best = torch.where(inside, candidate, u.take(best))
     at_lower, at_upper = u_best <= lower, u_best >= upper
     exact, r_hat = profile.exact(torch.stack([u_best, torch.full_like(u_best, lower)]))
     l_best, r_best = exact[0], r_hat[0]

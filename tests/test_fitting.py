@@ -224,3 +224,14 @@ def test_binned_quadratic_is_every_coefficients(p0, dtype):
     weights = y2[inside]
     want = torch.stack([torch.bincount(index, w, minlength=bins) for w in (weights, weights * v, weights * v * v)])
     assert torch.allclose(moments, want, rtol=1e-9, atol=1e-12 * float(weights.sum()))
+
+
+@pytest.mark.parametrize("p0", [0.0, math.inf])
+@pytest.mark.parametrize("mask_mode", ["skip", "position"])
+def test_off_the_cpu_nothing_is_read_on_the_host(p0, mask_mode):
+    """Off the CPU (one bucket, no host-side shortcuts) a padded batch's fit reads no value back:
+    on the meta device, where every read (item, indexing with a 0-dim tensor, bool of a tensor)
+    raises, it runs to a NoiseEstimate, budget included."""
+    z, mask = simulate(6, 40, 90, 1e-3, 0.04, 3, dtype=torch.float32)
+    got = estimate_noise(z.to("meta"), mask.to("meta"), p0=p0, mask_mode=mask_mode, max_tokens=z.numel() // 2)
+    assert got.q.device.type == "meta" and got.q.shape == () and got.status.dtype == torch.long
