@@ -64,3 +64,18 @@ def test_model_of_small_cases(tmp_path):
         for machine in ("H100 SXM", "H200"):
             assert result["step_us"][machine] >= static_model.LAUNCH_US * len(result["launches"])
             assert 0 < result["copy_floor_us"][machine] < result["step_us"][machine]
+
+
+def test_the_fit_model_counts_kernels_not_views():
+    """benchmarks.fit_model: the per-step fit traced on the meta device; views and bare
+    allocations launch nothing, each other operation one kernel of at least LAUNCH_US; the
+    budget shrinks the bytes, not the kernel count."""
+    from benchmarks import fit_model
+
+    capped = fit_model.record_fit(8, 256, 512)
+    whole = fit_model.record_fit(8, 256, None)
+    names = {name for name, _, _ in capped}
+    assert "aten._fft_c2c.out" in names and not names & {"aten.select.int", "aten.view.default", "aten.empty.memory_format"}
+    assert len(capped) == len(whole) and sum(op[1] for op in capped) < sum(op[1] for op in whole)
+    machine = static_model.MACHINES[-1]
+    assert fit_model.device_time(capped, machine) >= len(capped) * static_model.LAUNCH_US
