@@ -8,6 +8,8 @@ are shared the wall time says little, so this measures CPU time (`time.process_t
 thread, the implementations in alternation within one process (order reversed every round), and
 reports medians, p20-p80 and the ratios of medians. kpo-torch is first checked against the
 float64 yardstick (as `python -m kpo_kernels` checks it). Read the ratios, not the milliseconds.
+"kpo-torch basic" is kpo-torch with metrics="basic": without the innovation and sign-flip
+diagnostics, which neither baseline computes.
 """
 
 import argparse
@@ -17,11 +19,13 @@ import time
 
 import torch
 
+import kpo_kernels
 from kpo_kernels.bench.correctness import failures, measure_errors, yardstick
 from kpo_kernels.bench.data import rl_batch
-from kpo_kernels.bench.implementations import forward_backward
+from kpo_kernels.bench.implementations import DEFAULT, forward_backward
 
-NAMES = ("kpo-torch", "grpo-eager", "vectorized-cumsum")
+NAMES = ("kpo-torch", "kpo-torch basic", "grpo-eager", "vectorized-cumsum")
+BASIC = "kpo-torch basic"
 HOLE_FRACTION = 0.1
 
 
@@ -37,13 +41,24 @@ def _quantile(values, q):
     return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
 
 
+def _step(name, batch):
+    if name != BASIC:
+        return forward_backward(name, batch)
+    log_prob = batch["log_prob"].detach().requires_grad_()
+    s = DEFAULT
+    loss, _ = kpo_kernels.kpo_loss(log_prob, batch["old_log_prob"], batch["advantages"], batch["mask"], q=s.q,
+                                   clip_low=s.clip_low, clip_high=s.clip_high, agg=s.agg, log_ratio_cap=s.log_ratio_cap,
+                                   backend="torch", metrics="basic")
+    loss.backward()
+
+
 def side_by_side(batch, rounds, warmup=3):
     """{name: [CPU ms per call]} with the implementations alternated, order reversed each round."""
     times = {name: [] for name in NAMES}
     for i in range(warmup + rounds):
         for name in NAMES if i % 2 == 0 else reversed(NAMES):
             start = time.process_time()
-            forward_backward(name, batch)
+            _step(name, batch)
             elapsed = time.process_time() - start
             if i >= warmup:
                 times[name].append(elapsed * 1e3)
@@ -70,10 +85,11 @@ def main(argv=None):
         med = {name: statistics.median(values) for name, values in times.items()}
         cells = [f"{n} {med[n]:.1f} ({_quantile(times[n], 0.2):.1f}-{_quantile(times[n], 0.8):.1f})" for n in NAMES]
         print(f"{layout}: " + ", ".join(cells) + " ms")
-        print(
-            f"{layout}: kpo / grpo-eager {med['kpo-torch'] / med['grpo-eager']:.2f}x, "
-            f"kpo / cumsum {med['kpo-torch'] / med['vectorized-cumsum']:.2f}x"
-        )
+        for name in ("kpo-torch", BASIC):
+            print(
+                f"{layout}: {name} / grpo-eager {med[name] / med['grpo-eager']:.2f}x, "
+                f"{name} / cumsum {med[name] / med['vectorized-cumsum']:.2f}x"
+            )
     print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} at the end")
 
 

@@ -56,7 +56,8 @@ LAUNCH_US = 2.0  # device-side cost of one kernel launch back to back in a strea
 # pass keep the schedulers from issuing every cycle). 1.0 gives the pure lower bound.
 ISSUE_EFFICIENCY = 0.55
 REGISTER_FILE, MAX_WARPS, MAX_PROGRAMS, SHARED_BYTES = 65536, 64, 32, 228 * 1024
-DEFAULT_CASES = "64x4096:fp32,512x8192:fp32,512x8192:bf16,512x8192:bf16:packed,2x131072:fp32,8x131072:bf16"
+DEFAULT_CASES = ("64x4096:fp32,512x8192:fp32,512x8192:bf16,512x8192:bf16:packed,2x131072:fp32,8x131072:bf16,"
+                 "512x8192:fp32:basic,512x8192:bf16:packed:basic")
 
 
 def parse_cases(text):
@@ -64,13 +65,16 @@ def parse_cases(text):
     for item in text.split(","):
         parts = item.strip().split(":")
         rows, length = (int(v) for v in parts[0].split("x"))
-        cases.append((Case(rows, length, DTYPES[parts[1] if len(parts) > 1 else "fp32"]), "packed" in parts[2:]))
+        flags = parts[2:]
+        cases.append((Case(rows, length, DTYPES[parts[1] if len(parts) > 1 else "fp32"]), "packed" in flags,
+                      "basic" if "basic" in flags else "full"))
     return cases
 
 
-def _fused_step(case, packed):
+def _fused_step(case, packed, metrics="full"):
     """One forward + backward of kpo_loss as the Triton backend runs it (values irrelevant), and
-    the tokens its kernels walk (B x T padded; the valid tokens of the stream packed)."""
+    the tokens its kernels walk (B x T padded; the valid tokens of the stream packed). metrics:
+    kpo_loss's option ("basic": the diagnostics compiled out)."""
     batch = rl_batch(case.rows, case.length, dtype=case.dtype, device="cpu")
     if packed:
         lengths = batch["mask"].sum(1)
@@ -83,7 +87,7 @@ def _fused_step(case, packed):
 
     def run():
         log_prob = args[0].clone().requires_grad_()
-        loss, _ = kpo_kernels.kpo_loss(log_prob, *args[1:], backend=kpo_kernels.TritonBackend(), **extra)
+        loss, _ = kpo_kernels.kpo_loss(log_prob, *args[1:], backend=kpo_kernels.TritonBackend(), metrics=metrics, **extra)
         loss.backward()
 
     return run, tokens
@@ -157,14 +161,14 @@ def roofline(row, machine):
             "model_us": max(issue_us, bandwidth_us) + LAUNCH_US, "bound": "issue" if issue_us > bandwidth_us else "bandwidth"}
 
 
-def model_case(case, packed):
-    run, tokens = _fused_step(case, packed)
+def model_case(case, packed, metrics="full"):
+    run, tokens = _fused_step(case, packed, metrics)
     rows = []
     for kernel, grid, args, kwargs in sm90.record(run):
         row = analyse(kernel, grid, args, kwargs, tokens)
         row.update({m.name: roofline(row, m) for m in MACHINES})
         rows.append(row)
-    label = case.label + (" packed" if packed else "")
+    label = case.label + (" packed" if packed else "") + (" metrics=basic" if metrics == "basic" else "")
     step = {m.name: sum(r[m.name]["model_us"] for r in rows) for m in MACHINES}
     moved = fused_bytes(case) * tokens // case.tokens  # packed: only the valid tokens travel
     floor = {m.name: moved / (m.copy_tbps * 1e6) for m in MACHINES}
@@ -199,7 +203,7 @@ def main(argv=None):
     cases = parse_cases(args.cases)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("run without TRITON_INTERPRET=1: interpreted kernels cannot be compiled")
-    results = [model_case(case, packed) for case, packed in cases]
+    results = [model_case(*item) for item in cases]
     print(report(results))
     if args.json:
         with open(args.json, "w") as handle:

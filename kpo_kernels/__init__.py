@@ -6,7 +6,7 @@ from .context_parallel import Pieces, context_parallel_kpo_loss
 from .fit_options import FIT_MODES
 from .fitting import NoiseEstimate, estimate_noise
 from .noise import NoiseFit, fit_noise
-from .options import AGG_MODES, MASK_MODES, METRIC_NAMES
+from .options import AGG_MODES, DIAGNOSTIC_METRICS, MASK_MODES, METRIC_NAMES, METRIC_SETS
 from .state import FilterState
 from .tables import PinnedTables, release_tables
 from .tracker import NoiseTracker
@@ -16,11 +16,13 @@ __version__ = "0.1.0"
 __all__ = [
     "AGG_MODES",
     "Backend",
+    "DIAGNOSTIC_METRICS",
     "FIT_MODES",
     "FilterState",
     "KPOLoss",
     "MASK_MODES",
     "METRIC_NAMES",
+    "METRIC_SETS",
     "NoiseEstimate",
     "NoiseFit",
     "NoiseTracker",

@@ -14,7 +14,7 @@ from . import ops, tables
 from .backends import expand_rows
 from .dispatch import backend_key, check_backend_argument, resolve_backend
 from .gains import gain_schedule
-from .options import METRIC_NAMES
+from .options import DIAGNOSTIC_METRICS, METRIC_NAMES
 from .state import ChunkMaps, FilterState, advance, check_state
 from .validation import (
     check_bool,
@@ -258,6 +258,7 @@ def kpo_loss(
     cu_seqlens=None,
     initial_state=None,
     return_state=False,
+    metrics="full",
     backend="auto",
 ):
     """The KPO policy loss: the clipped surrogate of the Kalman-filtered token ratio.
@@ -292,12 +293,17 @@ def kpo_loss(
             return the state after it, as in `kalman_filter` (docs/math.md section 7). The
             aggregation sees this call's tokens only: for a sequence cut into chunks, pass the
             totals (`agg="token-sum"` with weights, or `kpo_kernels.context_parallel`).
+        metrics: "full" (default): every metric of `METRIC_NAMES`; "basic": all but the
+            innovation and sign-flip diagnostics (`DIAGNOSTIC_METRICS`, docs/math.md section
+            5b), which are then neither computed nor returned: about half the fused forward's
+            instructions on a GPU (benchmarks/RESULTS.md). The loss and gradient are the same.
         backend: "auto", "torch", "triton" or a `Backend` instance.
 
     Returns:
         (loss, metrics): loss a 0-dim tensor (float32; float64 for float64 inputs on the torch
         backend), differentiable with respect to `log_prob`; metrics a dict from each name of
-        `METRIC_NAMES` to a 0-dim tensor (docs/math.md sections 5 and 5b). No host
+        `METRIC_NAMES` (less `DIAGNOSTIC_METRICS` under metrics="basic") to a 0-dim tensor
+        (docs/math.md sections 5 and 5b). No host
         synchronisation (but for an `initial_state` on the torch backend, or at q = 0, whose
         largest count sizes the gain tables: one host read). With `return_state`, (loss,
         metrics, final FilterState).
@@ -325,6 +331,7 @@ def kpo_loss(
         batch_num_tokens=batch_num_tokens,
         global_batch_size=global_batch_size,
         loss_scale_factor=loss_scale_factor,
+        metrics=metrics,
     )
     batch = check_token_batch(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens)
     check_count_devices(options, batch.device)
@@ -337,7 +344,8 @@ def kpo_loss(
     arguments = ops.loss_arguments(batch, state, options, backend_key(impl), need_grad)
     run = _KPOLossFunction.apply if need_grad else torch.ops.kpo_kernels.kpo_loss
     loss, metric_vector, _, _ = run(*arguments)
-    metrics = dict(zip(METRIC_NAMES, metric_vector.unbind()))
+    metrics = {name: value for name, value in zip(METRIC_NAMES, metric_vector.unbind())
+               if options.diagnostics or name not in DIAGNOSTIC_METRICS}
     if not return_state:
         return loss, metrics
     final = _final_state(batch.log_prob.detach(), batch.old_log_prob.detach(), batch.mask, batch.cu_seqlens, state,

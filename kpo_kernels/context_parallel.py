@@ -138,9 +138,10 @@ def context_parallel_kpo_loss(
         stream.log_prob, stream.old_log_prob, stream.advantages, stream.mask, is_weights=token_weights,
         cu_seqlens=stream.cu_seqlens, initial_state=state, backend=impl, **local_options,
     )
-    # 3. The metrics of the whole batch.
-    vector = torch.stack([metrics[name] for name in METRIC_NAMES])
-    return loss, dict(zip(METRIC_NAMES, _combine_metrics(_gather(vector[None], group, world)).unbind()))
+    # 3. The metrics of the whole batch (metrics="basic": the diagnostics' places hold 0 and stay out).
+    vector = torch.stack([metrics.get(name, loss.new_zeros(())) for name in METRIC_NAMES])
+    combined = _combine_metrics(_gather(vector[None], group, world)).unbind()
+    return loss, {name: value for name, value in zip(METRIC_NAMES, combined) if name in metrics}
 
 
 # kpo_loss's option defaults (the numbers and modes check_loss_options takes).

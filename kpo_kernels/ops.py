@@ -14,7 +14,8 @@ eager calls). Numbers given as tensors (a count on the data's device; q, a count
 tensor under compile) travel in `number_tensors`, named by `number_tensor_names`.
 
 - `kalman_filter(log_ratio, mask, cu_seqlens, q, r, p0, x0, skip, number_tensors, ...) -> filtered`
-- `kpo_loss(...) -> (loss, metrics, grad, row_scale)`: one fused forward; `grad` is the
+- `kpo_loss(...) -> (loss, metrics, grad, row_scale)`: one fused forward (`diagnostics`: False
+  for metrics="basic", whose diagnostic entries are then 0); `grad` is the
   per-token derivative without the aggregation weights (empty when not needed), `row_scale`
   the weight of each row or packed sequence.
 - `kpo_loss_backward(grad, row_scale, grad_output, cu_seqlens, dtype, backend) -> d log_prob`
@@ -193,6 +194,7 @@ def loss_arguments(batch, state, options, backend, need_grad):
         tokens_value,
         sequences_value,
         loss_scale_factor,
+        options.diagnostics,
         tensors,
         names,
         compiling(),
@@ -230,6 +232,7 @@ def kpo_loss(
     batch_num_tokens_value: Optional[Number],
     global_batch_size_value: Optional[Number],
     loss_scale_factor: Optional[Number],
+    diagnostics: bool,
     number_tensors: list[Tensor],
     number_tensor_names: str,
     check_numbers: bool,
@@ -251,12 +254,12 @@ def kpo_loss(
         "global_batch_size": global_batch_size if global_batch_size is not None else global_batch_size_value,
     }
     if check_numbers:  # traced by Dynamo: the values are checked here, on this call's numbers
-        options = check_loss_options(**given, mask_mode="skip" if skip else "position")
+        options = check_loss_options(**given, mask_mode="skip" if skip else "position", metrics="full" if diagnostics else "basic")
         check_count_devices(options, log_prob.device)
         impl.check_options(options.filter)
     else:
         filter_options = _filter_options(*(given.pop(name) for name in _FILTER_NUMBERS), skip)
-        options = LossOptions(filter=filter_options, **given)
+        options = LossOptions(filter=filter_options, **given, diagnostics=diagnostics)
     result = impl.loss_forward(batch, options, need_grad=need_grad, **_given_state(state))
     grad = result.grad.contiguous() if result.grad is not None else log_prob.new_empty(0, dtype=impl.output_dtypes(log_prob.dtype)["grad"])
     # Outputs must be fresh tensors: a backend may return loss and metrics as views of one

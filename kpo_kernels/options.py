@@ -38,6 +38,11 @@ METRIC_NAMES = (
     "innovation_tokens",  # the denominator of nis_mean and log_likelihood
     "sign_flip_pairs",  # the denominator of the sign-flip rates
 )
+# kpo_loss(metrics=...): "full" computes every metric; "basic" leaves out the innovation and
+# sign-flip diagnostics (DIAGNOSTIC_METRICS), the costliest part of the fused forward.
+METRIC_SETS = ("full", "basic")
+DIAGNOSTIC_METRICS = ("nis_mean", "log_likelihood", "sign_flip_raw", "sign_flip_filtered", "innovation_tokens",
+                      "sign_flip_pairs")
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class LossOptions:
     batch_num_tokens: Optional[Union[float, torch.Tensor]]  # a device tensor is read by the kernels
     global_batch_size: Optional[Union[float, torch.Tensor]]
     loss_scale_factor: Optional[float]
+    diagnostics: bool = True  # metrics="full"; False for "basic" (no DIAGNOSTIC_METRICS)
 
 
 @dataclass(frozen=True)

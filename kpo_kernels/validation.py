@@ -7,7 +7,7 @@ import sys
 import torch
 
 from .gains import MIN_RATIO
-from .options import AGG_MODES, MASK_MODES, FilterOptions, LossOptions
+from .options import AGG_MODES, MASK_MODES, METRIC_SETS, FilterOptions, LossOptions
 from .tensor_checks import (  # noqa: F401 (the tensor checks, importable from here as before)
     check_cu_seqlens,
     check_cu_seqlens_values,
@@ -182,14 +182,16 @@ def check_loss_options(
     batch_num_tokens,
     global_batch_size,
     loss_scale_factor,
+    metrics="full",
     per_call=True,
 ):
     """Checked `LossOptions`. per_call=False checks only what is fixed at construction (a
     `KPOLoss`): the global counts that dp_size > 1 needs change every step and come per call.
     While Dynamo traces, only the types (`_traced_options`): the op checks the values."""
+    diagnostics = _check_metrics(metrics)
     if compiling():
         return _traced_options(q, r, p0, x0, mask_mode, clip, clip_low, clip_high, dual_clip, log_ratio_cap, agg, dp_size,
-                               batch_num_tokens, global_batch_size, loss_scale_factor)
+                               batch_num_tokens, global_batch_size, loss_scale_factor, diagnostics)
     filter_options = check_filter_params(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode)
     clip = check_bool("clip", clip)
     clip_low = _number("clip_low", clip_low)
@@ -227,6 +229,7 @@ def check_loss_options(
         batch_num_tokens=batch_num_tokens,
         global_batch_size=global_batch_size,
         loss_scale_factor=loss_scale_factor,
+        diagnostics=diagnostics,
     )
 
 
@@ -235,8 +238,17 @@ def _check_agg(agg):
         raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
 
 
+def _check_metrics(metrics):
+    """Whether `metrics` ("full" or "basic") asks for the diagnostics."""
+    if not isinstance(metrics, str):
+        raise TypeError(f"metrics must be one of {METRIC_SETS}, got {type(metrics).__name__} {metrics!r}")
+    if metrics not in METRIC_SETS:
+        raise ValueError(f"metrics must be one of {METRIC_SETS}, got {metrics!r}")
+    return metrics == "full"
+
+
 def _traced_options(q, r, p0, x0, mask_mode, clip, clip_low, clip_high, dual_clip, log_ratio_cap, agg, dp_size,
-                    batch_num_tokens, global_batch_size, loss_scale_factor):
+                    batch_num_tokens, global_batch_size, loss_scale_factor, diagnostics):
     """`LossOptions` as given (numbers possibly symbolic, numbers given as tensors kept), their
     types checked; strings and flags fully (they are constants of the graph)."""
     _check_agg(agg)
@@ -258,4 +270,5 @@ def _traced_options(q, r, p0, x0, mask_mode, clip, clip_low, clip_high, dual_cli
         batch_num_tokens=optional("batch_num_tokens", batch_num_tokens, count=True),
         global_batch_size=optional("global_batch_size", global_batch_size, count=True),
         loss_scale_factor=optional("loss_scale_factor", loss_scale_factor),
+        diagnostics=diagnostics,
     )

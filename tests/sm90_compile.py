@@ -33,6 +33,7 @@ LOSS_CONFIGS = {
         options={"dual_clip": 3.0, "agg": "token-mean", "batch_num_tokens": 100},
     ),
     "fp64-left-norm": dict(dtype=torch.float64, layout="left", options={"agg": "seq-mean-token-sum-norm", "global_batch_size": 4}),
+    "bf16-holes-basic": dict(dtype=torch.bfloat16, layout="holes", options={"metrics": "basic"}),  # no diagnostics
 }
 LENGTHS = (16, 700, 5000)
 
@@ -110,7 +111,7 @@ def filter_run(z, mask, mode, cu_seqlens=None, backend=None, state=False):
 
 # Launches with an entering state (docs/math.md section 7): the HAS_STATE variants, compared
 # with their stateless twins by test_compile_sm90.py.
-STATE_CASES = ("fp32-holes", "bf16-unmasked-position")
+STATE_CASES = ("fp32-holes", "bf16-unmasked-position", "bf16-holes-basic")
 
 
 def cases():

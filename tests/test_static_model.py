@@ -48,13 +48,13 @@ def test_model_of_small_cases(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "model.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.static_model", "--cases", "16x512:fp32,4x512:bf16:packed", "--json", str(out)],
+        [sys.executable, "-m", "benchmarks.static_model", "--cases", "16x512:fp32,4x512:bf16:packed,16x512:fp32:basic", "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "NOT measured" in proc.stdout
     results = json.loads(out.read_text())["results"]
-    assert [r["case"] for r in results] == ["16x512 fp32", "4x512 bf16 packed"]
+    assert [r["case"] for r in results] == ["16x512 fp32", "4x512 bf16 packed", "16x512 fp32 metrics=basic"]
     for result in results:
         kernels = {launch["kernel"]: launch for launch in result["launches"]}
         assert {"kpo_loss_fwd_kernel", "kpo_loss_finalize_kernel", "kpo_loss_bwd_kernel"} <= set(kernels)
@@ -64,6 +64,10 @@ def test_model_of_small_cases(tmp_path):
         for machine in ("H100 SXM", "H200"):
             assert result["step_us"][machine] >= static_model.LAUNCH_US * len(result["launches"])
             assert 0 < result["copy_floor_us"][machine] < result["step_us"][machine]
+    # metrics="basic" compiles the diagnostics out of the forward: fewer instructions and barriers
+    full, basic = ({l["kernel"]: l for l in r["launches"]}["kpo_loss_fwd_kernel"] for r in (results[0], results[2]))
+    assert basic["instructions_per_token"] < 0.7 * full["instructions_per_token"]
+    assert basic["loop_barriers"] < full["loop_barriers"]
 
 
 def test_the_fit_model_counts_kernels_not_views():

@@ -68,7 +68,7 @@ class TorchBackend(Backend):
         valid_f = valid.to(dtype)
         z = batch.log_prob.to(COMPUTE, copy=True).sub_(batch.old_log_prob).masked_fill_(invalid, 0.0)
         x = layout.filter(z, valid, options.filter)
-        diagnostics = diagnostic_columns(layout, z, x, valid, options.filter)
+        diagnostics = diagnostic_columns(layout, z, x, valid, options.filter) if options.diagnostics else {}
 
         capped = None
         if options.log_ratio_cap is not None:

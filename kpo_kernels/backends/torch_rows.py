@@ -120,7 +120,7 @@ def rows_loss(batch, options, need_grad):
     low, high = torch.aminmax(z)  # ppo_kl's clamp changes nothing within +-KL_CLAMP
     clamped = z if max(-float(low), float(high)) <= KL_CLAMP else z.clamp(-KL_CLAMP, KL_CLAMP)
     neg_log_ratio_sum = clamped.sum(-1).neg_()
-    stats = _diagnostics(z, x, z_low, count, dtype, filt)  # z is overwritten
+    stats = _diagnostics(z, x, z_low, count, dtype, filt) if options.diagnostics else {}  # z is overwritten
 
     capped = None
     top = float(x.max())

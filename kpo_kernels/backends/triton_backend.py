@@ -315,6 +315,7 @@ class TritonBackend(LaunchPlan, Backend):
             BLOCK=block,
             num_warps=warps,
             **(dict(HAS_STATE=True) if state is not None else {}),
+            DIAGNOSTICS=options.diagnostics,
         )
 
     def _launch_finalize(self, batch, options, tiling, stats, row_scale, loss, metrics):

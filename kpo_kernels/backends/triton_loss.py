@@ -14,6 +14,7 @@ from .triton_common import (
     _flips,
     _pack3,
     _unpack3_sum,
+    _tile_state,
     _tile_state_and_latest,
     _locate,
     _seq_base,
@@ -85,9 +86,11 @@ def kpo_loss_fwd_kernel(
     PREFIX: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_STATE: tl.constexpr = False,
+    DIAGNOSTICS: tl.constexpr = True,
 ):
     """HAS_STATE: each sequence enters with the FilterState (state_x, state_count, state_sign)
-    instead of (x0, 0, NO_TOKEN) (docs/math.md section 7)."""
+    instead of (x0, 0, NO_TOKEN) (docs/math.md section 7). DIAGNOSTICS: False (metrics="basic")
+    compiles out the section-5b diagnostics: their statistics rows stay 0."""
     seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
         cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
     )
@@ -105,9 +108,12 @@ def kpo_loss_fwd_kernel(
     if HAS_STATE:
         x_in, offset, entering = _entering_state(state_x_ptr, state_count_ptr, state_sign_ptr, seq, gains_last)
         seen += offset
-        state, latest = _tile_state_and_latest(agg_ptr, num_slots, first, tile, x_in, entering, PREFIX)
     else:
-        state, latest = _tile_state_and_latest(agg_ptr, num_slots, first, tile, x0, NO_TOKEN, PREFIX)
+        x_in, entering = x0, NO_TOKEN
+    if DIAGNOSTICS:
+        state, latest = _tile_state_and_latest(agg_ptr, num_slots, first, tile, x_in, entering, PREFIX)
+    else:  # no sign flips: the earlier tiles' maps alone
+        state = _tile_state(agg_ptr, num_slots, first, tile, x_in, PREFIX)
 
     # Statistics of the tile, accumulated per lane and reduced once at the end. The nine token
     # counts share three int32 registers a lane, 10 bits each (_pack3): a lane sees one token
@@ -130,25 +136,31 @@ def kpo_loss_fwd_kernel(
         valid = _load_valid(mask_row, stride_mask_tok, pos, in_bounds, HAS_MASK)
         z = _load_log_ratio(lp_row, old_row, stride_lp_tok, stride_old_tok, pos, valid, True)
         index = pos + offset if HAS_STATE else pos  # the gain index in position mode
-        w = _variance_ratio(ratio_ptr, valid, index, seen, ratio_last, SKIP)
+        if DIAGNOSTICS:
+            w = _variance_ratio(ratio_ptr, valid, index, seen, ratio_last, SKIP)
         c, b, seen = _block_maps(z, valid, in_bounds, index, gains_ptr, gains_last, seen, SKIP)
         x = state - c * state + b
 
-        # Innovation e = z - xhat_before with S = R / w (docs/math.md section 5b): the state before each token
-        # is the previous lane's (the carried state for lane 0).
-        e = z - _shift_in(x, state, BLOCK)
-        scored = valid & (w > 0.0)  # S finite: all but a diffuse prior's first observation
-        nis = e * e * w * inv_r
-        nis_sum += tl.where(scored, nis, 0.0)
-        ll_sum += tl.where(scored, -0.5 * (log_2pi_r - tl.log(tl.where(scored, w, 1.0)) + nis), 0.0)
-        # Sign flips against the previous valid token of the sequence: the latest valid code
-        # before each lane, from this block's scan or, before the block's first, the carry.
-        code = _sign_code(z, x, valid)
-        codes = tl.associative_scan(code, 0, _latest)
-        previous = _shift_in(codes, latest, BLOCK)
-        pair, flip_raw, flip_filtered = _flips(code, tl.where(previous == NO_TOKEN, latest, previous))
-        counts_a += _pack3(valid, scored, pair)
-        latest = _latest(latest, tl.sum(tl.where(tl.arange(0, BLOCK) == BLOCK - 1, codes, 0), 0))
+        if DIAGNOSTICS:
+            # Innovation e = z - xhat_before with S = R / w (docs/math.md section 5b): the state before each
+            # token is the previous lane's (the carried state for lane 0).
+            e = z - _shift_in(x, state, BLOCK)
+            scored = valid & (w > 0.0)  # S finite: all but a diffuse prior's first observation
+            nis = e * e * w * inv_r
+            nis_sum += tl.where(scored, nis, 0.0)
+            ll_sum += tl.where(scored, -0.5 * (log_2pi_r - tl.log(tl.where(scored, w, 1.0)) + nis), 0.0)
+            # Sign flips against the previous valid token of the sequence: the latest valid code
+            # before each lane, from this block's scan or, before the block's first, the carry.
+            code = _sign_code(z, x, valid)
+            codes = tl.associative_scan(code, 0, _latest)
+            previous = _shift_in(codes, latest, BLOCK)
+            pair, flip_raw, flip_filtered = _flips(code, tl.where(previous == NO_TOKEN, latest, previous))
+            counts_a += _pack3(valid, scored, pair)
+            latest = _latest(latest, tl.sum(tl.where(tl.arange(0, BLOCK) == BLOCK - 1, codes, 0), 0))
+        else:
+            flip_raw = pos < 0  # all false
+            flip_filtered = flip_raw
+            counts_a += valid.to(tl.int32)
 
         state = _last(x, BLOCK)
         x = tl.where(valid, x, 0.0)
