@@ -12,7 +12,10 @@ per case:
   each): the device time with no host in it, launch gaps between kernels included;
 - the same kernel sum for `vectorized-cumsum` and `grpo-eager`, and the copy of the bytes a fused
   step must move (the bandwidth ceiling). The baselines read metrics to the host (`.item()`),
-  so they cannot be captured in a graph.
+  so they cannot be captured in a graph;
+- `basic`: kpo's kernel sum with metrics="basic" (the diagnostics compiled out), and `fit`: the
+  kernel sum of the per-step noise fit (`estimate_noise` at the default budget), the two figures
+  `benchmarks.static_model` and `benchmarks.fit_model` predict.
 """
 
 import argparse
@@ -25,7 +28,8 @@ import torch
 import kpo_kernels
 from kpo_kernels.bench.cases import DTYPES, Case, fused_bytes
 from kpo_kernels.bench.data import rl_batch
-from kpo_kernels.bench.implementations import forward_backward
+from kpo_kernels.bench.implementations import DEFAULT, forward_backward
+from kpo_kernels.fit_options import PER_STEP_MAX_TOKENS
 from kpo_kernels.bench.timing import CudaTimer, capture_cuda_graph
 
 BASELINES = ("vectorized-cumsum", "grpo-eager")
@@ -74,6 +78,15 @@ def measure_case(timer, case, steps):
         kpo_kernels.release_tables()  # the graph that read its pinned tables is gone
     except Exception as error:  # noqa: BLE001 - reported, the other figures still stand
         row["kpo_graph_error"] = f"{type(error).__name__}: {error}"[:300]
+    basic = lambda: _kpo_basic(batch)  # noqa: E731
+    for _ in range(2):
+        basic()
+    row["kpo_basic_us"] = sum(timer.kernels_us(basic, steps).values())
+    log_ratio = (batch["log_prob"] - batch["old_log_prob"]).float()
+    fit = lambda: kpo_kernels.estimate_noise(log_ratio, batch["mask"], max_tokens=PER_STEP_MAX_TOKENS)  # noqa: E731
+    fit()
+    row["fit_kernels"] = len(timer.kernels_us(fit, 1))
+    row["fit_us"] = sum(timer.kernels_us(fit, steps).values())
     for name in BASELINES:
         step = lambda: forward_backward(name, batch)  # noqa: E731
         step()
@@ -84,6 +97,15 @@ def measure_case(timer, case, steps):
     return row
 
 
+def _kpo_basic(batch):
+    s = DEFAULT
+    log_prob = batch["log_prob"].detach().requires_grad_()
+    loss, _ = kpo_kernels.kpo_loss(log_prob, batch["old_log_prob"], batch["advantages"], batch["mask"], q=s.q,
+                                   clip_low=s.clip_low, clip_high=s.clip_high, agg=s.agg, log_ratio_cap=s.log_ratio_cap,
+                                   metrics="basic")
+    loss.backward()
+
+
 def summary(row):
     """A few lines of text for one case."""
     kpo = row["kpo_us"]
@@ -91,6 +113,7 @@ def summary(row):
             f"{row['copy_us'] / kpo:.0%} of copy's {row['copy_us']:.1f} us)")
     head += f" | graph replay {row['kpo_graph_us']:.1f} us" if "kpo_graph_us" in row else f" | graph: {row.get('kpo_graph_error')}"
     head += "".join(f" | {name} {row[f'{name}_us']:.1f} us = {row[f'{name}_us'] / kpo:.1f}x" for name in BASELINES)
+    head += f" | metrics=basic {row['kpo_basic_us']:.1f} us | per-step fit {row['fit_us']:.1f} us in {row['fit_kernels']} kernel names"
     kernels = [f"    {us:9.2f} us  {name[:100]}" for name, us in list(row["kpo_kernels_us"].items())[:10]]
     return "\n".join([head, *kernels])
 

@@ -36,6 +36,9 @@ def _cases(world):
         options = {**OPTIONS, "agg": "token-mean", "backend": "torch"}
         cases.append((f"padded-{layout}-per-token", {**weighted, "packed": False}, options))
         cases.append((f"packed-{layout}-per-token", {**weighted, "packed": True}, options))
+    # metrics="basic": the diagnostics stay out of the combined metrics too.
+    basic = {**OPTIONS, "backend": "torch", "metrics": "basic"}
+    cases.append(("packed-zigzag-basic", {"packed": True, "layout": "zigzag", "mask": "holes"}, basic))
     # The Triton kernels (under the interpreter on the CPU) in float32, against their own unsharded call.
     triton = {**OPTIONS, "backend": "triton"}
     cases.append(("triton-padded-zigzag", {"packed": False, "layout": "zigzag", "mask": "holes", "dtype": torch.float32}, triton))
@@ -141,6 +144,7 @@ def test_sharded_loss_gradient_and_metrics_equal_the_unsharded_call(tmp_path, wo
             grad[_shard(full, spec, rank, world)[1]] = result[name]["grad"].reshape(-1)
         torch.testing.assert_close(grad, expected_grad, rtol=rtol, atol=atol, msg=name)
         for result in ranks:
+            assert set(result[name]["metrics"]) == set(metrics), name
             for metric, value in metrics.items():
                 assert float(result[name]["metrics"][metric]) == pytest.approx(float(value), rel=rtol, abs=atol), (name, metric)
 
