@@ -283,7 +283,10 @@ class TritonBackend(LaunchPlan, Backend):
             self._addressable(t) for t in (batch.log_prob, batch.old_log_prob, batch.advantages, batch.mask, batch.is_weights)
         )
         ratios = tables.variance_ratio_table(longest, filt.q, filt.r, filt.p0, batch.device, torch.float32)
-        counts, aggregates = self._tile_passes(tiling, lp, old, mask, gains, filt, block, warps, latest=True, count=state_count)
+        # The tiles' maps to their last valid token serve the sign flips only (metrics="full").
+        counts, aggregates = self._tile_passes(
+            tiling, lp, old, mask, gains, filt, block, warps, latest=options.diagnostics, count=state_count
+        )
         adv_per_token = batch.advantages_per_token
         adv_strides = self._strides(adv, varlen) if adv_per_token else (adv.stride(0), 0)
         kernels.kpo_loss_fwd_kernel[tiling.grid](
