@@ -48,9 +48,13 @@ def test_no_host_synchronisation():
         count = batch["mask"].sum() * 2
         loss, metrics = kpo_kernels.kpo_loss(log_prob, **batch, agg="token-mean", dp_size=2, batch_num_tokens=count)
         loss.backward()
+        basic, _ = kpo_kernels.kpo_loss(log_prob, **batch, metrics="basic")
+        basic.backward()
+        # The per-step noise fit of a padded batch (estimate_noise reads nothing back off the CPU).
+        fit = kpo_kernels.estimate_noise((log_prob - batch["old_log_prob"]).detach(), batch["mask"], max_tokens=6000)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(loss)
+    assert torch.isfinite(loss) and torch.isfinite(basic) and int(fit.status) in (0, 1, 2, 3)
 
 
 def test_default_tiling_matches_whole_rows():
