@@ -202,8 +202,10 @@ def _search(profile, low, high, min_tokens, fallback):
     device = profile.device
     lower, upper = math.log(low), math.log(high)
     steps = torch.linspace(0.0, 1.0, GRID, dtype=torch.float64, device=device)
-    a = torch.tensor(lower, dtype=torch.float64, device=device)
-    b = torch.tensor(upper, dtype=torch.float64, device=device)
+    # torch.full, not torch.tensor: a tensor made from a host number is copied to the device and
+    # waits for it (a synchronisation on CUDA); a fill is one more kernel in the stream
+    a = torch.full((), lower, dtype=torch.float64, device=device)
+    b = torch.full((), upper, dtype=torch.float64, device=device)
     for _ in range(STAGES):
         u = a + (b - a) * steps
         values = torch.nan_to_num(profile.binned(u), nan=-math.inf)
@@ -231,8 +233,8 @@ def _search(profile, low, high, min_tokens, fallback):
     status = torch.where(quadratic_total == 0, ON_POLICY, status)
     status = torch.where(tokens < min_tokens, FEW_TOKENS, status)
     fitted = status == FITTED
-    fallback_q, fallback_r = (torch.tensor(value, dtype=torch.float64, device=device) for value in fallback)
-    nan = torch.tensor(math.nan, dtype=torch.float64, device=device)
+    fallback_q, fallback_r = (torch.full((), value, dtype=torch.float64, device=device) for value in fallback)
+    nan = torch.full((), math.nan, dtype=torch.float64, device=device)
     return NoiseEstimate(
         q=torch.where(fitted, ratio * r_best, fallback_q),
         r=torch.where(fitted, r_best, fallback_r),
