@@ -228,10 +228,24 @@ def test_binned_quadratic_is_every_coefficients(p0, dtype):
 
 @pytest.mark.parametrize("p0", [0.0, math.inf])
 @pytest.mark.parametrize("mask_mode", ["skip", "position"])
-def test_off_the_cpu_nothing_is_read_on_the_host(p0, mask_mode):
+def test_off_the_cpu_nothing_is_read_on_the_host(p0, mask_mode, monkeypatch):
     """Off the CPU (one bucket, no host-side shortcuts) a padded batch's fit reads no value back:
     on the meta device, where every read (item, indexing with a 0-dim tensor, bool of a tensor)
-    raises, it runs to a NoiseEstimate, budget included."""
+    raises, it runs to a NoiseEstimate, budget included; and it makes no tensor from host data
+    on the device (on CUDA that copy waits for the stream)."""
+    made = []
+    for name in ("tensor", "as_tensor"):
+        original = getattr(torch, name)
+
+        def spy(*args, _original=original, **kwargs):
+            out = _original(*args, **kwargs)
+            made.append(out.device.type)
+            return out
+
+        monkeypatch.setattr(torch, name, spy)
     z, mask = simulate(6, 40, 90, 1e-3, 0.04, 3, dtype=torch.float32)
-    got = estimate_noise(z.to("meta"), mask.to("meta"), p0=p0, mask_mode=mask_mode, max_tokens=z.numel() // 2)
+    z, mask = z.to("meta"), mask.to("meta")
+    made.clear()
+    got = estimate_noise(z, mask, p0=p0, mask_mode=mask_mode, max_tokens=z.numel() // 2)
+    assert "meta" not in made
     assert got.q.device.type == "meta" and got.q.shape == () and got.status.dtype == torch.long
