@@ -78,15 +78,18 @@ def measure_case(timer, case, steps):
         kpo_kernels.release_tables()  # the graph that read its pinned tables is gone
     except Exception as error:  # noqa: BLE001 - reported, the other figures still stand
         row["kpo_graph_error"] = f"{type(error).__name__}: {error}"[:300]
-    basic = lambda: _kpo_basic(batch)  # noqa: E731
-    for _ in range(2):
-        basic()
-    row["kpo_basic_us"] = sum(timer.kernels_us(basic, steps).values())
     log_ratio = (batch["log_prob"] - batch["old_log_prob"]).float()
-    fit = lambda: kpo_kernels.estimate_noise(log_ratio, batch["mask"], max_tokens=PER_STEP_MAX_TOKENS)  # noqa: E731
-    fit()
-    row["fit_kernels"] = len(timer.kernels_us(fit, 1))
-    row["fit_us"] = sum(timer.kernels_us(fit, steps).values())
+    extra = {
+        "kpo_basic_us": lambda: _kpo_basic(batch),
+        "fit_us": lambda: kpo_kernels.estimate_noise(log_ratio, batch["mask"], max_tokens=PER_STEP_MAX_TOKENS),
+    }
+    for key, step in extra.items():
+        try:
+            for _ in range(2):
+                step()
+            row[key] = sum(timer.kernels_us(step, steps).values())
+        except Exception as error:  # noqa: BLE001 - reported, the other figures still stand
+            row[key.replace("_us", "_error")] = f"{type(error).__name__}: {error}"[:300]
     for name in BASELINES:
         step = lambda: forward_backward(name, batch)  # noqa: E731
         step()
@@ -113,7 +116,8 @@ def summary(row):
             f"{row['copy_us'] / kpo:.0%} of copy's {row['copy_us']:.1f} us)")
     head += f" | graph replay {row['kpo_graph_us']:.1f} us" if "kpo_graph_us" in row else f" | graph: {row.get('kpo_graph_error')}"
     head += "".join(f" | {name} {row[f'{name}_us']:.1f} us = {row[f'{name}_us'] / kpo:.1f}x" for name in BASELINES)
-    head += f" | metrics=basic {row['kpo_basic_us']:.1f} us | per-step fit {row['fit_us']:.1f} us in {row['fit_kernels']} kernel names"
+    for key, label in (("kpo_basic", "metrics=basic"), ("fit", "per-step fit")):
+        head += f" | {label} {row[key + '_us']:.1f} us" if key + "_us" in row else f" | {label}: {row.get(key + '_error')}"
     kernels = [f"    {us:9.2f} us  {name[:100]}" for name, us in list(row["kpo_kernels_us"].items())[:10]]
     return "\n".join([head, *kernels])
 

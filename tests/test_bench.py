@@ -168,8 +168,9 @@ def test_device_time_cases_and_summary():
     assert [(c.rows, c.length, c.dtype) for c in cases] == [(512, 8192, torch.bfloat16), (2, 131072, torch.float32)]
     row = {"case": "512x8192 bf16", "bytes": 29_360_128, "kpo_us": 40.0, "copy_us": 20.0, "kpo_graph_us": 44.0,
            "kpo_kernels_us": {"fused_forward": 25.0, "fused_backward": 15.0},
-           "vectorized-cumsum_us": 400.0, "grpo-eager_us": 120.0}
+           "vectorized-cumsum_us": 400.0, "grpo-eager_us": 120.0, "kpo_basic_us": 25.0, "fit_error": "RuntimeError: x"}
     text = device_time.summary(row)
+    assert "metrics=basic 25.0 us" in text and "per-step fit: RuntimeError: x" in text
     assert "kpo kernels     40.0 us (734 GB/s, 50% of copy's 20.0 us)" in text
     assert "graph replay 44.0 us" in text and "vectorized-cumsum 400.0 us = 10.0x" in text
     assert text.splitlines()[1].split() == ["25.00", "us", "fused_forward"]
