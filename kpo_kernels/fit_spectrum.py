@@ -13,6 +13,7 @@ import math
 import threading
 
 import torch
+import torch.nn.functional as F
 
 BIN_WIDTH = 0.02  # in log lam: a second-order expansion about the centre is good to ~1e-8 relative
 BIN_TOP = math.log(4.0) + 1e-9  # lam = 4 sin^2(...) <= 4: bin i covers log lam in (TOP - (i + 1) W, TOP - i W]
@@ -137,12 +138,12 @@ def spectrum(z, lengths, *, diffuse):
     if diffuse:
         period, count = lengths.clamp(min=1), (lengths - 1).clamp(min=0)
         x = z[:, 1:] - z[:, :-1]  # x_j at column j - 1; the difference across a row's end is masked
-        x = torch.where(torch.arange(width - 1, device=device)[None, :] < count[:, None], x, 0.0)
+        x = torch.where(torch.arange(max(width - 1, 0), device=device)[None, :] < count[:, None], x, 0.0)
     else:
         count, period = lengths, 2 * lengths + 1
         x = z
     inputs = outputs = x.shape[1]  # j, k = 1..inputs (past a row's count they are masked)
-    if inputs == 0:  # no coefficients at all
+    if inputs == 0 or rows == 0:  # no coefficients at all
         empty = torch.zeros(rows, 0, dtype=torch.float64, device=device)
         return empty, empty + 1.0, count
     size = fft_length(2 * inputs)
@@ -223,10 +224,27 @@ def binned_moments(y2, lam, count, lengths, bins, *, diffuse):
     lam_k rises with k in every row, so each bin holds a run of consecutive coefficients of a
     row: the run's ends come from inverting lam_k = 4 sin^2(nu_k pi / (2 p)) at the bin edges
     (per row and edge, not per coefficient), and its sums from prefix sums of y2 L^0..2,
-    L = log lam (float64), then shifted to the bin's centre."""
+    L = log lam (float64), then shifted to the bin's centre. That costs rows x bins: when the
+    rows are shorter than the bins their lengths need (many short rows, or every bin under a
+    process group), each coefficient goes to its bin instead (rows x width)."""
     rows, width = y2.shape
     device = y2.device
-    log_lam = torch.log(lam).to(torch.float64)
+    log_lam = torch.log(lam.to(torch.float64))
+    needed = min(bins, bin_count(width, None))  # no coefficient of these rows lies below these bins
+    centre = BIN_TOP - (torch.arange(needed, device=device, dtype=torch.float64) + 0.5) * BIN_WIDTH
+    if needed > width:
+        sums = _sums_by_coefficient(y2, log_lam, needed)
+    else:
+        sums = _sums_by_runs(y2, log_lam, count, lengths, needed, diffuse)
+    first = sums[1] - centre * sums[0]  # sum y2 (L - c)
+    second = sums[2] - 2.0 * centre * sums[1] + centre.square() * sums[0]  # sum y2 (L - c)^2
+    return F.pad(torch.stack([sums[0], first, second]), (0, bins - needed))
+
+
+def _sums_by_runs(y2, log_lam, count, lengths, bins, diffuse):
+    """(3, bins): per bin the sums of y2 L^p, p = 0, 1, 2, from each row's runs (binned_moments)."""
+    rows, width = y2.shape
+    device = y2.device
     powers = torch.empty(3, rows, width + 1, dtype=torch.float64, device=device)
     powers[:, :, 0] = 0.0
     powers[0, :, 1:] = y2
@@ -243,11 +261,18 @@ def binned_moments(y2, lam, count, lengths, bins, *, diffuse):
     below = torch.minimum(below, count[:, None].to(torch.float64)).clamp_(min=0.0).long()
     ends = torch.cat([count[:, None].clamp(min=0, max=width), below, torch.zeros_like(count)[:, None]], 1)
     at = prefix.gather(2, ends[None].expand(3, rows, bins + 1))  # (3, rows, bins + 1)
-    sums = (at[..., :-1] - at[..., 1:]).sum(1)  # (3, bins): sums of y2 L^p per bin
-    centre = BIN_TOP - (torch.arange(bins, device=device, dtype=torch.float64) + 0.5) * BIN_WIDTH
-    first = sums[1] - centre * sums[0]  # sum y2 (L - c)
-    second = sums[2] - 2.0 * centre * sums[1] + centre.square() * sums[0]  # sum y2 (L - c)^2
-    return torch.stack([sums[0], first, second])
+    return (at[..., :-1] - at[..., 1:]).sum(1)
+
+
+def _sums_by_coefficient(y2, log_lam, bins):
+    """(3, bins): the same sums with each coefficient put in its bin (y2 is 0 past a row's count).
+    index_add_, not bincount: bincount sizes its result from the largest index, a host read on CUDA."""
+    log_lam = log_lam.reshape(-1)
+    index = torch.floor((BIN_TOP - log_lam) / BIN_WIDTH).clamp_(0, bins - 1).long()
+    y2 = y2.reshape(-1)
+    y2_log = y2 * log_lam
+    weights = torch.stack([y2, y2_log, y2_log * log_lam])
+    return torch.zeros(3, bins, dtype=torch.float64, device=y2.device).index_add_(1, index, weights)
 
 
 def bin_centres(bins, device):

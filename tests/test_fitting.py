@@ -194,17 +194,20 @@ def test_half_the_sequences_meet_the_likelihood_goal(q, r):
     assert whole >= want.log_likelihood - 1e-4
 
 
+@pytest.mark.parametrize("width", [700, 40])  # 40: fewer coefficients than bins, each put in its bin
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("p0", [0.0, math.inf])
-def test_binned_quadratic_is_every_coefficients(p0, dtype):
+def test_binned_quadratic_is_every_coefficients(p0, dtype, width):
     """The bins (runs of consecutive coefficients found from each row's bin edges, summed by
-    prefix sums) give sum y2 / (lam + q) over every coefficient to 1e-8 relative at every ratio
-    of q_range (1e-7 for a float32 transform, whose log lam is rounded to float32), with rows of 0, 1, 2 and up to 700 tokens in one bucket (lam past a row's count
+    prefix sums, or when the rows are shorter than the bins, each coefficient in its bin) give
+    sum y2 / (lam + q) over every coefficient at every ratio of q_range to the second-order
+    expansion's remainder, at most (W / 2)^3 / 6 = 1.7e-7 relative a coefficient (1e-8 over
+    the 6000 coefficients of 700-token rows, whose remainders average out), with rows of 0, 1, 2 and up to 700 tokens in one bucket (lam past a row's count
     clamped, its y2 zero); and the moments are the same as assigning each coefficient to its bin."""
     from kpo_kernels.fit_spectrum import bin_centres, bin_count, binned_moments, binned_quadratic, spectrum
 
     diffuse = p0 == math.inf
-    z, mask = simulate(9, 1, 700, 1e-4, 0.05, 11, dtype=dtype)
+    z, mask = simulate(9, 1, width, 1e-4, 0.05, 11, dtype=dtype)
     mask[0] = False
     mask[1, 1:] = False
     mask[2, 2:] = False
@@ -216,9 +219,9 @@ def test_binned_quadratic_is_every_coefficients(p0, dtype):
     q = torch.logspace(-10, 2, 49, dtype=torch.float64)
     exact = (y2.reshape(-1)[None, :] / (lam.reshape(-1).double()[None, :] + q[:, None])).sum(-1)
     got = binned_quadratic(moments, bin_centres(bins, "cpu"), q)
-    assert torch.allclose(got, exact, rtol=1e-8 if dtype == torch.float64 else 1e-7, atol=0.0)
+    assert torch.allclose(got, exact, rtol=1e-8 if width == 700 else 2e-7, atol=0.0)
     inside = torch.arange(1, y2.shape[1] + 1)[None, :] <= count[:, None]
-    position = (math.log(4.0) + 1e-9 - torch.log(lam).double()) / 0.02  # log lam in lam's dtype, as binned
+    position = (math.log(4.0) + 1e-9 - torch.log(lam.double())) / 0.02
     index = position.floor().clamp(0, bins - 1).long()[inside]
     v = (index + 0.5 - position[inside]) * 0.02  # log lam less the bin centre
     weights = y2[inside]
@@ -249,3 +252,26 @@ def test_off_the_cpu_nothing_is_read_on_the_host(p0, mask_mode, monkeypatch):
     got = estimate_noise(z, mask, p0=p0, mask_mode=mask_mode, max_tokens=z.numel() // 2)
     assert "meta" not in made
     assert got.q.device.type == "meta" and got.q.shape == () and got.status.dtype == torch.long
+
+
+@pytest.mark.parametrize("p0", [0.0, math.inf])
+def test_empty_batches_have_too_few_tokens(p0):
+    """No rows, rows of no tokens, an empty packed stream: FEW_TOKENS with the fallback."""
+    empty_packed = (torch.zeros(0), None, torch.zeros(1, dtype=torch.int32))
+    for z, mask, cu in ((torch.zeros(0, 10), None, None), (torch.zeros(3, 0), None, None), empty_packed):
+        got = estimate_noise(z, mask, cu_seqlens=cu, p0=p0, fallback=(2e-6, 0.5))
+        assert int(got.status) == FEW_TOKENS and (float(got.q), float(got.r)) == (2e-6, 0.5)
+
+
+def test_many_short_rows_are_binned_per_coefficient(monkeypatch):
+    """Rows shorter than their bins (many short rows; under a process group every one of
+    MAX_BINS): each coefficient goes to its bin, never the (rows, bins) runs of long rows."""
+    from kpo_kernels import fit_spectrum
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("rows x bins work for rows shorter than their bins")
+
+    monkeypatch.setattr(fit_spectrum, "_sums_by_runs", refuse)
+    z, mask = simulate(512, 8, 16, 1e-3, 0.04, 4, dtype=torch.float32)
+    got = estimate_noise(z, mask)
+    assert int(got.status) == FITTED
