@@ -55,9 +55,8 @@ def test_no_register_spills(compiled):
 
 def test_fused_loss_kernel_registers_reported(compiled, record_property):
     """Registers a thread of the fused loss forward and programs resident per SM, per
-    specialisation: printed (pytest -rP shows them) and recorded as junit properties. Fewer
-    programs per SM than the launcher's tile sizes assume (launcher.PROGRAMS_PER_SM) is slower,
-    not wrong: listed, not failed."""
+    specialisation: printed (pytest -rP shows them) and recorded as junit properties; none
+    below the programs per SM the launcher's tile sizes assume (launcher.PROGRAMS_PER_SM)."""
     import triton
 
     forward = {k: v for k, v in compiled.items() if v["ok"] and "kpo_loss_fwd_kernel" in k}
@@ -72,7 +71,7 @@ def test_fused_loss_kernel_registers_reported(compiled, record_property):
     for key, v in sorted(forward.items()):
         low = " (below the launcher's assumption)" if resident[key] < launcher.PROGRAMS_PER_SM else ""
         print(f"  {v['registers']:4d} regs x {v['num_warps']} warps: {resident[key]}/SM{low}  {key.split(':')[0]}")
-    assert all(n >= 1 for n in resident.values()), resident
+    assert all(n >= launcher.PROGRAMS_PER_SM for n in resident.values()), resident
 
 
 def test_state_variants_cost_no_occupancy(compiled):

@@ -44,7 +44,7 @@ class TritonBackend(LaunchPlan, Backend):
             length rounded up to a power of two, at most 1024).
         tile_size: tokens per program, an int >= 1; sequences longer than a tile are split across
             programs (default on CUDA: whole rows when there are enough rows to fill the GPU,
-            else tiles sized for about PROGRAMS_PER_SM (3) programs per SM; under the interpreter:
+            else tiles sized for about PROGRAMS_PER_SM (2) programs per SM; under the interpreter:
             whole sequences).
         num_warps: warps per program, a power of two up to 32 (default: two tokens per thread
             up to 8 warps, and 4 warps for 1024-token blocks).

@@ -27,7 +27,10 @@ MAX_BLOCK = 1024
 WIDE_BLOCK_WARPS = 4
 PREFIX = 64  # earlier tiles folded per scan step
 UNDERFILLED_ROWS_PER_SM = 2  # fewer rows than this per SM: split rows into tiles
-PROGRAMS_PER_SM = 3  # tiles are sized for about this many programs per SM (see MAX_BLOCK)
+# Tiles are sized for about this many programs per SM: what the fused forward gets with the
+# 1024-token blocks at 4 warps of split rows (193-252 registers a thread on sm_90, so 2 programs
+# of 4 warps fit the register file; tests/test_compile_sm90.py holds every forward variant to it).
+PROGRAMS_PER_SM = 2
 INT32_OFFSETS = 2**31  # kernels index tokens with int32 positions times strides
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 MAX_TENSOR_NUMEL = 2**20  # Triton's limit on the elements of one block
