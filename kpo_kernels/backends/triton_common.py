@@ -60,7 +60,8 @@ def _last(values, BLOCK: tl.constexpr):
 
 # ----------------------------------------------------------------------------- diagnostics (docs/math.md section 5b)
 
-NO_TOKEN = tl.constexpr(9)  # sign code of "no valid token yet"; see _sign_code
+NO_TOKEN = tl.constexpr(9)  # sign code of "no valid token yet" (FilterState.last_sign's form, 0..9)
+NO_SIGNS = tl.constexpr(15)  # the same in the fused forward's form (_sign_code: two 2-bit fields)
 
 
 @triton.jit
@@ -89,23 +90,29 @@ def _sign(v):
 
 @triton.jit
 def _sign_code(z, x, valid):
-    """3 (sign(z) + 1) + sign(x) + 1 in 0..8 at valid tokens, NO_TOKEN elsewhere."""
-    return tl.where(valid, 3 * (_sign(z) + 1) + _sign(x) + 1, NO_TOKEN)
+    """4 (sign(z) + 1) + sign(x) + 1 at valid tokens (two 2-bit fields), NO_SIGNS elsewhere."""
+    return tl.where(valid, 4 * (_sign(z) + 1) + _sign(x) + 1, NO_SIGNS)
+
+
+@triton.jit
+def _bit_code(code):
+    """A sign code of the 0..9 form (3 (sign(z) + 1) + sign(x) + 1, or NO_TOKEN) in _sign_code's."""
+    return tl.where(code == NO_TOKEN, NO_SIGNS, 4 * (code // 3) + code % 3)
 
 
 @triton.jit
 def _latest(a, b):
     """The later valid sign code (a scan of it gives the latest valid token so far)."""
-    return tl.where(b != NO_TOKEN, b, a)
+    return tl.where(b != NO_SIGNS, b, a)
 
 
 @triton.jit
 def _flips(code, previous):
-    """(pair, raw flip, filtered flip) of each token against the previous valid token's code."""
-    pair = (code != NO_TOKEN) & (previous != NO_TOKEN)
-    raw = pair & ((code // 3 - 1) * (previous // 3 - 1) < 0)
-    filtered = pair & ((code % 3 - 1) * (previous % 3 - 1) < 0)
-    return pair, raw, filtered
+    """(pair, raw flip, filtered flip) of each token against the previous valid token's code.
+    Two signs + 1 in 0..2 are strictly opposite exactly when their XOR is 2 (0 ^ 2)."""
+    pair = (code != NO_SIGNS) & (previous != NO_SIGNS)
+    both = code ^ previous
+    return pair, pair & ((both >> 2) == 2), pair & ((both & 3) == 2)
 
 
 @triton.jit

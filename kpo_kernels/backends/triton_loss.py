@@ -12,6 +12,7 @@ from .triton_common import (
     _sign_code,
     _latest,
     _flips,
+    _bit_code,
     _pack3,
     _unpack3_sum,
     _tile_state,
@@ -23,6 +24,7 @@ from .triton_common import (
     _tile_seen,
     _entering_state,
     KL_CLAMP,
+    NO_SIGNS,
     NO_TOKEN,
 )
 
@@ -112,6 +114,7 @@ def kpo_loss_fwd_kernel(
         x_in, entering = x0, NO_TOKEN
     if DIAGNOSTICS:
         state, latest = _tile_state_and_latest(agg_ptr, num_slots, first, tile, x_in, entering, PREFIX)
+        latest = _bit_code(latest)
     else:  # no sign flips: the earlier tiles' maps alone
         state = _tile_state(agg_ptr, num_slots, first, tile, x_in, PREFIX)
 
@@ -154,7 +157,7 @@ def kpo_loss_fwd_kernel(
             code = _sign_code(z, x, valid)
             codes = tl.associative_scan(code, 0, _latest)
             previous = _shift_in(codes, latest, BLOCK)
-            pair, flip_raw, flip_filtered = _flips(code, tl.where(previous == NO_TOKEN, latest, previous))
+            pair, flip_raw, flip_filtered = _flips(code, tl.where(previous == NO_SIGNS, latest, previous))
             counts_a += _pack3(valid, scored, pair)
             latest = _latest(latest, tl.sum(tl.where(tl.arange(0, BLOCK) == BLOCK - 1, codes, 0), 0))
         else:
