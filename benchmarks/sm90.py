@@ -33,6 +33,7 @@ KERNELS = (
     "tile_aggregate_kernel",
     "tile_offsets_kernel",
     "chunk_maps_kernel",
+    "noise_search_kernel",
 )
 
 

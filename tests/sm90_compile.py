@@ -139,6 +139,17 @@ def cases():
     for label, backend in (("", None), ("-tiled", kpo_kernels.TritonBackend(tile_size=256))):
         batch = make_batch(3, 700, seed=1, layout="holes")
         yield f"fit-noise-evaluation{label}", fit_noise_run(batch, backend)
+    # estimate_noise's search in one program: each prior, and packed sequences under a token
+    # budget (every k-th sequence: a strided view of the lengths).
+    z = make_batch(4, 700, seed=1, layout="holes")
+    log_ratio, mask = z["log_prob"] - z["old_log_prob"], z["mask"]
+    for p0 in (0.0, float("inf")):
+        yield f"fit-search-p0-{p0}", (lambda p0=p0: kpo_kernels.estimate_noise(log_ratio, mask, p0=p0, backend="triton"))
+    lengths = mask.sum(1)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    yield "fit-search-packed-budget", (
+        lambda: kpo_kernels.estimate_noise(log_ratio[mask], cu_seqlens=cu, max_tokens=700, backend="triton")
+    )
     for mode in ("skip", "position"):
         for masked in (True, False):
             z = torch.zeros(2, 3000)

@@ -78,6 +78,12 @@ class Backend:
         cu_seqlens (None when padded)."""
         raise NotImplementedError
 
+    def noise_search(self, totals, lengths, *, diffuse, low, high, min_tokens, fallback):
+        """`estimate_noise`'s search over the ratio, as a `NoiseEstimate`, or None to let the
+        caller run the torch search (kpo_kernels/fit_search.py describes the arguments; called
+        without a process group, for float32 transforms). This default: None."""
+        return None
+
     def prepare(self, length, q, r, p0, device):
         """Build what calls whose tables are sized by `length` (kpo_kernels.tables) will need on
         `device`, through the cache of `tables`: `kpo_kernels.prepare` pins what is looked up

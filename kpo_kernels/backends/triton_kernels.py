@@ -27,14 +27,15 @@ derivative by grad_output and the sequence's weight.
 Math in float32 whatever the input dtype. NaN propagates through every `where` on purpose
 (tl.minimum/maximum would drop it on GPUs).
 
-The kernels live in four modules by job: `triton_common` (constants, the scan, diagnostics and
+The kernels live in five modules by job: `triton_common` (constants, the scan, diagnostics and
 layout helpers), `triton_tiles` (passes 1 and 2, the tile table, the filter), `triton_loss` (the
-fused forward and backward) and `triton_finalize`. This module is the one namespace the
+fused forward and backward), `triton_finalize` and `triton_fit` (the noise fit's search). This module is the one namespace the
 launcher (triton_backend.py) and the tools that record its launches use.
 """
 
 from .triton_common import AGG_CODES
 from .triton_finalize import kpo_loss_finalize_kernel
+from .triton_fit import noise_search_kernel
 from .triton_loss import kpo_loss_bwd_kernel, kpo_loss_fwd_kernel
 from .triton_tiles import (
     chunk_maps_kernel,
@@ -51,6 +52,7 @@ __all__ = [
     "kpo_loss_bwd_kernel",
     "kpo_loss_finalize_kernel",
     "kpo_loss_fwd_kernel",
+    "noise_search_kernel",
     "tile_aggregate_kernel",
     "tile_count_kernel",
     "tile_offsets_kernel",

@@ -3,7 +3,9 @@
 
 import dataclasses
 import functools
+import math
 import os
+import struct
 
 import torch
 
@@ -48,6 +50,23 @@ def _derivative_dtype(dtype):
     inputs: the gradient ends in bfloat16 anyway and the round trip then moves half the bytes.
     (float16 keeps float32: an unweighted -A * rt can exceed its range.)"""
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def float64_parts(value):
+    """Three float32 numbers whose float64 sum is `value` (a finite float64 within float32's
+    range): kernels take Python floats as float32 (Triton's interpreter rounds them so even
+    where a float64 parameter is declared), and three times 24 bits hold float64's 53."""
+    parts = []
+    for _ in range(3):
+        part = struct.unpack("f", struct.pack("f", value))[0]
+        parts.append(part)
+        value -= part
+    return parts
+
+
+def float64_parts_fit(value):
+    """Whether `float64_parts` can carry `value`."""
+    return math.isfinite(value) and abs(value) < 3.4e38
 
 
 def _pow2_at_least(n):

@@ -1,0 +1,237 @@
+"""The noise fit's search as one Triton kernel: `estimate_noise`'s staged grid search, its
+parabola, the profile at the chosen ratio and the result, in one program.
+
+The staged search in torch (kpo_kernels/fit_search.py, the reference) is some 330 small
+operations: launch-bound on a GPU, where it costs far more than the loss it tunes. Here the same
+search reads the binned moments (3 x bins) and the sequence lengths from global memory once
+per stage, in one launch, and writes the `NoiseEstimate` fields.
+
+Precision. The stages rank GRID ratios by the change of the profile from the grid's first ratio,
+each bin's change of its term in float32 (exact algebra: `_profile_change`), its sums, the
+reference and the log-determinants in float64: the ranking is that of float64 values, down to
+the flat profiles of data without drift, while the bins' arithmetic (GRID x bins per stage, the
+bulk of the work) runs at float32's rate. The reported profile, R and drift evidence at the
+chosen ratio are float64 throughout, as in the reference.
+
+The layout of the inputs is `fit_search.search_inputs`: `totals` = [tokens, sum y^2, moments
+(3, bins) row-major], float64; `lengths` (S,) int64.
+"""
+
+import math
+
+import triton
+import triton.language as tl
+
+from ..fit_spectrum import BIN_TOP, BIN_WIDTH
+
+_BIN_TOP = tl.constexpr(BIN_TOP)
+_BIN_WIDTH = tl.constexpr(BIN_WIDTH)
+_LOG2 = tl.constexpr(math.log(2.0))
+_LOG_2PI = tl.constexpr(math.log(2.0 * math.pi))
+_DBL_MAX = tl.constexpr(1.7976931348623157e308)
+
+
+@triton.jit
+def _float64(part0, part1, part2):
+    return tl.cast(part0, tl.float64) + tl.cast(part1, tl.float64) + tl.cast(part2, tl.float64)
+
+
+@triton.jit
+def _pick(values, index, at):
+    """values[at] (a 0-dim tensor) of a vector indexed by `index`."""
+    return tl.sum(tl.where(index == at, values, 0.0), 0)
+
+
+@triton.jit
+def _log1p(y):
+    """log(1 + y) to the dtype's precision, also for tiny y (Kahan: the rounding of 1 + y
+    cancels in log(w) / (w - 1)); libdevice's is not available to the interpreter."""
+    w = 1.0 + y
+    return tl.where(w == 1.0, y, tl.log(w) * (y / tl.where(w == 1.0, 1.0, w - 1.0)))
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 to the dtype's precision, also for tiny x (Kahan's (e - 1) x / log e), and -1
+    where exp(x) underflows."""
+    e = tl.exp(x)
+    usual = (e > 0.0) & (e != 1.0)
+    return tl.where(e == 1.0, x, tl.where(e == 0.0, -1.0, (e - 1.0) * (x / tl.log(tl.where(usual, e, 2.0)))))
+
+
+@triton.jit
+def _log_determinant(q, lengths_ptr, sequences, lengths_stride, DIFFUSE: tl.constexpr, BLOCK_S: tl.constexpr):
+    """sum over sequences of log det(I + q M) (P0 = 0) or log det(q I + D) (diffuse) for each q,
+    float64 (fit_spectrum.log_determinant): with 2 + q = 2 cosh(phi),
+    log cosh((n + 1/2) phi) - log cosh(phi / 2) = (n + 1/2) phi - log 2 + log1p(exp(-(2n + 1) phi))
+    - log cosh(phi / 2), and log sinh(n phi) - log sinh(phi) = (n - 1) phi + log(-expm1(-2 n phi))
+    - log(-expm1(-2 phi)): the linear part from the total length, the bounded rest per sequence."""
+    half = 0.5 * tl.sqrt(q)
+    phi = 2.0 * _log1p(half + half * half / (1.0 + tl.sqrt(1.0 + half * half)))  # 2 asinh(half)
+    corrections = tl.zeros(q.shape, dtype=tl.float64)
+    length_total = tl.zeros([BLOCK_S], dtype=tl.int64)
+    for start in range(0, sequences, BLOCK_S):
+        s = start + tl.arange(0, BLOCK_S)
+        length = tl.load(lengths_ptr + s * lengths_stride, mask=s < sequences, other=0)
+        if DIFFUSE:
+            length = tl.where(s < sequences, tl.maximum(length, 1), 0)  # one token or none: log det 0
+        length_total += length
+        n = tl.where(s < sequences, length, 1).to(tl.float64)  # 1 past the end: finite, then dropped
+        if DIFFUSE:
+            part = tl.log(-_expm1(-2.0 * n[None, :] * phi[:, None]))
+        else:
+            part = _log1p(tl.exp(-(2.0 * n[None, :] + 1.0) * phi[:, None]))
+        corrections += tl.sum(tl.where((s < sequences)[None, :], part, 0.0), 1)
+    count = tl.cast(sequences, tl.float64)  # a cast, not .to: a count of 1 arrives as a constexpr
+    total = tl.sum(length_total, 0).to(tl.float64)
+    if DIFFUSE:
+        return (total - count) * phi + corrections - count * tl.log(-_expm1(-2.0 * phi))
+    log2 = tl.full([], _LOG2, tl.float64)
+    small = 0.5 * phi + _log1p(tl.exp(-phi)) - log2  # log cosh(phi / 2)
+    return (total + 0.5 * count) * phi + corrections - count * (log2 + small)
+
+
+@triton.jit
+def _moments(totals_ptr, bins, k):
+    """The binned moments m0, m1, m2 of bins k (0 past the last) and the bins' centres c."""
+    inside = k < bins
+    m0 = tl.load(totals_ptr + 2 + k, mask=inside, other=0.0)
+    m1 = tl.load(totals_ptr + 2 + bins + k, mask=inside, other=0.0)
+    m2 = tl.load(totals_ptr + 2 + 2 * bins + k, mask=inside, other=0.0)
+    top, width = tl.full([], _BIN_TOP, tl.float64), tl.full([], _BIN_WIDTH, tl.float64)  # not rounded to float32
+    return m0, m1, m2, tl.exp(top - (k.to(tl.float64) + 0.5) * width)
+
+
+@triton.jit
+def _profile(u, totals_ptr, bins, lengths_ptr, sequences, lengths_stride, DIFFUSE: tl.constexpr,
+             BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(profile log-likelihood per token, R_hat) at the ratios exp(u), float64, from the binned
+    moments: the quadratic part is the sum over bins of (m0 - s m1 + s (2s - 1) m2 / 2) w,
+    w = 1 / (c + q), s = c w (fit_spectrum.binned_quadratic)."""
+    q = tl.exp(u)
+    quadratic = tl.zeros(u.shape, dtype=tl.float64)
+    for start in range(0, bins, BLOCK_B):
+        m0, m1, m2, centre = _moments(totals_ptr, bins, start + tl.arange(0, BLOCK_B))
+        w = 1.0 / (centre[None, :] + q[:, None])
+        s = centre[None, :] * w
+        quadratic += tl.sum((m0[None, :] - s * m1[None, :] + 0.5 * s * (2.0 * s - 1.0) * m2[None, :]) * w, 1)
+    per = tl.maximum(tl.load(totals_ptr), 1.0)
+    log_det = _log_determinant(q, lengths_ptr, sequences, lengths_stride, DIFFUSE, BLOCK_S)
+    return -0.5 * (tl.full([], _LOG_2PI, tl.float64) + tl.log(quadratic / per) + log_det / per + 1.0), quadratic / per
+
+
+@triton.jit
+def _profile_change(u, totals_ptr, bins, lengths_ptr, sequences, lengths_stride, DIFFUSE: tl.constexpr,
+                    BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The profile at the ratios exp(u) less its value at exp(u[0]): what the search ranks.
+
+    Each bin's quadratic term changes from q0 = exp(u[0]) to q by, exactly,
+    (q0 - q) w w0 (m0 - m1 (s + s0) + m2 (s^2 + s s0 + s0^2 - (s + s0) / 2)), s = c w, s0 = c w0,
+    = (q0 - q) w (alpha s^2 + beta s + gamma) with per-bin alpha, beta, gamma (float64, then
+    float32). In float32 this keeps float32's relative precision *of the change*, so that ratios
+    whose profiles differ by 1e-12 of their value (a flat profile: no drift) rank as in float64,
+    at float32's cost. The sum at q0 (the reference) and the log-determinants are float64."""
+    q = tl.exp(u)
+    index = tl.arange(0, u.shape[0])
+    q0 = _pick(q, index, 0)
+    ratio = q.to(tl.float32)
+    change = tl.zeros([u.shape[0], BLOCK_B], dtype=tl.float32)  # summed over bins after the loop
+    reference = tl.zeros([BLOCK_B], dtype=tl.float64)
+    for start in range(0, bins, BLOCK_B):
+        m0, m1, m2, centre = _moments(totals_ptr, bins, start + tl.arange(0, BLOCK_B))
+        w0 = 1.0 / (centre + q0)
+        s0 = centre * w0
+        reference += (m0 - s0 * m1 + 0.5 * s0 * (2.0 * s0 - 1.0) * m2) * w0
+        alpha = (m2 * w0).to(tl.float32)[None, :]
+        beta = ((m2 * (s0 - 0.5) - m1) * w0).to(tl.float32)[None, :]
+        gamma = ((m0 - m1 * s0 + m2 * s0 * (s0 - 0.5)) * w0).to(tl.float32)[None, :]
+        c = centre.to(tl.float32)[None, :]
+        w = 1.0 / (c + ratio[:, None])
+        s = c * w
+        change += w * ((alpha * s + beta) * s + gamma)
+    change = (q0 - q) * tl.sum(change, 1).to(tl.float64)
+    per = tl.maximum(tl.load(totals_ptr), 1.0)
+    log_det = _log_determinant(q, lengths_ptr, sequences, lengths_stride, DIFFUSE, BLOCK_S)
+    return -0.5 * (_log1p(change / tl.sum(reference, 0)) + (log_det - _pick(log_det, index, 0)) / per)
+
+
+@triton.jit
+def noise_search_kernel(
+    totals_ptr, bins, lengths_ptr, sequences, lengths_stride, result_ptr, codes_ptr, min_tokens,
+    lower0, lower1, lower2, upper0, upper1, upper2, low0, low1, low2, high0, high1, high2,
+    fallback_q0, fallback_q1, fallback_q2, fallback_r0, fallback_r1, fallback_r2,
+    DIFFUSE: tl.constexpr, GRID: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """One program. result: [q, r, ratio, log_likelihood, drift_evidence, num_tokens] float64;
+    codes: [at_boundary, status] int64 (fitting.NoiseEstimate; status codes FITTED 0,
+    ON_POLICY 1, FEW_TOKENS 2, NOT_FINITE 3). Each float64 setting comes as three float32 parts
+    (triton_launch.float64_parts)."""
+    lower = _float64(lower0, lower1, lower2)
+    upper = _float64(upper0, upper1, upper2)
+    low = _float64(low0, low1, low2)
+    high = _float64(high0, high1, high2)
+    fallback_q = _float64(fallback_q0, fallback_q1, fallback_q2)
+    fallback_r = _float64(fallback_r0, fallback_r1, fallback_r2)
+    largest = tl.full([], _DBL_MAX, tl.float64)
+    index = tl.arange(0, GRID)
+    steps = index.to(tl.float64) / (GRID - 1)
+    a = lower
+    b = upper
+    u = a + (b - a) * steps
+    values = tl.zeros([GRID], dtype=tl.float64)
+    best = tl.argmax(values, 0)
+    spacing = (b - a) / (GRID - 1)
+    for _ in range(STAGES):
+        u = a + (b - a) * steps
+        values = _profile_change(u, totals_ptr, bins, lengths_ptr, sequences, lengths_stride, DIFFUSE, BLOCK_S, BLOCK_B)
+        # as torch.nan_to_num(values, nan=-inf): infinities become the largest finite numbers
+        values = tl.where(values != values, -float("inf"),
+                          tl.where(values > largest, largest, tl.where(values < -largest, -largest, values)))
+        best = tl.argmax(values, 0, tie_break_left=True)
+        spacing = (b - a) / (GRID - 1)
+        centre = _pick(u, index, best)
+        a = tl.maximum(centre - spacing, lower)
+        b = tl.minimum(centre + spacing, upper)
+    # a parabola through the best point of the last grid and its neighbours
+    middle = tl.minimum(tl.maximum(best, 1), GRID - 2)
+    left = _pick(values, index, middle - 1)
+    mid = _pick(values, index, middle)
+    right = _pick(values, index, middle + 1)
+    curvature = left - 2.0 * mid + right
+    offset = tl.where(curvature < 0, 0.5 * (left - right) / curvature, 0.0)
+    offset = tl.where(offset > 1.0, 1.0, tl.where(offset < -1.0, -1.0, offset))  # NaN stays NaN, as clamp
+    candidate = _pick(u, index, middle) + offset * spacing
+    inside = (best > 0) & (best < GRID - 1)
+    u_best = tl.where(inside, candidate, _pick(u, index, best))
+    at_lower = u_best <= lower
+    at_upper = u_best >= upper
+
+    # the profile and R at the chosen ratio and at the lower end, float64 throughout
+    pair = tl.arange(0, 2)
+    ends = tl.where(pair == 0, u_best, lower)
+    exact, r_hat = _profile(ends, totals_ptr, bins, lengths_ptr, sequences, lengths_stride, DIFFUSE, BLOCK_S, BLOCK_B)
+    l_best = _pick(exact, pair, 0)
+    l_lower = _pick(exact, pair, 1)
+    r_best = _pick(r_hat, pair, 0)
+    ratio = tl.where(at_lower, low, tl.where(at_upper, high, tl.exp(u_best)))
+
+    tokens = tl.load(totals_ptr)
+    quadratic_total = tl.load(totals_ptr + 1)
+    finite = (l_best == l_best) & (tl.abs(l_best) < float("inf"))
+    finite = finite & (quadratic_total == quadratic_total) & (tl.abs(quadratic_total) < float("inf"))
+    status = tl.where(finite & (r_best > 0), 0, 3)
+    status = tl.where(quadratic_total == 0, 1, status)
+    status = tl.where(tokens < min_tokens, 2, status)
+    fitted = status == 0
+    nan = float("nan")
+    drift = (l_best - l_lower) * tokens
+    drift = tl.where(drift < 0, 0.0, drift)  # NaN stays NaN, as clamp(min=0)
+    tl.store(result_ptr + 0, tl.where(fitted, ratio * r_best, fallback_q))
+    tl.store(result_ptr + 1, tl.where(fitted, r_best, fallback_r))
+    tl.store(result_ptr + 2, tl.where(fitted, ratio, fallback_q / fallback_r))
+    tl.store(result_ptr + 3, tl.where(fitted, l_best, nan))
+    tl.store(result_ptr + 4, tl.where(fitted, drift, nan))
+    tl.store(result_ptr + 5, tokens)
+    tl.store(codes_ptr + 0, tl.where(fitted, at_upper.to(tl.int64) - at_lower.to(tl.int64), 0))
+    tl.store(codes_ptr + 1, status.to(tl.int64))

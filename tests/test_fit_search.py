@@ -1,0 +1,138 @@
+"""The noise fit's search on the Triton backend (one kernel: kpo_kernels/backends/triton_fit.py)
+against the torch search it replaces (fit_search.staged_search, the reference): the same status
+and boundary, the same ratio to the grid's resolution, the same reported profile, R and drift
+evidence, on the inputs that hurt: flat profiles (no drift), the upper end, on-policy, too few
+and non-finite tokens, packed sequences subsampled (strided lengths), a diffuse prior.
+Runs on CUDA, or interpreted on the CPU."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import DEVICE
+from helpers import examples
+from kpo_kernels import TritonBackend, estimate_noise
+from kpo_kernels.fitting import FEW_TOKENS, FITTED, NOT_FINITE, ON_POLICY
+from test_noise import simulate
+
+FIELDS = ("q", "r", "ratio", "log_likelihood", "drift_evidence", "at_boundary", "num_tokens", "status")
+POISONED = TritonBackend(poison=True)  # NaN / -2^30 in every output before the kernel writes it
+
+
+def assert_same_fit(got, want, ratio_rel=1e-5):
+    """Same status, boundary and token count; a maximum at least as high (the profile per token
+    within 1e-9 below the reference's, or above it: the two rank ratios with different
+    roundings); the ratio within ratio_rel (the last stage's grid spacing is 4e-3 in log q: on
+    a curved profile the two land within ~1e-6 of each other, on the flat maxima of a few dozen
+    tokens further apart, as good either way); R and the drift evidence with it."""
+    for field in FIELDS:
+        a, b = getattr(got, field), getattr(want, field)
+        assert a.shape == () and a.dtype == b.dtype and a.device == b.device, field
+    assert int(got.status) == int(want.status)
+    assert int(got.at_boundary) == int(want.at_boundary)
+    assert float(got.num_tokens) == float(want.num_tokens)
+    if int(want.status) != FITTED:
+        for field in ("q", "r", "ratio"):
+            assert float(getattr(got, field)) == float(getattr(want, field)), field
+        assert math.isnan(float(got.log_likelihood)) and math.isnan(float(got.drift_evidence))
+        return
+    assert float(got.log_likelihood) >= float(want.log_likelihood) - 1e-9
+    assert float(got.log_likelihood) == pytest.approx(float(want.log_likelihood), abs=1e-6)
+    assert float(got.ratio) == pytest.approx(float(want.ratio), rel=ratio_rel)
+    assert float(got.r) == pytest.approx(float(want.r), rel=ratio_rel)
+    assert float(got.q) == pytest.approx(float(got.ratio) * float(got.r), rel=1e-12)
+    tolerance = 1e-6 + float(got.num_tokens) * abs(float(got.log_likelihood) - float(want.log_likelihood))
+    assert float(got.drift_evidence) == pytest.approx(float(want.drift_evidence), rel=1e-6, abs=tolerance)
+
+
+def both(z, mask=None, **options):
+    """(Triton, torch) fits of the same data; the inputs untouched."""
+    before = (z.clone(), None if mask is None else mask.clone())
+    got = estimate_noise(z, mask, backend=POISONED, **options)
+    want = estimate_noise(z, mask, backend="torch", **options)
+    assert torch.equal(z.nan_to_num(), before[0].nan_to_num()) and (mask is None or torch.equal(mask, before[1]))
+    return got, want
+
+
+@pytest.mark.parametrize("p0", [0.0, math.inf])
+@pytest.mark.parametrize("q, r", [(1e-4, 1.0), (1e-6, 1e-2), (0.0, 1e-2), (3.0, 1e-2)])
+def test_matches_the_torch_search(q, r, p0):
+    """Drift, little drift, none (a flat profile: the lower end) and a walk that swamps the noise."""
+    z, mask = simulate(6, 40, 300, q, r, seed=11, dtype=torch.float32)
+    got, want = both(z.to(DEVICE), mask.to(DEVICE), p0=p0)
+    assert int(want.status) == FITTED
+    assert_same_fit(got, want)
+
+
+def test_the_ends_of_q_range():
+    """A range whose lower end binds (no drift) and one whose upper end binds (strong drift)."""
+    z, mask = simulate(4, 100, 200, 0.0, 1e-2, seed=3, dtype=torch.float32)
+    got, want = both(z.to(DEVICE), mask.to(DEVICE), q_range=(1e-3, 1e2))
+    assert int(want.at_boundary) == -1 and float(got.ratio) == 1e-3
+    assert_same_fit(got, want)
+    z, mask = simulate(4, 100, 200, 1e-1, 1e-3, seed=3, dtype=torch.float32)
+    got, want = both(z.to(DEVICE), mask.to(DEVICE), q_range=(1e-8, 1e-4))
+    assert int(want.at_boundary) == 1 and float(got.ratio) == 1e-4
+    assert_same_fit(got, want)
+
+
+def test_fallbacks():
+    """On-policy (every log-ratio 0), too few tokens and a NaN at a valid token: the fallback Q
+    and R, the status saying why."""
+    z, mask = simulate(3, 50, 80, 1e-4, 1e-2, seed=5, dtype=torch.float32)
+    z, mask = z.to(DEVICE), mask.to(DEVICE)
+    cases = {
+        ON_POLICY: (torch.zeros_like(z), mask, {}),
+        FEW_TOKENS: (z, mask, {"min_tokens": 10_000}),
+        NOT_FINITE: (torch.where(mask, z, 0.0).index_put_((torch.tensor(0), torch.tensor(7)), torch.tensor(math.nan)), mask, {}),
+    }
+    for status, (data, valid, options) in cases.items():
+        got, want = both(data, valid, fallback=(2e-6, 0.5), **options)
+        assert int(want.status) == status
+        assert_same_fit(got, want)
+        assert float(got.q) == 2e-6 and float(got.r) == 0.5
+
+
+def test_packed_and_subsampled():
+    """Packed sequences under a token budget: every k-th sequence, a strided view of the lengths."""
+    z, mask = simulate(9, 20, 120, 1e-4, 1e-2, seed=8, dtype=torch.float32)
+    lengths = mask.sum(1)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(DEVICE)
+    packed = z[mask].to(DEVICE)
+    got, want = both(packed, cu_seqlens=cu, max_tokens=packed.numel() // 3)
+    assert_same_fit(got, want)
+
+
+def test_float64_runs_the_exact_search():
+    """float64 log-ratios keep every coefficient and the exact profile: the torch search runs
+    on any backend, so the results are identical."""
+    z, mask = simulate(4, 40, 90, 1e-4, 1e-2, seed=2)
+    got, want = both(z.to(DEVICE), mask.to(DEVICE))
+    for field in FIELDS:
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+
+
+def test_backend_is_checked():
+    with pytest.raises(ValueError, match="backend"):
+        estimate_noise(torch.zeros(2, 8), backend="cuda")
+
+
+@settings(max_examples=examples(24), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**16),
+    rows=st.integers(1, 5),
+    longest=st.integers(1, 150),
+    log_q=st.floats(-12, 1),
+    p0=st.sampled_from([0.0, math.inf]),
+    holes=st.booleans(),
+)
+def test_random_batches(seed, rows, longest, log_q, p0, holes):
+    """Any small batch, ragged, with holes or not, drift from none to strong: as the reference."""
+    z, mask = simulate(rows, 1, longest, 10.0**log_q, 1e-2, seed, dtype=torch.float32)
+    if holes:
+        mask = mask & (torch.rand(mask.shape, generator=torch.Generator().manual_seed(seed)) > 0.25)
+    got, want = both(z.to(DEVICE), mask.to(DEVICE), p0=p0, min_tokens=4)
+    assert_same_fit(got, want, ratio_rel=0.05)
