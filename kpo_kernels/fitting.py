@@ -129,10 +129,13 @@ def estimate_noise(
             step = -(-z.numel() // max_tokens)
             z, lengths = z[::step], lengths[::step]
         diffuse = p0 == math.inf
-        count = (lengths - 1).clamp(min=0) if diffuse else lengths
         exact = z.dtype == torch.float64  # the exact profile at the end reads every coefficient
-        y2_total, moments, y2, lam = spectral_sums(z, lengths, diffuse=diffuse, bins=bin_count(z.shape[1], group), keep=exact)
-        totals = torch.cat([torch.stack([count.sum().to(torch.float64), y2_total]), moments.reshape(-1)])
+        bins = bin_count(z.shape[1], group)
+        totals, y2, lam = None if exact else impl.noise_moments(z, lengths, diffuse=diffuse, bins=bins), None, None
+        if totals is None:
+            y2_total, moments, y2, lam = spectral_sums(z, lengths, diffuse=diffuse, bins=bins, keep=exact)
+            count = (lengths - 1).clamp(min=0) if diffuse else lengths
+            totals = torch.cat([torch.stack([count.sum().to(torch.float64), y2_total]), moments.reshape(-1)])
         totals = all_reduce(totals, group)
         settings = dict(diffuse=diffuse, low=low, high=high, min_tokens=min_tokens, fallback=(fallback_q, fallback_r))
         found = impl.noise_search(totals, lengths, **settings) if group is None and y2 is None else None

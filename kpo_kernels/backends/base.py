@@ -78,6 +78,13 @@ class Backend:
         cu_seqlens (None when padded)."""
         raise NotImplementedError
 
+    def noise_moments(self, z, lengths, *, diffuse, bins):
+        """`estimate_noise`'s transform: the float64 `totals` (2 + 3 bins,) of its search
+        (kpo_kernels/fit_search.py) from the (S, T) float32 sequences z and their lengths
+        (fit_spectrum.sequences), or None to let the caller run the torch transform
+        (fit_spectrum.spectral_sums). This default: None."""
+        return None
+
     def noise_search(self, totals, lengths, *, diffuse, low, high, min_tokens, fallback):
         """`estimate_noise`'s search over the ratio, as a `NoiseEstimate`, or None to let the
         caller run the torch search (kpo_kernels/fit_search.py describes the arguments; called

@@ -6,9 +6,6 @@ import math
 import torch
 
 from .. import tables
-from ..fit_search import GRID as SEARCH_GRID
-from ..fit_search import STAGES as SEARCH_STAGES
-from ..fit_search import NoiseEstimate
 from ..gains import saturation_index
 from ..options import METRIC_NAMES
 from ..state import ChunkMaps
@@ -30,19 +27,14 @@ from .triton_launch import (  # noqa: F401 (facts of the backend that tests and 
     _IMPORT_ERROR,
     _pow2_at_least,
     _SAME_SIZE_INT,
-    float64_parts,
-    float64_parts_fit,
     kernels,
     triton_import_error,
 )
-
-# The noise search: one program of 8 warps (its SM's only work: more warps hide the latency of
-# its dependent float64 chains), per step of its loops (16 ratios each) 128 bins (8 float32
-# terms a thread) or 32 sequences (float64 transcendentals; little waste on a few rows).
-SEARCH_BINS, SEARCH_SEQUENCES, SEARCH_WARPS = 128, 32, 8
+from .triton_noise import NoiseFitLaunch
 
 
-class TritonBackend(LaunchPlan, Backend):
+
+class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
     """The fused Triton kernels: pass an instance as `backend=` to choose their launch settings.
 
     `backend="triton"` (or "auto" on CUDA) uses `TritonBackend()`, the tuned defaults. Runs on
@@ -97,25 +89,6 @@ class TritonBackend(LaunchPlan, Backend):
     def __repr__(self):
         return f"TritonBackend(block_size={self.block_size}, tile_size={self.tile_size}, num_warps={self.num_warps})"
 
-    def noise_search(self, totals, lengths, *, diffuse, low, high, min_tokens, fallback):
-        """The whole search in one program (triton_fit.noise_search_kernel); None (the torch
-        search) for settings beyond float32's range, which its float64 settings pass through."""
-        settings = (math.log(low), math.log(high), low, high, *fallback)
-        if not all(float64_parts_fit(value) for value in settings):
-            return None
-        device = totals.device
-        result, codes = self._empty((6,), torch.float64, device), self._empty((2,), torch.int64, device)
-        kernels.noise_search_kernel[(1,)](
-            totals, (totals.shape[0] - 2) // 3, lengths, lengths.shape[0], lengths.stride(0), result, codes, min_tokens,
-            *(part for value in settings for part in float64_parts(value)),
-            DIFFUSE=diffuse, GRID=SEARCH_GRID, STAGES=SEARCH_STAGES, BLOCK_S=SEARCH_SEQUENCES, BLOCK_B=SEARCH_BINS,
-            num_warps=SEARCH_WARPS,
-        )
-        return NoiseEstimate(
-            q=result[0], r=result[1], ratio=result[2], log_likelihood=result[3], drift_evidence=result[4],
-            at_boundary=codes[0], num_tokens=result[5], status=codes[1],
-        )
-
     def prepare(self, length, q, r, p0, device):
         tables.gain_table(length, q, r, p0, device, torch.float32)
         tables.variance_ratio_table(length, q, r, p0, device, torch.float32)
@@ -142,7 +115,7 @@ class TritonBackend(LaunchPlan, Backend):
 
     def _empty(self, shape, dtype, device):
         if self.poison:
-            poison = float("nan") if dtype.is_floating_point else max(-(2**30), torch.iinfo(dtype).min)
+            poison = float("nan") if dtype.is_floating_point or dtype.is_complex else max(-(2**30), torch.iinfo(dtype).min)
             return torch.full(shape, poison, dtype=dtype, device=device)
         return torch.empty(shape, dtype=dtype, device=device)
 

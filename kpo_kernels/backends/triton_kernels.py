@@ -29,13 +29,13 @@ Math in float32 whatever the input dtype. NaN propagates through every `where` o
 
 The kernels live in five modules by job: `triton_common` (constants, the scan, diagnostics and
 layout helpers), `triton_tiles` (passes 1 and 2, the tile table, the filter), `triton_loss` (the
-fused forward and backward), `triton_finalize` and `triton_fit` (the noise fit's search). This module is the one namespace the
+fused forward and backward), `triton_finalize` and `triton_fit` (the noise fit's transform and search). This module is the one namespace the
 launcher (triton_backend.py) and the tools that record its launches use.
 """
 
 from .triton_common import AGG_CODES
 from .triton_finalize import kpo_loss_finalize_kernel
-from .triton_fit import noise_search_kernel
+from .triton_fit import fit_bins_kernel, fit_chirp_kernel, fit_coefficients_kernel, noise_search_kernel
 from .triton_loss import kpo_loss_bwd_kernel, kpo_loss_fwd_kernel
 from .triton_tiles import (
     chunk_maps_kernel,
@@ -48,6 +48,9 @@ from .triton_tiles import (
 __all__ = [
     "AGG_CODES",
     "chunk_maps_kernel",
+    "fit_bins_kernel",
+    "fit_chirp_kernel",
+    "fit_coefficients_kernel",
     "kalman_filter_kernel",
     "kpo_loss_bwd_kernel",
     "kpo_loss_finalize_kernel",

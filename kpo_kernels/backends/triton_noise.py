@@ -1,0 +1,88 @@
+"""The Triton backend's noise fit (`estimate_noise` on the Triton backend): the launches of the
+kernels of triton_fit.py, mixed into `TritonBackend` as `NoiseFitLaunch`.
+
+One micro-batch's fit: `fit_chirp_kernel`, torch's FFT, product and inverse FFT (cuFFT on a
+GPU), `fit_coefficients_kernel`, `fit_bins_kernel` (the float64 sums the fit needs, in the
+layout of fit_search: `totals`), then `noise_search_kernel`: about eight launches where the torch
+operations take some 120.
+"""
+
+import functools
+import math
+
+import torch
+
+from ..fit_search import GRID as SEARCH_GRID
+from ..fit_search import STAGES as SEARCH_STAGES
+from ..fit_search import NoiseEstimate
+from ..fit_spectrum import BIN_TOP, BIN_WIDTH, fft_length
+from .triton_launch import float64_parts, float64_parts_fit, kernels
+
+# The noise search: one program of 8 warps (its SM's only work: more warps hide the latency of
+# its dependent float64 chains), per step of its loops (16 ratios each) 128 bins (8 float32
+# terms a thread) or 32 sequences (float64 transcendentals; little waste on a few rows).
+SEARCH_BINS, SEARCH_SEQUENCES, SEARCH_WARPS = 128, 32, 8
+TRANSFORM_BLOCK = 1024  # positions or coefficients a program step of the transform's kernels
+BIN_BLOCK = 128  # bins a program of fit_bins_kernel
+
+
+@functools.lru_cache(maxsize=32)
+def _edge_angles(bins, device):
+    """asin(exp(e_i / 2) / 2) of the bin edges e_i = TOP - i W, i = 1..bins - 1 (float64, on
+    `device`; made there by torch once per size, then cached: no host copy)."""
+    edges = BIN_TOP - torch.arange(1, max(bins, 2), device=device, dtype=torch.float64) * BIN_WIDTH
+    return torch.asin(torch.exp(0.5 * edges).mul_(0.5).clamp_(max=1.0))
+
+
+class NoiseFitLaunch:
+    """`Backend.noise_moments` and `Backend.noise_search` on Triton kernels."""
+
+    def noise_moments(self, z, lengths, *, diffuse, bins):
+        """The transform and its binned moments (fit_spectrum.spectral_sums, one bucket of
+        every row) as `totals` (fit_search), float64 (2 + 3 bins,)."""
+        rows, width = z.shape
+        device = z.device
+        inputs = max(width - 1, 0) if diffuse else width
+        totals = self._empty((2 + 3 * bins,), torch.float64, device)
+        if rows == 0 or inputs == 0:  # no coefficient at all: the fallback statuses follow from zeros
+            return totals.zero_()
+        size = fft_length(2 * inputs)
+        both = self._empty((2, rows, size), torch.complex64, device)
+        grid = (rows, -(-size // TRANSFORM_BLOCK))
+        kernels.fit_chirp_kernel[grid](
+            z, z.stride(0), z.stride(1), lengths, lengths.stride(0), torch.view_as_real(both), rows, size, inputs,
+            DIFFUSE=diffuse, BLOCK=TRANSFORM_BLOCK, num_warps=4,
+        )
+        spectra = torch.fft.fft(both)
+        conv = torch.fft.ifft(spectra[0].mul_(spectra[1]), norm="forward")  # size times the circular convolution
+        prefix = self._empty((3, rows, inputs + 1), torch.float64, device)
+        scale = (2.0 if diffuse else 4.0) / float(size) ** 2
+        kernels.fit_coefficients_kernel[(rows,)](
+            torch.view_as_real(conv), lengths, lengths.stride(0), prefix, rows, size, inputs, scale,
+            DIFFUSE=diffuse, BLOCK=TRANSFORM_BLOCK, num_warps=4,
+        )
+        kernels.fit_bins_kernel[(-(-bins // BIN_BLOCK),)](
+            prefix, _edge_angles(bins, device), lengths, lengths.stride(0), totals, rows, inputs, bins,
+            DIFFUSE=diffuse, BLOCK=BIN_BLOCK, num_warps=4,
+        )
+        return totals
+
+    def noise_search(self, totals, lengths, *, diffuse, low, high, min_tokens, fallback):
+        """The whole search in one program (triton_fit.noise_search_kernel); None (the torch
+        search) for settings beyond float32's range, which its float64 settings pass through."""
+        settings = (math.log(low), math.log(high), low, high, *fallback)
+        if not all(float64_parts_fit(value) for value in settings):
+            return None
+        device = totals.device
+        result, codes = self._empty((6,), torch.float64, device), self._empty((2,), torch.int64, device)
+        kernels.noise_search_kernel[(1,)](
+            totals, (totals.shape[0] - 2) // 3, lengths, lengths.shape[0], lengths.stride(0), result, codes, min_tokens,
+            *(part for value in settings for part in float64_parts(value)),
+            DIFFUSE=diffuse, GRID=SEARCH_GRID, STAGES=SEARCH_STAGES, BLOCK_S=SEARCH_SEQUENCES, BLOCK_B=SEARCH_BINS,
+            num_warps=SEARCH_WARPS,
+        )
+        return NoiseEstimate(
+            q=result[0], r=result[1], ratio=result[2], log_likelihood=result[3], drift_evidence=result[4],
+            at_boundary=codes[0], num_tokens=result[5], status=codes[1],
+        )
+
