@@ -109,112 +109,85 @@ def _profile(u, totals_ptr, bins, lengths_ptr, sequences, lengths_stride, DIFFUS
     moments: the quadratic part is the sum over bins of (m0 - s m1 + s (2s - 1) m2 / 2) w,
     w = 1 / (c + q), s = c w (fit_spectrum.binned_quadratic)."""
     q = tl.exp(u)
-    quadratic = tl.zeros(u.shape, dtype=tl.float64)
+    terms = tl.zeros([u.shape[0], BLOCK_B], dtype=tl.float64)  # summed over the bins after the loop
     for start in range(0, bins, BLOCK_B):
         m0, m1, m2, centre = _moments(totals_ptr, bins, start + tl.arange(0, BLOCK_B))
         w = 1.0 / (centre[None, :] + q[:, None])
         s = centre[None, :] * w
-        quadratic += tl.sum((m0[None, :] - s * m1[None, :] + 0.5 * s * (2.0 * s - 1.0) * m2[None, :]) * w, 1)
+        terms += (m0[None, :] - s * m1[None, :] + 0.5 * s * (2.0 * s - 1.0) * m2[None, :]) * w
+    quadratic = tl.sum(terms, 1)
     per = tl.maximum(tl.load(totals_ptr), 1.0)
     log_det = _log_determinant(q, lengths_ptr, sequences, lengths_stride, DIFFUSE, BLOCK_S)
     return -0.5 * (tl.full([], _LOG_2PI, tl.float64) + tl.log(quadratic / per) + log_det / per + 1.0), quadratic / per
 
 
 @triton.jit
-def _profile_change(u, totals_ptr, bins, lengths_ptr, sequences, lengths_stride, DIFFUSE: tl.constexpr,
-                    BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
-    """The profile at the ratios exp(u) less its value at exp(u[0]): what the search ranks.
-
-    Each bin's quadratic term changes from q0 = exp(u[0]) to q by, exactly,
-    (q0 - q) w w0 (m0 - m1 (s + s0) + m2 (s^2 + s s0 + s0^2 - (s + s0) / 2)), s = c w, s0 = c w0,
-    = (q0 - q) w (alpha s^2 + beta s + gamma) with per-bin alpha, beta, gamma (float64, then
-    float32). In float32 this keeps float32's relative precision *of the change*, so that ratios
-    whose profiles differ by 1e-12 of their value (a flat profile: no drift) rank as in float64,
-    at float32's cost. The sum at q0 (the reference) and the log-determinants are float64."""
-    q = tl.exp(u)
-    index = tl.arange(0, u.shape[0])
-    q0 = _pick(q, index, 0)
-    ratio = q.to(tl.float32)
-    change = tl.zeros([u.shape[0], BLOCK_B], dtype=tl.float32)  # summed over bins after the loop
-    reference = tl.zeros([BLOCK_B], dtype=tl.float64)
-    for start in range(0, bins, BLOCK_B):
-        m0, m1, m2, centre = _moments(totals_ptr, bins, start + tl.arange(0, BLOCK_B))
-        w0 = 1.0 / (centre + q0)
-        s0 = centre * w0
-        reference += (m0 - s0 * m1 + 0.5 * s0 * (2.0 * s0 - 1.0) * m2) * w0
-        alpha = (m2 * w0).to(tl.float32)[None, :]
-        beta = ((m2 * (s0 - 0.5) - m1) * w0).to(tl.float32)[None, :]
-        gamma = ((m0 - m1 * s0 + m2 * s0 * (s0 - 0.5)) * w0).to(tl.float32)[None, :]
-        c = centre.to(tl.float32)[None, :]
-        w = 1.0 / (c + ratio[:, None])
-        s = c * w
-        change += w * ((alpha * s + beta) * s + gamma)
-    change = (q0 - q) * tl.sum(change, 1).to(tl.float64)
-    per = tl.maximum(tl.load(totals_ptr), 1.0)
-    log_det = _log_determinant(q, lengths_ptr, sequences, lengths_stride, DIFFUSE, BLOCK_S)
-    return -0.5 * (_log1p(change / tl.sum(reference, 0)) + (log_det - _pick(log_det, index, 0)) / per)
+def _grid_point(i, lower, upper, POINTS: tl.constexpr):
+    """u at grid point i: POINTS evenly spaced from lower to upper, both ends exact."""
+    u = lower + (upper - lower) * (i.to(tl.float64) / (POINTS - 1))
+    return tl.where(i == POINTS - 1, upper, u)
 
 
 @triton.jit
 def noise_search_kernel(
-    totals_ptr, bins, lengths_ptr, sequences, lengths_stride, result_ptr, codes_ptr, min_tokens,
+    totals_ptr, bins, lengths_ptr, sequences, lengths_stride, values_ptr, finished_ptr, result_ptr, codes_ptr,
+    min_tokens,
     lower0, lower1, lower2, upper0, upper1, upper2, low0, low1, low2, high0, high1, high2,
     fallback_q0, fallback_q1, fallback_q2, fallback_r0, fallback_r1, fallback_r2,
-    DIFFUSE: tl.constexpr, GRID: tl.constexpr, STAGES: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr,
+    DIFFUSE: tl.constexpr, POINTS: tl.constexpr, RATIOS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    """One program. result: [q, r, ratio, log_likelihood, drift_evidence, num_tokens] float64;
-    codes: [at_boundary, status] int64 (fitting.NoiseEstimate; status codes FITTED 0,
-    ON_POLICY 1, FEW_TOKENS 2, NOT_FINITE 3). Each float64 setting comes as three float32 parts
+    """Grid (POINTS / RATIOS,). Each program evaluates the binned profile and R (float64, as the
+    reference's) at RATIOS points of a grid of POINTS over [lower, upper] in u = log q, into
+    `values` (2, POINTS); the last program to finish (an atomic count in `finished`, zero before
+    the launch: its release and acquire order the values' stores before their loads) takes the
+    first best point (ranked as torch.nan_to_num(values, nan=-inf) would be) and writes the
+    result. result: [q, r, ratio, log_likelihood, drift_evidence, num_tokens] float64; codes:
+    [at_boundary, status] int64 (fitting.NoiseEstimate; status FITTED 0, ON_POLICY 1,
+    FEW_TOKENS 2, NOT_FINITE 3). Each float64 setting comes as three float32 parts
     (triton_launch.float64_parts)."""
     lower = _float64(lower0, lower1, lower2)
     upper = _float64(upper0, upper1, upper2)
-    low = _float64(low0, low1, low2)
-    high = _float64(high0, high1, high2)
-    fallback_q = _float64(fallback_q0, fallback_q1, fallback_q2)
-    fallback_r = _float64(fallback_r0, fallback_r1, fallback_r2)
-    largest = tl.full([], _DBL_MAX, tl.float64)
-    index = tl.arange(0, GRID)
-    steps = index.to(tl.float64) / (GRID - 1)
-    a = lower
-    b = upper
-    u = a + (b - a) * steps
-    values = tl.zeros([GRID], dtype=tl.float64)
-    best = tl.argmax(values, 0)
-    spacing = (b - a) / (GRID - 1)
-    for _ in range(STAGES):
-        u = a + (b - a) * steps
-        values = _profile_change(u, totals_ptr, bins, lengths_ptr, sequences, lengths_stride, DIFFUSE, BLOCK_S, BLOCK_B)
-        # as torch.nan_to_num(values, nan=-inf): infinities become the largest finite numbers
-        values = tl.where(values != values, -float("inf"),
-                          tl.where(values > largest, largest, tl.where(values < -largest, -largest, values)))
-        best = tl.argmax(values, 0, tie_break_left=True)
-        spacing = (b - a) / (GRID - 1)
-        centre = _pick(u, index, best)
-        a = tl.maximum(centre - spacing, lower)
-        b = tl.minimum(centre + spacing, upper)
-    # a parabola through the best point of the last grid and its neighbours
-    middle = tl.minimum(tl.maximum(best, 1), GRID - 2)
-    left = _pick(values, index, middle - 1)
-    mid = _pick(values, index, middle)
-    right = _pick(values, index, middle + 1)
-    curvature = left - 2.0 * mid + right
-    offset = tl.where(curvature < 0, 0.5 * (left - right) / curvature, 0.0)
-    offset = tl.where(offset > 1.0, 1.0, tl.where(offset < -1.0, -1.0, offset))  # NaN stays NaN, as clamp
-    candidate = _pick(u, index, middle) + offset * spacing
-    inside = (best > 0) & (best < GRID - 1)
-    u_best = tl.where(inside, candidate, _pick(u, index, best))
-    at_lower = u_best <= lower
-    at_upper = u_best >= upper
+    index = tl.program_id(0) * RATIOS + tl.arange(0, RATIOS)
+    values, r_hat = _profile(_grid_point(index, lower, upper, POINTS), totals_ptr, bins, lengths_ptr, sequences,
+                             lengths_stride, DIFFUSE, BLOCK_S, BLOCK_B)
+    tl.store(values_ptr + index, values)
+    tl.store(values_ptr + POINTS + index, r_hat)
+    if tl.atomic_add(finished_ptr, 1) == tl.num_programs(0) - 1:
+        _finish(values_ptr, totals_ptr, result_ptr, codes_ptr, min_tokens, lower, upper,
+                _float64(low0, low1, low2), _float64(high0, high1, high2),
+                _float64(fallback_q0, fallback_q1, fallback_q2), _float64(fallback_r0, fallback_r1, fallback_r2),
+                POINTS, BLOCK_F)
 
-    # the profile and R at the chosen ratio and at the lower end, float64 throughout
-    pair = tl.arange(0, 2)
-    ends = tl.where(pair == 0, u_best, lower)
-    exact, r_hat = _profile(ends, totals_ptr, bins, lengths_ptr, sequences, lengths_stride, DIFFUSE, BLOCK_S, BLOCK_B)
-    l_best = _pick(exact, pair, 0)
-    l_lower = _pick(exact, pair, 1)
-    r_best = _pick(r_hat, pair, 0)
-    ratio = tl.where(at_lower, low, tl.where(at_upper, high, tl.exp(u_best)))
+
+@triton.jit
+def _ranked(values):
+    """As torch.nan_to_num(values, nan=-inf): NaN ranks lowest, infinities as the largest
+    finite numbers."""
+    largest = tl.full([], _DBL_MAX, tl.float64)
+    return tl.where(values != values, -float("inf"),
+                    tl.where(values > largest, largest, tl.where(values < -largest, -largest, values)))
+
+
+@triton.jit
+def _finish(values_ptr, totals_ptr, result_ptr, codes_ptr, min_tokens, lower, upper, low, high, fallback_q, fallback_r,
+            POINTS: tl.constexpr, BLOCK_F: tl.constexpr):
+    """The last program's part of noise_search_kernel, from every grid point's profile and R."""
+    best_value = _ranked(tl.load(values_ptr, volatile=True))
+    best = tl.zeros([], dtype=tl.int32)
+    for start in range(0, POINTS, BLOCK_F):
+        block = _ranked(tl.load(values_ptr + start + tl.arange(0, BLOCK_F), volatile=True))
+        top = tl.max(block, 0)
+        where = start + tl.argmax(block, 0, tie_break_left=True)
+        better = top > best_value  # strictly: the first best point, as torch.argmax
+        best = tl.where(better, where, best)
+        best_value = tl.where(better, top, best_value)
+    l_best = tl.load(values_ptr + best, volatile=True)
+    r_best = tl.load(values_ptr + POINTS + best, volatile=True)
+    l_lower = tl.load(values_ptr, volatile=True)
+    at_lower = best == 0
+    at_upper = best == POINTS - 1
+    ratio = tl.where(at_lower, low, tl.where(at_upper, high, tl.exp(_grid_point(best, lower, upper, POINTS))))
 
     tokens = tl.load(totals_ptr)
     quadratic_total = tl.load(totals_ptr + 1)

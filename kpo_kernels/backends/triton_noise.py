@@ -12,16 +12,17 @@ import math
 
 import torch
 
-from ..fit_search import GRID as SEARCH_GRID
-from ..fit_search import STAGES as SEARCH_STAGES
 from ..fit_search import NoiseEstimate
 from ..fit_spectrum import BIN_TOP, BIN_WIDTH, fft_length
-from .triton_launch import float64_parts, float64_parts_fit, kernels
+from .triton_launch import INTERPRETED, float64_parts, float64_parts_fit, kernels
 
-# The noise search: one program of 8 warps (its SM's only work: more warps hide the latency of
-# its dependent float64 chains), per step of its loops (16 ratios each) 128 bins (8 float32
-# terms a thread) or 32 sequences (float64 transcendentals; little waste on a few rows).
-SEARCH_BINS, SEARCH_SEQUENCES, SEARCH_WARPS = 128, 32, 8
+# The noise search on the Triton backend: the binned profile at SEARCH_POINTS ratios evenly spaced
+# in log q (0.0135 apart over q_range's default 12 decades), SEARCH_RATIOS a program (128
+# programs: about one an SM), then a parabola through the best (triton_fit.noise_search_kernel).
+SEARCH_POINTS, SEARCH_RATIOS, SEARCH_WARPS = 2048, 8, 4
+if INTERPRETED:  # the same points and values in fewer, wider programs: numpy's cost is per operation
+    SEARCH_RATIOS = 256
+SEARCH_BINS, SEARCH_SEQUENCES, SEARCH_FINISH = 64, 32, 512  # per step of its loops
 TRANSFORM_BLOCK = 1024  # positions or coefficients a program step of the transform's kernels
 BIN_BLOCK = 128  # bins a program of fit_bins_kernel
 
@@ -68,18 +69,20 @@ class NoiseFitLaunch:
         return totals
 
     def noise_search(self, totals, lengths, *, diffuse, low, high, min_tokens, fallback):
-        """The whole search in one program (triton_fit.noise_search_kernel); None (the torch
-        search) for settings beyond float32's range, which its float64 settings pass through."""
+        """The search on a dense grid in one launch (triton_fit.noise_search_kernel); None (the
+        torch search) for settings beyond float32's range, which its float64 settings pass through."""
         settings = (math.log(low), math.log(high), low, high, *fallback)
         if not all(float64_parts_fit(value) for value in settings):
             return None
         device = totals.device
         result, codes = self._empty((6,), torch.float64, device), self._empty((2,), torch.int64, device)
-        kernels.noise_search_kernel[(1,)](
-            totals, (totals.shape[0] - 2) // 3, lengths, lengths.shape[0], lengths.stride(0), result, codes, min_tokens,
-            *(part for value in settings for part in float64_parts(value)),
-            DIFFUSE=diffuse, GRID=SEARCH_GRID, STAGES=SEARCH_STAGES, BLOCK_S=SEARCH_SEQUENCES, BLOCK_B=SEARCH_BINS,
-            num_warps=SEARCH_WARPS,
+        values = self._empty((2, SEARCH_POINTS), torch.float64, device)  # profile and R
+        finished = torch.zeros(1, dtype=torch.int32, device=device)
+        kernels.noise_search_kernel[(SEARCH_POINTS // SEARCH_RATIOS,)](
+            totals, (totals.shape[0] - 2) // 3, lengths, lengths.shape[0], lengths.stride(0), values, finished, result,
+            codes, min_tokens, *(part for value in settings for part in float64_parts(value)),
+            DIFFUSE=diffuse, POINTS=SEARCH_POINTS, RATIOS=SEARCH_RATIOS, BLOCK_S=SEARCH_SEQUENCES, BLOCK_B=SEARCH_BINS,
+            BLOCK_F=SEARCH_FINISH, num_warps=SEARCH_WARPS,
         )
         return NoiseEstimate(
             q=result[0], r=result[1], ratio=result[2], log_likelihood=result[3], drift_evidence=result[4],
