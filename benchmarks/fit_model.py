@@ -45,7 +45,7 @@ from .static_model import ISSUE_EFFICIENCY, LAUNCH_US, MACHINES
 
 # bare allocations; and Python numbers wrapped as 0-dim CPU tensors (torch.where(mask, x, 0.0))
 NO_KERNEL = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default", "aten.scalar_tensor.default"}
-FIT_KERNELS = ("fit_chirp_kernel", "fit_coefficients_kernel", "fit_bins_kernel", "noise_search_kernel")
+FIT_KERNELS = ("fit_layout_kernel", "fit_chirp_kernel", "fit_coefficients_kernel", "fit_bins_kernel", "noise_search_kernel")
 FLOAT64_WARP_INSTRUCTIONS_PER_CYCLE = 2  # 64 float64 lanes an SM (H100, H200)
 FLOAT64_OPCODES = ("DFMA", "DADD", "DMUL", "DSETP", "DMNMX")
 FFT_PASSES = 2  # a batched complex FFT of a few thousand points: about two passes over its data (assumed)

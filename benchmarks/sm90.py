@@ -33,6 +33,7 @@ KERNELS = (
     "tile_aggregate_kernel",
     "tile_offsets_kernel",
     "chunk_maps_kernel",
+    "fit_layout_kernel",
     "fit_chirp_kernel",
     "fit_coefficients_kernel",
     "fit_bins_kernel",

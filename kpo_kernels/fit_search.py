@@ -20,8 +20,8 @@ import torch
 
 from .fit_spectrum import bin_centres, binned_quadratic, log_determinant
 
-GRID = 64  # ratios per stage
-STAGES = 2  # grid spacing after the last stage: (log range) / 15 * (2 / 15)^3, 4e-3 in log q over 12 decades
+GRID = 16  # ratios per stage
+STAGES = 4  # grid spacing after the last stage: (log range) / 15 * (2 / 15)^3, 4e-3 in log q over 12 decades
 
 # status codes of a NoiseEstimate
 FITTED, ON_POLICY, FEW_TOKENS, NOT_FINITE = 0, 1, 2, 3

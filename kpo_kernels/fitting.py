@@ -124,10 +124,14 @@ def estimate_noise(
         if max_tokens is not None and cu_seqlens is None and log_ratio.numel() > max_tokens:  # padded: rows first
             step = -(-log_ratio.numel() // max_tokens)
             log_ratio, mask = log_ratio[::step], None if mask is None else mask[::step]
-        z, lengths = sequences(log_ratio, mask, cu_seqlens, mask_mode, x0)
-        if max_tokens is not None and cu_seqlens is not None and z.numel() > max_tokens:  # packed: sequences as rows
-            step = -(-z.numel() // max_tokens)
-            z, lengths = z[::step], lengths[::step]
+        laid_out = None if log_ratio.dtype == torch.float64 else impl.noise_layout(log_ratio, mask, cu_seqlens, mask_mode, x0, max_tokens)
+        if laid_out is not None:
+            z, lengths = laid_out
+        else:
+            z, lengths = sequences(log_ratio, mask, cu_seqlens, mask_mode, x0)
+            if max_tokens is not None and cu_seqlens is not None and z.numel() > max_tokens:  # packed: sequences as rows
+                step = -(-z.numel() // max_tokens)
+                z, lengths = z[::step], lengths[::step]
         diffuse = p0 == math.inf
         exact = z.dtype == torch.float64  # the exact profile at the end reads every coefficient
         bins = bin_count(z.shape[1], group)

@@ -147,6 +147,9 @@ def cases():
         yield f"fit-search-p0-{p0}", (lambda p0=p0: kpo_kernels.estimate_noise(log_ratio, mask, p0=p0, backend="triton"))
     lengths = mask.sum(1)
     cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    yield "fit-search-position-bf16", (
+        lambda: kpo_kernels.estimate_noise(log_ratio.to(torch.bfloat16), mask.float(), mask_mode="position", x0=0.1, backend="triton")
+    )
     yield "fit-search-packed-budget", (
         lambda: kpo_kernels.estimate_noise(log_ratio[mask], cu_seqlens=cu, max_tokens=700, backend="triton")
     )

@@ -85,6 +85,41 @@ def test_search_kernel_matches_the_torch_search(q, r, p0):
     assert_same_fit(got, want)
 
 
+@pytest.mark.parametrize("mask_mode", ["skip", "position"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_layout_kernel_matches_the_torch_layout(dtype, mask_mode):
+    """Each sequence's log-ratios less x0 (fit_spectrum.sequences), bitwise, and its length: a
+    fully masked row, bool and 0/1 float masks, NaN under the mask, strided and transposed views,
+    packed sequences of 0 to 17 tokens (int32 or int64 offsets) and under a token budget; what
+    follows a sequence's tokens is never written (NaN-poisoned here) nor read."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 37, generator=gen).to(dtype)
+    mask = torch.rand(5, 37, generator=gen) > 0.3
+    mask[2] = False
+    x = torch.where(mask, x, torch.tensor(math.nan, dtype=dtype))
+    lengths = torch.tensor([0, 5, 1, 17, 9])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    flat = torch.randn(int(cu[-1]), generator=gen).to(dtype)
+    flat_mask = torch.rand(int(cu[-1]), generator=gen) > 0.2
+    cases = [
+        (x, mask, None, None), (x, None, None, None), (x, mask.float(), None, None),
+        (x.t().contiguous().t(), mask, None, None), (x[:, ::2], mask[:, ::2], None, None),
+        (flat, flat_mask, cu, None), (flat, None, cu.to(torch.int32), None), (flat, flat_mask, cu, 30),
+    ]
+    for x0 in (0.0, 0.3):
+        for values, valid, offsets, budget in cases:
+            values, valid = values.to(DEVICE), None if valid is None else valid.to(DEVICE)
+            offsets = None if offsets is None else offsets.to(DEVICE)
+            got_z, got_n = POISONED.noise_layout(values, valid, offsets, mask_mode, x0, budget)
+            want_z, want_n = sequences(values, valid, offsets, mask_mode, x0)
+            if budget is not None and want_z.numel() > budget:
+                step = -(-want_z.numel() // budget)
+                want_z, want_n = want_z[::step], want_n[::step]
+            assert torch.equal(got_n, want_n) and got_z.shape == want_z.shape and got_z.dtype == want_z.dtype
+            for row, n in enumerate(got_n.tolist()):
+                torch.testing.assert_close(got_z[row, :n], want_z[row, :n], rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("p0", [0.0, math.inf])
 @pytest.mark.parametrize("shape", [(3, 5, 40), (2, 1, 3), (4, 600, 700)])
 def test_transform_kernels_match_the_torch_transform(shape, p0):

@@ -78,6 +78,12 @@ class Backend:
         cu_seqlens (None when padded)."""
         raise NotImplementedError
 
+    def noise_layout(self, log_ratio, mask, cu_seqlens, mask_mode, x0, max_tokens):
+        """`estimate_noise`'s sequences (fit_spectrum.sequences; packed ones under max_tokens
+        subsampled as there), or None to let the caller lay them out with torch. Called for
+        log-ratios of any float dtype but float64. This default: None."""
+        return None
+
     def noise_moments(self, z, lengths, *, diffuse, bins):
         """`estimate_noise`'s transform: the float64 `totals` (2 + 3 bins,) of its search
         (kpo_kernels/fit_search.py) from the (S, T) float32 sequences z and their lengths

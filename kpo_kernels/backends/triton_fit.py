@@ -219,6 +219,46 @@ def _finish(values_ptr, totals_ptr, result_ptr, codes_ptr, min_tokens, lower, up
 
 
 @triton.jit
+def fit_layout_kernel(x_ptr, x_row_stride, x_stride, mask_ptr, mask_row_stride, mask_stride, cu_ptr, cu_step, z_ptr,
+                      lengths_ptr, width, x0, HAS_MASK: tl.constexpr, PACKED: tl.constexpr, POSITION: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """Grid (sequences,): fit_spectrum.sequences. Sequence i is row i of a (B, T) batch, or the
+    packed sequence cu_step * i of cu_ptr's offsets (every cu_step-th: a token budget). z: (S,
+    width) float32, row i its log-ratios less x0 in order: in skip mode its valid tokens, in
+    position mode its positions up to its last valid one with masked ones as the observation 0
+    (-x0); what follows in the row is not written (nothing reads it). lengths: (S,) int64. Garbage
+    under the mask is never read; masks as in triton_common._load_valid."""
+    row = tl.program_id(0).to(tl.int64)
+    if PACKED:
+        start = tl.load(cu_ptr + row * cu_step).to(tl.int64)
+        n = tl.load(cu_ptr + row * cu_step + 1).to(tl.int64) - start
+        x_row = x_ptr + start * x_stride
+        mask_row = mask_ptr + start * mask_stride
+    else:
+        n = width
+        x_row = x_ptr + row * x_row_stride
+        mask_row = mask_ptr + row * mask_row_stride
+    out = z_ptr + row * width
+    length = tl.zeros([], dtype=tl.int64)
+    for begin in range(0, width, BLOCK):
+        p = begin + tl.arange(0, BLOCK).to(tl.int64)
+        inside = p < n
+        if HAS_MASK:
+            valid = ((tl.load(mask_row + p * mask_stride, mask=inside, other=0) << 1) != 0) & inside
+        else:
+            valid = inside
+        x = tl.load(x_row + p * x_stride, mask=valid, other=0.0).to(tl.float32) - x0
+        if POSITION:
+            tl.store(out + p, tl.where(valid, x, -x0), mask=inside)
+            length = tl.maximum(length, tl.max(tl.where(valid, p + 1, 0), 0))
+        else:
+            slot = length + tl.cumsum(valid.to(tl.int64), 0) - 1
+            tl.store(out + slot, x, mask=valid)
+            length += tl.sum(valid.to(tl.int64), 0)
+    tl.store(lengths_ptr + row, length)
+
+
+@triton.jit
 def _chirp_angle(m, period, DIFFUSE: tl.constexpr):
     """The chirp's angle -pi P(m) / D at lags m (int64): P(m) = 2 m^2 - m, D = 2 (2n + 1) (P0 = 0)
     or P(m) = m^2, D = 2n (diffuse), with P reduced modulo 2D exactly in integers."""

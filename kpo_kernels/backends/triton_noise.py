@@ -38,6 +38,35 @@ def _edge_angles(bins, device):
 class NoiseFitLaunch:
     """`Backend.noise_moments` and `Backend.noise_search` on Triton kernels."""
 
+    def noise_layout(self, log_ratio, mask, cu_seqlens, mask_mode, x0, max_tokens):
+        """fit_spectrum.sequences in one kernel (triton_fit.fit_layout_kernel), the packed budget
+        included (every k-th sequence); log-ratios of any float dtype but float64."""
+        device = log_ratio.device
+        mask = self._mask(mask)
+        packed = cu_seqlens is not None
+        if packed:
+            sequences = cu_seqlens.shape[0] - 1
+            span = (cu_seqlens[1:] - cu_seqlens[:-1]).max() if sequences else None
+            width = max(int(span), 1) if sequences else 1  # the one host read of a packed batch (as sequences)
+            step = -(-sequences * width // max_tokens) if max_tokens is not None and sequences * width > max_tokens else 1
+            rows = -(-sequences // step)
+        else:
+            rows, width = log_ratio.shape
+            step = 1
+        z = self._empty((rows, width), torch.float32, device)
+        lengths = self._empty((rows,), torch.int64, device)
+        if rows == 0:
+            return z, lengths
+        x_strides = (0, log_ratio.stride(0)) if packed else (log_ratio.stride(0), log_ratio.stride(1))
+        mask_strides = (0, 0) if mask is None else (0, mask.stride(0)) if packed else (mask.stride(0), mask.stride(1))
+        kernels.fit_layout_kernel[(rows,)](
+            log_ratio, *x_strides, log_ratio if mask is None else mask, *mask_strides,
+            cu_seqlens if packed else lengths, step, z, lengths, width, x0,
+            HAS_MASK=mask is not None, PACKED=packed, POSITION=mask_mode == "position", BLOCK=TRANSFORM_BLOCK,
+            num_warps=4,
+        )
+        return z, lengths
+
     def noise_moments(self, z, lengths, *, diffuse, bins):
         """The transform and its binned moments (fit_spectrum.spectral_sums, one bucket of
         every row) as `totals` (fit_search), float64 (2 + 3 bins,)."""
