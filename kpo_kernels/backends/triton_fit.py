@@ -92,6 +92,15 @@ def _log_determinant(q, lengths_ptr, sequences, lengths_stride, DIFFUSE: tl.cons
 
 
 @triton.jit
+def _reciprocal(x):
+    """1 / x in float64 for 1.2e-38 < x < 3.4e38: float32's reciprocal, then two Newton steps
+    (error 2^-23 -> 2^-46 -> below float64's rounding), cheaper than an IEEE float64 division."""
+    w = (1.0 / x.to(tl.float32)).to(tl.float64)
+    w = w * (2.0 - x * w)
+    return w * (2.0 - x * w)
+
+
+@triton.jit
 def _moments(totals_ptr, bins, k):
     """The binned moments m0, m1, m2 of bins k (0 past the last) and the bins' centres c."""
     inside = k < bins
@@ -112,7 +121,7 @@ def _profile(u, totals_ptr, bins, lengths_ptr, sequences, lengths_stride, DIFFUS
     terms = tl.zeros([u.shape[0], BLOCK_B], dtype=tl.float64)  # summed over the bins after the loop
     for start in range(0, bins, BLOCK_B):
         m0, m1, m2, centre = _moments(totals_ptr, bins, start + tl.arange(0, BLOCK_B))
-        w = 1.0 / (centre[None, :] + q[:, None])
+        w = _reciprocal(centre[None, :] + q[:, None])
         s = centre[None, :] * w
         terms += (m0[None, :] - s * m1[None, :] + 0.5 * s * (2.0 * s - 1.0) * m2[None, :]) * w
     quadratic = tl.sum(terms, 1)
@@ -177,8 +186,8 @@ def _finish(values_ptr, totals_ptr, result_ptr, codes_ptr, min_tokens, lower, up
     best = tl.zeros([], dtype=tl.int32)
     for start in range(0, POINTS, BLOCK_F):
         block = _ranked(tl.load(values_ptr + start + tl.arange(0, BLOCK_F), volatile=True))
-        top = tl.max(block, 0)
-        where = start + tl.argmax(block, 0, tie_break_left=True)
+        top, where = tl.max(block, 0, return_indices=True, return_indices_tie_break_left=True)
+        where += start
         better = top > best_value  # strictly: the first best point, as torch.argmax
         best = tl.where(better, where, best)
         best_value = tl.where(better, top, best_value)
