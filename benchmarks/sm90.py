@@ -37,6 +37,7 @@ KERNELS = (
     "fit_chirp_kernel",
     "fit_coefficients_kernel",
     "fit_bins_kernel",
+    "fit_log_determinant_kernel",
     "noise_search_kernel",
 )
 

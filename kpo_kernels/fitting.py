@@ -142,7 +142,7 @@ def estimate_noise(
             totals = torch.cat([torch.stack([count.sum().to(torch.float64), y2_total]), moments.reshape(-1)])
         totals = all_reduce(totals, group)
         settings = dict(diffuse=diffuse, low=low, high=high, min_tokens=min_tokens, fallback=(fallback_q, fallback_r))
-        found = impl.noise_search(totals, lengths, **settings) if group is None and y2 is None else None
+        found = impl.noise_search(totals, lengths, group=group, **settings) if y2 is None else None
         if found is not None:
             return found
         return staged_search(totals, lengths, y2=y2, lam=lam, group=group, **settings)

@@ -114,6 +114,19 @@ def filter_run(z, mask, mode, cu_seqlens=None, backend=None, state=False):
 STATE_CASES = ("fp32-holes", "bf16-unmasked-position", "bf16-holes-basic")
 
 
+def _one_process_group():
+    """A gloo group of this process alone: the search's process-group variant (its
+    log-determinants all-reduced) compiles like any other."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        path = tempfile.mkdtemp()
+        dist.init_process_group("gloo", init_method=f"file://{path}/rendezvous", rank=0, world_size=1)
+    return dist.group.WORLD
+
+
 def cases():
     for name, config in LOSS_CONFIGS.items():
         config = dict(config)
@@ -150,6 +163,7 @@ def cases():
     yield "fit-search-position-bf16", (
         lambda: kpo_kernels.estimate_noise(log_ratio.to(torch.bfloat16), mask.float(), mask_mode="position", x0=0.1, backend="triton")
     )
+    yield "fit-search-process-group", (lambda: kpo_kernels.estimate_noise(log_ratio, mask, backend="triton", group=_one_process_group()))
     yield "fit-search-packed-budget", (
         lambda: kpo_kernels.estimate_noise(log_ratio[mask], cu_seqlens=cu, max_tokens=700, backend="triton")
     )

@@ -12,9 +12,11 @@ search it replaces (fit_spectrum.spectral_sums, fit_search.staged_search: the re
 Runs on CUDA, or interpreted on the CPU."""
 
 import math
+import os
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -79,7 +81,7 @@ def test_search_kernel_matches_the_torch_search(q, r, p0):
     that swamps the noise (the upper end)."""
     z, mask = simulate(6, 40, 300, q, r, seed=11, dtype=torch.float32)
     totals, lengths, _, diffuse = torch_totals(z.to(DEVICE), mask.to(DEVICE), p0)
-    got = POISONED.noise_search(totals, lengths, diffuse=diffuse, **SETTINGS)
+    got = POISONED.noise_search(totals, lengths, diffuse=diffuse, group=None, **SETTINGS)
     want = staged_search(totals, lengths, y2=None, lam=None, diffuse=diffuse, group=None, **SETTINGS)
     assert int(want.status) == FITTED
     assert_same_fit(got, want)
@@ -227,3 +229,37 @@ def test_random_batches(seed, rows, longest, log_q, p0, holes):
         mask = mask & (torch.rand(mask.shape, generator=torch.Generator().manual_seed(seed)) > 0.25)
     got, want = both(z.to(DEVICE), mask.to(DEVICE), p0=p0, min_tokens=4)
     assert_same_fit(got, want, ratio_rel=0.05)
+
+
+def _rank(rank, world, path, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    try:
+        z, mask = simulate(3 + rank, 50, 200, 1e-4, 1e-2, seed=20 + rank, dtype=torch.float32)  # different sizes
+        fit = estimate_noise(z, mask, backend=POISONED, group=dist.group.WORLD)
+        torch.save({field: getattr(fit, field) for field in FIELDS}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_get_the_fit_of_the_pooled_data(tmp_path):
+    """Two gloo processes on the CPU, each with its own micro-batch, on the Triton backend: one
+    all-reduce of the bins and one of the log-determinants at the search grid's points; the
+    same result on both ranks (bitwise), that of both micro-batches fitted together in one
+    process."""
+    mp.spawn(_rank, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for field in FIELDS:
+        assert torch.equal(results[0][field], results[1][field]), field
+    (z0, m0), (z1, m1) = (simulate(3 + rank, 50, 200, 1e-4, 1e-2, seed=20 + rank, dtype=torch.float32) for rank in range(2))
+    width = max(z0.shape[1], z1.shape[1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    pooled = estimate_noise(torch.cat([pad(z0), pad(z1)]), torch.cat([pad(m0), pad(m1)]), backend=POISONED)
+    assert int(results[0]["status"]) == int(pooled.status) == FITTED
+    assert float(results[0]["num_tokens"]) == float(pooled.num_tokens)
+    # the same sums, but each rank transforms at its own FFT length: float32 rounding apart
+    for field in ("q", "r", "ratio"):
+        assert float(results[0][field]) == pytest.approx(float(getattr(pooled, field)), rel=1e-5), field
+    assert float(results[0]["log_likelihood"]) == pytest.approx(float(pooled.log_likelihood), abs=1e-7)
+    assert float(results[0]["drift_evidence"]) == pytest.approx(float(pooled.drift_evidence), abs=1e-7 * float(pooled.num_tokens))

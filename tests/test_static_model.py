@@ -73,7 +73,8 @@ def test_model_of_small_cases(tmp_path):
 def test_the_fit_model_counts_kernels_not_views():
     """benchmarks.fit_model: the per-step fit traced on the meta device; views and bare
     allocations launch nothing, each other operation one kernel of at least LAUNCH_US; the
-    budget shrinks the bytes, not the kernel count."""
+    budget shrinks the bytes, not the kernel count; on the Triton backend the fit is its five
+    kernels and torch's FFTs."""
     from benchmarks import fit_model
 
     capped = fit_model.record_fit(8, 256, 512)
@@ -83,3 +84,12 @@ def test_the_fit_model_counts_kernels_not_views():
     assert len(capped) == len(whole) and sum(op[1] for op in capped) < sum(op[1] for op in whole)
     machine = static_model.MACHINES[-1]
     assert fit_model.device_time(capped, machine) >= len(capped) * static_model.LAUNCH_US
+    # the Triton backend: its kernels recorded in stream order, around torch's FFTs; the search's
+    # time from its sm_90a code
+    fused = fit_model.record_fit(8, 256, 512, backend="triton")
+    names = [name for name, _, _ in fused]
+    assert [name for name in names if name.startswith("triton.")] == [f"triton.{kernel}" for kernel in fit_model.FIT_KERNELS]
+    assert names.count("aten._fft_c2c.default") == 2 and len(fused) <= 10
+    detail = {}
+    assert fit_model.device_time(fused, machine, detail) >= len(fused) * static_model.LAUNCH_US
+    assert detail["triton.noise_search_kernel"] >= static_model.LAUNCH_US

@@ -91,10 +91,11 @@ class Backend:
         (fit_spectrum.spectral_sums). This default: None."""
         return None
 
-    def noise_search(self, totals, lengths, *, diffuse, low, high, min_tokens, fallback):
+    def noise_search(self, totals, lengths, *, diffuse, low, high, min_tokens, fallback, group):
         """`estimate_noise`'s search over the ratio, as a `NoiseEstimate`, or None to let the
         caller run the torch search (kpo_kernels/fit_search.py describes the arguments; called
-        without a process group, for float32 transforms). This default: None."""
+        for float32 transforms; `totals` already summed over `group`, None or a process group
+        whose ranks must all get the same result). This default: None."""
         return None
 
     def prepare(self, length, q, r, p0, device):

@@ -112,13 +112,11 @@ def _moments(totals_ptr, bins, k):
 
 
 @triton.jit
-def _profile(u, totals_ptr, bins, lengths_ptr, sequences, lengths_stride, DIFFUSE: tl.constexpr,
-             BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
-    """(profile log-likelihood per token, R_hat) at the ratios exp(u), float64, from the binned
-    moments: the quadratic part is the sum over bins of (m0 - s m1 + s (2s - 1) m2 / 2) w,
-    w = 1 / (c + q), s = c w (fit_spectrum.binned_quadratic)."""
-    q = tl.exp(u)
-    terms = tl.zeros([u.shape[0], BLOCK_B], dtype=tl.float64)  # summed over the bins after the loop
+def _profile(q, log_det, totals_ptr, bins, BLOCK_B: tl.constexpr):
+    """(profile log-likelihood per token, R_hat) at the ratios q, float64, from the binned
+    moments and the log-determinants: the quadratic part is the sum over bins of
+    (m0 - s m1 + s (2s - 1) m2 / 2) w, w = 1 / (c + q), s = c w (fit_spectrum.binned_quadratic)."""
+    terms = tl.zeros([q.shape[0], BLOCK_B], dtype=tl.float64)  # summed over the bins after the loop
     for start in range(0, bins, BLOCK_B):
         m0, m1, m2, centre = _moments(totals_ptr, bins, start + tl.arange(0, BLOCK_B))
         w = _reciprocal(centre[None, :] + q[:, None])
@@ -126,7 +124,6 @@ def _profile(u, totals_ptr, bins, lengths_ptr, sequences, lengths_stride, DIFFUS
         terms += (m0[None, :] - s * m1[None, :] + 0.5 * s * (2.0 * s - 1.0) * m2[None, :]) * w
     quadratic = tl.sum(terms, 1)
     per = tl.maximum(tl.load(totals_ptr), 1.0)
-    log_det = _log_determinant(q, lengths_ptr, sequences, lengths_stride, DIFFUSE, BLOCK_S)
     return -0.5 * (tl.full([], _LOG_2PI, tl.float64) + tl.log(quadratic / per) + log_det / per + 1.0), quadratic / per
 
 
@@ -138,28 +135,48 @@ def _grid_point(i, lower, upper, POINTS: tl.constexpr):
 
 
 @triton.jit
+def fit_log_determinant_kernel(lengths_ptr, sequences, lengths_stride, log_det_ptr,
+                               lower0, lower1, lower2, upper0, upper1, upper2,
+                               DIFFUSE: tl.constexpr, POINTS: tl.constexpr, RATIOS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Grid (POINTS / RATIOS,): the sequences' log-determinant sums at every point of
+    noise_search_kernel's grid, float64 (POINTS,): under a process group they are all-reduced
+    before the search, which then reads them (GIVEN_LOG_DET)."""
+    lower = _float64(lower0, lower1, lower2)
+    upper = _float64(upper0, upper1, upper2)
+    index = tl.program_id(0) * RATIOS + tl.arange(0, RATIOS)
+    q = tl.exp(_grid_point(index, lower, upper, POINTS))
+    tl.store(log_det_ptr + index, _log_determinant(q, lengths_ptr, sequences, lengths_stride, DIFFUSE, BLOCK_S))
+
+
+@triton.jit
 def noise_search_kernel(
-    totals_ptr, bins, lengths_ptr, sequences, lengths_stride, values_ptr, finished_ptr, result_ptr, codes_ptr,
-    min_tokens,
+    totals_ptr, bins, lengths_ptr, sequences, lengths_stride, log_det_ptr, values_ptr, finished_ptr, result_ptr,
+    codes_ptr, min_tokens,
     lower0, lower1, lower2, upper0, upper1, upper2, low0, low1, low2, high0, high1, high2,
     fallback_q0, fallback_q1, fallback_q2, fallback_r0, fallback_r1, fallback_r2,
-    DIFFUSE: tl.constexpr, POINTS: tl.constexpr, RATIOS: tl.constexpr,
+    DIFFUSE: tl.constexpr, GIVEN_LOG_DET: tl.constexpr, POINTS: tl.constexpr, RATIOS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """Grid (POINTS / RATIOS,). Each program evaluates the binned profile and R (float64, as the
     reference's) at RATIOS points of a grid of POINTS over [lower, upper] in u = log q, into
-    `values` (2, POINTS); the last program to finish (an atomic count in `finished`, zero before
-    the launch: its release and acquire order the values' stores before their loads) takes the
-    first best point (ranked as torch.nan_to_num(values, nan=-inf) would be) and writes the
-    result. result: [q, r, ratio, log_likelihood, drift_evidence, num_tokens] float64; codes:
+    `values` (2, POINTS); the log-determinants are its own, or (GIVEN_LOG_DET) read from
+    log_det_ptr (fit_log_determinant_kernel's, summed over a process group). The last program to
+    finish (an atomic count in `finished`, zero before the launch: its release and acquire order
+    the values' stores before their loads) takes the first best point (ranked as
+    torch.nan_to_num(values, nan=-inf) would be) and writes the result.
+    result: [q, r, ratio, log_likelihood, drift_evidence, num_tokens] float64; codes:
     [at_boundary, status] int64 (fitting.NoiseEstimate; status FITTED 0, ON_POLICY 1,
     FEW_TOKENS 2, NOT_FINITE 3). Each float64 setting comes as three float32 parts
     (triton_launch.float64_parts)."""
     lower = _float64(lower0, lower1, lower2)
     upper = _float64(upper0, upper1, upper2)
     index = tl.program_id(0) * RATIOS + tl.arange(0, RATIOS)
-    values, r_hat = _profile(_grid_point(index, lower, upper, POINTS), totals_ptr, bins, lengths_ptr, sequences,
-                             lengths_stride, DIFFUSE, BLOCK_S, BLOCK_B)
+    q = tl.exp(_grid_point(index, lower, upper, POINTS))
+    if GIVEN_LOG_DET:
+        log_det = tl.load(log_det_ptr + index)
+    else:
+        log_det = _log_determinant(q, lengths_ptr, sequences, lengths_stride, DIFFUSE, BLOCK_S)
+    values, r_hat = _profile(q, log_det, totals_ptr, bins, BLOCK_B)
     tl.store(values_ptr + index, values)
     tl.store(values_ptr + POINTS + index, r_hat)
     if tl.atomic_add(finished_ptr, 1) == tl.num_programs(0) - 1:

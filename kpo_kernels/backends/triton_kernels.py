@@ -35,7 +35,14 @@ launcher (triton_backend.py) and the tools that record its launches use.
 
 from .triton_common import AGG_CODES
 from .triton_finalize import kpo_loss_finalize_kernel
-from .triton_fit import fit_bins_kernel, fit_chirp_kernel, fit_coefficients_kernel, fit_layout_kernel, noise_search_kernel
+from .triton_fit import (
+    fit_bins_kernel,
+    fit_chirp_kernel,
+    fit_coefficients_kernel,
+    fit_layout_kernel,
+    fit_log_determinant_kernel,
+    noise_search_kernel,
+)
 from .triton_loss import kpo_loss_bwd_kernel, kpo_loss_fwd_kernel
 from .triton_tiles import (
     chunk_maps_kernel,
@@ -52,6 +59,7 @@ __all__ = [
     "fit_chirp_kernel",
     "fit_coefficients_kernel",
     "fit_layout_kernel",
+    "fit_log_determinant_kernel",
     "kalman_filter_kernel",
     "kpo_loss_bwd_kernel",
     "kpo_loss_finalize_kernel",

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..fit_search import NoiseEstimate
+from ..fit_search import NoiseEstimate, all_reduce
 from ..fit_spectrum import BIN_TOP, BIN_WIDTH, fft_length
 from .triton_launch import INTERPRETED, float64_parts, float64_parts_fit, kernels
 
@@ -97,24 +97,36 @@ class NoiseFitLaunch:
         )
         return totals
 
-    def noise_search(self, totals, lengths, *, diffuse, low, high, min_tokens, fallback):
-        """The search on a dense grid in one launch (triton_fit.noise_search_kernel); None (the
-        torch search) for settings beyond float32's range, which its float64 settings pass through."""
+    def noise_search(self, totals, lengths, *, diffuse, low, high, min_tokens, fallback, group):
+        """The search on a dense grid in one launch (triton_fit.noise_search_kernel); under a
+        process group the log-determinants at the grid's points first (fit_log_determinant_kernel)
+        and one all-reduce of them. None (the torch search) for settings beyond float32's range,
+        which its float64 settings pass through."""
         settings = (math.log(low), math.log(high), low, high, *fallback)
         if not all(float64_parts_fit(value) for value in settings):
             return None
         device = totals.device
+        parts = [part for value in settings for part in float64_parts(value)]
+        grid = (SEARCH_POINTS // SEARCH_RATIOS,)
+        sizes = dict(POINTS=SEARCH_POINTS, RATIOS=SEARCH_RATIOS, BLOCK_S=SEARCH_SEQUENCES)
+        log_det = None
+        if group is not None:
+            log_det = self._empty((SEARCH_POINTS,), torch.float64, device)
+            kernels.fit_log_determinant_kernel[grid](
+                lengths, lengths.shape[0], lengths.stride(0), log_det, *parts[:6], DIFFUSE=diffuse, **sizes,
+                num_warps=SEARCH_WARPS,
+            )
+            all_reduce(log_det, group)
         result, codes = self._empty((6,), torch.float64, device), self._empty((2,), torch.int64, device)
         values = self._empty((2, SEARCH_POINTS), torch.float64, device)  # profile and R
         finished = torch.zeros(1, dtype=torch.int32, device=device)
-        kernels.noise_search_kernel[(SEARCH_POINTS // SEARCH_RATIOS,)](
-            totals, (totals.shape[0] - 2) // 3, lengths, lengths.shape[0], lengths.stride(0), values, finished, result,
-            codes, min_tokens, *(part for value in settings for part in float64_parts(value)),
-            DIFFUSE=diffuse, POINTS=SEARCH_POINTS, RATIOS=SEARCH_RATIOS, BLOCK_S=SEARCH_SEQUENCES, BLOCK_B=SEARCH_BINS,
-            BLOCK_F=SEARCH_FINISH, num_warps=SEARCH_WARPS,
+        kernels.noise_search_kernel[grid](
+            totals, (totals.shape[0] - 2) // 3, lengths, lengths.shape[0], lengths.stride(0),
+            totals if log_det is None else log_det, values, finished, result, codes, min_tokens, *parts,
+            DIFFUSE=diffuse, GIVEN_LOG_DET=log_det is not None, BLOCK_B=SEARCH_BINS, BLOCK_F=SEARCH_FINISH, **sizes,
+            num_warps=SEARCH_WARPS,
         )
         return NoiseEstimate(
             q=result[0], r=result[1], ratio=result[2], log_likelihood=result[3], drift_evidence=result[4],
             at_boundary=codes[0], num_tokens=result[5], status=codes[1],
         )
-
