@@ -199,6 +199,25 @@ def test_packed_and_subsampled():
     assert_same_fit(got, want)
 
 
+def test_settings_float32_cannot_carry_run_the_torch_search():
+    """The kernel takes each float64 setting as three float32 parts: q_range ends or fallbacks
+    beyond float32's range, or below its normal numbers (whose parts lose bits), run the torch
+    search instead, so that the ends and fallbacks come back exactly."""
+    z, mask = simulate(3, 60, 80, 0.0, 1e-2, seed=4, dtype=torch.float32)
+    z, mask = z.to(DEVICE), mask.to(DEVICE)
+    for options in (
+        {"q_range": (1e-300, 1e-200)}, {"q_range": (1e-44, 1e2)}, {"q_range": (1e-10, 1e60)},
+        {"fallback": (1e-50, 1.0), "min_tokens": 10_000}, {"fallback": (1e-35, 1e-40), "min_tokens": 10_000},
+    ):
+        got, want = both(z, mask, **options)
+        assert int(got.status) == int(want.status) and int(got.at_boundary) == int(want.at_boundary), options
+        if int(want.status) != FITTED:
+            assert (float(got.q), float(got.r)) == options["fallback"] == (float(want.q), float(want.r))
+        else:  # the same search on sums from the two float32 transforms
+            assert int(want.at_boundary) != 0 and float(got.ratio) == float(want.ratio)
+            assert float(got.q) == pytest.approx(float(want.q), rel=1e-5)
+
+
 def test_float64_runs_the_exact_search():
     """float64 log-ratios keep every coefficient and the exact profile: the torch search runs
     on any backend, so the results are identical."""

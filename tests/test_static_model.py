@@ -90,6 +90,18 @@ def test_the_fit_model_counts_kernels_not_views():
     names = [name for name, _, _ in fused]
     assert [name for name in names if name.startswith("triton.")] == [f"triton.{kernel}" for kernel in fit_model.FIT_KERNELS]
     assert names.count("aten._fft_c2c.default") == 2 and len(fused) <= 10
-    detail = {}
-    assert fit_model.device_time(fused, machine, detail) >= len(fused) * static_model.LAUNCH_US
-    assert detail["triton.noise_search_kernel"] >= static_model.LAUNCH_US
+
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_the_fit_model_runs():
+    """python -m benchmarks.fit_model (a process without TRITON_INTERPRET: the search kernel is
+    compiled for sm_90a): both backends, each Triton kernel's time, fit / loss."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fit_model", "--rows", "8", "--length", "512"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "NOT measured" in proc.stdout and "backend=triton" in proc.stdout and "backend=torch" in proc.stdout
+    assert proc.stdout.count("noise_search_kernel ") >= 4 and "fit / loss" in proc.stdout

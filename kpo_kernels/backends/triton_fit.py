@@ -179,6 +179,7 @@ def noise_search_kernel(
     values, r_hat = _profile(q, log_det, totals_ptr, bins, BLOCK_B)
     tl.store(values_ptr + index, values)
     tl.store(values_ptr + POINTS + index, r_hat)
+    tl.debug_barrier()  # every thread's stores before the atomic's release
     if tl.atomic_add(finished_ptr, 1) == tl.num_programs(0) - 1:
         _finish(values_ptr, totals_ptr, result_ptr, codes_ptr, min_tokens, lower, upper,
                 _float64(low0, low1, low2), _float64(high0, high1, high2),
@@ -348,7 +349,7 @@ def fit_coefficients_kernel(conv_ptr, lengths_ptr, lengths_stride, prefix_ptr, r
     carry0 = tl.zeros([], dtype=tl.float64)
     carry1 = tl.zeros([], dtype=tl.float64)
     carry2 = tl.zeros([], dtype=tl.float64)
-    plane = rows * (outputs + 1)
+    plane = tl.cast(rows, tl.int64) * (outputs + 1)  # int64: rows x (outputs + 1) may pass 2^30
     out = prefix_ptr + row * (outputs + 1)
     tl.store(out, 0.0)
     tl.store(out + plane, 0.0)
@@ -402,7 +403,7 @@ def fit_bins_kernel(prefix_ptr, edges_ptr, lengths_ptr, lengths_stride, totals_p
     sums0 = tl.zeros([BLOCK], dtype=tl.float64)
     sums1 = tl.zeros([BLOCK], dtype=tl.float64)
     sums2 = tl.zeros([BLOCK], dtype=tl.float64)
-    plane = rows * (outputs + 1)
+    plane = tl.cast(rows, tl.int64) * (outputs + 1)  # int64: rows x (outputs + 1) may pass 2^30
     two_over_pi = tl.full([], 2.0 / math.pi, tl.float64)
     for row in range(0, rows):
         count, period = _row_shape(lengths_ptr, lengths_stride, row, DIFFUSE)
@@ -416,7 +417,7 @@ def fit_bins_kernel(prefix_ptr, edges_ptr, lengths_ptr, lengths_stride, totals_p
             end_lower = tl.floor((lower * two_over_pi * span + 1.0) * 0.5)
         end_upper = tl.where(b == 0, count, tl.maximum(tl.minimum(end_upper, count.to(tl.float64)), 0.0).to(tl.int64))
         end_lower = tl.where(b + 1 >= bins, 0, tl.maximum(tl.minimum(end_lower, count.to(tl.float64)), 0.0).to(tl.int64))
-        base = prefix_ptr + row * (outputs + 1)
+        base = prefix_ptr + tl.cast(row, tl.int64) * (outputs + 1)
         sums0 += tl.load(base + end_upper, mask=inside, other=0.0) - tl.load(base + end_lower, mask=inside, other=0.0)
         sums1 += tl.load(base + plane + end_upper, mask=inside, other=0.0) - tl.load(base + plane + end_lower, mask=inside, other=0.0)
         sums2 += (tl.load(base + 2 * plane + end_upper, mask=inside, other=0.0)
@@ -432,6 +433,6 @@ def fit_bins_kernel(prefix_ptr, edges_ptr, lengths_ptr, lengths_stride, totals_p
         for row in range(0, rows):
             count, period = _row_shape(lengths_ptr, lengths_stride, row, DIFFUSE)
             tokens += count
-            total += tl.load(prefix_ptr + row * (outputs + 1) + tl.minimum(count, outputs))
+            total += tl.load(prefix_ptr + tl.cast(row, tl.int64) * (outputs + 1) + tl.minimum(count, outputs))
         tl.store(totals_ptr, tokens.to(tl.float64))
         tl.store(totals_ptr + 1, total)

@@ -65,8 +65,12 @@ def float64_parts(value):
 
 
 def float64_parts_fit(value):
-    """Whether `float64_parts` can carry `value`."""
-    return math.isfinite(value) and abs(value) < 3.4e38
+    """Whether `float64_parts` carries `value` exactly (not so beyond float32's range, nor below
+    its normal numbers, ~1e-30 and less, whose parts lose bits or round to 0)."""
+    if not math.isfinite(value) or abs(value) >= 3.4e38:
+        return False
+    parts = float64_parts(value)
+    return (parts[0] + parts[1]) + parts[2] == value
 
 
 def _pow2_at_least(n):
