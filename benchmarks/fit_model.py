@@ -144,8 +144,11 @@ def search_time(launch, machine):
     finish = [loop for loop in loops if loop[0] > finish_from]
     if len(shared) != 2 or len(finish) != 1 or len(loops) != 3:
         raise RuntimeError(f"unexpected loops in noise_search_kernel's SASS: {loops} (the atomic at {finish_from})")
-    # in address order: the profile's bins and sequences; the finish's search for the best point
-    trips = dict(zip(shared + finish, (steps["bins"], steps["sequences"], steps["points"])))
+    # the profile's loops: over the bins (three loads a step: the moments) and over the sequences
+    # (one: the lengths); the finish's: over the grid's points
+    loads = [sum(opcode.startswith("LDG") for address, opcode, _ in instructions if start <= address <= end) for start, end in shared]
+    bins_loop, sequences_loop = sorted(shared, key=lambda loop: -loads[shared.index(loop)])
+    trips = {bins_loop: steps["bins"], sequences_loop: steps["sequences"], finish[0]: steps["points"]}
     counts = {"shared": [0.0, 0.0], "finish": [0.0, 0.0]}  # warp-instructions a warp: all, float64
     for address, opcode, _ in instructions:
         times = math.prod(count for (start, end), count in trips.items() if start <= address <= end)
