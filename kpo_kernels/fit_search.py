@@ -10,7 +10,7 @@ The inputs of a search:
 - the settings: q_range's ends (low, high), min_tokens and the fallback (q, r).
 
 `staged_search` is the search in torch operations, the reference; a backend may run the same
-search its own way (`Backend.noise_search`: the Triton backend in one kernel).
+search its own way (`Backend.noise_search`: the Triton backend on a dense grid, in one launch).
 """
 
 import math
@@ -97,7 +97,7 @@ class _Profile:
 def staged_search(totals, lengths, *, y2, lam, diffuse, group, low, high, min_tokens, fallback):
     """The search in torch operations (any device, any process group): staged grid search of the
     binned profile over u = log q, then the exact profile at the chosen ratio and at the lower end
-    of q_range (tensors only, no host read). `search_inputs` describes the arguments."""
+    of q_range (tensors only, no host read). The module docstring describes the arguments."""
     profile = _Profile(totals, y2, lam, lengths, diffuse, group)
     device = profile.device
     lower, upper = math.log(low), math.log(high)

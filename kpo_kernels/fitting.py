@@ -19,12 +19,21 @@ One batched transform per micro-batch (kpo_kernels/fit_spectrum.py: a chirp-z / 
 transform, three FFTs of a common length per bucket of rows (one bucket off the CPU), float32 unless the
 log-ratios are float64, no host synchronisation) gives every (lam, y^2). The log-determinant
 sum(log(1 + q / lam)) is closed form per sequence; the quadratic part comes from moments of
-y^2 binned in log lam. The search evaluates `GRID` ratios per stage for `STAGES` stages on a
-shrinking log-spaced grid (each stage keeps the two grid intervals around its best point), then
-a parabola through the best point and its neighbours; the profile and R_hat reported there are
-exact (every coefficient) for float64 transforms, binned (~1e-8 relative) otherwise. Over a
-data-parallel group the bins are all-reduced once and the log-determinant sums at each stage
-(GRID numbers), so every rank searches the same profile and gets the same Q and R.
+y^2 binned in log lam. The search (kpo_kernels/fit_search.py) evaluates `GRID` ratios per stage
+for `STAGES` stages on a shrinking log-spaced grid (each stage keeps the two grid intervals
+around its best point), then a parabola through the best point and its neighbours; the profile
+and R_hat reported there are exact (every coefficient) for float64 transforms, binned (~1e-8
+relative) otherwise. Over a data-parallel group the bins are all-reduced once and the
+log-determinant sums at each stage (GRID numbers), so every rank searches the same profile and
+gets the same Q and R.
+
+On the Triton backend (what `backend="auto"` picks on CUDA for float32 and narrower log-ratios)
+the same fit runs as five kernels around torch's FFTs (kpo_kernels/backends/triton_fit.py):
+the layout, the transform's inputs, the coefficients' prefix sums, the binned moments, and a
+search of the same binned profile on a dense grid of 2048 ratios evenly spaced in log q (one
+launch; its best point, not a parabola, so that the profile and R reported are those at the
+ratio reported); under a process group the log-determinants at those ratios are all-reduced
+once. About nine launches where the torch operations take some 330 to 440.
 
 Which tokens: each sequence's valid tokens in order (`mask_mode="skip"`), or in `position` mode
 its positions up to its last valid token with masked ones as the observation 0 (what that filter

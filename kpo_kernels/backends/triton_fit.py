@@ -1,20 +1,25 @@
-"""The noise fit's search as one Triton kernel: `estimate_noise`'s staged grid search, its
-parabola, the profile at the chosen ratio and the result, in one program.
+"""The noise fit of `estimate_noise` on the Triton backend (launched by triton_noise.py): the
+torch reference's operations (kpo_kernels/fit_spectrum.py, kpo_kernels/fit_search.py), some 330
+to 440 launch-bound kernels on a GPU, as five kernels around torch's FFTs.
 
-The staged search in torch (kpo_kernels/fit_search.py, the reference) is some 330 small
-operations: launch-bound on a GPU, where it costs far more than the loss it tunes. Here the same
-search reads the binned moments (3 x bins) and the sequence lengths from global memory once
-per stage, in one launch, and writes the `NoiseEstimate` fields.
+- `fit_layout_kernel`: each sequence's log-ratios in order (fit_spectrum.sequences);
+- `fit_chirp_kernel`, torch's FFT, product and inverse FFT, `fit_coefficients_kernel`,
+  `fit_bins_kernel`: the sine transform's binned moments (fit_spectrum.spectrum and
+  binned_moments), in the layout the search reads: `totals` = [tokens, sum y^2, moments
+  (3, bins) row-major], float64;
+- `noise_search_kernel`: the binned profile (float64, the reference's formula) at every point of
+  a dense grid in log q, then, in the last program to finish, the first best point and the
+  result; under a process group the log-determinants at the grid's points come from
+  `fit_log_determinant_kernel`, all-reduced in between.
 
-Precision. The stages rank GRID ratios by the change of the profile from the grid's first ratio,
-each bin's change of its term in float32 (exact algebra: `_profile_change`), its sums, the
-reference and the log-determinants in float64: the ranking is that of float64 values, down to
-the flat profiles of data without drift, while the bins' arithmetic (GRID x bins per stage, the
-bulk of the work) runs at float32's rate. The reported profile, R and drift evidence at the
-chosen ratio are float64 throughout, as in the reference.
+The grid's best point stands in for the reference's staged grid and parabola: a grid step apart
+at most, and the profile and R reported are exactly those at the ratio reported (the reference
+evaluates the profile again at its parabola's vertex; here that would be a serial pass).
 
-The layout of the inputs is `fit_search.search_inputs`: `totals` = [tokens, sum y^2, moments
-(3, bins) row-major], float64; `lengths` (S,) int64.
+Float64 settings (q_range's ends, the fallback) arrive as three float32 parts each
+(triton_launch.float64_parts): Triton passes Python floats as float32, and its interpreter
+rounds them so even where a float64 parameter is declared. Python float literals inside the
+kernels are float32 too: float64 constants are made with tl.full.
 """
 
 import math
@@ -242,7 +247,7 @@ def _finish(values_ptr, totals_ptr, result_ptr, codes_ptr, min_tokens, lower, up
 # the circular convolution (a = x g and b = conj g, complex64 as float32 pairs), torch convolves
 # them (fft, product, inverse fft), `fit_coefficients_kernel` turns each row's convolution into
 # its coefficients y2 and log lam and their prefix sums, and `fit_bins_kernel` sums those into the
-# binned moments, in the layout the search reads (fit_search: totals).
+# binned moments, in the layout the search reads (totals).
 
 
 @triton.jit

@@ -1,10 +1,11 @@
 """The Triton backend's noise fit (`estimate_noise` on the Triton backend): the launches of the
 kernels of triton_fit.py, mixed into `TritonBackend` as `NoiseFitLaunch`.
 
-One micro-batch's fit: `fit_chirp_kernel`, torch's FFT, product and inverse FFT (cuFFT on a
-GPU), `fit_coefficients_kernel`, `fit_bins_kernel` (the float64 sums the fit needs, in the
-layout of fit_search: `totals`), then `noise_search_kernel`: about eight launches where the torch
-operations take some 120.
+One micro-batch's fit: `fit_layout_kernel`, `fit_chirp_kernel`, torch's FFT, product and inverse
+FFT (cuFFT on a GPU), `fit_coefficients_kernel`, `fit_bins_kernel` (the float64 sums the fit
+needs, in the layout of fit_search: `totals`), the zeroed counter and `noise_search_kernel`:
+nine launches (ten, and one all-reduce more, under a process group), where the torch operations
+take some 330 to 440. Nothing is read back on the host but a packed batch's longest length.
 """
 
 import functools
@@ -17,8 +18,9 @@ from ..fit_spectrum import BIN_TOP, BIN_WIDTH, fft_length
 from .triton_launch import INTERPRETED, float64_parts, float64_parts_fit, kernels
 
 # The noise search on the Triton backend: the binned profile at SEARCH_POINTS ratios evenly spaced
-# in log q (0.0135 apart over q_range's default 12 decades), SEARCH_RATIOS a program (128
-# programs: about one an SM), then a parabola through the best (triton_fit.noise_search_kernel).
+# in log q (0.0135 apart over q_range's default 12 decades: Q/R within 0.7% of the grid's best),
+# SEARCH_RATIOS a program (256 programs of 4 warps: two an SM of an H100/H200, which the model
+# of benchmarks/fit_model.py put ahead of 128 x 16 ratios and of 8 warps), then the best point.
 SEARCH_POINTS, SEARCH_RATIOS, SEARCH_WARPS = 2048, 8, 4
 if INTERPRETED:  # the same points and values in fewer, wider programs: numpy's cost is per operation
     SEARCH_RATIOS = 256
