@@ -28,7 +28,7 @@ log-determinant sums at each stage (GRID numbers), so every rank searches the sa
 gets the same Q and R.
 
 On the Triton backend (what `backend="auto"` picks on CUDA for float32 and narrower log-ratios)
-the same fit runs as five kernels around torch's FFTs (kpo_kernels/backends/triton_fit.py):
+the same fit runs as five kernels around torch's FFTs (kpo_kernels/backends/triton_fit_*.py):
 the layout, the transform's inputs, the coefficients' prefix sums, the binned moments, and a
 search of the same binned profile on a dense grid of 2048 ratios evenly spaced in log q (one
 launch; its best point, not a parabola, so that the profile and R reported are those at the

@@ -1,4 +1,4 @@
-"""estimate_noise on the Triton backend (kpo_kernels/backends/triton_fit.py: the transform's
+"""estimate_noise on the Triton backend (kpo_kernels/backends/triton_fit_transform.py and triton_fit_search.py: the transform's
 kernels around torch's FFTs, and the search in one kernel) against the torch transform and
 search it replaces (fit_spectrum.spectral_sums, fit_search.staged_search: the reference).
 

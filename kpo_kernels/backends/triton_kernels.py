@@ -24,25 +24,21 @@ d log_prob without the aggregation weight; `kpo_loss_finalize_kernel` (one progr
 statistics into per-sequence weights, the loss and the metrics; backward multiplies the stored
 derivative by grad_output and the sequence's weight.
 
-Math in float32 whatever the input dtype. NaN propagates through every `where` on purpose
-(tl.minimum/maximum would drop it on GPUs).
+The filter and the loss compute in float32 whatever the input dtype (the noise fit's sums and
+search are float64). NaN propagates through every `where` on purpose (tl.minimum/maximum would
+drop it on GPUs).
 
-The kernels live in five modules by job: `triton_common` (constants, the scan, diagnostics and
+The kernels live in six modules by job: `triton_common` (constants, the scan, diagnostics and
 layout helpers), `triton_tiles` (passes 1 and 2, the tile table, the filter), `triton_loss` (the
-fused forward and backward), `triton_finalize` and `triton_fit` (the noise fit's transform and search). This module is the one namespace the
-launcher (triton_backend.py) and the tools that record its launches use.
+fused forward and backward), `triton_finalize`, and the noise fit's `triton_fit_transform` and
+`triton_fit_search`. This module is the one namespace the launcher (triton_backend.py) and the
+tools that record its launches use.
 """
 
 from .triton_common import AGG_CODES
 from .triton_finalize import kpo_loss_finalize_kernel
-from .triton_fit import (
-    fit_bins_kernel,
-    fit_chirp_kernel,
-    fit_coefficients_kernel,
-    fit_layout_kernel,
-    fit_log_determinant_kernel,
-    noise_search_kernel,
-)
+from .triton_fit_search import fit_log_determinant_kernel, noise_search_kernel
+from .triton_fit_transform import fit_bins_kernel, fit_chirp_kernel, fit_coefficients_kernel, fit_layout_kernel
 from .triton_loss import kpo_loss_bwd_kernel, kpo_loss_fwd_kernel
 from .triton_tiles import (
     chunk_maps_kernel,

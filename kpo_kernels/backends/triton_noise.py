@@ -1,5 +1,5 @@
 """The Triton backend's noise fit (`estimate_noise` on the Triton backend): the launches of the
-kernels of triton_fit.py, mixed into `TritonBackend` as `NoiseFitLaunch`.
+kernels of triton_fit_transform.py and triton_fit_search.py, mixed into `TritonBackend` as `NoiseFitLaunch`.
 
 One micro-batch's fit: `fit_layout_kernel`, `fit_chirp_kernel`, torch's FFT, product and inverse
 FFT (cuFFT on a GPU), `fit_coefficients_kernel`, `fit_bins_kernel` (the float64 sums the fit
@@ -41,7 +41,7 @@ class NoiseFitLaunch:
     """`Backend.noise_moments` and `Backend.noise_search` on Triton kernels."""
 
     def noise_layout(self, log_ratio, mask, cu_seqlens, mask_mode, x0, max_tokens):
-        """fit_spectrum.sequences in one kernel (triton_fit.fit_layout_kernel), the packed budget
+        """fit_spectrum.sequences in one kernel (triton_fit_transform.fit_layout_kernel), the packed budget
         included (every k-th sequence); log-ratios of any float dtype but float64."""
         device = log_ratio.device
         mask = self._mask(mask)
@@ -100,7 +100,7 @@ class NoiseFitLaunch:
         return totals
 
     def noise_search(self, totals, lengths, *, diffuse, low, high, min_tokens, fallback, group):
-        """The search on a dense grid in one launch (triton_fit.noise_search_kernel); under a
+        """The search on a dense grid in one launch (triton_fit_search.noise_search_kernel); under a
         process group the log-determinants at the grid's points first (fit_log_determinant_kernel)
         and one all-reduce of them. None (the torch search) for settings beyond float32's range,
         which its float64 settings pass through."""
