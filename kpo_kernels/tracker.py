@@ -7,6 +7,7 @@ import torch
 from .fit_options import (
     FIT_MODES, PER_STEP_MAX_TOKENS, check_fit_mode, check_fit_prior, check_fit_range, check_max_tokens, check_min_tokens,
 )
+from .dispatch import check_backend_argument
 from .fitting import FITTED, STATUS_NAMES, estimate_noise
 from .validation import check_bool, check_filter_params
 
@@ -40,6 +41,9 @@ class NoiseTracker:
             `estimate_noise`'s cap (cheaper, statistically noisier: docs/choosing-q-and-r.md);
             None: every sequence. A "per_generation" fit, once per rollout batch, reads every
             sequence.
+        backend: what runs the fit, as in `estimate_noise` ("auto": the Triton backend on CUDA
+            for float32 and narrower log-ratios, nine launches; "torch", "triton" or a
+            `Backend`). Trainers pass their loss's backend.
 
     Raises:
         TypeError, ValueError: a bad option, named, at construction.
@@ -52,7 +56,7 @@ class NoiseTracker:
     """
 
     def __init__(self, mode="per_step", *, q=1e-6, r=1.0, p0=0.0, x0=0.0, mask_mode="skip", q_range=(1e-10, 1e2),
-                 min_tokens=64, group="auto", max_tokens=PER_STEP_MAX_TOKENS):
+                 min_tokens=64, group="auto", max_tokens=PER_STEP_MAX_TOKENS, backend="auto"):
         self.mode = check_fit_mode("mode", mode)
         options = check_filter_params(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode)
         self.p0_ratio = options.p0 / options.r
@@ -63,6 +67,8 @@ class NoiseTracker:
             raise ValueError(f"group must be 'auto', None or a torch.distributed process group, got {group!r}")
         self.group = group
         self.max_tokens = check_max_tokens("max_tokens", max_tokens)
+        check_backend_argument(backend)
+        self.backend = backend
         self.q, self.r, self.p0, self.x0, self.mask_mode = options.q, options.r, options.p0, options.x0, options.mask_mode
         self._pending = self.mode == "per_generation"
         self.metrics = {"kalman_q": self.q, "kalman_r": self.r, "drift_evidence": math.nan, "at_boundary": 0.0,
@@ -86,7 +92,7 @@ class NoiseTracker:
         fit = estimate_noise(
             log_ratio.detach(), mask, cu_seqlens=cu_seqlens, mask_mode=self.mask_mode, p0=self.p0_ratio, x0=self.x0,
             q_range=self.q_range, min_tokens=self.min_tokens, fallback=(self.q, self.r), group=self._group(),
-            max_tokens=self.max_tokens if self.mode == "per_step" else None,
+            max_tokens=self.max_tokens if self.mode == "per_step" else None, backend=self.backend,
         )
         values = torch.stack([fit.q, fit.r, fit.drift_evidence, fit.at_boundary.double(), fit.status.double()]).tolist()
         q, r, evidence, boundary, status = values  # the one host read of a fit

@@ -151,3 +151,22 @@ def test_data_parallel_ranks_get_the_same_fit_that_of_the_pooled_data(tmp_path):
     assert results[0]["options"]["q"] == pytest.approx(float(pooled.q), rel=1e-9)
     assert results[0]["options"]["r"] == pytest.approx(float(pooled.r), rel=1e-12)
     assert results[0]["metrics"]["refit"] == 1.0
+
+
+def test_backend_is_checked_and_passed_to_the_fit(monkeypatch):
+    """`backend` is refused by name at construction when it names no backend, and each fit
+    runs on the one given (trainers pass their loss's)."""
+    with pytest.raises(ValueError, match="backend"):
+        NoiseTracker("per_step", backend="cuda")
+    seen = []
+    real = kpo_kernels.tracker.estimate_noise
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["backend"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kpo_kernels.tracker, "estimate_noise", spy)
+    for backend in ("torch", kpo_kernels.TorchBackend()):
+        tracker = NoiseTracker("per_step", backend=backend)
+        tracker(*batch(2))
+        assert seen[-1] is backend and tracker.metrics["refit"] == 1.0

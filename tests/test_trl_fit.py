@@ -28,6 +28,7 @@ def train(tmp_path, monkeypatch, kalman_fit):
                   kalman_fit_min_tokens=8, max_completion_length=16)
     trainer = KPOGRPOTrainer(model=tiny_model(), reward_funcs=reward_a, args=args, train_dataset=prompts(),
                              processing_class=tiny_tokenizer())
+    assert trainer.noise_tracker.backend == args.kpo_backend  # the fit runs where the loss runs
     trainer.train()
     steps = [log for log in trainer.state.log_history if "loss" in log]
     return calls, steps

@@ -226,7 +226,7 @@ class KPOGRPOTrainer(GRPOTrainer):
         self.noise_tracker = None
         if mode != "off":
             filter_options = {key: self._kpo_options[key] for key in ("q", "r", "p0", "x0", "mask_mode")}
-            self.noise_tracker = NoiseTracker(mode, **filter_options, **settings)
+            self.noise_tracker = NoiseTracker(mode, **filter_options, **settings, backend=args.kpo_backend)
         self._kpo_generated_at = None
 
     def _generate_and_score_completions(self, inputs):
