@@ -104,9 +104,10 @@ def estimate_noise(
             is fitted, k = ceil(positions / max_tokens). Cheaper, at a statistical cost:
             docs/choosing-q-and-r.md, "Fitting every step".
         backend: "auto" (Triton on CUDA for float32 and narrower log-ratios, else torch),
-            "torch", "triton" or a `Backend`: what runs the search over the ratio. The transform
-            is torch's either way; the Triton backend searches in one kernel (without a process
-            group and for transforms in float32; else it runs the torch search too).
+            "torch", "triton" or a `Backend`: what runs the fit. The Triton backend lays out,
+            transforms (around torch's FFTs) and searches in its own kernels, nine launches
+            (docs/choosing-q-and-r.md); float64 log-ratios, and settings that float32 parts
+            cannot carry exactly, take the torch path there too.
 
     Returns:
         A `NoiseEstimate` of 0-dim float64 tensors on `log_ratio`'s device.
@@ -133,7 +134,9 @@ def estimate_noise(
         if max_tokens is not None and cu_seqlens is None and log_ratio.numel() > max_tokens:  # padded: rows first
             step = -(-log_ratio.numel() // max_tokens)
             log_ratio, mask = log_ratio[::step], None if mask is None else mask[::step]
-        laid_out = None if log_ratio.dtype == torch.float64 else impl.noise_layout(log_ratio, mask, cu_seqlens, mask_mode, x0, max_tokens)
+        laid_out = None
+        if log_ratio.dtype != torch.float64:
+            laid_out = impl.noise_layout(log_ratio, mask, cu_seqlens, mask_mode, x0, max_tokens)
         if laid_out is not None:
             z, lengths = laid_out
         else:
