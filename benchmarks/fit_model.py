@@ -42,6 +42,7 @@ from kpo_kernels.bench.data import rl_batch
 from kpo_kernels.fit_options import PER_STEP_MAX_TOKENS
 
 from .static_model import ISSUE_EFFICIENCY, LAUNCH_US, MACHINES
+from .static_model import loops as static_loops
 
 # bare allocations; and Python numbers wrapped as 0-dim CPU tensors (torch.where(mask, x, 0.0))
 NO_KERNEL = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default", "aten.scalar_tensor.default"}
@@ -139,7 +140,7 @@ def search_time(launch, machine):
     bins, sequences = args[1], args[3]
     steps = {"bins": math.ceil(bins / kwargs["BLOCK_B"]), "sequences": math.ceil(sequences / kwargs["BLOCK_S"]),
              "points": math.ceil(kwargs["POINTS"] / kwargs["BLOCK_F"])}
-    loops = _loops(instructions)
+    loops = static_loops(instructions)
     shared = [loop for loop in loops if loop[1] < finish_from]
     finish = [loop for loop in loops if loop[0] > finish_from]
     if len(shared) != 2 or len(finish) != 1 or len(loops) != 3:
@@ -166,17 +167,6 @@ def search_time(launch, machine):
 
     total = cycles(counts["shared"], busiest * warps) + cycles(counts["finish"], warps)
     return max(LAUNCH_US, total / (machine.clock_ghz * 1e3))
-
-
-def _loops(instructions):
-    """(start, end) address of every loop: a branch back to an earlier address."""
-    loops = []
-    for address, opcode, operands in instructions:
-        if opcode.startswith("BRA") and operands.startswith("0x"):
-            target = int(operands.split()[0].rstrip(","), 16)
-            if target < address:
-                loops.append((target, address))
-    return loops
 
 
 def device_time(kernels, machine, detail=None):

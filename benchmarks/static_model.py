@@ -101,15 +101,20 @@ def programs_per_sm(registers, warps, shared):
     return max(0, min(limits))
 
 
-def main_loop(instructions):
-    """(start, end) addresses of the largest loop: a branch back to an earlier address."""
-    loops = []
+def loops(instructions):
+    """(start, end) addresses of every loop: a branch back to an earlier address."""
+    found = []
     for address, opcode, operands in instructions:
         if opcode.startswith("BRA") and operands.startswith("0x"):
             target = int(operands.split()[0].rstrip(","), 16)
             if target < address:
-                loops.append((target, address))
-    return max(loops, key=lambda span: span[1] - span[0], default=None)
+                found.append((target, address))
+    return found
+
+
+def main_loop(instructions):
+    """(start, end) addresses of the largest loop."""
+    return max(loops(instructions), key=lambda span: span[1] - span[0], default=None)
 
 
 def _memory_ops(body, prefix):
