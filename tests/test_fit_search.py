@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from conftest import DEVICE
 from helpers import examples
 from kpo_kernels import TritonBackend, estimate_noise
-from kpo_kernels.backends.triton_noise import SEARCH_POINTS
+from kpo_kernels.backends.triton_noise import SEARCH_HIGHEST, SEARCH_POINTS
 from kpo_kernels.fit_search import staged_search
 from kpo_kernels.fit_spectrum import BIN_TOP, BIN_WIDTH, bin_count, sequences, spectral_sums
 from kpo_kernels.fitting import FEW_TOKENS, FITTED, NOT_FINITE, ON_POLICY
@@ -202,11 +202,19 @@ def test_packed_and_subsampled():
 def test_settings_float32_cannot_carry_run_the_torch_search():
     """The kernel takes each float64 setting as three float32 parts: q_range ends or fallbacks
     beyond float32's range, or below its normal numbers (whose parts lose bits), run the torch
-    search instead, so that the ends and fallbacks come back exactly."""
+    search instead, so that the ends and fallbacks come back exactly; so do ratios above
+    SEARCH_HIGHEST, whose float32 reciprocals a GPU returns as 0 (the interpreter cannot show it:
+    the kernel declines them, checked directly)."""
+    totals = torch.zeros(2 + 3 * 8, dtype=torch.float64, device=DEVICE)
+    lengths = torch.ones(1, dtype=torch.int64, device=DEVICE)
+    for low, high in ((1e-10, 1e35), (1e-300, 1e-200), (1e-10, 1e2)):
+        declined = POISONED.noise_search(totals, lengths, diffuse=False, low=low, high=high, min_tokens=1,
+                                         fallback=(1e-6, 1.0), group=None) is None
+        assert declined == (high > SEARCH_HIGHEST or low < 1e-100)
     z, mask = simulate(3, 60, 80, 0.0, 1e-2, seed=4, dtype=torch.float32)
     z, mask = z.to(DEVICE), mask.to(DEVICE)
     for options in (
-        {"q_range": (1e-300, 1e-200)}, {"q_range": (1e-44, 1e2)}, {"q_range": (1e-10, 1e60)},
+        {"q_range": (1e-300, 1e-200)}, {"q_range": (1e-44, 1e2)}, {"q_range": (1e-10, 1e60)}, {"q_range": (1e-10, 1e35)},
         {"fallback": (1e-50, 1.0), "min_tokens": 10_000}, {"fallback": (1e-35, 1e-40), "min_tokens": 10_000},
     ):
         got, want = both(z, mask, **options)

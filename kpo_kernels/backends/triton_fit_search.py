@@ -86,8 +86,10 @@ def _log_determinant(q, lengths_ptr, sequences, lengths_stride, DIFFUSE: tl.cons
 
 @triton.jit
 def _reciprocal(x):
-    """1 / x in float64 for 1.2e-38 < x < 3.4e38: float32's reciprocal, then two Newton steps
-    (error 2^-23 -> 2^-46 -> below float64's rounding), cheaper than an IEEE float64 division."""
+    """1 / x in float64 for 1.2e-38 < x < 2^126 (div.full.f32, what `/` compiles to on a GPU,
+    returns 0 beyond; triton_noise.SEARCH_HIGHEST keeps q below): float32's reciprocal, then two
+    Newton steps (error 2^-23 -> 2^-46 -> below float64's rounding), cheaper than an IEEE
+    float64 division."""
     w = (1.0 / x.to(tl.float32)).to(tl.float64)
     w = w * (2.0 - x * w)
     return w * (2.0 - x * w)

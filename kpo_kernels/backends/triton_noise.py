@@ -25,6 +25,9 @@ SEARCH_POINTS, SEARCH_RATIOS, SEARCH_WARPS = 2048, 8, 4
 if INTERPRETED:  # the same points and values in fewer, wider programs: numpy's cost is per operation
     SEARCH_RATIOS = 256
 SEARCH_BINS, SEARCH_SEQUENCES, SEARCH_FINISH = 64, 32, 512  # per step of its loops
+# The search's float64 reciprocals start from float32's 1 / (c + q), which a GPU's div.full.f32
+# returns as 0 for divisors above 2^126 (the interpreter does not): larger ratios take the torch search.
+SEARCH_HIGHEST = 1e30
 TRANSFORM_BLOCK = 1024  # positions or coefficients a program step of the transform's kernels
 BIN_BLOCK = 128  # bins a program of fit_bins_kernel
 
@@ -102,10 +105,10 @@ class NoiseFitLaunch:
     def noise_search(self, totals, lengths, *, diffuse, low, high, min_tokens, fallback, group):
         """The search on a dense grid in one launch (triton_fit_search.noise_search_kernel); under a
         process group the log-determinants at the grid's points first (fit_log_determinant_kernel)
-        and one all-reduce of them. None (the torch search) for settings beyond float32's range,
-        which its float64 settings pass through."""
+        and one all-reduce of them. None (the torch search) for settings its float32 parts cannot
+        carry exactly, and for ratios above SEARCH_HIGHEST."""
         settings = (math.log(low), math.log(high), low, high, *fallback)
-        if not all(float64_parts_fit(value) for value in settings):
+        if high > SEARCH_HIGHEST or not all(float64_parts_fit(value) for value in settings):
             return None
         device = totals.device
         parts = [part for value in settings for part in float64_parts(value)]
