@@ -166,7 +166,7 @@ def search_time(launch, machine):
         return max(per_warp[0] * resident_warps / rate, per_warp[1] * resident_warps / FLOAT64_WARP_INSTRUCTIONS_PER_CYCLE)
 
     total = cycles(counts["shared"], busiest * warps) + cycles(counts["finish"], warps)
-    return max(LAUNCH_US, total / (machine.clock_ghz * 1e3))
+    return total / (machine.clock_ghz * 1e3) + LAUNCH_US
 
 
 def device_time(kernels, machine, detail=None):
@@ -178,7 +178,7 @@ def device_time(kernels, machine, detail=None):
             time = search_time(launch, machine)
         else:
             passes = FFT_PASSES if "fft" in name else 1
-            time = max(LAUNCH_US, passes * moved / (machine.copy_tbps * 1e6))
+            time = passes * moved / (machine.copy_tbps * 1e6) + LAUNCH_US
         if detail is not None and name.startswith("triton."):
             detail[name] = detail.get(name, 0.0) + time
         total += time
