@@ -137,7 +137,7 @@ def search_time(launch, machine):
     compiled = compile_launch(kernel, stand_ins, kwargs)
     instructions = sass(compiled.asm["cubin"])
     finish_from = next(address for address, opcode, _ in instructions if opcode.startswith("ATOMG"))
-    bins, sequences = args[1], args[3]
+    bins, sequences = args[2], args[4]
     steps = {"bins": math.ceil(bins / kwargs["BLOCK_B"]), "sequences": math.ceil(sequences / kwargs["BLOCK_S"]),
              "points": math.ceil(kwargs["POINTS"] / kwargs["BLOCK_F"])}
     loops = static_loops(instructions)

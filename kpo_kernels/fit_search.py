@@ -10,7 +10,7 @@ The inputs of a search:
 - the settings: q_range's ends (low, high), min_tokens and the fallback (q, r).
 
 `staged_search` is the search in torch operations, the reference; a backend may run the same
-search its own way (`Backend.noise_search`: the Triton backend on a dense grid, in one launch).
+search its own way (`Backend.noise_fit`: the Triton backend on a dense grid, in one launch).
 """
 
 import math

@@ -33,7 +33,7 @@ the layout, the transform's inputs, the coefficients' prefix sums, the binned mo
 search of the same binned profile on a dense grid of 2048 ratios evenly spaced in log q (one
 launch; its best point, not a parabola, so that the profile and R reported are those at the
 ratio reported); under a process group the log-determinants at those ratios are all-reduced
-once. About nine launches where the torch operations take some 330 to 440.
+once. Eight launches where the torch operations take some 330 to 440.
 
 Which tokens: each sequence's valid tokens in order (`mask_mode="skip"`), or in `position` mode
 its positions up to its last valid token with masked ones as the observation 0 (what that filter
@@ -105,7 +105,7 @@ def estimate_noise(
             docs/choosing-q-and-r.md, "Fitting every step".
         backend: "auto" (Triton on CUDA for float32 and narrower log-ratios, else torch),
             "torch", "triton" or a `Backend`: what runs the fit. The Triton backend lays out,
-            transforms (around torch's FFTs) and searches in its own kernels, nine launches
+            transforms (around torch's FFTs) and searches in its own kernels, eight launches
             (docs/choosing-q-and-r.md); float64 log-ratios, and settings that float32 parts
             cannot carry exactly, take the torch path there too.
 
@@ -147,16 +147,14 @@ def estimate_noise(
         diffuse = p0 == math.inf
         exact = z.dtype == torch.float64  # the exact profile at the end reads every coefficient
         bins = bin_count(z.shape[1], group)
-        totals, y2, lam = None if exact else impl.noise_moments(z, lengths, diffuse=diffuse, bins=bins), None, None
-        if totals is None:
-            y2_total, moments, y2, lam = spectral_sums(z, lengths, diffuse=diffuse, bins=bins, keep=exact)
-            count = (lengths - 1).clamp(min=0) if diffuse else lengths
-            totals = torch.cat([torch.stack([count.sum().to(torch.float64), y2_total]), moments.reshape(-1)])
-        totals = all_reduce(totals, group)
         settings = dict(diffuse=diffuse, low=low, high=high, min_tokens=min_tokens, fallback=(fallback_q, fallback_r))
-        found = impl.noise_search(totals, lengths, group=group, **settings) if y2 is None else None
+        found = None if exact else impl.noise_fit(z, lengths, bins=bins, group=group, **settings)
         if found is not None:
             return found
+        y2_total, moments, y2, lam = spectral_sums(z, lengths, diffuse=diffuse, bins=bins, keep=exact)
+        count = (lengths - 1).clamp(min=0) if diffuse else lengths
+        totals = torch.cat([torch.stack([count.sum().to(torch.float64), y2_total]), moments.reshape(-1)])
+        totals = all_reduce(totals, group)
         return staged_search(totals, lengths, y2=y2, lam=lam, group=group, **settings)
 
 

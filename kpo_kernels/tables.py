@@ -64,12 +64,12 @@ def _build(kind, length, q, r, p0, device, dtype):
     return gains.to(dtype)
 
 
-def _capturing(device):
+def capturing(device):
     """Whether work on `device` is being captured into a CUDA graph now."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _canonical(device):
+def canonical_device(device):
     """torch.device("cuda") and the tensors' cuda:<current> name the same cache."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -177,12 +177,12 @@ class TableCache:
 
     def get(self, kind, longest, q, r, p0, device, dtype):
         """The `kind` table (float `dtype`, on `device`) for sequences of up to `longest` tokens."""
-        device = _canonical(device)
+        device = canonical_device(device)
         length = table_length(longest, q, r, p0)
         base = (kind, float(q) / float(r), float(p0) / float(r), dtype)
         owner = getattr(self._local, "owner", None)
-        capturing = _capturing(device)
-        if capturing and owner is None:
+        captured = capturing(device)
+        if captured and owner is None:
             owner = self.captured
         with self._lock:
             tables = self._devices.setdefault(device, _DeviceTables())
@@ -190,7 +190,7 @@ class TableCache:
             if entry is not None:
                 self._pin(tables, device, key, entry, owner)
                 return entry.table
-        if capturing:
+        if captured:
             warnings.warn(
                 f"kpo_kernels: a {kind} table (q={q}, r={r}, p0={p0}, {length} entries) was built during "
                 "CUDA-graph capture and is recomputed at each replay; call kpo_kernels.prepare(...) with "
@@ -228,7 +228,7 @@ class TableCache:
 
     def release(self, owner=None, device=None):
         """Unpin the tables of `owner` (None: of every owner), on `device` (None: every device)."""
-        device = None if device is None else _canonical(device)
+        device = None if device is None else canonical_device(device)
         with self._lock:
             for where, tables in self._devices.items():
                 if device is not None and where != device:
@@ -242,7 +242,7 @@ class TableCache:
 
     def nbytes(self, device=None, *, pinned=None):
         """Bytes held on `device` (None: every device); pinned=True/False: only pinned/unpinned."""
-        device = None if device is None else _canonical(device)
+        device = None if device is None else canonical_device(device)
         with self._lock:
             return sum(
                 (t.pinned_bytes if pinned is not False else 0) + (t.lru_bytes if pinned is not True else 0)
@@ -252,7 +252,7 @@ class TableCache:
 
     def entries(self, device=None):
         """Number of tables held on `device` (None: every device)."""
-        device = None if device is None else _canonical(device)
+        device = None if device is None else canonical_device(device)
         with self._lock:
             return sum(len(t.lru) + len(t.pinned) for w, t in self._devices.items() if device is None or w == device)
 

@@ -240,7 +240,7 @@ def test_tables_read_during_capture_are_pinned_and_missing_ones_not_cached(small
     cache = small_cache(max_bytes=16 * KIB, max_entries=8)
     z = torch.randn(1, 64)
     kpo_kernels.kalman_filter(z, q=1e-3, backend="torch")
-    monkeypatch.setattr(tables, "_capturing", lambda device: True)
+    monkeypatch.setattr(tables, "capturing", lambda device: True)
     kpo_kernels.kalman_filter(z, q=1e-3, backend="torch")
     captured = cache.nbytes("cpu", pinned=True)
     assert captured > 0
@@ -248,7 +248,7 @@ def test_tables_read_during_capture_are_pinned_and_missing_ones_not_cached(small
     with pytest.warns(UserWarning, match="prepare"):
         kpo_kernels.kalman_filter(z, q=2e-3, backend="torch")
     assert cache.entries("cpu") == entries
-    monkeypatch.setattr(tables, "_capturing", lambda device: False)
+    monkeypatch.setattr(tables, "capturing", lambda device: False)
     rng = random.Random(3)
     for _ in range(50):
         kpo_kernels.kalman_filter(z, q=_random_q(rng), backend="torch")

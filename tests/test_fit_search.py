@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from conftest import DEVICE
 from helpers import examples
 from kpo_kernels import TritonBackend, estimate_noise
-from kpo_kernels.backends.triton_noise import SEARCH_HIGHEST, SEARCH_POINTS
+from kpo_kernels.backends.triton_noise import SEARCH_HIGHEST, SEARCH_POINTS, _search_parts
 from kpo_kernels.fit_search import staged_search
 from kpo_kernels.fit_spectrum import BIN_TOP, BIN_WIDTH, bin_count, sequences, spectral_sums
 from kpo_kernels.fitting import FEW_TOKENS, FITTED, NOT_FINITE, ON_POLICY
@@ -32,6 +32,17 @@ from test_noise import simulate
 SETTINGS = dict(low=1e-10, high=1e2, min_tokens=64, fallback=(1e-6, 1.0))  # estimate_noise's defaults
 FIELDS = ("q", "r", "ratio", "log_likelihood", "drift_evidence", "at_boundary", "num_tokens", "status")
 POISONED = TritonBackend(poison=True)  # NaN / -2^30 in every output before the kernel writes it
+
+
+def kernel_search(totals, lengths, *, diffuse, low, high, min_tokens, fallback):
+    """The search kernel alone on given sums (None where it declines the settings), its counter
+    poisoned but for the zero the bins kernel would have left."""
+    parts = _search_parts(low, high, fallback)
+    if parts is None:
+        return None
+    finished = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    return POISONED.noise_search(totals, lengths, diffuse=diffuse, parts=parts, min_tokens=min_tokens, group=None,
+                                 finished=finished)
 
 
 def assert_same_fit(got, want, ratio_rel=None, nats=1e-6):
@@ -81,7 +92,7 @@ def test_search_kernel_matches_the_torch_search(q, r, p0):
     that swamps the noise (the upper end)."""
     z, mask = simulate(6, 40, 300, q, r, seed=11, dtype=torch.float32)
     totals, lengths, _, diffuse = torch_totals(z.to(DEVICE), mask.to(DEVICE), p0)
-    got = POISONED.noise_search(totals, lengths, diffuse=diffuse, group=None, **SETTINGS)
+    got = kernel_search(totals, lengths, diffuse=diffuse, **SETTINGS)
     want = staged_search(totals, lengths, y2=None, lam=None, diffuse=diffuse, group=None, **SETTINGS)
     assert int(want.status) == FITTED
     assert_same_fit(got, want)
@@ -92,8 +103,9 @@ def test_search_kernel_matches_the_torch_search(q, r, p0):
 def test_layout_kernel_matches_the_torch_layout(dtype, mask_mode):
     """Each sequence's log-ratios less x0 (fit_spectrum.sequences), bitwise, and its length: a
     fully masked row, bool and 0/1 float masks, NaN under the mask, strided and transposed views,
-    packed sequences of 0 to 17 tokens (int32 or int64 offsets) and under a token budget; what
-    follows a sequence's tokens is never written (NaN-poisoned here) nor read."""
+    packed sequences of 0 to 17 tokens (int32 or int64 offsets) and under a token budget; the
+    zeros after a sequence's tokens included (the outputs NaN-poisoned first), so that the torch
+    transform may read the layout too."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 37, generator=gen).to(dtype)
     mask = torch.rand(5, 37, generator=gen) > 0.3
@@ -118,8 +130,7 @@ def test_layout_kernel_matches_the_torch_layout(dtype, mask_mode):
                 step = -(-want_z.numel() // budget)
                 want_z, want_n = want_z[::step], want_n[::step]
             assert torch.equal(got_n, want_n) and got_z.shape == want_z.shape and got_z.dtype == want_z.dtype
-            for row, n in enumerate(got_n.tolist()):
-                torch.testing.assert_close(got_z[row, :n], want_z[row, :n], rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(got_z, want_z, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("p0", [0.0, math.inf])
@@ -130,7 +141,8 @@ def test_transform_kernels_match_the_torch_transform(shape, p0):
     magnitude, so that the centred moments of p = 1, 2 carry that error times |L|^p)."""
     z, mask = simulate(*shape, 1e-4, 1e-2, seed=3, dtype=torch.float32)
     want, lengths, rows, diffuse = torch_totals(z.to(DEVICE), mask.to(DEVICE), p0)
-    got = POISONED.noise_moments(rows, lengths, diffuse=diffuse, bins=(want.numel() - 2) // 3)
+    got, finished = POISONED.noise_moments(rows, lengths, diffuse=diffuse, bins=(want.numel() - 2) // 3)
+    assert finished.dtype == torch.int32 and finished.tolist() == [0]  # zeroed for the search (poisoned first)
     assert got.dtype == torch.float64 and got.shape == want.shape and not got.isnan().any()
     assert float(got[0]) == float(want[0])
     assert float(got[1]) == pytest.approx(float(want[1]), rel=1e-6)
@@ -208,8 +220,8 @@ def test_settings_float32_cannot_carry_run_the_torch_search():
     totals = torch.zeros(2 + 3 * 8, dtype=torch.float64, device=DEVICE)
     lengths = torch.ones(1, dtype=torch.int64, device=DEVICE)
     for low, high in ((1e-10, 1e35), (1e-300, 1e-200), (1e-10, 1e2)):
-        declined = POISONED.noise_search(totals, lengths, diffuse=False, low=low, high=high, min_tokens=1,
-                                         fallback=(1e-6, 1.0), group=None) is None
+        declined = POISONED.noise_fit(totals[None, :4].float(), lengths, diffuse=False, bins=8, low=low, high=high,
+                                      min_tokens=1, fallback=(1e-6, 1.0), group=None) is None
         assert declined == (high > SEARCH_HIGHEST or low < 1e-100)
     z, mask = simulate(3, 60, 80, 0.0, 1e-2, seed=4, dtype=torch.float32)
     z, mask = z.to(DEVICE), mask.to(DEVICE)
@@ -291,3 +303,20 @@ def test_data_parallel_ranks_get_the_fit_of_the_pooled_data(tmp_path):
         assert float(results[0][field]) == pytest.approx(float(getattr(pooled, field)), rel=1e-5), field
     assert float(results[0]["log_likelihood"]) == pytest.approx(float(pooled.log_likelihood), abs=1e-7)
     assert float(results[0]["drift_evidence"]) == pytest.approx(float(pooled.drift_evidence), abs=1e-7 * float(pooled.num_tokens))
+
+
+def test_per_size_tensors_are_not_cached_from_a_capture(monkeypatch):
+    """The bins' edge angles and centres are cached per size and device, except while the
+    device's stream is captured into a CUDA graph: what a capture builds belongs to the graph
+    (rebuilt at each replay, in its memory pool), and a later eager fit must not read it."""
+    from kpo_kernels import tables
+    from kpo_kernels.backends import triton_noise
+
+    bins = 1234  # a size no other test uses
+    for what in (triton_noise._edge_angles, triton_noise._centres):
+        monkeypatch.setattr(tables, "capturing", lambda device: True)
+        during = what(bins, torch.device(DEVICE))
+        assert what(bins, torch.device(DEVICE)) is not during
+        monkeypatch.setattr(tables, "capturing", lambda device: False)
+        after = what(bins, torch.device(DEVICE))
+        assert what(bins, torch.device(DEVICE)) is after and torch.equal(after, during)

@@ -84,18 +84,13 @@ class Backend:
         log-ratios of any float dtype but float64. This default: None."""
         return None
 
-    def noise_moments(self, z, lengths, *, diffuse, bins):
-        """`estimate_noise`'s transform: the float64 `totals` (2 + 3 bins,) of its search
-        (kpo_kernels/fit_search.py) from the (S, T) float32 sequences z and their lengths
-        (fit_spectrum.sequences), or None to let the caller run the torch transform
-        (fit_spectrum.spectral_sums). This default: None."""
-        return None
-
-    def noise_search(self, totals, lengths, *, diffuse, low, high, min_tokens, fallback, group):
-        """`estimate_noise`'s search over the ratio, as a `NoiseEstimate`, or None to let the
-        caller run the torch search (kpo_kernels/fit_search.py describes the arguments; called
-        for float32 transforms; `totals` already summed over `group`, None or a process group
-        whose ranks must all get the same result). This default: None."""
+    def noise_fit(self, z, lengths, *, diffuse, bins, low, high, min_tokens, fallback, group):
+        """`estimate_noise`'s transform and search as a `NoiseEstimate`, from the (S, T) float32
+        sequences z and their lengths (fit_spectrum.sequences), or None to let the caller run
+        both in torch (fit_spectrum.spectral_sums, then fit_search.staged_search, which describes
+        the other arguments). `group`: None, or a process group over which the transform's sums
+        are all-reduced; every rank must get the same result, and must decline (None) alike.
+        This default: None."""
         return None
 
     def prepare(self, length, q, r, p0, device):

@@ -21,10 +21,6 @@ import math
 import triton
 import triton.language as tl
 
-from ..fit_spectrum import BIN_TOP, BIN_WIDTH
-
-_BIN_TOP = tl.constexpr(BIN_TOP)
-_BIN_WIDTH = tl.constexpr(BIN_WIDTH)
 _LOG2 = tl.constexpr(math.log(2.0))
 _LOG_2PI = tl.constexpr(math.log(2.0 * math.pi))
 _DBL_MAX = tl.constexpr(1.7976931348623157e308)
@@ -96,27 +92,28 @@ def _reciprocal(x):
 
 
 @triton.jit
-def _moments(totals_ptr, bins, k):
-    """The binned moments m0, m1, m2 of bins k (0 past the last) and the bins' centres c."""
+def _coefficients(totals_ptr, centres_ptr, bins, k):
+    """For bins k (0 past the last), the binned quadratic's terms as a polynomial in w = 1 / (c + q):
+    (m0 - s m1 + s (2s - 1) m2 / 2) w with s = c w is w (m0 - w (c (m1 + m2 / 2) - w c^2 m2))."""
     inside = k < bins
     m0 = tl.load(totals_ptr + 2 + k, mask=inside, other=0.0)
     m1 = tl.load(totals_ptr + 2 + bins + k, mask=inside, other=0.0)
     m2 = tl.load(totals_ptr + 2 + 2 * bins + k, mask=inside, other=0.0)
-    top, width = tl.full([], _BIN_TOP, tl.float64), tl.full([], _BIN_WIDTH, tl.float64)  # not rounded to float32
-    return m0, m1, m2, tl.exp(top - (k.to(tl.float64) + 0.5) * width)
+    centre = tl.load(centres_ptr + k, mask=inside, other=1.0)
+    return centre, m0, centre * (m1 + 0.5 * m2), centre * centre * m2
 
 
 @triton.jit
-def _profile(q, log_det, totals_ptr, bins, BLOCK_B: tl.constexpr):
+def _profile(q, log_det, totals_ptr, centres_ptr, bins, BLOCK_B: tl.constexpr):
     """(profile log-likelihood per token, R_hat) at the ratios q, float64, from the binned
-    moments and the log-determinants: the quadratic part is the sum over bins of
-    (m0 - s m1 + s (2s - 1) m2 / 2) w, w = 1 / (c + q), s = c w (fit_spectrum.binned_quadratic)."""
+    moments, the bins' centres and the log-determinants: the quadratic part is the sum over bins
+    of (m0 - s m1 + s (2s - 1) m2 / 2) w, w = 1 / (c + q), s = c w (fit_spectrum.binned_quadratic),
+    in _coefficients' form."""
     terms = tl.zeros([q.shape[0], BLOCK_B], dtype=tl.float64)  # summed over the bins after the loop
     for start in range(0, bins, BLOCK_B):
-        m0, m1, m2, centre = _moments(totals_ptr, bins, start + tl.arange(0, BLOCK_B))
+        centre, first, second, third = _coefficients(totals_ptr, centres_ptr, bins, start + tl.arange(0, BLOCK_B))
         w = _reciprocal(centre[None, :] + q[:, None])
-        s = centre[None, :] * w
-        terms += (m0[None, :] - s * m1[None, :] + 0.5 * s * (2.0 * s - 1.0) * m2[None, :]) * w
+        terms += w * (first[None, :] - w * (second[None, :] - w * third[None, :]))
     quadratic = tl.sum(terms, 1)
     per = tl.maximum(tl.load(totals_ptr), 1.0)
     return -0.5 * (tl.full([], _LOG_2PI, tl.float64) + tl.log(quadratic / per) + log_det / per + 1.0), quadratic / per
@@ -145,7 +142,7 @@ def fit_log_determinant_kernel(lengths_ptr, sequences, lengths_stride, log_det_p
 
 @triton.jit
 def noise_search_kernel(
-    totals_ptr, bins, lengths_ptr, sequences, lengths_stride, log_det_ptr, values_ptr, finished_ptr, result_ptr,
+    totals_ptr, centres_ptr, bins, lengths_ptr, sequences, lengths_stride, log_det_ptr, values_ptr, finished_ptr, result_ptr,
     codes_ptr, min_tokens,
     lower0, lower1, lower2, upper0, upper1, upper2, low0, low1, low2, high0, high1, high2,
     fallback_q0, fallback_q1, fallback_q2, fallback_r0, fallback_r1, fallback_r2,
@@ -153,7 +150,7 @@ def noise_search_kernel(
     BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """Grid (POINTS / RATIOS,). Each program evaluates the binned profile and R (float64, as the
-    reference's) at RATIOS points of a grid of POINTS over [lower, upper] in u = log q, into
+    reference's, at the bins' centres `centres`) at RATIOS points of a grid of POINTS over [lower, upper] in u = log q, into
     `values` (2, POINTS); the log-determinants are its own, or (GIVEN_LOG_DET) read from
     log_det_ptr (fit_log_determinant_kernel's, summed over a process group). The last program to
     finish (an atomic count in `finished`, zero before the launch: its release and acquire order
@@ -171,7 +168,7 @@ def noise_search_kernel(
         log_det = tl.load(log_det_ptr + index)
     else:
         log_det = _log_determinant(q, lengths_ptr, sequences, lengths_stride, DIFFUSE, BLOCK_S)
-    values, r_hat = _profile(q, log_det, totals_ptr, bins, BLOCK_B)
+    values, r_hat = _profile(q, log_det, totals_ptr, centres_ptr, bins, BLOCK_B)
     tl.store(values_ptr + index, values)
     tl.store(values_ptr + POINTS + index, r_hat)
     tl.debug_barrier()  # every thread's stores before the atomic's release

@@ -24,15 +24,25 @@ _BIN_WIDTH = tl.constexpr(BIN_WIDTH)
 
 
 @triton.jit
+def _layout_valid(x_row, x_stride, mask_row, mask_stride, n, p, HAS_MASK: tl.constexpr):
+    """Which of positions p hold a token (inside the sequence, not masked)."""
+    inside = p < n
+    if HAS_MASK:
+        return ((tl.load(mask_row + p * mask_stride, mask=inside, other=0) << 1) != 0) & inside
+    return inside
+
+
+@triton.jit
 def fit_layout_kernel(x_ptr, x_row_stride, x_stride, mask_ptr, mask_row_stride, mask_stride, cu_ptr, cu_step, z_ptr,
                       lengths_ptr, width, x0, HAS_MASK: tl.constexpr, PACKED: tl.constexpr, POSITION: tl.constexpr,
                       BLOCK: tl.constexpr):
-    """Grid (sequences,): fit_spectrum.sequences. Sequence i is row i of a (B, T) batch, or the
-    packed sequence cu_step * i of cu_ptr's offsets (every cu_step-th: a token budget). z: (S,
-    width) float32, row i its log-ratios less x0 in order: in skip mode its valid tokens, in
-    position mode its positions up to its last valid one with masked ones as the observation 0
-    (-x0); what follows in the row is not written (nothing reads it). lengths: (S,) int64. Garbage
-    under the mask is never read; masks as in triton_common._load_valid."""
+    """Grid (sequences,): fit_spectrum.sequences, bitwise. Sequence i is row i of a (B, T) batch,
+    or the packed sequence cu_step * i of cu_ptr's offsets (every cu_step-th: a token budget).
+    z: (S, width) float32, row i its log-ratios less x0 in order, then 0: in skip mode its valid
+    tokens, in position mode its positions up to its last valid one with masked ones as the
+    observation 0 (-x0). lengths: (S,) int64. Garbage under the mask is never read; masks as in
+    triton_common._load_valid. Two passes over the row: skip mode writes the valid tokens, then
+    the zeros after them; position mode finds the last valid token, then writes every position."""
     row = tl.program_id(0).to(tl.int64)
     if PACKED:
         start = tl.load(cu_ptr + row * cu_step).to(tl.int64)
@@ -47,19 +57,21 @@ def fit_layout_kernel(x_ptr, x_row_stride, x_stride, mask_ptr, mask_row_stride, 
     length = tl.zeros([], dtype=tl.int64)
     for begin in range(0, width, BLOCK):
         p = begin + tl.arange(0, BLOCK).to(tl.int64)
-        inside = p < n
-        if HAS_MASK:
-            valid = ((tl.load(mask_row + p * mask_stride, mask=inside, other=0) << 1) != 0) & inside
-        else:
-            valid = inside
-        x = tl.load(x_row + p * x_stride, mask=valid, other=0.0).to(tl.float32) - x0
+        valid = _layout_valid(x_row, x_stride, mask_row, mask_stride, n, p, HAS_MASK)
         if POSITION:
-            tl.store(out + p, tl.where(valid, x, -x0), mask=inside)
             length = tl.maximum(length, tl.max(tl.where(valid, p + 1, 0), 0))
         else:
-            slot = length + tl.cumsum(valid.to(tl.int64), 0) - 1
-            tl.store(out + slot, x, mask=valid)
+            x = tl.load(x_row + p * x_stride, mask=valid, other=0.0).to(tl.float32) - x0
+            tl.store(out + length + tl.cumsum(valid.to(tl.int64), 0) - 1, x, mask=valid)
             length += tl.sum(valid.to(tl.int64), 0)
+    for begin in range(0, width, BLOCK):
+        p = begin + tl.arange(0, BLOCK).to(tl.int64)
+        if POSITION:
+            valid = _layout_valid(x_row, x_stride, mask_row, mask_stride, n, p, HAS_MASK)
+            x = tl.load(x_row + p * x_stride, mask=valid, other=0.0).to(tl.float32) - x0
+            tl.store(out + p, tl.where(valid, x, tl.where(p < length, -x0, 0.0)), mask=p < width)
+        else:  # past the valid tokens: positions the first pass never wrote
+            tl.store(out + p, tl.zeros([BLOCK], dtype=tl.float32), mask=(p >= length) & (p < width))
     tl.store(lengths_ptr + row, length)
 
 
@@ -164,7 +176,7 @@ def fit_coefficients_kernel(conv_ptr, lengths_ptr, lengths_stride, prefix_ptr, r
 
 
 @triton.jit
-def fit_bins_kernel(prefix_ptr, edges_ptr, lengths_ptr, lengths_stride, totals_ptr, rows, outputs, bins,
+def fit_bins_kernel(prefix_ptr, edges_ptr, lengths_ptr, lengths_stride, totals_ptr, finished_ptr, rows, outputs, bins,
                     DIFFUSE: tl.constexpr, BLOCK: tl.constexpr):
     """Grid (bins / BLOCK,). Bin b covers log lam in (TOP - (b + 1) W, TOP - b W] and holds a
     run of each row's coefficients (lam rises with k): k in (K_{b+1}, K_b], K_0 the count,
@@ -173,7 +185,8 @@ def fit_bins_kernel(prefix_ptr, edges_ptr, lengths_ptr, lengths_stride, totals_p
     e_i = TOP - i W, i = 1..bins - 1). Its sums of y2 L^p are prefix differences, summed over the
     rows in order, then moved to the bin's centre c: totals[2 + p * bins + b] = sum y2 (L - c)^p.
     Program 0 also writes totals[0] (the coefficients: tokens in the likelihood) and totals[1]
-    (the sum of every y2)."""
+    (the sum of every y2), and zeroes the search's counter `finished` (int32; the search runs
+    after this kernel in the stream: its memset saved)."""
     b = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = b < bins
     upper = tl.load(edges_ptr + b - 1, mask=inside & (b >= 1), other=0.0)
@@ -214,3 +227,4 @@ def fit_bins_kernel(prefix_ptr, edges_ptr, lengths_ptr, lengths_stride, totals_p
             total += tl.load(prefix_ptr + tl.cast(row, tl.int64) * (outputs + 1) + tl.minimum(count, outputs))
         tl.store(totals_ptr, tokens.to(tl.float64))
         tl.store(totals_ptr + 1, total)
+        tl.store(finished_ptr, 0)

@@ -3,18 +3,21 @@ kernels of triton_fit_transform.py and triton_fit_search.py, mixed into `TritonB
 
 One micro-batch's fit: `fit_layout_kernel`, `fit_chirp_kernel`, torch's FFT, product and inverse
 FFT (cuFFT on a GPU), `fit_coefficients_kernel`, `fit_bins_kernel` (the float64 sums the fit
-needs, in the layout of fit_search: `totals`), the zeroed counter and `noise_search_kernel`:
-nine launches (ten, and one all-reduce more, under a process group), where the torch operations
-take some 330 to 440. Nothing is read back on the host but a packed batch's longest length.
+needs, in the layout of fit_search: `totals`; it also zeroes the search's counter) and
+`noise_search_kernel`: eight launches (nine, and two all-reduces, under a process group), where
+the torch operations take some 330 to 440. Nothing is read back on the host but a packed batch's
+longest length.
 """
 
-import functools
+import collections
 import math
+import threading
 
 import torch
 
+from .. import tables
 from ..fit_search import NoiseEstimate, all_reduce
-from ..fit_spectrum import BIN_TOP, BIN_WIDTH, fft_length
+from ..fit_spectrum import BIN_TOP, BIN_WIDTH, bin_centres, fft_length
 from .triton_launch import INTERPRETED, float64_parts, float64_parts_fit, kernels
 
 # The noise search on the Triton backend: the binned profile at SEARCH_POINTS ratios evenly spaced
@@ -32,16 +35,56 @@ TRANSFORM_BLOCK = 1024  # positions or coefficients a program step of the transf
 BIN_BLOCK = 128  # bins a program of fit_bins_kernel
 
 
-@functools.lru_cache(maxsize=32)
+_SIZED = collections.OrderedDict()  # (what, bins, device) -> float64 tensor: _edge_angles and _centres
+_SIZED_MOST = 64
+_SIZED_LOCK = threading.Lock()
+
+
+def _per_size(what, bins, device, build):
+    """build(), cached per (what, bins, device), but not while `device`'s stream is captured into
+    a CUDA graph: what a capture builds is the graph's own (its operations rerun at each replay;
+    its memory the graph's pool), so an eager call must not find it."""
+    key = (what, bins, tables.canonical_device(device))
+    with _SIZED_LOCK:
+        found = _SIZED.get(key)
+        if found is not None:
+            _SIZED.move_to_end(key)
+            return found
+    built = build()
+    if not tables.capturing(key[2]):
+        with _SIZED_LOCK:
+            _SIZED[key] = built
+            while len(_SIZED) > _SIZED_MOST:
+                _SIZED.popitem(last=False)
+    return built
+
+
 def _edge_angles(bins, device):
     """asin(exp(e_i / 2) / 2) of the bin edges e_i = TOP - i W, i = 1..bins - 1 (float64, on
     `device`; made there by torch once per size, then cached: no host copy)."""
-    edges = BIN_TOP - torch.arange(1, max(bins, 2), device=device, dtype=torch.float64) * BIN_WIDTH
-    return torch.asin(torch.exp(0.5 * edges).mul_(0.5).clamp_(max=1.0))
+    def build():
+        edges = BIN_TOP - torch.arange(1, max(bins, 2), device=device, dtype=torch.float64) * BIN_WIDTH
+        return torch.asin(torch.exp(0.5 * edges).mul_(0.5).clamp_(max=1.0))
+
+    return _per_size("edge angles", bins, device, build)
+
+
+def _centres(bins, device):
+    """The bins' centres in lam (fit_spectrum.bin_centres: the reference's own numbers), cached."""
+    return _per_size("centres", bins, device, lambda: bin_centres(bins, device))
+
+
+def _search_parts(low, high, fallback):
+    """The search's float64 settings as float32 parts (triton_launch.float64_parts), or None where
+    the parts cannot carry one exactly or the ratio may pass SEARCH_HIGHEST."""
+    settings = (math.log(low), math.log(high), low, high, *fallback)
+    if high > SEARCH_HIGHEST or not all(float64_parts_fit(value) for value in settings):
+        return None
+    return [part for value in settings for part in float64_parts(value)]
 
 
 class NoiseFitLaunch:
-    """`Backend.noise_moments` and `Backend.noise_search` on Triton kernels."""
+    """`Backend.noise_layout` and `Backend.noise_fit` on Triton kernels."""
 
     def noise_layout(self, log_ratio, mask, cu_seqlens, mask_mode, x0, max_tokens):
         """fit_spectrum.sequences in one kernel (triton_fit_transform.fit_layout_kernel), the packed budget
@@ -72,15 +115,28 @@ class NoiseFitLaunch:
         )
         return z, lengths
 
+    def noise_fit(self, z, lengths, *, diffuse, bins, low, high, min_tokens, fallback, group):
+        """The transform (noise_moments), its sums all-reduced over `group`, then the search
+        (noise_search); None (the torch transform and search) for settings the search's float32
+        parts cannot carry exactly and for ratios above SEARCH_HIGHEST: alike on every rank."""
+        parts = _search_parts(low, high, fallback)
+        if parts is None:
+            return None
+        totals, finished = self.noise_moments(z, lengths, diffuse=diffuse, bins=bins)
+        return self.noise_search(all_reduce(totals, group), lengths, diffuse=diffuse, parts=parts, min_tokens=min_tokens,
+                                 group=group, finished=finished)
+
     def noise_moments(self, z, lengths, *, diffuse, bins):
         """The transform and its binned moments (fit_spectrum.spectral_sums, one bucket of
-        every row) as `totals` (fit_search), float64 (2 + 3 bins,)."""
+        every row): (totals, finished), the float64 (2 + 3 bins,) `totals` of fit_search and the
+        search's int32 counter (1,), zeroed in stream order by the bins kernel."""
         rows, width = z.shape
         device = z.device
         inputs = max(width - 1, 0) if diffuse else width
         totals = self._empty((2 + 3 * bins,), torch.float64, device)
+        finished = self._empty((1,), torch.int32, device)
         if rows == 0 or inputs == 0:  # no coefficient at all: the fallback statuses follow from zeros
-            return totals.zero_()
+            return totals.zero_(), finished.zero_()
         size = fft_length(2 * inputs)
         both = self._empty((2, rows, size), torch.complex64, device)
         grid = (rows, -(-size // TRANSFORM_BLOCK))
@@ -97,21 +153,18 @@ class NoiseFitLaunch:
             DIFFUSE=diffuse, BLOCK=TRANSFORM_BLOCK, num_warps=4,
         )
         kernels.fit_bins_kernel[(-(-bins // BIN_BLOCK),)](
-            prefix, _edge_angles(bins, device), lengths, lengths.stride(0), totals, rows, inputs, bins,
+            prefix, _edge_angles(bins, device), lengths, lengths.stride(0), totals, finished, rows, inputs, bins,
             DIFFUSE=diffuse, BLOCK=BIN_BLOCK, num_warps=4,
         )
-        return totals
+        return totals, finished
 
-    def noise_search(self, totals, lengths, *, diffuse, low, high, min_tokens, fallback, group):
-        """The search on a dense grid in one launch (triton_fit_search.noise_search_kernel); under a
-        process group the log-determinants at the grid's points first (fit_log_determinant_kernel)
-        and one all-reduce of them. None (the torch search) for settings its float32 parts cannot
-        carry exactly, and for ratios above SEARCH_HIGHEST."""
-        settings = (math.log(low), math.log(high), low, high, *fallback)
-        if high > SEARCH_HIGHEST or not all(float64_parts_fit(value) for value in settings):
-            return None
+    def noise_search(self, totals, lengths, *, diffuse, parts, min_tokens, group, finished):
+        """The search on a dense grid in one launch (triton_fit_search.noise_search_kernel) from
+        `totals` (summed over `group`), `parts` (_search_parts) and a zeroed int32 counter
+        `finished`; under a process group the log-determinants at the grid's points first
+        (fit_log_determinant_kernel) and one all-reduce of them."""
         device = totals.device
-        parts = [part for value in settings for part in float64_parts(value)]
+        bins = (totals.shape[0] - 2) // 3
         grid = (SEARCH_POINTS // SEARCH_RATIOS,)
         sizes = dict(POINTS=SEARCH_POINTS, RATIOS=SEARCH_RATIOS, BLOCK_S=SEARCH_SEQUENCES)
         log_det = None
@@ -124,9 +177,8 @@ class NoiseFitLaunch:
             all_reduce(log_det, group)
         result, codes = self._empty((6,), torch.float64, device), self._empty((2,), torch.int64, device)
         values = self._empty((2, SEARCH_POINTS), torch.float64, device)  # profile and R
-        finished = torch.zeros(1, dtype=torch.int32, device=device)
         kernels.noise_search_kernel[grid](
-            totals, (totals.shape[0] - 2) // 3, lengths, lengths.shape[0], lengths.stride(0),
+            totals, _centres(bins, device), bins, lengths, lengths.shape[0], lengths.stride(0),
             totals if log_det is None else log_det, values, finished, result, codes, min_tokens, *parts,
             DIFFUSE=diffuse, GIVEN_LOG_DET=log_det is not None, BLOCK_B=SEARCH_BINS, BLOCK_F=SEARCH_FINISH, **sizes,
             num_warps=SEARCH_WARPS,
