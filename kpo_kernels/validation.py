@@ -188,7 +188,7 @@ def check_loss_options(
     """Checked `LossOptions`. per_call=False checks only what is fixed at construction (a
     `KPOLoss`): the global counts that dp_size > 1 needs change every step and come per call.
     While Dynamo traces, only the types (`_traced_options`): the op checks the values."""
-    diagnostics = _check_metrics(metrics)
+    diagnostics = check_metrics(metrics)
     if compiling():
         return _traced_options(q, r, p0, x0, mask_mode, clip, clip_low, clip_high, dual_clip, log_ratio_cap, agg, dp_size,
                                batch_num_tokens, global_batch_size, loss_scale_factor, diagnostics)
@@ -238,12 +238,13 @@ def _check_agg(agg):
         raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
 
 
-def _check_metrics(metrics):
-    """Whether `metrics` ("full" or "basic") asks for the diagnostics."""
+def check_metrics(metrics, name="metrics"):
+    """Whether `metrics` ("full" or "basic") asks for the diagnostics; `name`: the argument's or
+    config field's name in the error."""
     if not isinstance(metrics, str):
-        raise TypeError(f"metrics must be one of {METRIC_SETS}, got {type(metrics).__name__} {metrics!r}")
+        raise TypeError(f"{name} must be one of {METRIC_SETS}, got {type(metrics).__name__} {metrics!r}")
     if metrics not in METRIC_SETS:
-        raise ValueError(f"metrics must be one of {METRIC_SETS}, got {metrics!r}")
+        raise ValueError(f"{name} must be one of {METRIC_SETS}, got {metrics!r}")
     return metrics == "full"
 
 

@@ -354,6 +354,31 @@ def test_trl_loss_is_the_reference_kpo_loss(tmp_path, loss_type, mask_mode):
         )
 
 
+def test_trl_basic_metrics_from_a_config_file_leave_out_the_diagnostics(tmp_path):
+    """kpo_metrics: basic in a TRL YAML config (TrlParser, as a TRL user sets it): the same loss,
+    gradient and other kpo/ metrics as full; the diagnostics are not logged at all."""
+    from trl import TrlParser
+
+    runs = {}
+    for choice in ("full", "basic"):
+        path = tmp_path / f"{choice}.yaml"
+        path.write_text(f"kpo_metrics: {choice}\nkalman_q: 0.01\nloss_type: bnpo\n")
+        (args,) = TrlParser((KPOGRPOConfig,)).parse_args_and_config(
+            args=["--config", str(path), "--output_dir", str(tmp_path / choice), "--use_cpu", "true", "--bf16", "false",
+                  "--report_to", "none", "--per_device_train_batch_size", "4", "--num_generations", "4"]
+        )
+        assert args.kpo_metrics == choice and args.kalman_q == 0.01
+        trainer = make_trainer(tmp_path / choice, **{k: getattr(args, k) for k in ("kpo_metrics", "kalman_q", "loss_type")})
+        inputs, log_prob, entropies = fixed_batch(trainer, seed=3)
+        runs[choice] = (*loss_and_grad(KPOGRPOTrainer._compute_loss, trainer, inputs, log_prob, entropies),
+                        {k: v for k, v in trainer._metrics["train"].items() if k.startswith("kpo/")})
+    (full_loss, full_grad, full_logged), (loss, grad, logged) = runs["full"], runs["basic"]
+    assert torch.equal(loss, full_loss) and torch.equal(grad, full_grad)
+    diagnostics = {"kpo/nis_mean", "kpo/log_likelihood", "kpo/sign_flip_raw", "kpo/sign_flip_filtered"}
+    assert set(full_logged) == set(KPO_KEYS) and set(logged) == set(KPO_KEYS) - diagnostics
+    assert all(logged[key] == full_logged[key] for key in logged)
+
+
 def test_trl_skip_mode_ignores_tool_output(tmp_path):
     """skip mode: the loss of a multi-turn batch is that of the same assistant tokens packed
     together (tool output removed); position mode differs."""
@@ -405,6 +430,8 @@ def test_trl_config_extends_grpo_config_with_paper_defaults(tmp_path):
         ({"mask_mode": "holes"}, "mask_mode"),
         ({"use_adaptive_entropy": True}, "use_adaptive_entropy"),
         ({"kpo_backend": "cuda"}, "backend"),
+        ({"kpo_metrics": "none"}, "kpo_metrics must be one of"),
+        ({"kpo_metrics": None}, "kpo_metrics must be one of"),
     ],
 )
 def test_trl_config_rejects_what_kpo_cannot_do(tmp_path, bad, message):

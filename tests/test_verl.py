@@ -192,6 +192,8 @@ def test_policy_loss_config_is_a_verl_policy_loss_config_with_kpo_defaults():
         ({"mask_mode": "holes"}, "mask_mode"),
         ({"dual_clip": 1.0}, "dual_clip must be > 1"),
         ({"is_clip": "yes"}, "clip must be a bool"),
+        ({"kpo_metrics": "none"}, "kpo_metrics must be one of"),
+        ({"kpo_metrics": True}, "kpo_metrics must be one of"),
     ],
 )
 def test_bad_hyperparameters_fail_when_the_config_is_built(bad, message):
@@ -246,6 +248,23 @@ def test_readme_overrides_build_the_actor_config_through_verls_loader():
     raw = cfg.actor_rollout_ref.actor
     raw_loss, raw_metrics, raw_grad = call_verl_loss("kpo", batch, raw)
     assert torch.equal(raw_loss, loss) and torch.equal(raw_grad, grad) and raw_metrics == metrics
+
+
+def test_basic_metrics_through_verls_loader_leave_out_the_diagnostics():
+    """policy_loss.kpo_metrics=basic, set as a verl user sets it: the same loss, gradient and
+    other metrics as full, bitwise; the four diagnostics not logged at all (rather than as 0)."""
+    batch = multi_turn_batch(seed=2)
+    logged = {}
+    for choice in ("full", "basic"):
+        cfg = compose_ppo_config(README_OVERRIDES + [f"+actor_rollout_ref.actor.policy_loss.kpo_metrics={choice}"])
+        actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+        assert actor.policy_loss.kpo_metrics == choice
+        logged[choice] = call_verl_loss("kpo", batch, actor)
+    (full_loss, full_metrics, full_grad), (loss, metrics, grad) = logged["full"], logged["basic"]
+    assert torch.equal(loss, full_loss) and torch.equal(grad, full_grad)
+    diagnostics = {"actor/kpo_nis_mean", "actor/kpo_log_likelihood", "actor/kpo_sign_flip_raw", "actor/kpo_sign_flip_filtered"}
+    assert set(full_metrics) == set(METRICS) and set(metrics) == set(METRICS) - diagnostics
+    assert all(metrics[name] == full_metrics[name] for name in metrics)
 
 
 def test_bad_hyperparameters_fail_in_verls_loader():

@@ -19,7 +19,8 @@ advantages and the completion mask (tool-output tokens masked, as TRL masks them
 - the KL penalty (`beta`), the static entropy bonus (`entropy_coef`) and the MoE router loss
   added as TRL adds them.
 
-KPO's metrics are logged in TRL's metrics as `kpo/<name>` (see `LOGGED_METRICS`).
+KPO's metrics are logged in TRL's metrics as `kpo/<name>` (see `LOGGED_METRICS`; under
+`kpo_metrics="basic"` all but the filter's diagnostics, which kpo_loss then does not compute).
 
 `kalman_fit` ("off", "per_generation", "per_step") fits Q and R with a `NoiseTracker`: on the
 first stale micro-batch of each generation, or on every stale micro-batch before its loss
@@ -38,6 +39,7 @@ from ..fit_options import (
     FIT_MODES, PER_STEP_MAX_TOKENS, check_fit_mode, check_fit_prior, check_fit_range, check_max_tokens, check_min_tokens,
 )
 from ..tracker import FIT_METRICS, NoiseTracker
+from ..validation import check_metrics
 
 __all__ = ["LOGGED_METRICS", "LOSS_TYPE_AGG", "KPOGRPOConfig", "KPOGRPOTrainer", "fit_options"]
 
@@ -146,6 +148,11 @@ class KPOGRPOConfig(GRPOConfig):
         metadata={"help": "Per-step fit's budget of positions per micro-batch (larger: every k-th sequence; None: all)."},
     )
     kpo_backend: str = field(default="auto", metadata={"help": "kpo_loss backend: 'auto', 'torch' or 'triton'."})
+    kpo_metrics: str = field(
+        default="full",
+        metadata={"help": "'full': log every kpo/ metric; 'basic': leave out the filter's diagnostics (nis_mean, "
+                          "log_likelihood, sign flips), which the fused GPU forward then skips (same loss and gradient)."},
+    )
     epsilon: float = field(default=3e-4, metadata={"help": "Lower clip range of the filtered ratio."})
     epsilon_high: Optional[float] = field(
         default=4e-4, metadata={"help": "Upper clip range of the filtered ratio (None: epsilon)."}
@@ -177,6 +184,7 @@ class KPOGRPOConfig(GRPOConfig):
                 f"delta ({self.delta}) must be >= 1 + epsilon_high ({1 + epsilon_high}): it becomes KPO's dual clip, "
                 "which equals TRL's two-sided clip only there"
             )
+        check_metrics(self.kpo_metrics, "kpo_metrics")  # by its config name
         KPOLoss(**kpo_options(self), backend=self.kpo_backend)  # checks every value, as kpo_loss will
         fit_options(self)  # and the fit's, by their config names
 
@@ -205,6 +213,7 @@ def kpo_options(args):
         "dual_clip": args.delta,
         "mask_mode": args.mask_mode,
         "log_ratio_cap": args.log_ratio_cap,
+        "metrics": args.kpo_metrics,
     }
 
 
@@ -352,8 +361,10 @@ class KPOGRPOTrainer(GRPOTrainer):
         """KPO's metrics (global over processes), the entropy and the KL, with one host sync."""
         tokens = metrics["num_tokens"]
         valid = mask.to(entropies.dtype)
-        sums = [metrics[name] * metrics[count] for name, count in _MEAN_METRICS.items()]
-        sums += [metrics[count] for count in _COUNTS]
+        means = {name: count for name, count in _MEAN_METRICS.items() if name in metrics}  # kpo_metrics=basic:
+        counts = [count for count in _COUNTS if count in metrics]  # no diagnostics, nor their counts
+        sums = [metrics[name] * metrics[count] for name, count in means.items()]
+        sums += [metrics[count] for count in counts]
         sums += [(entropies.detach() * valid).sum().to(tokens), valid.sum().to(tokens)]
         if per_token_kl is not None:
             sums.append((per_token_kl.detach() * valid).sum().to(tokens))
@@ -362,15 +373,15 @@ class KPOGRPOTrainer(GRPOTrainer):
         maxima = self.accelerator.gather(maxima).view(-1, len(_MAX_METRICS)).amax(0)
         values = torch.cat([sums, maxima]).tolist()  # the one host sync
 
-        counts = {count: max(values[len(_MEAN_METRICS) + i], 1.0) for i, count in enumerate(_COUNTS)}
+        counts = {count: max(values[len(means) + i], 1.0) for i, count in enumerate(counts)}
         logged = self._metrics[mode]
-        for i, (name, count) in enumerate(_MEAN_METRICS.items()):
+        for i, (name, count) in enumerate(means.items()):
             logged[f"kpo/{name}"].append(values[i] / counts[count])
         for i, name in enumerate(_MAX_METRICS):
             logged[f"kpo/{name}"].append(values[len(sums) + i])
         # TRL's "clip_ratio/region_mean" counts the tokens whose clipped branch is active: KPO's clipfrac.
         logged["clip_ratio/region_mean"].append(values[0] / counts["num_tokens"])
-        rest = len(_MEAN_METRICS) + len(_COUNTS)
+        rest = len(means) + len(counts)
         entropy_sum, entropy_tokens = values[rest], values[rest + 1]
         logged["entropy"].append(entropy_sum / max(entropy_tokens, 1.0))
         if per_token_kl is not None:

@@ -46,6 +46,7 @@ from ..fit_options import (
     PER_STEP_MAX_TOKENS, check_fit_mode, check_fit_prior, check_fit_range, check_max_tokens, check_min_tokens,
 )
 from ..tracker import FIT_METRICS, NoiseTracker
+from ..validation import check_metrics
 
 __all__ = ["LOSS_MODE", "METRICS", "FIT_METRIC_NAMES", "KPOPolicyLossConfig", "compute_policy_loss_kpo", "kpo_loss_options"]
 
@@ -61,7 +62,8 @@ METRICS = {
     "actor/kpo_ratio_max": "ratio_max",
     "actor/kpo_raw_ratio_mean": "raw_ratio_mean",
     "actor/kpo_raw_ratio_max": "raw_ratio_max",
-    # What the filter sees (docs/math.md section 5b, docs/choosing-q-and-r.md)
+    # What the filter sees (docs/math.md section 5b, docs/choosing-q-and-r.md); the first four are
+    # diagnostics, left out under policy_loss.kpo_metrics=basic
     "actor/kpo_nis_mean": "nis_mean",
     "actor/kpo_log_likelihood": "log_likelihood",
     "actor/kpo_sign_flip_raw": "sign_flip_raw",
@@ -102,6 +104,10 @@ class KPOPolicyLossConfig(PolicyLossConfig):
         keeps the previous Q and R.
     kalman_fit_max_tokens: the per-step fit's budget of positions per micro-batch (65536; a larger
         micro-batch is fitted on every k-th sequence); null: every sequence.
+    kpo_metrics: "full" (default) logs every metric of METRICS; "basic" leaves out the filter's
+        diagnostics (actor/kpo_nis_mean, actor/kpo_log_likelihood, actor/kpo_sign_flip_raw,
+        actor/kpo_sign_flip_filtered: `kpo_loss(metrics="basic")`), which the fused forward on a
+        GPU then does not compute: the same loss and gradient, a cheaper step. docs/verl.md.
 
     Build it from Hydra with `policy_loss._target_=kpo_kernels.integrations.verl.KPOPolicyLossConfig`;
     the hyperparameters are checked here, when verl builds the config, not at the first step.
@@ -121,6 +127,7 @@ class KPOPolicyLossConfig(PolicyLossConfig):
     kalman_fit_q_max: float = 1e2
     kalman_fit_min_tokens: int = 64
     kalman_fit_max_tokens: Optional[int] = PER_STEP_MAX_TOKENS
+    kpo_metrics: str = "full"
 
     def __post_init__(self):
         parent = getattr(super(), "__post_init__", None)
@@ -131,6 +138,7 @@ class KPOPolicyLossConfig(PolicyLossConfig):
                 f"KPOPolicyLossConfig has loss_mode={self.loss_mode!r}, not {LOSS_MODE!r}"
                 + (f": {_BYPASS_MESSAGE}" if self.loss_mode == "bypass_mode" else "")
             )
+        check_metrics(self.kpo_metrics, "kpo_metrics")  # by its config name
         KPOLoss(**_hyperparameters(self))  # checks every value, as kpo_loss will
         _fit_settings(self)  # and the fit's options, by their config names
 
@@ -170,6 +178,7 @@ _HYPERPARAMETERS = {
     "dual_clip": "dual_clip",
     "mask_mode": "mask_mode",
     "log_ratio_cap": "log_ratio_cap",
+    "kpo_metrics": "metrics",
 }
 
 
@@ -264,14 +273,14 @@ def compute_policy_loss_kpo(
         is_weights=rollout_is_weights,
         **options,
     )
-    names = list(METRICS.values())
-    stacked = [metrics[name] for name in names]
+    shown = [logged_name for logged_name, name in METRICS.items() if name in metrics]  # all but the
+    stacked = [metrics[METRICS[name]] for name in shown]  # diagnostics under kpo_metrics=basic
     if tracker is not None:  # whether this micro-batch is on-policy, read with the metrics
         valid = response_mask.bool()
         stale = ((log_prob.detach() != old_log_prob) & valid).any()
         stacked.append(stale.to(stacked[0].dtype))
     values = torch.stack(stacked).tolist()  # the one host sync
-    logged = dict(zip(METRICS, values))
+    logged = dict(zip(shown, values))
     if tracker is not None:
         if values[-1] == 0.0:  # an on-policy micro-batch: a new rollout batch begins
             tracker.new_generation()
