@@ -145,7 +145,7 @@ def search_time(launch, machine):
     finish = [loop for loop in loops if loop[0] > finish_from]
     if len(shared) != 2 or len(finish) != 1 or len(loops) != 3:
         raise RuntimeError(f"unexpected loops in noise_search_kernel's SASS: {loops} (the atomic at {finish_from})")
-    # the profile's loops: over the bins (three loads a step: the moments) and over the sequences
+    # the profile's loops: over the bins (four loads a step: the moments and centres) and over the sequences
     # (one: the lengths); the finish's: over the grid's points
     loads = [sum(opcode.startswith("LDG") for address, opcode, _ in instructions if start <= address <= end) for start, end in shared]
     bins_loop, sequences_loop = sorted(shared, key=lambda loop: -loads[shared.index(loop)])

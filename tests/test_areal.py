@@ -169,6 +169,23 @@ def test_kpo_equals_kpo_loss_on_the_same_tensors(case):
     assert stats["kpo_raw_ratio_mean"] != pytest.approx(stats["kpo_ratio_mean"], rel=1e-6)  # the filter acts
 
 
+def test_basic_metrics_leave_the_loss_and_other_statistics_alone():
+    """kpo={"metrics": "basic"}: the same loss, gradients and statistics as full, without the
+    diagnostics among KPO's scalars (nis_mean, the sign flips); a bad value refused by name."""
+    args = _areal_args()
+    mb = _coupled(_batch(2), args)
+    runs = {choice: _run(functools.partial(kpo_areal.kpo_grpo_loss_fn, kpo={"q": 1e-2, "metrics": choice}, **args), mb, _model())
+            for choice in ("full", "basic")}
+    (full_loss, full_grads, full_stats, _, _), (loss, grads, stats, _, _) = runs["full"], runs["basic"]
+    assert torch.equal(loss, full_loss) and all(torch.equal(a, b) for a, b in zip(grads, full_grads))
+    diagnostics = {key for key in full_stats if key.startswith(("kpo_nis_mean", "kpo_sign_flip"))}  # and their counts
+    assert {"kpo_nis_mean", "kpo_sign_flip_raw", "kpo_sign_flip_filtered"} <= diagnostics
+    assert set(stats) == set(full_stats) - diagnostics
+    assert all(stats[key] == full_stats[key] for key in stats)
+    with pytest.raises(ValueError, match="metrics must be one of"):
+        kpo_areal.enable(metrics="none")
+
+
 def test_kalman_fit_per_step_uses_the_noise_tracker():
     args = _areal_args()
     mb = _batch(3, lengths=(40, 55, 47), drift=0.05)

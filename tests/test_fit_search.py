@@ -131,6 +131,8 @@ def test_layout_kernel_matches_the_torch_layout(dtype, mask_mode):
                 want_z, want_n = want_z[::step], want_n[::step]
             assert torch.equal(got_n, want_n) and got_z.shape == want_z.shape and got_z.dtype == want_z.dtype
             torch.testing.assert_close(got_z, want_z, rtol=0, atol=0, equal_nan=True)
+            finite = want_z.isfinite()  # and the sign of each zero: the same bits
+            assert torch.equal(got_z[finite].view(torch.int32), want_z[finite].view(torch.int32))
 
 
 @pytest.mark.parametrize("p0", [0.0, math.inf])
@@ -320,3 +322,20 @@ def test_per_size_tensors_are_not_cached_from_a_capture(monkeypatch):
         monkeypatch.setattr(tables, "capturing", lambda device: False)
         after = what(bins, torch.device(DEVICE))
         assert what(bins, torch.device(DEVICE)) is after and torch.equal(after, during)
+
+
+def test_per_size_tensors_a_capture_read_are_never_evicted(monkeypatch):
+    """A captured graph reads the cached tensor at every replay without holding it: once a capture
+    has read an entry, no number of other sizes evicts it; entries no capture read are evicted."""
+    from kpo_kernels import tables
+    from kpo_kernels.backends import triton_noise
+
+    device = torch.device(DEVICE)
+    read, unread = triton_noise._centres(1301, device), triton_noise._centres(1302, device)
+    monkeypatch.setattr(tables, "capturing", lambda device: True)
+    assert triton_noise._centres(1301, device) is read  # found, and pinned
+    monkeypatch.setattr(tables, "capturing", lambda device: False)
+    for bins in range(2000, 2000 + triton_noise._SIZED_MOST + 2):
+        triton_noise._centres(bins, device)
+    assert triton_noise._centres(1301, device) is read
+    assert triton_noise._centres(1302, device) is not unread

@@ -278,6 +278,28 @@ def test_filter_equals_kpo_loss(monkeypatch, model_dir, name):
     assert abs(float(expected - vanilla)) > 1e-6  # the filter changed the loss
 
 
+def test_basic_metrics_from_the_launcher_flag(monkeypatch, model_dir):
+    """`--kpo.metrics basic`: the same training_step loss, clip ratio and gradients as full, and
+    KPO's logged metrics without the diagnostics (nis_mean, the sign flips)."""
+    options, rest = split_arguments(["--kpo.q", "1e-3", "--kpo.metrics", "basic"])
+    assert options == {"q": 1e-3, "metrics": "basic"} and rest == []
+    args = openrlhf_args(monkeypatch, *CONFIGS["token-mean"])
+    info = {"dp_size": 1, "batch_num_tokens": torch.tensor(31.0), "global_batch_size": torch.tensor(6.0)}
+    runs = {}
+    for choice in ("full", "basic"):
+        enable(q=1e-3, metrics=choice)
+        runs[choice] = step(args, model_dir, loss_batch_info=info)
+    (full, _, full_grads, _, _), (basic, _, basic_grads, _, _) = runs["full"], runs["basic"]
+    for key in ("policy_loss", "ppo_clip_ratio"):
+        assert torch.equal(basic["metrics"][key], full["metrics"][key]), key
+    for got, want in zip(basic_grads, full_grads):
+        assert torch.equal(got, want)
+    logged = {key for key in basic["metrics"] if key.startswith("kpo/")}
+    assert logged == {f"kpo/{m}" for m in kpo_openrlhf.LOGGED_METRICS} - {"kpo/nis_mean", "kpo/sign_flip_raw", "kpo/sign_flip_filtered"}
+    with pytest.raises(ValueError, match="metrics must be one of"):
+        enable(metrics="none")
+
+
 def test_default_loss_batch_info(monkeypatch, model_dir):
     """training_step without precomputed counts: OpenRLHF's get_loss_batch_info (all_reduce over
     the process group) gives the global counts, and the identity case still equals OpenRLHF's."""

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from kpo_kernels import kpo_loss
+from kpo_kernels import DIAGNOSTIC_METRICS, kpo_loss
 from kpo_kernels.integrations import slime as kpo_slime
 
 
@@ -72,7 +72,8 @@ def slime_args(**overrides):
 def test_options_from_args():
     options = kpo_slime.kpo_options(slime_args(kpo_q=1e-4, kpo_r=0.5, eps_clip_high=None, eps_clip_c=3.0))
     assert options == {"q": 1e-4, "r": 0.5, "p0": 0.0, "x0": 0.0, "mask_mode": "skip", "log_ratio_cap": 10.0,
-                       "backend": "auto", "clip_low": 3e-4, "clip_high": 3e-4, "dual_clip": 3.0}
+                       "backend": "auto", "metrics": "full", "clip_low": 3e-4, "clip_high": 3e-4, "dual_clip": 3.0}
+    assert kpo_slime.kpo_options(slime_args(kpo_metrics="basic"))["metrics"] == "basic"
 
 
 @pytest.mark.parametrize(
@@ -85,6 +86,7 @@ def test_options_from_args():
         ({"use_opsm": True}, ValueError, "--use-opsm"),
         ({"use_tis": True}, ValueError, "--use-tis"),
         ({"custom_pg_loss_reducer_function_path": "m.f"}, ValueError, "reducer"),
+        ({"kpo_metrics": "diagnostics"}, ValueError, "kpo_metrics must be one of"),
     ],
 )
 def test_options_refused_by_name(overrides, error, match):
@@ -171,6 +173,18 @@ def check_against_unsharded(batch, results):
             for name, value in metrics.items():
                 torch.testing.assert_close(rank_metrics[name].to(value.dtype), value, rtol=1e-10, atol=1e-12,
                                            msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_basic_metrics_leave_the_loss_and_gradient_alone(monkeypatch):
+    """kpo_metrics: basic on a rank (cp = 1): the same loss, gradient and other metrics as full,
+    no diagnostics among them."""
+    batch = micro_batch(3)
+    full = rank_loss(batch, 0, 1, None, False)
+    monkeypatch.setitem(OPTIONS, "metrics", "basic")
+    basic = rank_loss(batch, 0, 1, None, False)
+    assert torch.equal(basic[0], full[0]) and all(torch.equal(a, b) for a, b in zip(basic[1], full[1]))
+    assert set(basic[2]) == set(full[2]) - set(DIAGNOSTIC_METRICS)
+    assert all(torch.equal(basic[2][name], full[2][name]) for name in basic[2])
 
 
 def test_without_context_parallelism_the_loss_is_slimes_reduction_of_kpo_loss():

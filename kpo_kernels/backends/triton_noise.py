@@ -36,26 +36,32 @@ BIN_BLOCK = 128  # bins a program of fit_bins_kernel
 
 
 _SIZED = collections.OrderedDict()  # (what, bins, device) -> float64 tensor: _edge_angles and _centres
-_SIZED_MOST = 64
+_SIZED_PINNED = set()  # keys a CUDA-graph capture read: never evicted (a graph holds no reference to its inputs)
+_SIZED_MOST = 64  # unpinned entries kept
 _SIZED_LOCK = threading.Lock()
 
 
 def _per_size(what, bins, device, build):
-    """build(), cached per (what, bins, device), but not while `device`'s stream is captured into
-    a CUDA graph: what a capture builds is the graph's own (its operations rerun at each replay;
-    its memory the graph's pool), so an eager call must not find it."""
+    """build(), cached per (what, bins, device). Not while `device`'s stream is captured into a
+    CUDA graph: what a capture builds is the graph's own (its operations rerun at each replay; its
+    memory the graph's pool), so an eager call must not find it; and an entry a capture reads is
+    pinned, since the graph will read it at every replay."""
     key = (what, bins, tables.canonical_device(device))
+    captured = tables.capturing(key[2])
     with _SIZED_LOCK:
         found = _SIZED.get(key)
         if found is not None:
             _SIZED.move_to_end(key)
+            if captured:
+                _SIZED_PINNED.add(key)
             return found
     built = build()
-    if not tables.capturing(key[2]):
+    if not captured:
         with _SIZED_LOCK:
             _SIZED[key] = built
-            while len(_SIZED) > _SIZED_MOST:
-                _SIZED.popitem(last=False)
+            unpinned = [k for k in _SIZED if k not in _SIZED_PINNED]  # oldest first
+            for old in unpinned[: max(len(unpinned) - _SIZED_MOST, 0)]:
+                del _SIZED[old]
     return built
 
 

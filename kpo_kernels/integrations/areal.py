@@ -41,7 +41,7 @@ __all__ = ["KPO_OPTIONS", "LOGGED_METRICS", "kpo_grpo_loss_fn", "enable", "disab
 # Keyword options of kpo_grpo_loss_fn beyond grpo_loss_fn's, with their defaults.
 KPO_OPTIONS = {"q": 1e-6, "r": 1.0, "p0": 0.0, "x0": 0.0, "mask_mode": "skip", "log_ratio_cap": 10.0,
                "backend": "auto", "kalman_fit": "off", "kalman_fit_q_min": 1e-10, "kalman_fit_q_max": 1e2,
-               "kalman_fit_min_tokens": 64, "kalman_fit_max_tokens": PER_STEP_MAX_TOKENS}
+               "kalman_fit_min_tokens": 64, "kalman_fit_max_tokens": PER_STEP_MAX_TOKENS, "metrics": "full"}
 # kpo_loss metrics logged per micro-batch with stats_tracker.scalar as `kpo_<name>` (in AReaL's
 # "update" scope: `update/kpo_<name>`); with kalman_fit the NoiseTracker's FIT_METRICS too.
 LOGGED_METRICS = ("ratio_mean", "ratio_max", "raw_ratio_mean", "raw_ratio_max", "nis_mean", "sign_flip_raw",
@@ -56,7 +56,7 @@ def _check_options(options):
         raise TypeError(f"unexpected KPO options {sorted(unknown)}; known: {sorted(KPO_OPTIONS)}")
     options = {**KPO_OPTIONS, **options}
     kpo_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1),
-             **{k: options[k] for k in (*_FILTER_KEYS, "log_ratio_cap", "backend")})
+             **{k: options[k] for k in (*_FILTER_KEYS, "log_ratio_cap", "backend", "metrics")})
     mode = check_fit_mode("kalman_fit", options["kalman_fit"])
     q_range = check_fit_range("kalman_fit_q_min, kalman_fit_q_max", (options["kalman_fit_q_min"], options["kalman_fit_q_max"]))
     min_tokens = check_min_tokens("kalman_fit_min_tokens", options["kalman_fit_min_tokens"])
@@ -160,7 +160,7 @@ def kpo_grpo_loss_fn(
     loss, metrics = kpo_loss(
         logprobs, prox_logp, advantages, loss_mask, clip_low=eps_clip, clip_high=clip_high, dual_clip=c_clip,
         log_ratio_cap=options["log_ratio_cap"], agg="token-mean", batch_num_tokens=count, is_weights=weights,
-        cu_seqlens=cu_seqlens, backend=options["backend"], **filter_options,
+        cu_seqlens=cu_seqlens, backend=options["backend"], metrics=options["metrics"], **filter_options,
     )
     _log(logprobs.detach(), entropy, input_data, old_logp, prox_logp, prox_logp_gt, loss_mask, logged_mask, advantages, raw,
          weights, stat, eps_clip, clip_high, c_clip, options, filter_options, cu_seqlens, metrics, tracker,
@@ -213,8 +213,9 @@ def _log(logprobs, entropy, input_data, old_logp, prox_logp, prox_logp_gt, loss_
     if "versions" in input_data and current_version is not None:
         areal_actor._log_version_staleness_stats(versions=input_data["versions"], current_version=current_version,
                                                  version_metrics_mask=compute_logp_mask)
-    values = torch.stack([metrics[name].float() for name in LOGGED_METRICS]).tolist()  # one host read
-    scalars = {f"kpo_{name}": value for name, value in zip(LOGGED_METRICS, values)}
+    shown = [name for name in LOGGED_METRICS if name in metrics]  # metrics="basic": no diagnostics
+    values = torch.stack([metrics[name].float() for name in shown]).tolist()  # one host read
+    scalars = {f"kpo_{name}": value for name, value in zip(shown, values)}
     if tracker is not None:
         scalars.update({f"kpo_{name}": float(tracker.metrics[name]) for name in FIT_METRICS})
     stats_tracker.scalar(**scalars)

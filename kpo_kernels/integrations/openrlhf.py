@@ -36,7 +36,8 @@ __all__ = ["KPO_OPTIONS", "LOGGED_METRICS", "KPOPolicyLoss", "enable", "disable"
 
 # Keyword arguments of KPOPolicyLoss beyond PolicyLoss's, with their defaults; each is also a
 # launcher flag `--kpo.<name>`.
-KPO_OPTIONS = {"q": 1e-6, "r": 1.0, "p0": 0.0, "x0": 0.0, "mask_mode": "skip", "log_ratio_cap": 20.0, "backend": "auto"}
+KPO_OPTIONS = {"q": 1e-6, "r": 1.0, "p0": 0.0, "x0": 0.0, "mask_mode": "skip", "log_ratio_cap": 20.0, "backend": "auto",
+               "metrics": "full"}
 # kpo_loss metrics added to OpenRLHF's training_step metrics as `kpo/<name>`, each a token-weighted
 # mean over micro-batches and ranks (as OpenRLHF reduces its own 0-dim metrics).
 LOGGED_METRICS = ("ratio_mean", "ratio_max", "raw_ratio_mean", "raw_ratio_max", "nis_mean", "sign_flip_raw", "sign_flip_filtered", "capfrac")
@@ -49,8 +50,9 @@ class KPOPolicyLoss(PolicyLoss):
         clip_eps_low, clip_eps_high, dual_clip, token_level_loss, policy_loss_type,
         is_correction_level, is_correction_mode, is_correction_gating, is_correction_threshold:
             OpenRLHF's, with its meanings and checks (`policy_loss_type` must be "ppo").
-        q, r, p0, x0, mask_mode, log_ratio_cap, backend: the filter and `kpo_loss` options
-            (`KPO_OPTIONS` gives the defaults).
+        q, r, p0, x0, mask_mode, log_ratio_cap, backend, metrics: the filter and `kpo_loss`
+            options (`KPO_OPTIONS` gives the defaults; metrics="basic" leaves the diagnostics
+            nis_mean and the sign flips out of what is computed and logged).
 
     Raises:
         ValueError: `policy_loss_type="gspo"`, or an option OpenRLHF or `kpo_loss` refuses.
@@ -61,14 +63,16 @@ class KPOPolicyLoss(PolicyLoss):
     call's `kpo_loss` metrics are in `self.metrics`.
     """
 
-    def __init__(self, *args, q=1e-6, r=1.0, p0=0.0, x0=0.0, mask_mode="skip", log_ratio_cap=20.0, backend="auto", **kwargs):
+    def __init__(self, *args, q=1e-6, r=1.0, p0=0.0, x0=0.0, mask_mode="skip", log_ratio_cap=20.0, backend="auto",
+                 metrics="full", **kwargs):
         super().__init__(*args, **kwargs)
         if self.policy_loss_type != "ppo":
             raise ValueError(
                 f"policy_loss_type={self.policy_loss_type!r}: KPO filters per-token ratios and has no sequence-ratio "
                 "(GSPO) counterpart; use --actor.policy_loss_type ppo"
             )
-        self.kpo_options = dict(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode, log_ratio_cap=log_ratio_cap, backend=backend)
+        self.kpo_options = dict(q=q, r=r, p0=p0, x0=x0, mask_mode=mask_mode, log_ratio_cap=log_ratio_cap, backend=backend,
+                                metrics=metrics)
         self.metrics = {}
         kpo_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), **self.kpo_options)  # refuse bad options now
 
@@ -154,7 +158,8 @@ def enable(**options):
     options. The launcher (`main`) calls it in every actor process.
 
     Args:
-        **options: keyword arguments of `KPO_OPTIONS` (q, r, p0, x0, mask_mode, log_ratio_cap, backend).
+        **options: keyword arguments of `KPO_OPTIONS` (q, r, p0, x0, mask_mode, log_ratio_cap, backend,
+            metrics).
 
     Raises:
         TypeError: an unknown option. ValueError: an option `kpo_loss` refuses.
@@ -175,7 +180,8 @@ def enable(**options):
 
     def training_step(self, *args, **kwargs):
         status = original_step(self, *args, **kwargs)
-        for name in LOGGED_METRICS if isinstance(self.actor_loss_fn, KPOPolicyLoss) else ():
+        logged = self.actor_loss_fn.metrics if isinstance(self.actor_loss_fn, KPOPolicyLoss) else {}
+        for name in (name for name in LOGGED_METRICS if name in logged):  # metrics="basic": no diagnostics
             status["metrics"][f"kpo/{name}"] = self.actor_loss_fn.metrics[name].detach()
             status["weights"][f"kpo/{name}"] = "token"
         return status

@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 
 from ..api import KPOLoss, kpo_loss
+from ..validation import check_metrics
 
 __all__ = ["KPO_ARGS", "LOGGED_METRICS", "SlimePiece", "slime_pieces", "kpo_options", "cp_rank_loss",
            "kpo_policy_loss"]
@@ -42,8 +43,9 @@ __all__ = ["KPO_ARGS", "LOGGED_METRICS", "SlimePiece", "slime_pieces", "kpo_opti
 # slime `args` attributes (set by --custom-config-path's YAML) -> kpo_loss keyword, and default.
 KPO_ARGS = {"kpo_q": ("q", 1e-6), "kpo_r": ("r", 1.0), "kpo_p0": ("p0", 0.0), "kpo_x0": ("x0", 0.0),
             "kpo_mask_mode": ("mask_mode", "skip"), "kpo_log_ratio_cap": ("log_ratio_cap", 10.0),
-            "kpo_backend": ("backend", "auto")}
-# kpo_loss metrics logged as `kpo_<name>` (slime's "train/kpo_<name>").
+            "kpo_backend": ("backend", "auto"), "kpo_metrics": ("metrics", "full")}
+# kpo_loss metrics logged as `kpo_<name>` (slime's "train/kpo_<name>"); kpo_metrics: basic leaves
+# out the diagnostics among them (nis_mean, the sign flips), which kpo_loss then does not compute.
 LOGGED_METRICS = ("ratio_mean", "ratio_max", "raw_ratio_mean", "raw_ratio_max", "nis_mean", "sign_flip_raw",
                   "sign_flip_filtered", "capfrac")
 
@@ -112,6 +114,7 @@ def kpo_options(args):
     if unknown:
         raise TypeError(f"unknown KPO settings {unknown} in slime's args; known: {sorted(KPO_ARGS)}")
     options = {name: getattr(args, key, default) for key, (name, default) in KPO_ARGS.items()}
+    check_metrics(options["metrics"], "kpo_metrics")  # by slime's name for it
     clip_high = getattr(args, "eps_clip_high", None)
     options.update(clip_low=args.eps_clip, clip_high=args.eps_clip if clip_high is None else clip_high,
                    dual_clip=getattr(args, "eps_clip_c", None))
@@ -249,5 +252,5 @@ def kpo_policy_loss(args, batch, logits, sum_of_sample_mean):
     return loss, {
         "loss": loss.detach(), "pg_loss": pg_loss.detach(), "entropy_loss": entropy_loss.detach(),
         "pg_clipfrac": metrics["clipfrac"] * weight, "ppo_kl": sum_of_sample_mean(old_log_prob - log_prob).detach(),
-        **reported, **{f"kpo_{name}": metrics[name] * weight for name in LOGGED_METRICS},
+        **reported, **{f"kpo_{name}": metrics[name] * weight for name in LOGGED_METRICS if name in metrics},
     }
