@@ -95,3 +95,18 @@ def test_state_variants_cost_no_occupancy(compiled):
         if "kalman_filter_kernel" in key:
             assert resident[key] >= launcher.PROGRAMS_PER_SM, (key, state[key])
     assert compared >= 8, compared
+
+
+def test_flat_addressing_where_rows_are_not_aligned():
+    """kpo_loss_fwd_kernel's FLAT (blocks aligned to the flat token index): packed batches, and
+    padded rows of a length that is not a multiple of 16 laid end to end in every token input;
+    aligned padded rows, and inputs laid out otherwise, keep their own addressing."""
+    import torch
+
+    flat = launcher.TritonBackend._flat
+    rows = torch.zeros(4, 37)
+    assert flat(True, 5, (torch.zeros(9),))
+    assert flat(False, 37, (rows, rows.bool(), None))
+    assert not flat(False, 32, (torch.zeros(4, 32),))
+    assert not flat(False, 37, (rows, torch.zeros(4, 40)[:, :37]))
+    assert flat(False, 37, (rows, torch.zeros(4, 74)[:, ::2]))  # token stride 2, row stride 74

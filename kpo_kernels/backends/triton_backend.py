@@ -127,6 +127,16 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
         return (0, tensor.stride(0)) if varlen else (tensor.stride(0), tensor.stride(1))
 
     @staticmethod
+    def _flat(varlen, width, tensors):
+        """Whether every token input holds sequence s's token t at flat index s * width + t (in
+        token strides; packed ones always, by cu_seqlens): the fused forward then aligns its
+        blocks to the flat index (kpo_loss_fwd_kernel's FLAT). Padded rows of a multiple of 16
+        tokens are aligned already, and keep their own addressing."""
+        if varlen:
+            return True
+        return width % 16 != 0 and all(t is None or t.stride(0) == width * t.stride(1) for t in tensors)
+
+    @staticmethod
     def _addressable(tensor):
         """The tensor, or a contiguous copy when a position times the token stride would
         overflow the kernels' int32 offsets (a transposed view of 2^31 elements or more)."""
@@ -172,7 +182,8 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             tiling.tile_size, tiling.search_steps, *self._strides(new, tiling.varlen),
             *self._strides(old if old is not None else new, tiling.varlen), *self._strides(mask, tiling.varlen),
             HAS_OLD=old is not None, HAS_MASK=mask is not None, SKIP=options.skip, IS_VARLEN=tiling.varlen,
-            PREFIX=PREFIX, BLOCK=block, STORE_LATEST=latest, num_warps=warps, **state_kwargs,
+            PREFIX=PREFIX, BLOCK=block, STORE_LATEST=latest, num_warps=warps,
+            FLAT=self._flat(tiling.varlen, tiling.width, (new, old, mask)), **state_kwargs,
         )
         return counts, aggregates
 
@@ -321,6 +332,7 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             num_warps=warps,
             **(dict(HAS_STATE=True) if state is not None else {}),
             DIAGNOSTICS=options.diagnostics,
+            FLAT=self._flat(varlen, tiling.width, (lp, old, mask, adv if adv_per_token else None, weights)),
         )
 
     def _launch_finalize(self, batch, options, tiling, stats, row_scale, loss, metrics):

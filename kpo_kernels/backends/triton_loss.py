@@ -89,10 +89,13 @@ def kpo_loss_fwd_kernel(
     BLOCK: tl.constexpr,
     HAS_STATE: tl.constexpr = False,
     DIAGNOSTICS: tl.constexpr = True,
+    FLAT: tl.constexpr = False,
 ):
     """HAS_STATE: each sequence enters with the FilterState (state_x, state_count, state_sign)
     instead of (x0, 0, NO_TOKEN) (docs/math.md section 7). DIAGNOSTICS: False (metrics="basic")
-    compiles out the section-5b diagnostics: their statistics rows stay 0."""
+    compiles out the section-5b diagnostics: their statistics rows stay 0. FLAT: every token
+    input (and the gradient) holds sequence s's token t at flat index seq_start + t (packed
+    batches; padded ones whose every row stride is T and token stride 1)."""
     seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
         cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
     )
@@ -120,7 +123,7 @@ def kpo_loss_fwd_kernel(
 
     # Statistics of the tile, accumulated per lane and reduced once at the end. The nine token
     # counts share three int32 registers a lane, 10 bits each (_pack3): a lane sees one token
-    # per block and a tile has at most MAX_BLOCKS_PER_TILE = 1023 blocks (the launcher's bound).
+    # per block and a tile takes at most MAX_BLOCKS_PER_TILE + 1 = 1023 block steps (the launcher's bound).
     counts_a = tl.zeros([BLOCK], tl.int32)  # valid tokens, scored tokens, sign-flip pairs
     counts_b = tl.zeros([BLOCK], tl.int32)  # raw flips, filtered flips, capped
     counts_c = tl.zeros([BLOCK], tl.int32)  # clipped high, clipped low, dual-clip floor
@@ -133,11 +136,30 @@ def kpo_loss_fwd_kernel(
     raw_sum = tl.zeros([BLOCK], tl.float32)
     raw_max = tl.full([BLOCK], float("-inf"), tl.float32)
 
-    for start in range(tile_start, tile_end, BLOCK):
-        pos = start + tl.arange(0, BLOCK)
-        in_bounds = pos < tile_end
-        valid = _load_valid(mask_row, stride_mask_tok, pos, in_bounds, HAS_MASK)
-        z = _load_log_ratio(lp_row, old_row, stride_lp_tok, stride_old_tok, pos, valid, True)
+    # FLAT: the blocks start at tokens whose flat index is a multiple of 16 (the tile's first
+    # block reaches back to one, its lanes before tile_start out of bounds), so that the compiler
+    # knows each block's alignment as it does for aligned padded rows: without it a packed batch
+    # gets a one-token-a-lane layout whose scans cost about 50% more instructions.
+    lanes = tl.arange(0, BLOCK)
+    first_start = tile_start - ((seq_start + tile_start) % 16).to(tl.int32) if FLAT else tile_start
+    for start in range(first_start, tile_end, BLOCK):
+        pos = start + lanes
+        in_bounds = (pos >= tile_start) & (pos < tile_end) if FLAT else pos < tile_end
+        if FLAT:  # every token input at ptr + (seq_start + position) * token stride
+            at = tl.multiple_of(seq_start + start, 16)
+            lp_block, old_block = log_prob_ptr + at * stride_lp_tok, old_log_prob_ptr + at * stride_old_tok
+            mask_block, w_block = mask_ptr + at * stride_mask_tok, weights_ptr + at * stride_w_tok
+            grad_block = grad_ptr + at
+            if ADV_PER_TOKEN:
+                adv_block = adv_ptr + at * stride_adv_tok
+        else:
+            lp_block, old_block = lp_row + start * stride_lp_tok, old_row + start * stride_old_tok
+            mask_block, w_block = mask_row + start * stride_mask_tok, w_row + start * stride_w_tok
+            grad_block = grad_row + start
+            if ADV_PER_TOKEN:
+                adv_block = adv_row + start * stride_adv_tok
+        valid = _load_valid(mask_block, stride_mask_tok, lanes, in_bounds, HAS_MASK)
+        z = _load_log_ratio(lp_block, old_block, stride_lp_tok, stride_old_tok, lanes, valid, True)
         index = pos + offset if HAS_STATE else pos  # the gain index in position mode
         if DIAGNOSTICS:
             w = _variance_ratio(ratio_ptr, valid, index, seen, ratio_last, SKIP)
@@ -161,7 +183,7 @@ def kpo_loss_fwd_kernel(
             counts_a += _pack3(valid, scored, pair)
             latest = _latest(latest, tl.sum(tl.where(tl.arange(0, BLOCK) == BLOCK - 1, codes, 0), 0))
         else:
-            flip_raw = pos < 0  # all false
+            flip_raw = lanes < 0  # all false
             flip_filtered = flip_raw
             counts_a += valid.to(tl.int32)
 
@@ -174,11 +196,11 @@ def kpo_loss_fwd_kernel(
             frozen = x > log_ratio_cap
             x = tl.where(frozen, log_ratio_cap, x)
         else:
-            frozen = pos < 0  # all false
+            frozen = lanes < 0  # all false
         counts_b += _pack3(flip_raw, flip_filtered, frozen & valid)
         rt = tl.exp(x)
         if ADV_PER_TOKEN:
-            adv = tl.load(adv_row + pos * stride_adv_tok, mask=valid, other=0.0).to(tl.float32)
+            adv = tl.load(adv_block + lanes * stride_adv_tok, mask=valid, other=0.0).to(tl.float32)
         else:
             adv = tl.where(valid, adv_scalar, 0.0)
 
@@ -188,21 +210,21 @@ def kpo_loss_fwd_kernel(
             clip_low = (adv < 0) & (x < log_ratio_low)
             loss = tl.where(clip_high, -adv * ratio_high, tl.where(clip_low, -adv * ratio_low, loss))
             frozen = frozen | clip_high | clip_low
-            counts_c += _pack3(clip_high, clip_low, pos < 0)
+            counts_c += _pack3(clip_high, clip_low, lanes < 0)
         if DUAL_CLIP:
             lower = (adv < 0) & (x > log_dual_clip)
             loss = tl.where(lower, -adv * dual_clip, loss)
             frozen = frozen | lower
-            counts_c += _pack3(pos < 0, pos < 0, lower)
+            counts_c += _pack3(lanes < 0, lanes < 0, lower)
         # d loss / d log_prob = -A * rt (the stop-gradient trick), 0 where a branch froze it.
         dloss = tl.where(frozen, 0.0, -adv * rt)
         if HAS_WEIGHTS:
-            w = tl.load(w_row + pos * stride_w_tok, mask=valid, other=0.0).to(tl.float32)
+            w = tl.load(w_block + lanes * stride_w_tok, mask=valid, other=0.0).to(tl.float32)
             loss = loss * w
             dloss = dloss * w
         loss = tl.where(valid, loss, 0.0)
         if STORE_GRAD:
-            tl.store(grad_row + pos, tl.where(valid, dloss, 0.0).to(grad_ptr.dtype.element_ty), mask=in_bounds)
+            tl.store(grad_block + lanes, tl.where(valid, dloss, 0.0).to(grad_ptr.dtype.element_ty), mask=in_bounds)
 
         raw = tl.exp(z)
         loss_sum += loss

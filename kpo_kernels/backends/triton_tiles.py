@@ -85,13 +85,15 @@ def tile_aggregate_kernel(
     STORE_LATEST: tl.constexpr = False,
     HAS_STATE: tl.constexpr = False,
     EVERY_TILE: tl.constexpr = False,
+    FLAT: tl.constexpr = False,
 ):
     """Pass 2: the composed affine map of each tile, stored as agg[0, slot] = C, agg[1, slot] = B
     (but for the last tile of a sequence, which no tile after it reads, unless EVERY_TILE).
     STORE_LATEST (the loss's sign flips, chunk_maps) also stores the map from the tile's entry
     to the state after its last valid token (agg[2], agg[3]) and that token's sign(z) + 1
     (agg[4]; 3 when the tile has none). HAS_STATE: each sequence consumed state_count[seq]
-    observations before its first token (the gain index starts there; docs/math.md section 7)."""
+    observations before its first token (the gain index starts there; docs/math.md section 7).
+    FLAT: blocks aligned to the flat token index, as in kpo_loss_fwd_kernel."""
     seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
         cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
     )
@@ -109,12 +111,20 @@ def tile_aggregate_kernel(
     cl_tile = c_tile
     bl_tile = b_tile
     k_tile = c_tile + 3.0
-    for start in range(tile_start, tile_end, BLOCK):
-        lanes = tl.arange(0, BLOCK)
+    lanes = tl.arange(0, BLOCK)
+    first_start = tile_start - ((seq_start + tile_start) % 16).to(tl.int32) if FLAT else tile_start
+    for start in range(first_start, tile_end, BLOCK):
         pos = start + lanes
-        in_bounds = pos < tile_end
-        valid = _load_valid(mask_row, stride_mask_tok, pos, in_bounds, HAS_MASK)
-        z = _load_log_ratio(new_row, old_row, stride_new_tok, stride_old_tok, pos, valid, HAS_OLD)
+        in_bounds = (pos >= tile_start) & (pos < tile_end) if FLAT else pos < tile_end
+        if FLAT:
+            at = tl.multiple_of(seq_start + start, 16)
+            new_block, old_block = new_ptr + at * stride_new_tok, old_ptr + at * stride_old_tok
+            mask_block = mask_ptr + at * stride_mask_tok
+        else:
+            new_block, old_block = new_row + start * stride_new_tok, old_row + start * stride_old_tok
+            mask_block = mask_row + start * stride_mask_tok
+        valid = _load_valid(mask_block, stride_mask_tok, lanes, in_bounds, HAS_MASK)
+        z = _load_log_ratio(new_block, old_block, stride_new_tok, stride_old_tok, lanes, valid, HAS_OLD)
         index = pos + offset if HAS_STATE else pos  # the gain index in position mode
         c, b, seen = _block_maps(z, valid, in_bounds, index, gains_ptr, gains_last, seen, SKIP)
         if STORE_LATEST:
