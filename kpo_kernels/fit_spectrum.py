@@ -42,8 +42,7 @@ def sequences(log_ratio, mask, cu_seqlens, mask_mode, x0):
         columns = torch.arange(1, width + 1, device=device)
         lengths = torch.where(valid, columns, 0).amax(-1) if width else torch.zeros(rows, dtype=torch.long, device=device)
         inside = columns[None, :] <= lengths[:, None]
-        # 0 - x0, not -x0: +0.0 when x0 = 0, as a kernel's negation (tests compare the bits)
-        return torch.where(valid, z, torch.where(inside, 0.0 - x0, 0.0)), lengths
+        return torch.where(valid, z, torch.where(inside, -x0, 0.0)), lengths
     lengths = valid.sum(-1)
     prefix = torch.arange(width, device=device)[None, :] < lengths[:, None]
     if device.type == "cpu" and bool(torch.equal(prefix, valid)):  # right-padded: already compact

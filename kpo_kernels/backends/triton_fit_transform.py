@@ -36,7 +36,7 @@ def _layout_valid(x_row, x_stride, mask_row, mask_stride, n, p, HAS_MASK: tl.con
 def fit_layout_kernel(x_ptr, x_row_stride, x_stride, mask_ptr, mask_row_stride, mask_stride, cu_ptr, cu_step, z_ptr,
                       lengths_ptr, width, x0, HAS_MASK: tl.constexpr, PACKED: tl.constexpr, POSITION: tl.constexpr,
                       BLOCK: tl.constexpr):
-    """Grid (sequences,): fit_spectrum.sequences, bitwise. Sequence i is row i of a (B, T) batch,
+    """Grid (sequences,): fit_spectrum.sequences, bitwise (a zero's sign aside). Sequence i is row i of a (B, T) batch,
     or the packed sequence cu_step * i of cu_ptr's offsets (every cu_step-th: a token budget).
     z: (S, width) float32, row i its log-ratios less x0 in order, then 0: in skip mode its valid
     tokens, in position mode its positions up to its last valid one with masked ones as the
