@@ -35,6 +35,7 @@ from .innovation import variance_ratio_schedule
 
 GAINS = "gains"
 VARIANCE_RATIOS = "variance_ratios"
+LOG_VARIANCE_RATIOS = "log_variance_ratios"  # log w, computed in float64 (the fused forward's log-likelihood)
 MAX_BYTES = 64 << 20  # per device, every kind together (README)
 MAX_ENTRIES = 1024  # per device: bounds the host memory of many small tables
 
@@ -59,8 +60,10 @@ def packed_longest(cu_seqlens, num_tokens):
 
 def _build(kind, length, q, r, p0, device, dtype):
     gains = gain_schedule(length, q, r, p0, device=device)
-    if kind == VARIANCE_RATIOS:
+    if kind in (VARIANCE_RATIOS, LOG_VARIANCE_RATIOS):
         gains = variance_ratio_schedule(gains, float(q) / float(r), float(p0) / float(r))
+    if kind == LOG_VARIANCE_RATIOS:
+        gains = gains.log()  # -inf where w = 0 (a diffuse prior's first observation: never scored)
     return gains.to(dtype)
 
 
@@ -298,6 +301,11 @@ def gain_table(longest, q, r, p0, device, dtype):
 def variance_ratio_table(longest, q, r, p0, device, dtype):
     """Variance ratios w_1.. = R / S_n, indexed like the gains."""
     return cache.get(VARIANCE_RATIOS, longest, q, r, p0, device, dtype)
+
+
+def log_variance_ratio_table(longest, q, r, p0, device, dtype):
+    """log w_1.., indexed like the gains (the log taken in float64, then rounded once)."""
+    return cache.get(LOG_VARIANCE_RATIOS, longest, q, r, p0, device, dtype)
 
 
 def release_tables(device=None):

@@ -3,6 +3,7 @@ threads, long histories of distinct noise settings, byte bounds, pins for CUDA g
 `prepare` for every layout."""
 
 import gc
+import math
 import random
 import sys
 import threading
@@ -307,9 +308,20 @@ def test_prepare_and_cache_refuse_bad_arguments():
 
 def test_tables_of_every_kind_share_one_budget(small_cache):
     cache = small_cache(max_bytes=8 * KIB)
-    for kind in (GAINS, tables.VARIANCE_RATIOS):
+    for kind in (GAINS, tables.VARIANCE_RATIOS, tables.LOG_VARIANCE_RATIOS):
         cache.get(kind, 1000, 1e-9, 1.0, 0.0, "cpu", torch.float64)  # 1024 entries, 8 KiB each
     assert cache.entries("cpu") == 1 and cache.nbytes("cpu") == 8 * KIB
+
+
+@pytest.mark.parametrize("p0", [0.0, 0.5, math.inf])
+def test_log_variance_ratios_are_the_float64_log_of_the_ratios(p0):
+    """The fused forward's log-likelihood reads log w from a table: the float64 log of the
+    variance ratios rounded once (-inf where w = 0: a diffuse prior's first observation)."""
+    ratios = tables.variance_ratio_table(300, 1e-3, 0.5, p0, "cpu", torch.float64)
+    logs = tables.log_variance_ratio_table(300, 1e-3, 0.5, p0, "cpu", torch.float32)
+    assert logs.shape == ratios.shape and logs.dtype == torch.float32
+    assert torch.equal(logs, ratios.log().float())
+    assert (float(logs[0]) == -math.inf) == (p0 == math.inf) and torch.isfinite(logs[1:]).all()
 
 
 def test_release_tables_names_a_bad_device():

@@ -98,15 +98,20 @@ def test_state_variants_cost_no_occupancy(compiled):
 
 
 def test_flat_addressing_where_rows_are_not_aligned():
-    """kpo_loss_fwd_kernel's FLAT (blocks aligned to the flat token index): packed batches, and
-    padded rows of a length that is not a multiple of 16 laid end to end in every token input;
-    aligned padded rows, and inputs laid out otherwise, keep their own addressing."""
+    """kpo_loss_fwd_kernel's FLAT (tiles and blocks aligned to the flat token index): packed
+    batches, and padded rows of a length that is not a multiple of 16 laid end to end in every
+    token input, when no row's last block would take a step more for the reach-back; never for
+    blocks below 16 tokens (the alignment would be false) nor for aligned padded rows."""
     import torch
 
     flat = launcher.TritonBackend._flat
     rows = torch.zeros(4, 37)
-    assert flat(True, 5, (torch.zeros(9),))
-    assert flat(False, 37, (rows, rows.bool(), None))
-    assert not flat(False, 32, (torch.zeros(4, 32),))
-    assert not flat(False, 37, (rows, torch.zeros(4, 40)[:, :37]))
-    assert flat(False, 37, (rows, torch.zeros(4, 74)[:, ::2]))  # token stride 2, row stride 74
+    assert flat(True, 5, 64, (torch.zeros(9),))
+    assert not flat(True, 5, 8, (torch.zeros(9),))
+    assert flat(False, 37, 64, (rows, rows.bool(), None))
+    assert not flat(False, 32, 64, (torch.zeros(4, 32),))
+    assert not flat(False, 37, 64, (rows, torch.zeros(4, 40)[:, :37]))
+    assert flat(False, 37, 64, (rows, torch.zeros(4, 74)[:, ::2]))  # token stride 2, row stride 74
+    wide = torch.zeros(2, 1023)
+    assert not flat(False, 1023, 1024, (wide,))  # 1023 + 15 > 1024: a second block step
+    assert flat(False, 1009, 1024, (torch.zeros(2, 1009),))  # 1009 + 15 <= 1024

@@ -92,6 +92,7 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
     def prepare(self, length, q, r, p0, device):
         tables.gain_table(length, q, r, p0, device, torch.float32)
         tables.variance_ratio_table(length, q, r, p0, device, torch.float32)
+        tables.log_variance_ratio_table(length, q, r, p0, device, torch.float32)
 
     def output_dtypes(self, dtype):
         return {**super().output_dtypes(dtype), "grad": _derivative_dtype(dtype)}
@@ -127,14 +128,21 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
         return (0, tensor.stride(0)) if varlen else (tensor.stride(0), tensor.stride(1))
 
     @staticmethod
-    def _flat(varlen, width, tensors):
-        """Whether every token input holds sequence s's token t at flat index s * width + t (in
-        token strides; packed ones always, by cu_seqlens): the fused forward then aligns its
-        blocks to the flat index (kpo_loss_fwd_kernel's FLAT). Padded rows of a multiple of 16
-        tokens are aligned already, and keep their own addressing."""
+    def _flat(varlen, width, block, tensors):
+        """Whether the fused loss aligns its tiles and blocks to the flat token index
+        (kpo_loss_fwd_kernel's FLAT): blocks of a multiple of 16 tokens, and every token input
+        holding sequence s's token t at flat index s * width + t (in token strides; packed ones
+        always, by cu_seqlens). Padded rows of a multiple of 16 tokens are aligned already and keep
+        their own addressing; padded rows whose last block would take one step more for the
+        reach-back (up to 15 tokens) keep theirs too. A packed sequence's last tile takes one step
+        more only when its last block's tokens and its reach-back together pass a block."""
+        if block % 16 != 0:
+            return False
         if varlen:
             return True
-        return width % 16 != 0 and all(t is None or t.stride(0) == width * t.stride(1) for t in tensors)
+        if width % 16 == 0 or width % block + 15 > block:
+            return False
+        return all(t is None or t.stride(0) == width * t.stride(1) for t in tensors)
 
     @staticmethod
     def _addressable(tensor):
@@ -156,11 +164,14 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             return mask
         return mask.view(_SAME_SIZE_INT[mask.element_size()])
 
-    def _tile_passes(self, tiling, new, old, mask, gains, options, block, warps, latest=False, count=None, every_tile=False):
+    def _tile_passes(self, tiling, new, old, mask, gains, options, block, warps, latest=False, count=None, every_tile=False,
+                     flat=False):
         """Passes 1 and 2 for sequences longer than a tile: (valid counts, tile maps). latest:
         also each tile's map to its last valid token and that token's sign (the loss's sign flips).
         count: observations each sequence consumed before (an entering state). every_tile: also
-        the last tile of each sequence, even when it is the only one (chunk_maps)."""
+        the last tile of each sequence, even when it is the only one (chunk_maps). flat: the
+        tiles of kpo_loss_fwd_kernel's FLAT (the loss's own choice: every reader of these
+        counts and maps must place its tiles alike)."""
         device = new.device
         if not tiling.multi_tile and not every_tile:  # placeholders the kernels never read
             return torch.empty(1, dtype=torch.int32, device=device), torch.empty(1, dtype=torch.float32, device=device)
@@ -173,7 +184,7 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             kernels.tile_count_kernel[tiling.grid](
                 mask_arg, *tiling.launch_args(), counts, tiling.num_seqs, tiling.width, tiling.tile_size,
                 tiling.search_steps, *self._strides(mask, tiling.varlen), IS_VARLEN=tiling.varlen, BLOCK=block,
-                num_warps=warps, **({"EVERY_TILE": True} if every_tile else {}),
+                num_warps=warps, FLAT=flat, **({"EVERY_TILE": True} if every_tile else {}),
             )
         aggregates = self._empty((5 if latest else 2, tiling.num_slots), torch.float32, device)
         kernels.tile_aggregate_kernel[tiling.grid](
@@ -182,8 +193,7 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             tiling.tile_size, tiling.search_steps, *self._strides(new, tiling.varlen),
             *self._strides(old if old is not None else new, tiling.varlen), *self._strides(mask, tiling.varlen),
             HAS_OLD=old is not None, HAS_MASK=mask is not None, SKIP=options.skip, IS_VARLEN=tiling.varlen,
-            PREFIX=PREFIX, BLOCK=block, STORE_LATEST=latest, num_warps=warps,
-            FLAT=self._flat(tiling.varlen, tiling.width, (new, old, mask)), **state_kwargs,
+            PREFIX=PREFIX, BLOCK=block, STORE_LATEST=latest, num_warps=warps, FLAT=flat, **state_kwargs,
         )
         return counts, aggregates
 
@@ -295,16 +305,20 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
         lp, old, adv, mask, weights = (
             self._addressable(t) for t in (batch.log_prob, batch.old_log_prob, batch.advantages, batch.mask, batch.is_weights)
         )
-        ratios = tables.variance_ratio_table(longest, filt.q, filt.r, filt.p0, batch.device, torch.float32)
+        ratios, log_ratios = gains, gains  # placeholders: metrics="basic" reads neither
+        if options.diagnostics:
+            ratios = tables.variance_ratio_table(longest, filt.q, filt.r, filt.p0, batch.device, torch.float32)
+            log_ratios = tables.log_variance_ratio_table(longest, filt.q, filt.r, filt.p0, batch.device, torch.float32)
+        adv_per_token = batch.advantages_per_token
+        flat = self._flat(varlen, tiling.width, block, (lp, old, mask, adv if adv_per_token else None, weights))
         # The tiles' maps to their last valid token serve the sign flips only (metrics="full").
         counts, aggregates = self._tile_passes(
-            tiling, lp, old, mask, gains, filt, block, warps, latest=options.diagnostics, count=state_count
+            tiling, lp, old, mask, gains, filt, block, warps, latest=options.diagnostics, count=state_count, flat=flat
         )
-        adv_per_token = batch.advantages_per_token
         adv_strides = self._strides(adv, varlen) if adv_per_token else (adv.stride(0), 0)
         kernels.kpo_loss_fwd_kernel[tiling.grid](
             lp, old, self._mask(mask) if mask is not None else lp, adv, weights if weights is not None else lp,
-            gains, gains.numel() - 1, ratios, ratios.numel() - 1, *tiling.launch_args(), counts, aggregates, grad if grad is not None else stats, stats,
+            gains, gains.numel() - 1, ratios, log_ratios, ratios.numel() - 1, *tiling.launch_args(), counts, aggregates, grad if grad is not None else stats, stats,
             state_x, state_count, state_sign, tiling.num_seqs, tiling.num_slots, tiling.width, tiling.tile_size, tiling.search_steps,
             *self._strides(lp, varlen), *self._strides(old, varlen), *self._strides(mask, varlen),
             *adv_strides, *self._strides(weights, varlen),
@@ -332,7 +346,7 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             num_warps=warps,
             **(dict(HAS_STATE=True) if state is not None else {}),
             DIAGNOSTICS=options.diagnostics,
-            FLAT=self._flat(varlen, tiling.width, (lp, old, mask, adv if adv_per_token else None, weights)),
+            FLAT=flat,
         )
 
     def _launch_finalize(self, batch, options, tiling, stats, row_scale, loss, metrics):

@@ -65,14 +65,17 @@ NO_SIGNS = tl.constexpr(15)  # the same in the fused forward's form (_sign_code:
 
 
 @triton.jit
-def _variance_ratio(ratio_ptr, valid, pos, seen, last, SKIP: tl.constexpr):
-    """w = R / S = 1 - K of each valid token's observation (innovation.py), indexed like its
-    gain (seen: observations before the block; indices clamped to the table's last entry
-    `last`, as _block_maps clamps the gains); 1 at other tokens (never used)."""
+def _variance_ratio(ratio_ptr, log_ratio_ptr, valid, pos, seen, last, SKIP: tl.constexpr):
+    """(w, log w), w = R / S = 1 - K of each valid token's observation (innovation.py), from
+    their tables, indexed like its gain (seen: observations before the block; indices clamped
+    to the tables' last entry `last`, as _block_maps clamps the gains); (1, 0) at other tokens
+    (never used). log w from a table: a float32 log costs the fused forward about one
+    instruction a token (sm_90a), a second load a fraction of that."""
     if SKIP:
-        count = seen + tl.cumsum(valid.to(tl.int32), 0)
-        return tl.load(ratio_ptr + tl.minimum(count - 1, last), mask=valid, other=1.0)
-    return tl.load(ratio_ptr + tl.minimum(pos, last), mask=valid, other=1.0)
+        index = tl.minimum(seen + tl.cumsum(valid.to(tl.int32), 0) - 1, last)
+    else:
+        index = tl.minimum(pos, last)
+    return tl.load(ratio_ptr + index, mask=valid, other=1.0), tl.load(log_ratio_ptr + index, mask=valid, other=0.0)
 
 
 @triton.jit
@@ -191,7 +194,8 @@ def _entering_state(x_ptr, count_ptr, sign_ptr, seq, last):
 
 
 @triton.jit
-def _locate(cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN: tl.constexpr):
+def _locate(cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN: tl.constexpr,
+            FLAT: tl.constexpr = False):
     """Where this program works.
 
     Returns (sequence, tile index in the sequence, slot of the sequence's first tile, this
@@ -199,7 +203,11 @@ def _locate(cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_ste
     sequence length); start/end are positions inside the sequence. Padded batches use a 2-D grid (row, tile).
     Packed batches use a 1-D grid over tile slots, an upper bound of the tile count;
     tile_offsets[s] is the first slot of sequence s, found by binary search. Programs past the
-    last tile get an empty range.
+    last tile get an empty range. FLAT (kpo_loss_fwd_kernel's): the boundaries between a
+    sequence's tiles sit at flat token indices that are multiples of 16 (tile_size is a multiple
+    of 16), so that only its first tile's blocks reach back before it: the first tile is up to 15
+    tokens shorter and the last up to 15 longer. Every kernel that reads another's per-tile
+    counts or maps must locate with the same FLAT.
     """
     if IS_VARLEN:
         slot = tl.program_id(0)
@@ -226,6 +234,11 @@ def _locate(cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_ste
         active = tile >= 0
     tile_start = tile * tile_size
     tile_end = tl.where(active, tl.minimum(tile_start + tile_size, length), tile_start)
+    if FLAT:
+        shift = (seq_start % 16).to(tl.int32)
+        last = tile_end == length
+        tile_start = tl.maximum(tile_start - shift, 0)
+        tile_end = tl.where(last, tile_end, tl.maximum(tile_end - shift, tile_start))
     return seq, tile, first, slot, seq_start, tile_start, tile_end, length
 
 

@@ -37,8 +37,9 @@ INT32_OFFSETS = 2**31  # kernels index tokens with int32 positions times strides
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 MAX_TENSOR_NUMEL = 2**20  # Triton's limit on the elements of one block
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-# The loss kernel counts tokens per lane in 10-bit fields: at most 1023 block steps a tile, and a
-# FLAT tile's first block may reach back before the tile (kpo_loss_fwd_kernel): one step more.
+# The loss kernel counts tokens per lane in 10-bit fields (at most 1023 a lane), and the last tile
+# of a FLAT sequence (triton_common._locate) holds up to 15 tokens more than tile_size: one block
+# more, so tiles of at most 1022 blocks.
 MAX_BLOCKS_PER_TILE = 1022
 
 

@@ -41,6 +41,7 @@ def kpo_loss_fwd_kernel(
     gains_ptr,
     gains_last,
     ratio_ptr,
+    log_ratio_ptr,
     ratio_last,
     cu_seqlens_ptr,
     tile_offsets_ptr,
@@ -94,10 +95,11 @@ def kpo_loss_fwd_kernel(
     """HAS_STATE: each sequence enters with the FilterState (state_x, state_count, state_sign)
     instead of (x0, 0, NO_TOKEN) (docs/math.md section 7). DIAGNOSTICS: False (metrics="basic")
     compiles out the section-5b diagnostics: their statistics rows stay 0. FLAT: every token
-    input (and the gradient) holds sequence s's token t at flat index seq_start + t (packed
-    batches; padded ones whose every row stride is T and token stride 1)."""
+    input holds sequence s's token t at flat index seq_start + t, in its token strides (packed
+    batches; padded ones whose every row stride is T token strides), as the gradient does; the
+    tiles and blocks are then aligned to that index (_locate, TritonBackend._flat)."""
     seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
-        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
+        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN, FLAT
     )
     lp_row = _seq_base(log_prob_ptr, seq, seq_start, stride_lp_row, stride_lp_tok, IS_VARLEN)
     old_row = _seq_base(old_log_prob_ptr, seq, seq_start, stride_old_row, stride_old_tok, IS_VARLEN)
@@ -123,7 +125,7 @@ def kpo_loss_fwd_kernel(
 
     # Statistics of the tile, accumulated per lane and reduced once at the end. The nine token
     # counts share three int32 registers a lane, 10 bits each (_pack3): a lane sees one token
-    # per block and a tile takes at most MAX_BLOCKS_PER_TILE + 1 = 1023 block steps (the launcher's bound).
+    # per block and a tile holds at most MAX_BLOCKS_PER_TILE + 1 = 1023 blocks of tokens (the launcher's bound).
     counts_a = tl.zeros([BLOCK], tl.int32)  # valid tokens, scored tokens, sign-flip pairs
     counts_b = tl.zeros([BLOCK], tl.int32)  # raw flips, filtered flips, capped
     counts_c = tl.zeros([BLOCK], tl.int32)  # clipped high, clipped low, dual-clip floor
@@ -136,8 +138,9 @@ def kpo_loss_fwd_kernel(
     raw_sum = tl.zeros([BLOCK], tl.float32)
     raw_max = tl.full([BLOCK], float("-inf"), tl.float32)
 
-    # FLAT: the blocks start at tokens whose flat index is a multiple of 16 (the tile's first
-    # block reaches back to one, its lanes before tile_start out of bounds), so that the compiler
+    # FLAT: the blocks start at tokens whose flat index is a multiple of 16 (a sequence's first
+    # block reaches back to one, its lanes before tile_start out of bounds; _locate puts the
+    # boundaries between its tiles at such indices), so that the compiler
     # knows each block's alignment as it does for aligned padded rows: without it a packed batch
     # gets a one-token-a-lane layout whose scans cost about 50% more instructions.
     lanes = tl.arange(0, BLOCK)
@@ -162,7 +165,7 @@ def kpo_loss_fwd_kernel(
         z = _load_log_ratio(lp_block, old_block, stride_lp_tok, stride_old_tok, lanes, valid, True)
         index = pos + offset if HAS_STATE else pos  # the gain index in position mode
         if DIAGNOSTICS:
-            w = _variance_ratio(ratio_ptr, valid, index, seen, ratio_last, SKIP)
+            w, log_w = _variance_ratio(ratio_ptr, log_ratio_ptr, valid, index, seen, ratio_last, SKIP)
         c, b, seen = _block_maps(z, valid, in_bounds, index, gains_ptr, gains_last, seen, SKIP)
         x = state - c * state + b
 
@@ -173,7 +176,7 @@ def kpo_loss_fwd_kernel(
             scored = valid & (w > 0.0)  # S finite: all but a diffuse prior's first observation
             nis = e * e * w * inv_r
             nis_sum += tl.where(scored, nis, 0.0)
-            ll_sum += tl.where(scored, -0.5 * (log_2pi_r - tl.log(tl.where(scored, w, 1.0)) + nis), 0.0)
+            ll_sum += tl.where(scored, -0.5 * (log_2pi_r - log_w + nis), 0.0)
             # Sign flips against the previous valid token of the sequence: the latest valid code
             # before each lane, from this block's scan or, before the block's first, the carry.
             code = _sign_code(z, x, valid)

@@ -37,11 +37,13 @@ def tile_count_kernel(
     IS_VARLEN: tl.constexpr,
     BLOCK: tl.constexpr,
     EVERY_TILE: tl.constexpr = False,
+    FLAT: tl.constexpr = False,
 ):
     """Pass 1: valid tokens in each tile (but the last of a sequence, which no tile after it
-    reads, unless EVERY_TILE: chunk_maps counts the whole sequence)."""
+    reads, unless EVERY_TILE: chunk_maps counts the whole sequence). FLAT: the tiles as
+    _locate places them for kpo_loss_fwd_kernel's FLAT."""
     seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
-        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
+        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN, FLAT
     )
     if not EVERY_TILE:
         tile_end = tl.where(tile_end == length, tile_start, tile_end)
@@ -93,9 +95,9 @@ def tile_aggregate_kernel(
     to the state after its last valid token (agg[2], agg[3]) and that token's sign(z) + 1
     (agg[4]; 3 when the tile has none). HAS_STATE: each sequence consumed state_count[seq]
     observations before its first token (the gain index starts there; docs/math.md section 7).
-    FLAT: blocks aligned to the flat token index, as in kpo_loss_fwd_kernel."""
+    FLAT: tiles and blocks aligned to the flat token index, as in kpo_loss_fwd_kernel."""
     seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
-        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN
+        cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN, FLAT
     )
     if not EVERY_TILE:
         tile_end = tl.where(tile_end == length, tile_start, tile_end)
