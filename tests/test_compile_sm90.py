@@ -104,7 +104,7 @@ def test_flat_addressing_where_rows_are_not_aligned():
     blocks below 16 tokens (the alignment would be false) nor for aligned padded rows."""
     import torch
 
-    flat = launcher.TritonBackend._flat
+    from kpo_kernels.backends.triton_launch import flat_layout as flat
     rows = torch.zeros(4, 37)
     assert flat(True, 5, 64, (torch.zeros(9),))
     assert not flat(True, 5, 8, (torch.zeros(9),))

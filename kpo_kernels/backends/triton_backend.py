@@ -27,6 +27,7 @@ from .triton_launch import (  # noqa: F401 (facts of the backend that tests and 
     _IMPORT_ERROR,
     _pow2_at_least,
     _SAME_SIZE_INT,
+    flat_layout,
     kernels,
     triton_import_error,
 )
@@ -126,23 +127,6 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
         if tensor is None:
             return 0, 0
         return (0, tensor.stride(0)) if varlen else (tensor.stride(0), tensor.stride(1))
-
-    @staticmethod
-    def _flat(varlen, width, block, tensors):
-        """Whether the fused loss aligns its tiles and blocks to the flat token index
-        (kpo_loss_fwd_kernel's FLAT): blocks of a multiple of 16 tokens, and every token input
-        holding sequence s's token t at flat index s * width + t (in token strides; packed ones
-        always, by cu_seqlens). Padded rows of a multiple of 16 tokens are aligned already and keep
-        their own addressing; padded rows whose last block would take one step more for the
-        reach-back (up to 15 tokens) keep theirs too. A packed sequence's last tile takes one step
-        more only when its last block's tokens and its reach-back together pass a block."""
-        if block % 16 != 0:
-            return False
-        if varlen:
-            return True
-        if width % 16 == 0 or width % block + 15 > block:
-            return False
-        return all(t is None or t.stride(0) == width * t.stride(1) for t in tensors)
 
     @staticmethod
     def _addressable(tensor):
@@ -310,7 +294,7 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             ratios = tables.variance_ratio_table(longest, filt.q, filt.r, filt.p0, batch.device, torch.float32)
             log_ratios = tables.log_variance_ratio_table(longest, filt.q, filt.r, filt.p0, batch.device, torch.float32)
         adv_per_token = batch.advantages_per_token
-        flat = self._flat(varlen, tiling.width, block, (lp, old, mask, adv if adv_per_token else None, weights))
+        flat = flat_layout(varlen, tiling.width, block, (lp, old, mask, adv if adv_per_token else None, weights))
         # The tiles' maps to their last valid token serve the sign flips only (metrics="full").
         counts, aggregates = self._tile_passes(
             tiling, lp, old, mask, gains, filt, block, warps, latest=options.diagnostics, count=state_count, flat=flat

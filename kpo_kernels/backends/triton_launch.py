@@ -185,3 +185,20 @@ class LaunchPlan:
         steps = max(1, sequences.bit_length())
         longest = tables.packed_longest(cu_seqlens, tokens)  # the tables' length bound
         return _Tiling(True, sequences, 0, tile, slots, (slots,), tokens > tile, steps, cu_seqlens, offsets, max(longest, 1))
+
+
+def flat_layout(varlen, width, block, tensors):
+    """Whether the fused loss aligns its tiles and blocks to the flat token index
+    (kpo_loss_fwd_kernel's FLAT): blocks of a multiple of 16 tokens, and every token input holding
+    sequence s's token t at flat index s * width + t (in token strides; packed ones always, by
+    cu_seqlens). Padded rows of a multiple of 16 tokens are aligned already and keep their own
+    addressing; padded rows whose last block would take one step more for the reach-back (up to
+    15 tokens) keep theirs too. A packed sequence's last tile takes one step more only when its
+    last block's tokens and its reach-back together pass a block."""
+    if block % 16 != 0:
+        return False
+    if varlen:
+        return True
+    if width % 16 == 0 or width % block + 15 > block:
+        return False
+    return all(t is None or t.stride(0) == width * t.stride(1) for t in tensors)

@@ -97,7 +97,7 @@ def kpo_loss_fwd_kernel(
     compiles out the section-5b diagnostics: their statistics rows stay 0. FLAT: every token
     input holds sequence s's token t at flat index seq_start + t, in its token strides (packed
     batches; padded ones whose every row stride is T token strides), as the gradient does; the
-    tiles and blocks are then aligned to that index (_locate, TritonBackend._flat)."""
+    tiles and blocks are then aligned to that index (_locate, triton_launch.flat_layout)."""
     seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
         cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN, FLAT
     )
