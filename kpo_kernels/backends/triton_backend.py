@@ -300,9 +300,10 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             tiling, lp, old, mask, gains, filt, block, warps, latest=options.diagnostics, count=state_count, flat=flat
         )
         adv_strides = self._strides(adv, varlen) if adv_per_token else (adv.stride(0), 0)
+        ratio_last = min(ratios.numel(), log_ratios.numel()) - 1  # the cache may hand back longer tables
         kernels.kpo_loss_fwd_kernel[tiling.grid](
             lp, old, self._mask(mask) if mask is not None else lp, adv, weights if weights is not None else lp,
-            gains, gains.numel() - 1, ratios, log_ratios, ratios.numel() - 1, *tiling.launch_args(), counts, aggregates, grad if grad is not None else stats, stats,
+            gains, gains.numel() - 1, ratios, log_ratios, ratio_last, *tiling.launch_args(), counts, aggregates, grad if grad is not None else stats, stats,
             state_x, state_count, state_sign, tiling.num_seqs, tiling.num_slots, tiling.width, tiling.tile_size, tiling.search_steps,
             *self._strides(lp, varlen), *self._strides(old, varlen), *self._strides(mask, varlen),
             *adv_strides, *self._strides(weights, varlen),
