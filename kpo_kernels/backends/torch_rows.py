@@ -33,6 +33,7 @@ from ..options import KL_CLAMP
 from . import aggregation
 from .base import LossForward, log1p_neg
 from .torch_scan import COMPUTE, LARGEST_VALUE, gain_lookup, prefix_filter
+from .torch_workspace import scratch
 
 
 def _bounds(low, high, dtype):
@@ -45,10 +46,10 @@ def _finite(tensor):
     return math.isfinite(float(tensor.sum()))
 
 
-def _as_float(flags, dtype):
-    """0/1 as `dtype`: a bool tensor through its bytes (about 7x faster on CPUs than bool ->
-    float, the same values); other masks as they are converted."""
-    return (flags.view(torch.uint8) if flags.dtype == torch.bool else flags).to(dtype)
+def _as_float(flags, dtype, name):
+    """0/1 as `dtype`, in the scratch buffer `name`: a bool tensor through its bytes (about 7x
+    faster on CPUs than bool -> float, the same values); other masks as they are converted."""
+    return scratch(name, flags.shape, dtype).copy_(flags.view(torch.uint8) if flags.dtype == torch.bool else flags)
 
 
 def _count(flags):
@@ -73,15 +74,18 @@ def rows_loss(batch, options, need_grad):
     dtype = batch.result_dtype
     rows, length = batch.shape
     mask = batch.mask
-    valid_b = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0)
-    valid_f = torch.ones(batch.shape, dtype=dtype) if mask is None else _as_float(mask, dtype)
+    valid_b = None
+    if mask is not None:
+        valid_b = mask if mask.dtype == torch.bool else torch.ne(mask, 0, out=scratch("valid_b", mask.shape, torch.bool))
+    valid_f = scratch("valid_f", batch.shape, dtype).fill_(1) if mask is None else _as_float(mask, dtype, "valid_f")
     # Same-dtype arithmetic throughout: with mixed float32/float64 operands a CPU op first makes
-    # a float64 copy of the float32 one. Fresh (B, T) float64 buffers are what costs most here
-    # (their pages are faulted in anew), so the ones that fall dead are reused: `spare` holds
+    # a float64 copy of the float32 one. Fresh (B, T) buffers are what costs most here (their
+    # pages are faulted in anew), so every one that dies inside the call is a scratch buffer kept
+    # between calls (torch_workspace.py), and the float64 ones are few: `spare` holds
     # old_log_prob, then the compaction's index or z before compaction, then x; and masking is
-    # a `where` on the bool mask, in place.
-    z = batch.log_prob.to(COMPUTE, copy=True)
-    spare = batch.old_log_prob.to(COMPUTE, copy=True)
+    # a `where` on the bool mask, in place. What is returned (the gradient, the sums) is fresh.
+    z = scratch("z", batch.shape, COMPUTE).copy_(batch.log_prob)
+    spare = scratch("spare", batch.shape, COMPUTE).copy_(batch.old_log_prob)
     z.sub_(spare)
     others = [t for t in (batch.is_weights, batch.advantages) if t is not None]
     if not _finite(z) or not all(_finite(t) for t in others):
@@ -91,13 +95,13 @@ def rows_loss(batch, options, need_grad):
     if mask is not None and not _is_prefix(valid_f, tokens):
         if not filt.skip:
             return None
-        compaction = TailCompaction(valid_f, index=spare.view(torch.int64))
-        spare, z = z, compaction.compact(z)
+        compaction = TailCompaction(valid_f, index=spare.view(torch.int64), count=scratch("count", batch.shape, dtype))
+        spare, z = z, compaction.compact(z, out=scratch("compacted z", batch.shape, COMPUTE))
 
     original_valid = valid_f
     if compaction is not None:  # from here on, valid_b and valid_f are the compacted rows' mask
-        valid_b = torch.arange(length, dtype=dtype) < tokens[:, None]
-        valid_f = _as_float(valid_b, dtype)
+        valid_b = torch.gt(tokens[:, None], torch.arange(length, dtype=dtype), out=scratch("compacted valid_b", batch.shape, torch.bool))
+        valid_f = _as_float(valid_b, dtype, "compacted valid_f")
     zero = torch.zeros((), dtype=COMPUTE)
 
     def masked(values):  # values (float64), set to 0 at invalid tokens in place
@@ -105,14 +109,14 @@ def rows_loss(batch, options, need_grad):
 
     masked(z)  # 0 at invalid tokens (and in the compacted tails, whatever was under the mask)
 
-    def tokenwise(values):  # a per-token input, 0 at invalid tokens, in the rows' layout
-        values = values.to(dtype) * original_valid
-        return values if compaction is None else compaction.compact(values)
+    def tokenwise(values, name):  # a per-token input, 0 at invalid tokens, in the rows' layout
+        values = torch.mul(values.to(dtype), original_valid, out=scratch(name, batch.shape, dtype))
+        return values if compaction is None else compaction.compact(values, out=scratch("compacted " + name, batch.shape, dtype))
 
-    weight = None if batch.is_weights is None else tokenwise(batch.is_weights)
+    weight = None if batch.is_weights is None else tokenwise(batch.is_weights, "weight")
     advantage = batch.advantages.to(dtype)
     if batch.advantages_per_token:
-        per_token = tokenwise(batch.advantages)
+        per_token = tokenwise(batch.advantages, "advantage")
         advantage = per_token[:, 0].clone()
     if batch.advantages_per_token and not torch.equal(per_token, advantage[:, None] * valid_f):
         return None
@@ -122,7 +126,7 @@ def rows_loss(batch, options, need_grad):
     checked = batch.log_prob.dtype != torch.float64 and abs(filt.x0) <= LARGEST_VALUE
     x = masked(prefix_filter(z, filt, checked=checked, out=spare))  # 0 at invalid tokens
     count = tokens.long()
-    z_low = z.to(dtype, copy=True)
+    z_low = scratch("z_low", batch.shape, dtype).copy_(z)
     low, high = torch.aminmax(z)  # ppo_kl's clamp changes nothing within +-KL_CLAMP
     clamped = z if max(-float(low), float(high)) <= KL_CLAMP else z.clamp(-KL_CLAMP, KL_CLAMP)
     neg_log_ratio_sum = clamped.sum(-1).neg_()
@@ -139,16 +143,18 @@ def rows_loss(batch, options, need_grad):
         top = options.log_ratio_cap
     if top >= math.log(torch.finfo(dtype).max):
         return None  # an infinite ratio: the general path keeps its gradient 0 where frozen
-    rt = x.to(dtype, copy=True).exp_()  # filtered ratio; 1 at invalid tokens
+    rt = scratch("rt", batch.shape, dtype).copy_(x).exp_()  # filtered ratio; 1 at invalid tokens
 
     neg_adv = advantage.neg()[:, None]
     positive, negative = advantage > 0, advantage < 0
-    unclipped = rt * neg_adv
+    # unclipped becomes the gradient, unless the compaction's gather makes a fresh one
+    unclipped = torch.mul(rt, neg_adv, out=None if compaction is None else scratch("unclipped", batch.shape, dtype))
+    token_loss = scratch("token_loss", batch.shape, dtype)
     if options.clip:
-        token_loss = torch.clamp(rt, *_bounds(1 - options.clip_low, 1 + options.clip_high, dtype)).mul_(neg_adv)
+        torch.clamp(rt, *_bounds(1 - options.clip_low, 1 + options.clip_high, dtype), out=token_loss).mul_(neg_adv)
         torch.maximum(unclipped, token_loss, out=token_loss)
     else:
-        token_loss = unclipped.clone()
+        token_loss.copy_(unclipped)
     if options.dual_clip is not None:
         floor = torch.where(negative, advantage.neg() * options.dual_clip, math.inf)
         torch.minimum(token_loss, floor.to(dtype)[:, None], out=token_loss)
@@ -167,7 +173,7 @@ def rows_loss(batch, options, need_grad):
         upper.masked_fill_(negative, math.log(options.dual_clip))
     frozen = capped
     if bool(torch.isfinite(upper).any()):
-        above = torch.gt(x, upper[:, None])
+        above = torch.gt(x, upper[:, None], out=scratch("above", batch.shape, torch.bool))
         total = _count(above)
         if options.clip:
             stats["clipped_high"] = torch.where(positive, total, 0)
@@ -175,7 +181,7 @@ def rows_loss(batch, options, need_grad):
             stats["clipped_lower"] = torch.where(negative, total, 0)
         frozen = above if frozen is None else frozen.logical_or_(above)
     if bool(torch.isfinite(lower).any()):
-        below = torch.lt(x, lower[:, None])
+        below = torch.lt(x, lower[:, None], out=scratch("below", batch.shape, torch.bool))
         stats["clipped_low"] = _count(below)
         frozen = below if frozen is None else frozen.logical_or_(below)
     if options.clip:
@@ -214,21 +220,26 @@ class TailCompaction:
     place T - 1, which is in the compacted row's tail (a row with an invalid token has fewer than
     T valid ones)."""
 
-    def __init__(self, valid_f, index=None):
+    def __init__(self, valid_f, index=None, count=None):
         # Observations up to each token, n(t): a float cumulative sum (exact below 2^24 tokens a
         # row in float32) is several times faster on CPUs than one of the bool mask, and the
         # index is formed in place in it: n(t) - 1 where valid, T - 1 elsewhere. index: an int64
-        # (B, T) tensor to hold it, or None.
+        # (B, T) tensor to hold it, or None; count: a (B, T) tensor of valid_f's dtype for the
+        # running count, or None.
         length = valid_f.shape[-1]
         dtype = torch.float32 if length < 2**24 else torch.float64
         flags = valid_f.to(dtype)
-        count = torch.cumsum(flags, dim=-1).sub_(length).mul_(flags).add_(length - 1)
+        if count is None or count.dtype != dtype:
+            count = None
+        count = torch.cumsum(flags, dim=-1, out=count).sub_(length).mul_(flags).add_(length - 1)
         self.index = count.long() if index is None else index.copy_(count)
 
-    def compact(self, values):
+    def compact(self, values, out=None):
         """(B, T) values -> (B, T) with the valid tokens first, in order; after them 0, except
-        the last place of a row with invalid tokens, which holds one of their values."""
-        return torch.zeros_like(values).scatter_(1, self.index, values)
+        the last place of a row with invalid tokens, which holds one of their values. out: a
+        (B, T) tensor of values' dtype to hold it, or None."""
+        out = torch.zeros_like(values) if out is None else out.zero_()
+        return out.scatter_(1, self.index, values)
 
     def expand(self, compacted):
         """Compacted values -> each valid token's value at its own place; at an invalid token the
@@ -261,8 +272,10 @@ def _diagnostics(z, x, z_low, count, dtype, options):
 
     def flips(values):  # pairs of neighbours with strictly opposite signs (0 at invalid tokens)
         # Signs as int8 from two comparisons: an eighth of the memory of x's float64 signs.
-        sign = torch.gt(values, 0).view(torch.int8).sub_(torch.lt(values, 0).view(torch.int8))
-        return (sign[:, :-1] * sign[:, 1:]).clamp_(max=0).sum(-1, dtype=torch.int32).neg_()
+        negative = torch.lt(values, 0, out=scratch("negative", z.shape, torch.bool)).view(torch.int8)
+        sign = torch.gt(values, 0, out=scratch("positive", z.shape, torch.bool)).view(torch.int8).sub_(negative)
+        pairs = torch.mul(sign[:, :-1], sign[:, 1:], out=scratch("sign pairs", (rows, max(length - 1, 0)), torch.int8))
+        return pairs.clamp_(max=0).sum(-1, dtype=torch.int32).neg_()
 
     # float32 inputs: z is a multiple of 2^-149, so its float32 rounding keeps its sign.
     z_signs = z_low
