@@ -188,6 +188,27 @@ def test_nan_at_a_valid_token_is_never_hidden(backend, where):
             assert torch.isnan(metrics[name]), name
 
 
+@pytest.mark.parametrize("layout", ["holes", "right"])
+def test_maxima_below_one_with_empty_rows(backend, layout):
+    """Every valid ratio below 1 and two rows without a valid token: the maxima are the largest
+    valid ratios, whatever masked tokens and empty rows or tiles hold (neither 0 nor 1)."""
+    batch = make_batch(6, 37, layout=layout, seed=21, device=DEVICE)
+    gen = torch.Generator().manual_seed(21)
+    shift = (0.5 + torch.rand(batch["mask"].shape, generator=gen)).to(DEVICE)
+    batch["log_prob"] = batch["old_log_prob"].nan_to_num(0.0, 0.0, 0.0) - shift  # z in (-1.5, -0.5] where valid
+    batch["mask"] = batch["mask"].clone()
+    batch["mask"][[1, 4]] = False
+    loss, metrics, grad = run_loss(backend, batch, q=1e-2)
+    valid = batch["mask"].cpu()
+    z = (batch["log_prob"] - batch["old_log_prob"]).cpu()[valid].double()
+    raw_max = float(metrics["raw_ratio_max"])
+    assert raw_max == pytest.approx(float(z.exp().max()), rel=1e-6) and raw_max < 1.0
+    want = run_loss(kpo_kernels.TorchBackend(), {k: v.cpu() if v is not None else v for k, v in batch.items()}, q=1e-2)
+    assert float(metrics["ratio_max"]) == pytest.approx(float(want[1]["ratio_max"]), rel=1e-6)
+    assert float(metrics["ratio_max"]) < 1.0
+    assert torch.equal(grad[~valid], torch.zeros_like(grad[~valid]))
+
+
 def test_inputs_are_not_modified(backend):
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         if dtype == torch.float64 and not isinstance(backend, kpo_kernels.TorchBackend):

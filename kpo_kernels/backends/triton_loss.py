@@ -6,6 +6,7 @@ import triton.language as tl
 
 from .triton_common import (
     _block_maps,
+    _exp,
     _last,
     _variance_ratio,
     _shift_in,
@@ -191,7 +192,9 @@ def kpo_loss_fwd_kernel(
             counts_a += valid.to(tl.int32)
 
         state = _last(x, BLOCK)
-        x = tl.where(valid, x, 0.0)
+        # -inf at other tokens: every branch decision below is then false there (adv is 0 too),
+        # and rt = exp(x) is 0, so the loss and the ratio's sum and maximum need no mask.
+        x = tl.where(valid, x, float("-inf"))
 
         # Branch decisions (cap, clip, dual clip) compare the filtered log-ratio with the log of
         # each bound: rt = exp(x) would add its own rounding to the decision.
@@ -201,7 +204,7 @@ def kpo_loss_fwd_kernel(
         else:
             frozen = lanes < 0  # all false
         counts_b += _pack3(flip_raw, flip_filtered, frozen & valid)
-        rt = tl.exp(x)
+        rt = _exp(x)
         if ADV_PER_TOKEN:
             adv = tl.load(adv_block + lanes * stride_adv_tok, mask=valid, other=0.0).to(tl.float32)
         else:
@@ -225,18 +228,17 @@ def kpo_loss_fwd_kernel(
             w = tl.load(w_block + lanes * stride_w_tok, mask=valid, other=0.0).to(tl.float32)
             loss = loss * w
             dloss = dloss * w
-        loss = tl.where(valid, loss, 0.0)
         if STORE_GRAD:
             tl.store(grad_block + lanes, tl.where(valid, dloss, 0.0).to(grad_ptr.dtype.element_ty), mask=in_bounds)
 
-        raw = tl.exp(z)
+        raw = _exp(tl.where(valid, z, float("-inf")))  # 0 at other tokens, as rt
         loss_sum += loss
         # ppo_kl as verl computes it: z clamped to [-KL_CLAMP, KL_CLAMP] (NaN stays NaN).
-        neg_z_sum -= tl.where(z < -KL_CLAMP, -KL_CLAMP, tl.where(z > KL_CLAMP, KL_CLAMP, z))
-        ratio_sum += tl.where(valid, rt, 0.0)
-        ratio_max = tl.maximum(ratio_max, tl.where(valid, rt, float("-inf")))
-        raw_sum += tl.where(valid, raw, 0.0)
-        raw_max = tl.maximum(raw_max, tl.where(valid, raw, float("-inf")))
+        neg_z_sum -= tl.clamp(z, -KL_CLAMP, KL_CLAMP, propagate_nan=tl.PropagateNan.ALL)
+        ratio_sum += rt
+        ratio_max = tl.maximum(ratio_max, rt)  # 0 where no token was valid: finalize reports 0 then
+        raw_sum += raw
+        raw_max = tl.maximum(raw_max, raw)
 
     # Column-major (NUM_STATS, slots) statistics, rows in aggregation.STAT_NAMES order.
     out = stats_ptr + slot
