@@ -7,7 +7,7 @@
   time (`JITFunction.run(..., warmup=True)`: its binder specialises integers equal to 1,
   16-divisible integers and 16-byte-aligned pointers), against an sm_90a target given by a
   stand-in driver, so that the code is the code that would run.
-- `resources(cubin)` and `sass(cubin)` read registers, spills, shared memory and the SASS with
+- `resources(compiled)` and `sass(cubin)` read registers, spills, shared memory and the SASS with
   the `cuobjdump` Triton ships.
 
 Must run in a process without TRITON_INTERPRET=1 (interpreted kernels cannot be compiled).
@@ -124,13 +124,46 @@ def _cuobjdump(cubin, flag):
         return subprocess.run([_tool("cuobjdump"), flag, handle.name], capture_output=True, text=True, check=True).stdout
 
 
-def resources(cubin):
-    """{'registers', 'local' (spill bytes per thread), 'shared' (static bytes)} of a cubin."""
+def resources(compiled):
+    """{'registers', 'shared' (static bytes), 'stack' (bytes a thread), 'local' (local-memory
+    loads and stores in the SASS), 'local_in_loops' (those inside a loop), 'spill_bytes' (ptxas's spill stores + loads)} of a compiled
+    kernel (compile_launch's). On sm_90 cuobjdump's LOCAL field stays 0 when ptxas spills (the
+    spills sit in STACK), and local accesses also come from libdevice's local arrays (sin and
+    cos keep one for huge arguments) that spill nothing: so where the SASS touches local memory
+    at all, ptxas -v on the same PTX says how many bytes are spills."""
+    cubin = compiled.asm["cubin"]
     usage = _cuobjdump(cubin, "--dump-resource-usage")
-    found = {key: int(re.search(rf"{tag}:(\d+)", usage).group(1)) for key, tag in (("registers", "REG"), ("local", "LOCAL"))}
+    found = {key: int(re.search(rf"{tag}:(\d+)", usage).group(1)) for key, tag in (("registers", "REG"), ("stack", "STACK"))}
     shared = re.search(r"SHARED:(\d+)", usage)
     found["shared"] = int(shared.group(1)) if shared else 0
+    instructions = sass(cubin)
+    local = [address for address, opcode, _ in instructions if opcode.split(".")[0] in ("LDL", "STL")]
+    found["local"] = len(local)
+    found["local_in_loops"] = sum(any(start <= a <= end for start, end in loops(instructions)) for a in local)
+    found["spill_bytes"] = _ptxas_spill_bytes(compiled.asm["ptx"]) if found["local"] else 0
     return found
+
+
+def _ptxas():
+    """The ptxas Triton assembles sm_90 code with (Triton 3.9 uses its newer `ptxas-blackwell`,
+    whose PTX the older bundled `ptxas` refuses)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(90).path
+    except (ImportError, AttributeError):
+        return _tool("ptxas")
+
+
+def _ptxas_spill_bytes(ptx):
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as handle:
+            handle.write(ptx)
+        log = subprocess.run([_ptxas(), "--gpu-name", "sm_90a", "-v", source, "-o", source + ".cubin"],
+                             capture_output=True, text=True, check=True).stderr
+    stores, loads = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups()
+    return int(stores) + int(loads)
 
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
@@ -140,3 +173,14 @@ def sass(cubin):
     """The SASS of a one-kernel cubin: a list of (address, opcode with modifiers, operands)."""
     listing = _cuobjdump(cubin, "-sass")
     return [(int(m.group(1), 16), m.group(3), m.group(4).strip()) for m in _SASS_LINE.finditer(listing)]
+
+
+def loops(instructions):
+    """(start, end) addresses of every loop of a SASS listing: a branch back to an earlier address."""
+    found = []
+    for address, opcode, operands in instructions:
+        if opcode.startswith("BRA") and operands.startswith("0x"):
+            target = int(operands.split()[0].rstrip(","), 16)
+            if target < address:
+                found.append((target, address))
+    return found

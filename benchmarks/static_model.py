@@ -101,15 +101,7 @@ def programs_per_sm(registers, warps, shared):
     return max(0, min(limits))
 
 
-def loops(instructions):
-    """(start, end) addresses of every loop: a branch back to an earlier address."""
-    found = []
-    for address, opcode, operands in instructions:
-        if opcode.startswith("BRA") and operands.startswith("0x"):
-            target = int(operands.split()[0].rstrip(","), 16)
-            if target < address:
-                found.append((target, address))
-    return found
+loops = sm90.loops
 
 
 def main_loop(instructions):
@@ -129,7 +121,7 @@ def _memory_ops(body, prefix):
 def analyse(kernel, grid, args, kwargs, tokens):
     compiled = sm90.compile_launch(kernel, args, kwargs)
     cubin = compiled.asm["cubin"]
-    found = sm90.resources(cubin)
+    found = sm90.resources(compiled)
     found["shared"] += getattr(compiled.metadata, "shared", 0)  # Triton's dynamic shared memory
     warps = compiled.metadata.num_warps
     instructions = sm90.sass(cubin)
@@ -139,7 +131,7 @@ def analyse(kernel, grid, args, kwargs, tokens):
     programs = math.prod(grid)
     row = {
         "kernel": kernel.fn.__name__, "grid": list(grid), "programs": programs, "warps": warps, "block": block,
-        "registers": found["registers"], "spill_bytes": found["local"], "shared": found["shared"],
+        "registers": found["registers"], "spill_bytes": found["spill_bytes"], "shared": found["shared"],
         "sass_instructions": len(instructions), "loop_instructions": len(body),
         "loop_barriers": sum(op.startswith("BAR") for _, op, _ in body),
         "loop_loads": _memory_ops(body, "LDG"), "loop_stores": _memory_ops(body, "STG"),

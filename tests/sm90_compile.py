@@ -36,6 +36,7 @@ LOSS_CONFIGS = {
     "bf16-holes-basic": dict(dtype=torch.bfloat16, layout="holes", options={"metrics": "basic"}),  # no diagnostics
 }
 LENGTHS = (16, 700, 5000)
+SPILLING_CONTROL = "control-spilling-block-4096"
 
 
 def entering_state(sequences):
@@ -148,6 +149,21 @@ def cases():
     many_tiles = kpo_kernels.TritonBackend(tile_size=128)
     yield "loss-long-rows-many-tiles", loss_run(long_rows, {}, many_tiles)
     yield "loss-long-rows-many-tiles-packed", loss_run(packed(long_rows), {}, many_tiles)
+    # Variants a held-out sweep found (2026-12-05) beyond the list above: rows of 257-512 tokens
+    # (512-token blocks at 8 warps) without clip or cap, and with everything on; rows in exactly
+    # two tiles, and one 16-token row, whose finalize spilled at 4 warps.
+    rows_300 = make_batch(8, 300, seed=2, dtype=torch.float32, layout="holes")
+    yield "loss-rows-300-basic-unclipped", loss_run(rows_300, {"clip": False, "log_ratio_cap": None, "metrics": "basic"})
+    everything = make_batch(8, 300, seed=2, dtype=torch.float32, layout="holes", adv_per_token=True, is_weights=True)
+    yield "loss-rows-300-everything", loss_run(everything, {"dual_clip": 3.0})
+    yield "state-loss-rows-300-everything", loss_run(everything, {"dual_clip": 3.0}, state=True)
+    two_tiles = make_batch(2, 1025, seed=2, dtype=torch.float32, layout="right")
+    yield "loss-two-tiles-a-row", loss_run(two_tiles, {}, kpo_kernels.TritonBackend(tile_size=1024))
+    one_row = make_batch(1, 16, seed=2, dtype=torch.float16, layout="none")
+    yield "loss-one-row-16-position", loss_run(one_row, {"mask_mode": "position"})
+    # A control that must spill (4096-token blocks at 4 warps: thousands of bytes), so that the
+    # spill check is seen to work (test_compile_sm90.py).
+    yield SPILLING_CONTROL, loss_run(make_batch(2, 4096, seed=2), {}, kpo_kernels.TritonBackend(block_size=4096))
     # fit_noise(backend="triton"): the loss kernel for the metrics alone (no gradient, no clip).
     for label, backend in (("", None), ("-tiled", kpo_kernels.TritonBackend(tile_size=256))):
         batch = make_batch(3, 700, seed=1, layout="holes")
@@ -193,7 +209,7 @@ def main():
             key = f"{case}:{kernel.fn.__name__}"
             try:
                 compiled = compile_launch(kernel, args, kwargs)
-                results[key] = {"ok": True, "num_warps": compiled.metadata.num_warps, **resources(compiled.asm["cubin"])}
+                results[key] = {"ok": True, "num_warps": compiled.metadata.num_warps, **resources(compiled)}
             except Exception as error:  # noqa: BLE001 - reported to the test
                 results[key] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:2000]}
     json.dump(results, sys.stdout)

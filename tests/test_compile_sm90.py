@@ -23,10 +23,11 @@ import pytest
 
 from benchmarks.static_model import programs_per_sm
 from kpo_kernels.backends import triton_backend as launcher
-from sm90_compile import KERNELS, LOSS_CONFIGS
+from sm90_compile import KERNELS, LOSS_CONFIGS, SPILLING_CONTROL
 
 pytestmark = pytest.mark.skipif(launcher.kernels is None, reason="Triton is not importable")
 HERE = Path(__file__).parent
+SPILL_OUTSIDE_LOOPS = 16  # bytes a thread, ptxas's spill stores and loads together
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,24 @@ def test_every_launch_compiles(compiled):
 
 
 def test_no_register_spills(compiled):
-    spills = {k: v for k, v in compiled.items() if v["ok"] and v["local"] > 0}
-    assert not spills, spills
+    """No spill inside a loop, and at most SPILL_OUTSIDE_LOOPS bytes outside them: at 64-80
+    registers ptxas keeps one value of the 512-token, 8-warp forward in local memory across its
+    loop (4 bytes stored before it, loaded after; its choice for occupancy, not forced)."""
+    launched = {k: v for k, v in compiled.items() if v["ok"] and not k.startswith(SPILLING_CONTROL)}
+    spilling = {k: v for k, v in launched.items() if not _spill_free(v)}
+    assert not spilling, spilling
+
+
+def _spill_free(result):
+    """No spill in a loop, at most SPILL_OUTSIDE_LOOPS bytes outside (test_no_register_spills)."""
+    return result["spill_bytes"] == 0 or (result["local_in_loops"] == 0 and result["spill_bytes"] <= SPILL_OUTSIDE_LOOPS)
+
+
+def test_the_spill_check_sees_spills(compiled):
+    """The control (4096-token blocks at 4 warps) spills thousands of bytes, in its loop: the
+    check above can fail. (cuobjdump's LOCAL field reads 0 for it on sm_90.)"""
+    control = {k: v for k, v in compiled.items() if k.startswith(SPILLING_CONTROL) and "kpo_loss_fwd_kernel" in k}
+    assert control and all(v["ok"] and v["spill_bytes"] > 1000 and v["local_in_loops"] > 0 for v in control.values()), control
 
 
 def test_fused_loss_kernel_registers_reported(compiled, record_property):
@@ -59,7 +76,7 @@ def test_fused_loss_kernel_registers_reported(compiled, record_property):
     below the programs per SM the launcher's tile sizes assume (launcher.PROGRAMS_PER_SM)."""
     import triton
 
-    forward = {k: v for k, v in compiled.items() if v["ok"] and "kpo_loss_fwd_kernel" in k}
+    forward = {k: v for k, v in compiled.items() if v["ok"] and "kpo_loss_fwd_kernel" in k and not k.startswith(SPILLING_CONTROL)}
     missing = [name for name in LOSS_CONFIGS if not any(key.startswith(f"loss-{name}-") for key in forward)]
     assert not missing, f"loss configurations of sm90_compile.py without a register count: {missing}"
     assert all(0 < v["registers"] <= 255 for v in forward.values()), forward  # 255: the sm_90 limit a thread
@@ -81,7 +98,7 @@ def test_state_variants_cost_no_occupancy(compiled):
     state = {k: v for k, v in compiled.items() if k.startswith("state-")}
     assert any("kpo_loss_fwd_kernel" in k for k in state) and any("kalman_filter_kernel" in k for k in state)
     assert any("chunk_maps_kernel" in k for k in state) and any("tile_aggregate_kernel" in k for k in state)
-    assert all(v["ok"] and v["local"] == 0 for v in state.values()), state
+    assert all(v["ok"] and _spill_free(v) for v in state.values()), state
     resident = {k: programs_per_sm(v["registers"], v["num_warps"], v["shared"]) for k, v in compiled.items() if v["ok"]}
     compared = 0
     for key in sorted(state):
@@ -115,3 +132,23 @@ def test_flat_addressing_where_rows_are_not_aligned():
     wide = torch.zeros(2, 1023)
     assert not flat(False, 1023, 1024, (wide,))  # 1023 + 15 > 1024: a second block step
     assert flat(False, 1009, 1024, (torch.zeros(2, 1009),))  # 1009 + 15 <= 1024
+
+
+@pytest.mark.parametrize("block, warps, expected", [
+    (None, None, 2), (1024, None, 2), (None, 4, 2), (2048, 8, 1), (4096, 8, 1), (1024, 16, 1), (1024, 32, 1),
+    (1024, 2, 2), (64, 1, 2),
+])
+def test_tiles_never_assume_more_programs_than_fit(block, warps, expected):
+    """Tiles are sized for PROGRAMS_PER_SM programs an SM with the default blocks and warps (the
+    variants above reach it), and with a chosen block size or warp count for what fits at 255
+    registers a thread, the most any variant can take: a variant of 8 warps or more is one
+    program an SM (a held-out sweep found 16- and 32-warp forwards, and 2048- and 4096-token
+    blocks at 8 warps, below the old fixed assumption of two)."""
+    from kpo_kernels.backends.triton_launch import WORST_CASE_WARPS_PER_SM
+
+    backend = launcher.TritonBackend(block_size=block, num_warps=warps)
+    chosen = block or 1024
+    assert backend._programs_per_sm(chosen) == expected
+    warps_used = backend._warps(chosen)
+    assert backend._programs_per_sm(chosen) <= max(1, programs_per_sm(255, warps_used, 0))
+    assert WORST_CASE_WARPS_PER_SM == 8

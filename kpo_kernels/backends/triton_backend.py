@@ -47,8 +47,9 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             length rounded up to a power of two, at most 1024).
         tile_size: tokens per program, an int >= 1; sequences longer than a tile are split across
             programs (default on CUDA: whole rows when there are enough rows to fill the GPU,
-            else tiles sized for about PROGRAMS_PER_SM (2) programs per SM; under the interpreter:
-            whole sequences).
+            else tiles sized for about PROGRAMS_PER_SM (2) programs per SM, or for what fits at
+            255 registers a thread with a chosen block_size or num_warps: one program of 8 or
+            more warps; under the interpreter: whole sequences).
         num_warps: warps per program, a power of two up to 32 (default: two tokens per thread
             up to 8 warps, and 4 warps for 1024-token blocks).
         poison: fill every output buffer with NaN before the kernels run, so that a position a

@@ -33,6 +33,9 @@ UNDERFILLED_ROWS_PER_SM = 2  # fewer rows than this per SM: split rows into tile
 # 1024-token blocks at 4 warps of split rows (193-252 registers a thread on sm_90, so 2 programs
 # of 4 warps fit the register file; tests/test_compile_sm90.py holds every forward variant to it).
 PROGRAMS_PER_SM = 2
+# Warps an SM holds at 255 registers a thread (65536 registers, 256 a thread allocated): the
+# occupancy every kernel reaches whatever its register count (_programs_per_sm).
+WORST_CASE_WARPS_PER_SM = 65536 // (256 * 32)
 INT32_OFFSETS = 2**31  # kernels index tokens with int32 positions times strides
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 MAX_TENSOR_NUMEL = 2**20  # Triton's limit on the elements of one block
@@ -97,7 +100,7 @@ def _finalize_launch(tiles):
     """The finalize kernel's per-sequence layout for `tiles` tiles per step: SEQ_BLOCK, TILES
     and num_warps (sequences x tiles per step within 4096 values, 1024 sequences for one tile)."""
     if tiles == 1:
-        return dict(SEQ_BLOCK=1024, TILES=1, num_warps=4)
+        return dict(SEQ_BLOCK=1024, TILES=1, num_warps=8)
     return dict(SEQ_BLOCK=4096 // tiles, TILES=tiles, num_warps=8)
 
 
@@ -146,6 +149,16 @@ class LaunchPlan:
             return WIDE_BLOCK_WARPS
         return max(1, min(8, block // 64))  # two tokens per thread
 
+    def _programs_per_sm(self, block):
+        """The programs of the fused forward resident per SM that tiles are sized for. The
+        defaults' compiled variants all reach PROGRAMS_PER_SM on sm_90 (tests/test_compile_sm90.py
+        holds them to it). With a chosen block size or warp count the variant is the user's, so
+        the tiles assume what fits at the most registers a thread can have (255, allocated as 256:
+        8 warps an SM), capped at PROGRAMS_PER_SM: never more than the compiled kernel reaches."""
+        if self.block_size is None and self.num_warps is None:
+            return PROGRAMS_PER_SM
+        return max(1, min(PROGRAMS_PER_SM, WORST_CASE_WARPS_PER_SM // self._warps(block)))
+
     def _tile(self, rows, tokens, longest, block, device):
         """Tokens per tile, a multiple of the block."""
         if self.tile_size is not None:
@@ -157,7 +170,7 @@ class LaunchPlan:
             if rows >= UNDERFILLED_ROWS_PER_SM * sms:
                 wanted = longest
             else:
-                wanted = max(block, _pow2_at_least(_cdiv(tokens, PROGRAMS_PER_SM * sms)))
+                wanted = max(block, _pow2_at_least(_cdiv(tokens, self._programs_per_sm(block) * sms)))
         wanted = min(wanted, MAX_BLOCKS_PER_TILE * block)
         return _cdiv(max(1, min(wanted, longest)), block) * block
 
