@@ -242,3 +242,43 @@ def test_seed_table_and_merged_json_files(tmp_path):
         _load_records([first, write("c.json", [run("kpo-paper", 1, 1.0)], steps=150)])
     with pytest.raises(SystemExit, match="repeat"):
         _load_records([first, first])
+
+
+def test_first_seed_runs_later_seeds_and_reports_them(tmp_path, monkeypatch, capsys):
+    """--seeds 2 --first-seed 5 trains seeds 5 and 6 (each run seeded with its own number), and
+    the JSON, the per-seed table and --from-json merging with seeds 0, 1 all name those seeds."""
+    import json
+
+    import benchmarks.training.__main__ as command
+
+    trained = []
+
+    def fake_train_job(job):
+        method, seed, schedule, _ = job
+        trained.append((method, seed))
+        steps = [{"step": 1, "loss": 0.0, "grad_norm": 1.0 + seed, "stale": 0.0, "reward": seed / 10}]
+        return {"method": method, "seed": seed, "seconds": 1.0, "steps": steps, "nonfinite_steps": 0}
+
+    monkeypatch.setattr(command, "train_job", fake_train_job)
+    options = ["--methods", "grpo,kpo-paper", "--steps", "3", "--workers", "1", "--threads", "1"]
+    later, first = tmp_path / "later.json", tmp_path / "first.json"
+    assert command.main([*options, "--seeds", "2", "--first-seed", "5", "--json", str(later)]) == 0
+    assert trained == [("grpo", 5), ("kpo-paper", 5), ("grpo", 6), ("kpo-paper", 6)]
+    record = json.loads(later.read_text())
+    assert record["seeds"] == [5, 6] and [run["seed"] for run in record["runs"]] == [5, 5, 6, 6]
+    assert record["summary"]["grpo"]["seeds"] == [5, 6]
+    assert "| grpo | 5, 6 | 0.50, 0.60 | 6, 7 |" in capsys.readouterr().out
+
+    trained.clear()
+    assert command.main([*options, "--seeds", "2", "--json", str(first)]) == 0  # default: from seed 0
+    assert trained == [("grpo", 0), ("kpo-paper", 0), ("grpo", 1), ("kpo-paper", 1)]
+    capsys.readouterr()
+    merged = tmp_path / "merged.json"
+    assert command.main(["--from-json", f"{later},{first}", "--json", str(merged)]) == 0
+    assert "| kpo-paper | 0, 1, 5, 6 | 0.00, 0.10, 0.50, 0.60 | 1, 2, 6, 7 |" in capsys.readouterr().out
+    assert json.loads(merged.read_text())["seeds"] == [0, 1, 5, 6]
+
+    with pytest.raises(SystemExit):
+        command.parse(["--from-json", str(later), "--first-seed", "5"])  # --from-json does not train
+    with pytest.raises(SystemExit):
+        command.parse(["--first-seed", "-1"])

@@ -2,6 +2,7 @@
 
     python -m benchmarks.training --quick --json runs.json --plot runs.png   # 2 seeds, 150 steps
     python -m benchmarks.training --json runs.json --plot runs.png           # 5 seeds, 600 steps
+    python -m benchmarks.training --seeds 5 --first-seed 5 --json held-out.json  # seeds 5..9
 
 Each (method, seed) trains the same small policy from the same random initialisation on the
 task of `task.py`, with the same data order and the same off-policy schedule (trainers.py names
@@ -36,6 +37,9 @@ def parse(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.training", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK['seeds']} seeds, {QUICK['steps']} steps")
     parser.add_argument("--seeds", type=int, help=f"seeds per method (default {FULL['seeds']})")
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="the first seed: runs seeds first-seed .. first-seed + seeds - 1 (default 0)"
+    )
     parser.add_argument("--steps", type=int, help=f"optimizer steps per run (default {FULL['steps']})")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
     parser.add_argument("--lr", type=float, default=Schedule.learning_rate, help="learning rate (Adam)")
@@ -82,6 +86,8 @@ def parse(argv):
     args.steps = args.steps if args.steps is not None else mode["steps"]
     if args.seeds < 1 or args.steps < 1:
         parser.error("--seeds and --steps must be >= 1")
+    if args.first_seed < 0:
+        parser.error("--first-seed must be >= 0")
     try:
         args.strides = tuple(int(k) for k in args.strides.split(","))
     except ValueError:
@@ -120,7 +126,7 @@ def parse(argv):
 
 
 def _training_options(args):
-    names = ("quick", "seeds", "steps", "methods", "lr", "length", "steps_per_generation", "num_iterations")
+    names = ("quick", "seeds", "first_seed", "steps", "methods", "lr", "length", "steps_per_generation", "num_iterations")
     names += ("strides", "kpo_clip", "delta", "workers", "threads")
     return {name: getattr(args, name) for name in names}
 
@@ -146,6 +152,7 @@ def main(argv=None):
         record = {
             "schedule": settings,
             "methods": args.methods,
+            "seeds": _seeds(args),
             "machine": _machine(),
             "versions": _versions(),
             "commit": commit,
@@ -195,15 +202,23 @@ def _load_records(paths):
     if len(set(keys)) < len(keys):
         raise SystemExit("--from-json: the files repeat a (method, seed)")
     merged = dict(records[0], runs=runs)
+    merged["methods"] = list(dict.fromkeys(run["method"] for run in runs))
+    merged["seeds"] = sorted({run["seed"] for run in runs})
     merged["sources"] = [{key: record.get(key) for key in ("machine", "date", "commit", "wall_seconds")} for record in records]
     return merged
 
 
+def _seeds(args):
+    """The seeds of the runs: --seeds of them from --first-seed on."""
+    return list(range(args.first_seed, args.first_seed + args.seeds))
+
+
 def _train_all(args, schedule):
+    seeds = _seeds(args)
     with tempfile.TemporaryDirectory() as scratch:
-        jobs = [(method, seed, schedule, os.path.join(scratch, f"{method}-{seed}")) for seed in range(args.seeds) for method in args.methods]
+        jobs = [(method, seed, schedule, os.path.join(scratch, f"{method}-{seed}")) for seed in seeds for method in args.methods]
         print(
-            f"{len(jobs)} runs ({', '.join(args.methods)} x {args.seeds} seeds), {schedule.steps} steps each, "
+            f"{len(jobs)} runs ({', '.join(args.methods)} x {args.seeds} seeds: {seeds[0]}..{seeds[-1]}), {schedule.steps} steps each, "
             f"{args.workers} at a time",
             flush=True,
         )

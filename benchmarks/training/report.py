@@ -116,6 +116,7 @@ def summarize(runs, threshold):
         by_method.setdefault(run["method"], []).append(run)
     out = {}
     for method, group in by_method.items():
+        group.sort(key=lambda run: run["seed"])  # merged --json files may list seeds in any order
         entry = {"seeds": [run["seed"] for run in group], "seconds": [run["seconds"] for run in group]}
         for key in dict.fromkeys(key for run in group for key in run["summary"]):
             values = [run["summary"].get(key) for run in group]
