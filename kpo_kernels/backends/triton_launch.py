@@ -98,9 +98,10 @@ def _finalize_tiles_per_step(tiling):
 
 def _finalize_launch(tiles):
     """The finalize kernel's per-sequence layout for `tiles` tiles per step: SEQ_BLOCK, TILES
-    and num_warps (sequences x tiles per step within 4096 values, 1024 sequences for one tile)."""
+    and num_warps (sequences x tiles per step within 4096 values; 512 sequences for one tile:
+    at 1024 and 4 warps ptxas spilled 20-32 bytes in some specialisations)."""
     if tiles == 1:
-        return dict(SEQ_BLOCK=1024, TILES=1, num_warps=8)
+        return dict(SEQ_BLOCK=512, TILES=1, num_warps=4)
     return dict(SEQ_BLOCK=4096 // tiles, TILES=tiles, num_warps=8)
 
 
