@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from conftest import DEVICE
 from helpers import examples
 from kpo_kernels import TritonBackend, estimate_noise
-from kpo_kernels.backends.triton_noise import SEARCH_HIGHEST, SEARCH_POINTS, _search_parts
+from kpo_kernels.backends.triton_noise import SEARCH_HIGHEST, SEARCH_POINTS, _search_grid, _search_parts
 from kpo_kernels.fit_search import staged_search
 from kpo_kernels.fit_spectrum import BIN_TOP, BIN_WIDTH, bin_count, sequences, spectral_sums
 from kpo_kernels.fitting import FEW_TOKENS, FITTED, NOT_FINITE, ON_POLICY
@@ -42,7 +42,7 @@ def kernel_search(totals, lengths, *, diffuse, low, high, min_tokens, fallback):
         return None
     finished = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     return POISONED.noise_search(totals, lengths, diffuse=diffuse, parts=parts, min_tokens=min_tokens, group=None,
-                                 finished=finished)
+                                 finished=finished, grid=_search_grid(low, high, diffuse, DEVICE))
 
 
 def assert_same_fit(got, want, ratio_rel=None, nats=1e-6):

@@ -21,7 +21,6 @@ import math
 import triton
 import triton.language as tl
 
-_LOG2 = tl.constexpr(math.log(2.0))
 _LOG_2PI = tl.constexpr(math.log(2.0 * math.pi))
 _DBL_MAX = tl.constexpr(1.7976931348623157e308)
 
@@ -49,15 +48,15 @@ def _expm1(x):
 
 
 @triton.jit
-def _log_determinant(q, lengths_ptr, sequences, lengths_stride, DIFFUSE: tl.constexpr, BLOCK_S: tl.constexpr):
+def _log_determinant(phi, constant, lengths_ptr, sequences, lengths_stride, DIFFUSE: tl.constexpr, BLOCK_S: tl.constexpr):
     """sum over sequences of log det(I + q M) (P0 = 0) or log det(q I + D) (diffuse) for each q,
-    float64 (fit_spectrum.log_determinant): with 2 + q = 2 cosh(phi),
+    float64 (fit_spectrum.log_determinant), from phi (2 + q = 2 cosh(phi)) and the part that
+    depends on q alone (`constant`, triton_noise._search_grid): with
     log cosh((n + 1/2) phi) - log cosh(phi / 2) = (n + 1/2) phi - log 2 + log1p(exp(-(2n + 1) phi))
     - log cosh(phi / 2), and log sinh(n phi) - log sinh(phi) = (n - 1) phi + log(-expm1(-2 n phi))
-    - log(-expm1(-2 phi)): the linear part from the total length, the bounded rest per sequence."""
-    half = 0.5 * tl.sqrt(q)
-    phi = 2.0 * _log1p(half + half * half / (1.0 + tl.sqrt(1.0 + half * half)))  # 2 asinh(half)
-    corrections = tl.zeros(q.shape, dtype=tl.float64)
+    - log(-expm1(-2 phi)): the linear part from the total length, the bounded rest per sequence,
+    and constant = log 2 + log cosh(phi / 2) (P0 = 0) or log(-expm1(-2 phi)) (diffuse) per sequence."""
+    corrections = tl.zeros(phi.shape, dtype=tl.float64)
     length_total = tl.zeros([BLOCK_S], dtype=tl.int64)
     for start in range(0, sequences, BLOCK_S):
         s = start + tl.arange(0, BLOCK_S)
@@ -74,10 +73,8 @@ def _log_determinant(q, lengths_ptr, sequences, lengths_stride, DIFFUSE: tl.cons
     count = tl.cast(sequences, tl.float64)  # a cast, not .to: a count of 1 arrives as a constexpr
     total = tl.sum(length_total, 0).to(tl.float64)
     if DIFFUSE:
-        return (total - count) * phi + corrections - count * tl.log(-_expm1(-2.0 * phi))
-    log2 = tl.full([], _LOG2, tl.float64)
-    small = 0.5 * phi + _log1p(tl.exp(-phi)) - log2  # log cosh(phi / 2)
-    return (total + 0.5 * count) * phi + corrections - count * (log2 + small)
+        return (total - count) * phi + corrections - count * constant
+    return (total + 0.5 * count) * phi + corrections - count * constant
 
 
 @triton.jit
@@ -120,37 +117,29 @@ def _profile(q, log_det, totals_ptr, centres_ptr, bins, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
-def _grid_point(i, lower, upper, POINTS: tl.constexpr):
-    """u at grid point i: POINTS evenly spaced from lower to upper, both ends exact."""
-    u = lower + (upper - lower) * (i.to(tl.float64) / (POINTS - 1))
-    return tl.where(i == POINTS - 1, upper, u)
-
-
-@triton.jit
-def fit_log_determinant_kernel(lengths_ptr, sequences, lengths_stride, log_det_ptr,
-                               lower0, lower1, lower2, upper0, upper1, upper2,
+def fit_log_determinant_kernel(lengths_ptr, sequences, lengths_stride, log_det_ptr, grid_ptr,
                                DIFFUSE: tl.constexpr, POINTS: tl.constexpr, RATIOS: tl.constexpr, BLOCK_S: tl.constexpr):
     """Grid (POINTS / RATIOS,): the sequences' log-determinant sums at every point of
     noise_search_kernel's grid, float64 (POINTS,): under a process group they are all-reduced
     before the search, which then reads them (GIVEN_LOG_DET)."""
-    lower = _float64(lower0, lower1, lower2)
-    upper = _float64(upper0, upper1, upper2)
     index = tl.program_id(0) * RATIOS + tl.arange(0, RATIOS)
-    q = tl.exp(_grid_point(index, lower, upper, POINTS))
-    tl.store(log_det_ptr + index, _log_determinant(q, lengths_ptr, sequences, lengths_stride, DIFFUSE, BLOCK_S))
+    phi = tl.load(grid_ptr + POINTS + index)
+    constant = tl.load(grid_ptr + 2 * POINTS + index)
+    tl.store(log_det_ptr + index, _log_determinant(phi, constant, lengths_ptr, sequences, lengths_stride, DIFFUSE, BLOCK_S))
 
 
 @triton.jit
 def noise_search_kernel(
     totals_ptr, centres_ptr, bins, lengths_ptr, sequences, lengths_stride, log_det_ptr, values_ptr, finished_ptr, result_ptr,
-    codes_ptr, min_tokens,
-    lower0, lower1, lower2, upper0, upper1, upper2, low0, low1, low2, high0, high1, high2,
+    codes_ptr, min_tokens, grid_ptr, low0, low1, low2, high0, high1, high2,
     fallback_q0, fallback_q1, fallback_q2, fallback_r0, fallback_r1, fallback_r2,
     DIFFUSE: tl.constexpr, GIVEN_LOG_DET: tl.constexpr, POINTS: tl.constexpr, RATIOS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """Grid (POINTS / RATIOS,). Each program evaluates the binned profile and R (float64, as the
-    reference's, at the bins' centres `centres`) at RATIOS points of a grid of POINTS over [lower, upper] in u = log q, into
+    reference's, at the bins' centres `centres`) at RATIOS points of the grid `grid` (3, POINTS)
+    (triton_noise._search_grid: the ratios, evenly spaced in log q over q_range, with their phi
+    and log-determinant constant, made once per q_range: no float64 exp or log a program), into
     `values` (2, POINTS); the log-determinants are its own, or (GIVEN_LOG_DET) read from
     log_det_ptr (fit_log_determinant_kernel's, summed over a process group). The last program to
     finish (an atomic count in `finished`, zero before the launch: its release and acquire order
@@ -160,20 +149,20 @@ def noise_search_kernel(
     [at_boundary, status] int64 (fitting.NoiseEstimate; status FITTED 0, ON_POLICY 1,
     FEW_TOKENS 2, NOT_FINITE 3). Each float64 setting comes as three float32 parts
     (triton_launch.float64_parts)."""
-    lower = _float64(lower0, lower1, lower2)
-    upper = _float64(upper0, upper1, upper2)
     index = tl.program_id(0) * RATIOS + tl.arange(0, RATIOS)
-    q = tl.exp(_grid_point(index, lower, upper, POINTS))
+    q = tl.load(grid_ptr + index)
     if GIVEN_LOG_DET:
         log_det = tl.load(log_det_ptr + index)
     else:
-        log_det = _log_determinant(q, lengths_ptr, sequences, lengths_stride, DIFFUSE, BLOCK_S)
+        phi = tl.load(grid_ptr + POINTS + index)
+        constant = tl.load(grid_ptr + 2 * POINTS + index)
+        log_det = _log_determinant(phi, constant, lengths_ptr, sequences, lengths_stride, DIFFUSE, BLOCK_S)
     values, r_hat = _profile(q, log_det, totals_ptr, centres_ptr, bins, BLOCK_B)
     tl.store(values_ptr + index, values)
     tl.store(values_ptr + POINTS + index, r_hat)
     tl.debug_barrier()  # every thread's stores before the atomic's release
     if tl.atomic_add(finished_ptr, 1) == tl.num_programs(0) - 1:
-        _finish(values_ptr, totals_ptr, result_ptr, codes_ptr, min_tokens, lower, upper,
+        _finish(values_ptr, totals_ptr, result_ptr, codes_ptr, min_tokens, grid_ptr,
                 _float64(low0, low1, low2), _float64(high0, high1, high2),
                 _float64(fallback_q0, fallback_q1, fallback_q2), _float64(fallback_r0, fallback_r1, fallback_r2),
                 POINTS, BLOCK_F)
@@ -189,7 +178,7 @@ def _ranked(values):
 
 
 @triton.jit
-def _finish(values_ptr, totals_ptr, result_ptr, codes_ptr, min_tokens, lower, upper, low, high, fallback_q, fallback_r,
+def _finish(values_ptr, totals_ptr, result_ptr, codes_ptr, min_tokens, grid_ptr, low, high, fallback_q, fallback_r,
             POINTS: tl.constexpr, BLOCK_F: tl.constexpr):
     """The last program's part of noise_search_kernel, from every grid point's profile and R."""
     best_value = _ranked(tl.load(values_ptr, volatile=True))
@@ -206,7 +195,7 @@ def _finish(values_ptr, totals_ptr, result_ptr, codes_ptr, min_tokens, lower, up
     l_lower = tl.load(values_ptr, volatile=True)
     at_lower = best == 0
     at_upper = best == POINTS - 1
-    ratio = tl.where(at_lower, low, tl.where(at_upper, high, tl.exp(_grid_point(best, lower, upper, POINTS))))
+    ratio = tl.where(at_lower, low, tl.where(at_upper, high, tl.load(grid_ptr + best)))
 
     tokens = tl.load(totals_ptr)
     quadratic_total = tl.load(totals_ptr + 1)

@@ -80,10 +80,30 @@ def _centres(bins, device):
     return _per_size("centres", bins, device, lambda: bin_centres(bins, device))
 
 
+def _search_grid(low, high, diffuse, device):
+    """(3, SEARCH_POINTS) float64 on `device`: the search's ratios q, SEARCH_POINTS evenly spaced
+    in log q from log(low) to log(high) (both ends exact in log q), their phi = 2 asinh(sqrt(q) / 2)
+    and the part of a sequence's log-determinant that depends on q alone (log 2 + log cosh(phi / 2)
+    under P0 = 0, log(-expm1(-2 phi)) diffuse: triton_fit_search._log_determinant); made by torch
+    once per q_range and prior, then cached (_per_size), so that no program of the search
+    evaluates a float64 exp or log for them."""
+    lower, upper = math.log(low), math.log(high)
+
+    def build():
+        u = lower + (upper - lower) * (torch.arange(SEARCH_POINTS, dtype=torch.float64, device=device) / (SEARCH_POINTS - 1))
+        u[-1] = upper  # a fill: nothing copied from the host (the grid may be built while a CUDA graph is captured)
+        q = torch.exp(u)
+        phi = 2.0 * torch.asinh(0.5 * torch.sqrt(q))
+        constant = torch.log(-torch.expm1(-2.0 * phi)) if diffuse else 0.5 * phi + torch.log1p(torch.exp(-phi))
+        return torch.stack([q, phi, constant])
+
+    return _per_size("search grid", (lower, upper, diffuse), device, build)
+
+
 def _search_parts(low, high, fallback):
     """The search's float64 settings as float32 parts (triton_launch.float64_parts), or None where
     the parts cannot carry one exactly or the ratio may pass SEARCH_HIGHEST."""
-    settings = (math.log(low), math.log(high), low, high, *fallback)
+    settings = (low, high, *fallback)
     if high > SEARCH_HIGHEST or not all(float64_parts_fit(value) for value in settings):
         return None
     return [part for value in settings for part in float64_parts(value)]
@@ -129,8 +149,9 @@ class NoiseFitLaunch:
         if parts is None:
             return None
         totals, finished = self.noise_moments(z, lengths, diffuse=diffuse, bins=bins)
+        grid = _search_grid(low, high, diffuse, z.device)
         return self.noise_search(all_reduce(totals, group), lengths, diffuse=diffuse, parts=parts, min_tokens=min_tokens,
-                                 group=group, finished=finished)
+                                 group=group, finished=finished, grid=grid)
 
     def noise_moments(self, z, lengths, *, diffuse, bins):
         """The transform and its binned moments (fit_spectrum.spectral_sums, one bucket of
@@ -164,28 +185,29 @@ class NoiseFitLaunch:
         )
         return totals, finished
 
-    def noise_search(self, totals, lengths, *, diffuse, parts, min_tokens, group, finished):
+    def noise_search(self, totals, lengths, *, diffuse, parts, min_tokens, group, finished, grid):
         """The search on a dense grid in one launch (triton_fit_search.noise_search_kernel) from
-        `totals` (summed over `group`), `parts` (_search_parts) and a zeroed int32 counter
-        `finished`; under a process group the log-determinants at the grid's points first
-        (fit_log_determinant_kernel) and one all-reduce of them."""
+        `totals` (summed over `group`), `parts` (_search_parts), a zeroed int32 counter
+        `finished` and the grid's points (_search_grid); under a process group the
+        log-determinants at the grid's points first (fit_log_determinant_kernel) and one
+        all-reduce of them."""
         device = totals.device
         bins = (totals.shape[0] - 2) // 3
-        grid = (SEARCH_POINTS // SEARCH_RATIOS,)
+        programs = (SEARCH_POINTS // SEARCH_RATIOS,)
         sizes = dict(POINTS=SEARCH_POINTS, RATIOS=SEARCH_RATIOS, BLOCK_S=SEARCH_SEQUENCES)
         log_det = None
         if group is not None:
             log_det = self._empty((SEARCH_POINTS,), torch.float64, device)
-            kernels.fit_log_determinant_kernel[grid](
-                lengths, lengths.shape[0], lengths.stride(0), log_det, *parts[:6], DIFFUSE=diffuse, **sizes,
+            kernels.fit_log_determinant_kernel[programs](
+                lengths, lengths.shape[0], lengths.stride(0), log_det, grid, DIFFUSE=diffuse, **sizes,
                 num_warps=SEARCH_WARPS,
             )
             all_reduce(log_det, group)
         result, codes = self._empty((6,), torch.float64, device), self._empty((2,), torch.int64, device)
         values = self._empty((2, SEARCH_POINTS), torch.float64, device)  # profile and R
-        kernels.noise_search_kernel[grid](
+        kernels.noise_search_kernel[programs](
             totals, _centres(bins, device), bins, lengths, lengths.shape[0], lengths.stride(0),
-            totals if log_det is None else log_det, values, finished, result, codes, min_tokens, *parts,
+            totals if log_det is None else log_det, values, finished, result, codes, min_tokens, grid, *parts,
             DIFFUSE=diffuse, GIVEN_LOG_DET=log_det is not None, BLOCK_B=SEARCH_BINS, BLOCK_F=SEARCH_FINISH, **sizes,
             num_warps=SEARCH_WARPS,
         )
