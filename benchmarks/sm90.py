@@ -23,6 +23,7 @@ import torch
 
 from kpo_kernels.backends import triton_backend as launcher
 from kpo_kernels.backends import triton_launch as launch
+from kpo_kernels.backends.triton_env import interpreted
 
 KERNELS = (
     "kalman_filter_kernel",
@@ -105,8 +106,8 @@ def sm90_target():
 
 def compile_launch(kernel, args, kwargs):
     """The CompiledKernel Triton's JIT would build for this launch on sm_90a."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("compile_launch needs a process without TRITON_INTERPRET=1")
+    if interpreted(os.environ.get("TRITON_INTERPRET", "")):
+        raise RuntimeError("compile_launch needs a process without TRITON_INTERPRET set")
     with sm90_target():
         return kernel.run(*args, grid=None, warmup=True, **kwargs)
 
@@ -125,7 +126,7 @@ def _cuobjdump(cubin, flag):
 
 
 def resources(compiled):
-    """{'registers', 'shared' (static bytes), 'stack' (bytes a thread), 'local' (local-memory
+    """{'registers', 'shared' (static and Triton's dynamic bytes), 'stack' (bytes a thread), 'local' (local-memory
     loads and stores in the SASS), 'local_in_loops' (those inside a loop), 'spill_bytes' (ptxas's spill stores + loads)} of a compiled
     kernel (compile_launch's). On sm_90 cuobjdump's LOCAL field stays 0 when ptxas spills (the
     spills sit in STACK), and local accesses also come from libdevice's local arrays (sin and
@@ -135,7 +136,7 @@ def resources(compiled):
     usage = _cuobjdump(cubin, "--dump-resource-usage")
     found = {key: int(re.search(rf"{tag}:(\d+)", usage).group(1)) for key, tag in (("registers", "REG"), ("stack", "STACK"))}
     shared = re.search(r"SHARED:(\d+)", usage)
-    found["shared"] = int(shared.group(1)) if shared else 0
+    found["shared"] = (int(shared.group(1)) if shared else 0) + getattr(compiled.metadata, "shared", 0)  # + Triton's dynamic
     instructions = sass(cubin)
     local = [address for address, opcode, _ in instructions if opcode.split(".")[0] in ("LDL", "STL")]
     found["local"] = len(local)

@@ -122,7 +122,6 @@ def analyse(kernel, grid, args, kwargs, tokens):
     compiled = sm90.compile_launch(kernel, args, kwargs)
     cubin = compiled.asm["cubin"]
     found = sm90.resources(compiled)
-    found["shared"] += getattr(compiled.metadata, "shared", 0)  # Triton's dynamic shared memory
     warps = compiled.metadata.num_warps
     instructions = sm90.sass(cubin)
     loop = main_loop(instructions)

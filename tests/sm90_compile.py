@@ -209,7 +209,8 @@ def main():
             key = f"{case}:{kernel.fn.__name__}"
             try:
                 compiled = compile_launch(kernel, args, kwargs)
-                results[key] = {"ok": True, "num_warps": compiled.metadata.num_warps, **resources(compiled)}
+                results[key] = {"ok": True, "num_warps": compiled.metadata.num_warps, **resources(compiled),
+                                "ex2_ftz": "ex2.approx.ftz.f32" in compiled.asm["ptx"]}
             except Exception as error:  # noqa: BLE001 - reported to the test
                 results[key] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:2000]}
     json.dump(results, sys.stdout)

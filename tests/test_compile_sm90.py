@@ -152,3 +152,19 @@ def test_tiles_never_assume_more_programs_than_fit(block, warps, expected):
     warps_used = backend._warps(chosen)
     assert backend._programs_per_sm(chosen) <= max(1, programs_per_sm(255, warps_used, 0))
     assert WORST_CASE_WARPS_PER_SM == 8
+
+
+def test_the_forward_takes_the_ptx_exp_on_nvidia(compiled):
+    """Compiled for sm_90a the fused forward's ratios come from ex2.approx.ftz (triton_common._exp:
+    the inline PTX, three instructions a ratio fewer than tl.exp's); the interpreter, and a ROCm
+    build of PyTorch, keep tl.exp (triton_env: TRITON_INTERPRET read as Triton reads it)."""
+    import torch
+
+    from kpo_kernels.backends import triton_env
+
+    forward = {k: v for k, v in compiled.items() if v["ok"] and "kpo_loss_fwd_kernel" in k}
+    assert forward and all(v["ex2_ftz"] for v in forward.values())
+    assert all(triton_env.interpreted(v) for v in ("1", "true", "TRUE", "On"))
+    assert not any(triton_env.interpreted(v) for v in ("", "0", "false", "off"))
+    assert triton_env.NVIDIA_PTX == (not triton_env.INTERPRETED and torch.version.hip is None)
+    assert launcher.INTERPRETED == triton_env.INTERPRETED

@@ -2,13 +2,12 @@
 maps, the diagnostics of docs/math.md section 5b, and where a program's tile lies
 (triton_kernels.py describes the work split)."""
 
-import os
-
 import triton
 import triton.language as tl
 
 from ..options import AGG_MODES
 from ..options import KL_CLAMP as _KL_CLAMP
+from .triton_env import NVIDIA_PTX
 
 # Aggregation modes as compile-time constants, numbered in options.AGG_MODES order.
 AGG_TOKEN_MEAN = tl.constexpr(0)
@@ -20,8 +19,7 @@ AGG_CODES = {name: code for code, name in enumerate(AGG_MODES)}
 KL_CLAMP = tl.constexpr(_KL_CLAMP)
 
 
-# Compiled for a GPU, not interpreted (decided at import, as Triton does: triton_launch.INTERPRETED).
-_NATIVE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+_NVIDIA_PTX = tl.constexpr(NVIDIA_PTX)  # compiled for an NVIDIA GPU (triton_env)
 _LOG2_E = tl.constexpr(1.4426950408889634)
 
 
@@ -29,8 +27,9 @@ _LOG2_E = tl.constexpr(1.4426950408889634)
 def _exp(x):
     """exp(x) of float32 x, on a GPU as 2^(x log2 e) in one ex2.approx.ftz: tl.exp's ex2.approx
     without .ftz takes three instructions more to keep results below 2^-126 (denormal), which
-    this flushes to 0 (docs/numerics.md). The interpreter cannot run PTX: tl.exp there."""
-    if _NATIVE:
+    this flushes to 0 (docs/numerics.md). The interpreter cannot run PTX, nor an AMD GPU:
+    tl.exp there."""
+    if _NVIDIA_PTX:
         return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * _LOG2_E], dtype=tl.float32,
                                          is_pure=True, pack=1)
     return tl.exp(x)

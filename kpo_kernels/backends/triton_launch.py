@@ -4,12 +4,12 @@
 import dataclasses
 import functools
 import math
-import os
 import struct
 
 import torch
 
 from .. import tables
+from .triton_env import INTERPRETED
 
 _IMPORT_ERROR = None
 try:
@@ -18,8 +18,6 @@ except Exception as error:  # noqa: BLE001 - any failure means "no Triton here"
     kernels = None
     _IMPORT_ERROR = error
 
-# Triton decides at import time whether @triton.jit functions are interpreted.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Tokens per scan block. Up to 512: 2 per thread (at most 8 warps). Rows longer than 512 use
 # 1024-token blocks at 4 warps, 8 tokens per thread: on an H200 (tune sweep of 2026-12-04,
