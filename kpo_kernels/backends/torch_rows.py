@@ -95,7 +95,7 @@ def rows_loss(batch, options, need_grad):
     if mask is not None and not _is_prefix(valid_f, tokens):
         if not filt.skip:
             return None
-        compaction = TailCompaction(valid_f, index=spare.view(torch.int64), count=scratch("count", batch.shape, dtype))
+        compaction = TailCompaction(valid_f, index=spare.view(torch.int64))
         spare, z = z, compaction.compact(z, out=scratch("compacted z", batch.shape, COMPUTE))
 
     original_valid = valid_f
@@ -220,18 +220,16 @@ class TailCompaction:
     place T - 1, which is in the compacted row's tail (a row with an invalid token has fewer than
     T valid ones)."""
 
-    def __init__(self, valid_f, index=None, count=None):
+    def __init__(self, valid_f, index=None):
         # Observations up to each token, n(t): a float cumulative sum (exact below 2^24 tokens a
         # row in float32) is several times faster on CPUs than one of the bool mask, and the
-        # index is formed in place in it: n(t) - 1 where valid, T - 1 elsewhere. index: an int64
-        # (B, T) tensor to hold it, or None; count: a (B, T) tensor of valid_f's dtype for the
-        # running count, or None.
+        # index is formed in place in it (a scratch buffer): n(t) - 1 where valid, T - 1
+        # elsewhere. index: an int64 (B, T) tensor to hold it, or None.
         length = valid_f.shape[-1]
         dtype = torch.float32 if length < 2**24 else torch.float64
-        flags = valid_f.to(dtype)
-        if count is None or count.dtype != dtype:
-            count = None
-        count = torch.cumsum(flags, dim=-1, out=count).sub_(length).mul_(flags).add_(length - 1)
+        flags = valid_f if valid_f.dtype == dtype else scratch("compaction flags", valid_f.shape, dtype).copy_(valid_f)
+        count = torch.cumsum(flags, dim=-1, out=scratch("compaction count", valid_f.shape, dtype))
+        count.sub_(length).mul_(flags).add_(length - 1)
         self.index = count.long() if index is None else index.copy_(count)
 
     def compact(self, values, out=None):

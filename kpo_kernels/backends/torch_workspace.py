@@ -43,7 +43,7 @@ def scratch(name, shape, dtype):
     needed = math.prod(shape) * dtype.itemsize
     buffer = buffers.get(name)
     if buffer is None or buffer.numel() < needed:
-        held = sum(b.numel() for key, b in buffers.items() if key != name)
+        held = sum(other.numel() for kept, other in buffers.items() if kept != name)
         if held + needed > MAX_BYTES:
             return torch.empty(shape, dtype=dtype)
         with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode

@@ -72,9 +72,8 @@ def _log_determinant(phi, constant, lengths_ptr, sequences, lengths_stride, DIFF
         corrections += tl.sum(tl.where((s < sequences)[None, :], part, 0.0), 1)
     count = tl.cast(sequences, tl.float64)  # a cast, not .to: a count of 1 arrives as a constexpr
     total = tl.sum(length_total, 0).to(tl.float64)
-    if DIFFUSE:
-        return (total - count) * phi + corrections - count * constant
-    return (total + 0.5 * count) * phi + corrections - count * constant
+    linear = total - count if DIFFUSE else total + 0.5 * count
+    return linear * phi + corrections - count * constant
 
 
 @triton.jit
