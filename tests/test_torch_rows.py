@@ -98,3 +98,26 @@ def test_shared_scan_is_the_recursion(q, p0, x0, length):
 def test_shared_scan_declines_products_below_its_bound():
     a = torch.full((64,), 1e-30, dtype=torch.float64)  # 64 such factors leave float64's range
     assert torch_scan.shared_scan(torch.ones(2, 64, dtype=torch.float64), None, a, 0.0) is None
+
+
+def test_clip_bounds_and_signs_at_their_edges(monkeypatch):
+    """A token exactly at its row's clip bound is not frozen, one ulp beyond it is (the fast
+    path's single comparison per row against the general path's two); sign flips of subnormal
+    log-ratios count. p0 = inf: the first state is z_0 exactly."""
+    options = _options(True, None, None, math.inf, 0.0)
+    high, low = math.log1p(0.3), math.log1p(-0.2)
+    first = [high, math.nextafter(high, math.inf), low, math.nextafter(low, -math.inf), 5.0]
+    log_prob = torch.zeros(5, 6, dtype=torch.float64)
+    log_prob[:, 0] = torch.tensor(first, dtype=torch.float64)
+    log_prob[:, 2:] = torch.tensor([5e-324, -5e-324, 0.0, 1e-310], dtype=torch.float64)
+    advantages = torch.tensor([1.0, 2.0, -1.0, -2.0, 0.0], dtype=torch.float64)
+    batch = TokenBatch(log_prob, torch.zeros_like(log_prob), advantages, torch.ones(5, 6, dtype=torch.bool), None,
+                       None, False)
+    fast = torch_rows.rows_loss(batch, options, need_grad=True)
+    want = _general(batch, options, monkeypatch)
+    assert torch.equal(fast.grad == 0, want.grad == 0)
+    assert (fast.grad[:, 0] == 0).tolist() == [False, True, False, True, True]  # A = 0: no gradient at all
+    for name in ("clipfrac_high", "clipfrac_low", "sign_flip_raw", "sign_flip_filtered"):
+        index = METRIC_NAMES.index(name)
+        assert fast.metrics[index] == want.metrics[index], name
+        assert name == "sign_flip_filtered" or fast.metrics[index] > 0, name

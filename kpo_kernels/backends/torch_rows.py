@@ -164,26 +164,11 @@ def rows_loss(batch, options, need_grad):
     # filtered log-ratio (clip_high for A > 0, the dual clip for A < 0), below a lower one
     # (clip_low for A < 0), or capped. x is 0 at invalid tokens, inside every bound. Compared
     # in float64 into bool flags (a float output of a float64 comparison is slow on CPUs).
-    upper = torch.full((rows,), math.inf, dtype=COMPUTE)
-    lower = torch.full((rows,), -math.inf, dtype=COMPUTE)
-    if options.clip:
-        upper.masked_fill_(positive, math.log1p(options.clip_high))
-        lower.masked_fill_(negative, log1p_neg(options.clip_low))
-    if options.dual_clip is not None:
-        upper.masked_fill_(negative, math.log(options.dual_clip))
     frozen = capped
-    if bool(torch.isfinite(upper).any()):
-        above = torch.gt(x, upper[:, None], out=scratch("above", batch.shape, torch.bool))
-        total = _count(above)
-        if options.clip:
-            stats["clipped_high"] = torch.where(positive, total, 0)
-        if options.dual_clip is not None:
-            stats["clipped_lower"] = torch.where(negative, total, 0)
-        frozen = above if frozen is None else frozen.logical_or_(above)
-    if bool(torch.isfinite(lower).any()):
-        below = torch.lt(x, lower[:, None], out=scratch("below", batch.shape, torch.bool))
-        stats["clipped_low"] = _count(below)
-        frozen = below if frozen is None else frozen.logical_or_(below)
+    if options.clip and options.dual_clip is None:
+        frozen = _beyond_clip(x, advantage, positive, negative, options, stats, frozen, out=z)  # z is spent
+    else:
+        frozen = _beyond_bounds(x, positive, negative, options, stats, frozen)
     if options.clip:
         for name in ("clipped_high", "clipped_low"):
             stats.setdefault(name, torch.zeros_like(tokens))
@@ -211,6 +196,48 @@ def rows_loss(batch, options, need_grad):
     columns = torch.stack([stats.get(name, none).to(dtype) for name in aggregation.STAT_NAMES], dim=-1)
     row_scale, loss, metrics = aggregation.finalize(columns, options, length)
     return LossForward(loss, metrics, grad, row_scale)
+
+
+def _beyond_clip(x, advantage, positive, negative, options, stats, frozen, out):
+    """Tokens beyond the clip without a dual clip: one bound a row, above log1p(clip_high) for
+    A > 0, below log1p(-clip_low) for A < 0, none for A = 0. With side = sign(A), they are where
+    (x - bound) side > 0: one comparison instead of two (exact: the rounded x side - bound side is
+    0 only where x equals the bound, and has the sign of x - bound otherwise). out: a (B, T)
+    float64 buffer to spend. Sets clipped_high and clipped_low; returns frozen or-ed with them."""
+    side = torch.zeros(x.shape[0], dtype=COMPUTE).masked_fill_(positive, 1.0).masked_fill_(negative, -1.0)
+    bound = torch.zeros(x.shape[0], dtype=COMPUTE)  # float64: a float32 bound would move the edge
+    bound.masked_fill_(positive, math.log1p(options.clip_high)).masked_fill_(negative, log1p_neg(options.clip_low))
+    beyond = torch.addcmul(bound.mul_(side).neg_()[:, None], x, side[:, None], out=out)
+    flags = torch.gt(beyond, 0, out=scratch("beyond", x.shape, torch.bool))
+    total = _count(flags)
+    stats["clipped_high"] = torch.where(positive, total, 0)
+    stats["clipped_low"] = torch.where(negative, total, 0)
+    return flags if frozen is None else frozen.logical_or_(flags)
+
+
+def _beyond_bounds(x, positive, negative, options, stats, frozen):
+    """The frozen tokens' flags in general (a dual clip, or no clip), `_beyond_clip`'s otherwise."""
+    rows = x.shape[0]
+    upper = torch.full((rows,), math.inf, dtype=COMPUTE)
+    lower = torch.full((rows,), -math.inf, dtype=COMPUTE)
+    if options.clip:
+        upper.masked_fill_(positive, math.log1p(options.clip_high))
+        lower.masked_fill_(negative, log1p_neg(options.clip_low))
+    if options.dual_clip is not None:
+        upper.masked_fill_(negative, math.log(options.dual_clip))
+    if bool(torch.isfinite(upper).any()):
+        above = torch.gt(x, upper[:, None], out=scratch("above", x.shape, torch.bool))
+        total = _count(above)
+        if options.clip:
+            stats["clipped_high"] = torch.where(positive, total, 0)
+        if options.dual_clip is not None:
+            stats["clipped_lower"] = torch.where(negative, total, 0)
+        frozen = above if frozen is None else frozen.logical_or_(above)
+    if bool(torch.isfinite(lower).any()):
+        below = torch.lt(x, lower[:, None], out=scratch("below", x.shape, torch.bool))
+        stats["clipped_low"] = _count(below)
+        frozen = below if frozen is None else frozen.logical_or_(below)
+    return frozen
 
 
 class TailCompaction:
@@ -269,11 +296,12 @@ def _diagnostics(z, x, z_low, count, dtype, options):
     scored = (count - unscored).to(COMPUTE)
 
     def flips(values):  # pairs of neighbours with strictly opposite signs (0 at invalid tokens)
-        # Signs as int8 from two comparisons: an eighth of the memory of x's float64 signs.
-        negative = torch.lt(values, 0, out=scratch("negative", z.shape, torch.bool)).view(torch.int8)
-        sign = torch.gt(values, 0, out=scratch("positive", z.shape, torch.bool)).view(torch.int8).sub_(negative)
-        pairs = torch.mul(sign[:, :-1], sign[:, 1:], out=scratch("sign pairs", (rows, max(length - 1, 0)), torch.int8))
-        return pairs.clamp_(max=0).sum(-1, dtype=torch.int32).neg_()
+        # torch.sign in the values' own dtype (-1, 0 or 1, whatever their size), the products of
+        # neighbours' signs -1 where they are opposite, counted in float32 at least (exact below
+        # 2^24 tokens a row). About 3x faster on CPUs than signs made of two comparisons.
+        sign = torch.sign(values, out=scratch("signs", z.shape, values.dtype))
+        pairs = torch.mul(sign[:, :-1], sign[:, 1:], out=scratch("sign pairs", (rows, max(length - 1, 0)), values.dtype))
+        return pairs.clamp_(max=0).sum(-1, dtype=torch.promote_types(values.dtype, torch.float32)).neg_()
 
     # float32 inputs: z is a multiple of 2^-149, so its float32 rounding keeps its sign.
     z_signs = z_low
