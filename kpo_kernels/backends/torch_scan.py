@@ -17,6 +17,8 @@ algorithms, both exact to float64 rounding of the recursion (no floor, exact res
 """
 
 import math
+import threading
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -73,31 +75,93 @@ def _chunk_products(a):
     return None
 
 
-def shared_scan(z, c, a, x0, out=None):
+class _ScanPlan:
+    """What `shared_scan` needs of its coefficients alone (no data): chunk length, the products
+    Q (K, C), each chunk's first a, the weights c / Q, and the plan of the chunk ends' scan one
+    level up (None: that scan runs as `affine_scan` on `ends_a`)."""
+
+    __slots__ = ("length", "size", "products", "first", "weights", "ends", "ends_a", "ends_plan")
+
+    @classmethod
+    def build(cls, c, a):
+        length = a.numel()
+        found = _chunk_products(a) if length else None
+        if found is None:
+            return None
+        plan = cls()
+        plan.length = length
+        plan.size, plan.products, plan.first = found
+        chunks = plan.products.shape[0]
+        if c is None:
+            plan.weights = plan.products.reciprocal()
+        else:
+            plan.weights = F.pad(c, (0, chunks * plan.size - length)).view(chunks, plan.size) / plan.products
+        plan.weights = plan.weights.view(-1)[:length]
+        plan.ends = plan.ends_a = plan.ends_plan = None
+        if chunks > 1:
+            plan.ends = plan.products[:, -1]
+            plan.ends_a = plan.ends * plan.first
+            plan.ends_plan = cls.build(None, plan.ends_a)
+        return plan
+
+
+_PLANS = OrderedDict()  # (T, q, r, p0) -> _ScanPlan or None, for CPU tensors
+_PLANS_MOST = 32
+_PLANS_LOCK = threading.Lock()
+
+
+def _position_plan(length, options, device):
+    """The plan of the shared gains K_1..K_T (position_gains), cached per (T, q, r, p0) on the
+    CPU (a few (T,) operations and a host read saved per call); built each time elsewhere (an
+    accelerator's plan would have to follow the tables' CUDA-graph rules)."""
+    def build():
+        c = position_gains(length, options, device)
+        return _ScanPlan.build(c, 1.0 - c)
+
+    if torch.device(device).type != "cpu":
+        return build()
+    key = (length, float(options.q), float(options.r), float(options.p0))
+    with _PLANS_LOCK:
+        if key in _PLANS:
+            _PLANS.move_to_end(key)
+            return _PLANS[key]
+    plan = build()
+    with _PLANS_LOCK:
+        _PLANS[key] = plan
+        while len(_PLANS) > _PLANS_MOST:
+            _PLANS.popitem(last=False)
+    return plan
+
+
+def shared_scan(z, c, a, x0, out=None, plan=None):
     """x (B, T) float64 with x_t = a_t x_{t-1} + c_t z_t, x_{-1} = x0, for a (B, T) float64 z
     and (T,) coefficients a, c (None: 1) shared by the rows (module docstring). The caller
     guarantees |z|, |x0| <= LARGEST_VALUE. Returns None when the products leave float64's range
     within a chunk (large q); the caller then runs `affine_scan`. x may be a strided view. out:
     a contiguous (B, T) float64 tensor other than z that x is written to when T is a multiple of
-    the chunk length (fresh (B, T) buffers cost more than a pass on CPUs), or None."""
-    rows, length = z.shape
-    plan = _chunk_products(a) if length else None
+    the chunk length (fresh (B, T) buffers cost more than a pass on CPUs), or None. plan: the
+    `_ScanPlan` of (c, a), which are then not read."""
     if plan is None:
-        return None
-    size, products, first = plan
+        plan = _ScanPlan.build(c, a)
+    return None if plan is None else _apply(z, plan, x0, out)
+
+
+def _apply(z, plan, x0, out):
+    rows, length = z.shape
+    size, products, first = plan.size, plan.products, plan.first
     chunks = products.shape[0]
-    weights = products.reciprocal() if c is None else F.pad(c, (0, chunks * size - length)).view(chunks, size) / products
     if out is None or out.shape != (rows, chunks * size) or not out.is_contiguous():
         out = torch.empty(rows, chunks * size, dtype=COMPUTE, device=z.device)
-    torch.mul(z, weights.view(-1)[:length], out=out[:, :length])
+    torch.mul(z, plan.weights, out=out[:, :length])
     out[:, length:].zero_()
     sums = out.view(rows, chunks, size).cumsum_(-1)
     if chunks > 1:
-        ends = products[:, -1]
-        states = shared_scan(sums[:, :, -1] * ends, None, ends * first, x0)  # x at each chunk's end
-        if states is None:
+        ends_b = sums[:, :, -1] * plan.ends
+        if plan.ends_plan is not None:
+            states = _apply(ends_b, plan.ends_plan, x0, None)  # x at each chunk's end
+        else:
             need_a = x0 != 0
-            a_total, states = affine_scan(ends * first, sums[:, :, -1] * ends, need_a)
+            a_total, states = affine_scan(plan.ends_a.clone(), ends_b, need_a)
             if need_a:
                 states = states.add_(a_total * x0)
         carried = F.pad(states[:, :-1], (1, 0), value=x0).mul_(first)
@@ -132,11 +196,12 @@ def prefix_filter(z, options, checked=False, out=None):
     rows all use K_{t+1} at position t (position mode, or skip mode with the valid tokens first).
     checked: z is known to be within LARGEST_VALUE (float32 inputs). out: as in `shared_scan`."""
     length = z.shape[-1]
-    c = position_gains(length, options, z.device)
     x = None
     if checked or scannable(z, options.x0):
-        x = shared_scan(z, c, 1.0 - c, options.x0, out=out)
+        plan = _position_plan(length, options, z.device)
+        x = None if plan is None else _apply(z, plan, options.x0, out)
     if x is None:
+        c = position_gains(length, options, z.device)
         a_total, x = affine_scan(1.0 - c, z * c, need_a=options.x0 != 0)
         if options.x0 != 0:
             x = x.add_(a_total * options.x0)
