@@ -121,7 +121,7 @@ def _scalar(value, like):
 
 
 def _safe_inverse(x):
-    return torch.where(x > 0, 1.0 / torch.where(x > 0, x, 1.0), 0.0)
+    return torch.where(x > 0, x.reciprocal(), 0.0)  # no gradient flows here: 1 / 0 is never used
 
 
 def finalize(stats, options, horizon):

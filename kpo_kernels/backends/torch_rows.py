@@ -32,7 +32,7 @@ from .. import tables
 from ..options import KL_CLAMP
 from . import aggregation
 from .base import LossForward, log1p_neg
-from .torch_scan import COMPUTE, LARGEST_VALUE, gain_lookup, prefix_filter
+from .torch_scan import COMPUTE, LARGEST_VALUE, cached_on_cpu, gain_lookup, prefix_filter
 from .torch_workspace import scratch
 
 
@@ -271,14 +271,26 @@ class TailCompaction:
         return torch.gather(compacted, 1, self.index)
 
 
+def _innovation_terms(length, options, device):
+    """What the diagnostics need of the settings alone, for rows whose valid tokens come first:
+    w (T,), the variance ratio of the token at position t (its observation t + 1), and per
+    count n (T + 1,) over the first n tokens: the unscored ones (S = inf: p0 = inf, first
+    observation) and the sum of log S = log(r / w) over the scored ones. Shared: not written."""
+    ratios = tables.variance_ratio_table(length, options.q, options.r, options.p0, device, COMPUTE)
+    w = gain_lookup(ratios, torch.arange(length, device=device))
+    unscored = F.pad(torch.cumsum(w == 0, 0), (1, 0))
+    log_s = w.log().neg_().add_(math.log(options.r)).masked_fill_(w == 0, 0.0)
+    return w, unscored, F.pad(torch.cumsum(log_s, 0), (1, 0))
+
+
 def _diagnostics(z, x, z_low, count, dtype, options):
     """The diagnostic columns (docs/math.md section 5b) of rows whose valid tokens come first:
     z and x (float64) are 0 at invalid tokens, z_low is z in the result dtype; count holds the
     valid tokens of each row. z is overwritten (with the innovations)."""
     rows, length = z.shape
     r = options.r
-    ratios = tables.variance_ratio_table(length, options.q, r, options.p0, z.device, COMPUTE)
-    w = gain_lookup(ratios, torch.arange(length))  # w of the token at position t: its observation t + 1
+    w, unscored_before, log_s_before = cached_on_cpu("innovation terms", length, options, z.device,
+                                                     lambda: _innovation_terms(length, options, z.device))
 
     # Innovation e = z - (the state before the token), x0 before the first token. At a row's first
     # invalid token t = n this reads -x_{n-1}: zeroed; after it z = x = 0.
@@ -289,9 +301,8 @@ def _diagnostics(z, x, z_low, count, dtype, options):
     e.scatter_(1, end, e.gather(1, end).mul_((count == length)[:, None]))
     nis = (e.square_() @ w).div_(r)
 
-    unscored = F.pad(torch.cumsum(w == 0, 0), (1, 0))[count]  # S = inf (p0 = inf, first observation)
-    log_s = w.log().neg_().add_(math.log(r)).masked_fill_(w == 0, 0.0)
-    log_s_sum = F.pad(torch.cumsum(log_s, 0), (1, 0))[count]
+    unscored = unscored_before[count]
+    log_s_sum = log_s_before[count]
     scored = (count - unscored).to(COMPUTE)
 
     def flips(values):  # pairs of neighbours with strictly opposite signs (0 at invalid tokens)

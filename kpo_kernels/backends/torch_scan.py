@@ -105,32 +105,38 @@ class _ScanPlan:
         return plan
 
 
-_PLANS = OrderedDict()  # (T, q, r, p0) -> _ScanPlan or None, for CPU tensors
-_PLANS_MOST = 32
-_PLANS_LOCK = threading.Lock()
+_CPU_CACHE = OrderedDict()  # (what, T, q, r, p0) -> what `build` returned, CPU tensors only
+_CPU_CACHE_MOST = 64
+_CPU_CACHE_LOCK = threading.Lock()
+
+
+def cached_on_cpu(what, length, options, device, build):
+    """build(), cached per (what, T, q, r, p0) when `device` is the CPU: the (T,) work that
+    depends on the filter's settings alone (a few operations and host reads saved per call).
+    Elsewhere built each time (an accelerator's entries would have to follow the tables'
+    CUDA-graph rules). What is cached is shared: callers must not write to it."""
+    if torch.device(device).type != "cpu":
+        return build()
+    key = (what, length, float(options.q), float(options.r), float(options.p0))
+    with _CPU_CACHE_LOCK:
+        if key in _CPU_CACHE:
+            _CPU_CACHE.move_to_end(key)
+            return _CPU_CACHE[key]
+    built = build()
+    with _CPU_CACHE_LOCK:
+        _CPU_CACHE[key] = built
+        while len(_CPU_CACHE) > _CPU_CACHE_MOST:
+            _CPU_CACHE.popitem(last=False)
+    return built
 
 
 def _position_plan(length, options, device):
-    """The plan of the shared gains K_1..K_T (position_gains), cached per (T, q, r, p0) on the
-    CPU (a few (T,) operations and a host read saved per call); built each time elsewhere (an
-    accelerator's plan would have to follow the tables' CUDA-graph rules)."""
+    """The `_ScanPlan` of the shared gains K_1..K_T (position_gains), or None (`affine_scan`)."""
     def build():
         c = position_gains(length, options, device)
         return _ScanPlan.build(c, 1.0 - c)
 
-    if torch.device(device).type != "cpu":
-        return build()
-    key = (length, float(options.q), float(options.r), float(options.p0))
-    with _PLANS_LOCK:
-        if key in _PLANS:
-            _PLANS.move_to_end(key)
-            return _PLANS[key]
-    plan = build()
-    with _PLANS_LOCK:
-        _PLANS[key] = plan
-        while len(_PLANS) > _PLANS_MOST:
-            _PLANS.popitem(last=False)
-    return plan
+    return cached_on_cpu("scan plan", length, options, device, build)
 
 
 def shared_scan(z, c, a, x0, out=None, plan=None):
