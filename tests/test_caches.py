@@ -329,3 +329,27 @@ def test_release_tables_names_a_bad_device():
         kpo_kernels.release_tables(device=3.5)
     kpo_kernels.release_tables(device="cpu")
     kpo_kernels.release_tables()
+
+
+# ----------------------------------------------------------------------------- the CPU scan cache
+
+
+def test_cpu_scan_cache_is_bounded_by_bytes(monkeypatch):
+    """The CPU's cache of settings-only (T,) work (torch_scan.cached_on_cpu) keeps within its byte
+    budget however many settings pass, and does not keep an entry above a quarter of it."""
+    from collections import OrderedDict
+
+    from kpo_kernels.backends import torch_scan
+
+    monkeypatch.setattr(torch_scan, "_CPU_CACHE", OrderedDict())
+    monkeypatch.setattr(torch_scan, "_cpu_cache_bytes", 0)
+    monkeypatch.setattr(torch_scan, "_CPU_CACHE_BYTES", 1 << 20)
+    z = torch.randn(1, 4096, generator=torch.Generator().manual_seed(0)) * 0.05
+    for i in range(40):  # about 66 KiB an entry: 2.5 times the budget in all
+        kpo_kernels.kalman_filter(z, q=1e-3 * (1 + i), backend="torch")
+    sizes = [size for _, size in torch_scan._CPU_CACHE.values()]
+    assert sum(sizes) == torch_scan._cpu_cache_bytes <= 1 << 20
+    assert 4 <= len(sizes) < 40
+    long = torch.randn(1, 32768, generator=torch.Generator().manual_seed(1)) * 0.05  # about 0.5 MiB
+    kpo_kernels.kalman_filter(long, q=7e-3, backend="torch")
+    assert not any(key[1] == 32768 for key in torch_scan._CPU_CACHE)

@@ -105,28 +105,49 @@ class _ScanPlan:
         return plan
 
 
-_CPU_CACHE = OrderedDict()  # (what, T, q, r, p0) -> what `build` returned, CPU tensors only
-_CPU_CACHE_MOST = 64
+_CPU_CACHE = OrderedDict()  # (what, T, q, r, p0) -> (what `build` returned, its bytes), CPU tensors only
+_CPU_CACHE_BYTES = 16 << 20  # in all; an entry above a quarter of it is not kept (T beyond ~100k)
+_CPU_CACHE_MOST = 64  # entries
 _CPU_CACHE_LOCK = threading.Lock()
+_cpu_cache_bytes = 0
+
+
+def _nbytes(value):
+    """Bytes of the tensors in a tensor, a tuple of them or a `_ScanPlan` (with its own plans)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, _ScanPlan):
+        value = [getattr(value, name) for name in _ScanPlan.__slots__]
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(item) for item in value)
+    return 0
 
 
 def cached_on_cpu(what, length, options, device, build):
     """build(), cached per (what, T, q, r, p0) when `device` is the CPU: the (T,) work that
     depends on the filter's settings alone (a few operations and host reads saved per call).
-    Elsewhere built each time (an accelerator's entries would have to follow the tables'
-    CUDA-graph rules). What is cached is shared: callers must not write to it."""
-    if torch.device(device).type != "cpu":
+    Bounded by bytes and entries, least recently used first out; what the gain tables' cache
+    must see (a CUDA-graph capture: accelerators, or a test standing in for one) is built each
+    time from the tables. Entries are shared: callers must not write to them."""
+    global _cpu_cache_bytes
+    device = torch.device(device)
+    if device.type != "cpu" or tables.capturing(device):
         return build()
     key = (what, length, float(options.q), float(options.r), float(options.p0))
     with _CPU_CACHE_LOCK:
         if key in _CPU_CACHE:
             _CPU_CACHE.move_to_end(key)
-            return _CPU_CACHE[key]
+            return _CPU_CACHE[key][0]
     built = build()
+    size = _nbytes(built)
+    if size > _CPU_CACHE_BYTES // 4:
+        return built
     with _CPU_CACHE_LOCK:
-        _CPU_CACHE[key] = built
-        while len(_CPU_CACHE) > _CPU_CACHE_MOST:
-            _CPU_CACHE.popitem(last=False)
+        if key not in _CPU_CACHE:
+            _CPU_CACHE[key] = (built, size)
+            _cpu_cache_bytes += size
+        while len(_CPU_CACHE) > _CPU_CACHE_MOST or _cpu_cache_bytes > _CPU_CACHE_BYTES:
+            _cpu_cache_bytes -= _CPU_CACHE.popitem(last=False)[1][1]
     return built
 
 
