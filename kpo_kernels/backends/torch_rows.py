@@ -161,13 +161,16 @@ def rows_loss(batch, options, need_grad):
 
     # Frozen tokens (the loss does not depend on log_prob): above a per-row upper bound of the
     # filtered log-ratio (clip_high for A > 0, the dual clip for A < 0), below a lower one
-    # (clip_low for A < 0), or capped. x is 0 at invalid tokens, inside every bound. Compared
-    # in float64 into bool flags (a float output of a float64 comparison is slow on CPUs).
-    frozen = capped
+    # (clip_low for A < 0), or capped. x is 0 at invalid tokens, inside every bound. Decided in
+    # float64; `frozen` holds them as 0/1 in the result dtype (or None: nothing is frozen).
     if options.clip and options.dual_clip is None:
-        frozen = _beyond_clip(x, advantage, positive, negative, options, stats, frozen, out=z)  # z is spent
+        frozen = _beyond_clip(x, positive, negative, options, stats, dtype, out=z)  # z is spent
     else:
-        frozen = _beyond_bounds(x, positive, negative, options, stats, frozen)
+        flags = _beyond_bounds(x, positive, negative, options, stats)
+        frozen = None if flags is None else _as_float(flags, dtype, "frozen")
+    if capped is not None:
+        capped = _as_float(capped, dtype, "capped")
+        frozen = capped if frozen is None else torch.maximum(frozen, capped, out=frozen)
     if options.clip:
         for name in ("clipped_high", "clipped_low"):
             stats.setdefault(name, torch.zeros_like(tokens))
@@ -176,8 +179,8 @@ def rows_loss(batch, options, need_grad):
     grad = None
     if need_grad:  # d token_loss / d log_prob = -A * rt * w where the loss is not frozen
         grad = unclipped.mul_(weight)
-        if frozen is not None:
-            grad.mul_(frozen.logical_not_())
+        if frozen is not None:  # g - g f: g, or +0 where frozen (f = 1); a bool factor is slow on CPUs
+            grad.addcmul_(grad, frozen, value=-1.0)
         if compaction is not None:
             grad = compaction.expand(grad)  # invalid tokens read a tail: 0 (weight is 0 there)
 
@@ -197,25 +200,29 @@ def rows_loss(batch, options, need_grad):
     return LossForward(loss, metrics, grad, row_scale)
 
 
-def _beyond_clip(x, advantage, positive, negative, options, stats, frozen, out):
-    """Tokens beyond the clip without a dual clip: one bound a row, above log1p(clip_high) for
-    A > 0, below log1p(-clip_low) for A < 0, none for A = 0. With side = sign(A), they are where
-    (x - bound) side > 0: one comparison instead of two (exact: the rounded x side - bound side is
-    0 only where x equals the bound, and has the sign of x - bound otherwise). out: a (B, T)
-    float64 buffer to spend. Sets clipped_high and clipped_low; returns frozen or-ed with them."""
-    side = torch.zeros(x.shape[0], dtype=COMPUTE).masked_fill_(positive, 1.0).masked_fill_(negative, -1.0)
-    bound = torch.zeros(x.shape[0], dtype=COMPUTE)  # float64: a float32 bound would move the edge
+def _beyond_clip(x, positive, negative, options, stats, dtype, out):
+    """Where the clip freezes the loss without a dual clip, as 0/1 in `dtype`: one bound a row,
+    above log1p(clip_high) for A > 0, below log1p(-clip_low) for A < 0, none for A = 0. With
+    side = sign(A), those are where (x - bound) side > 0: one pass instead of two comparisons
+    (exact: the rounded x side - bound side is 0 only where x equals the bound, and has the sign
+    of x - bound otherwise), its sign clamped at 0 (a float result: bool flags and their use
+    cost several times more on CPUs). out: a (B, T) float64 buffer to spend. Sets clipped_high
+    and clipped_low."""
+    rows = x.shape[0]
+    side = torch.zeros(rows, dtype=COMPUTE).masked_fill_(positive, 1.0).masked_fill_(negative, -1.0)
+    bound = torch.zeros(rows, dtype=COMPUTE)  # float64: a float32 bound would move the edge
     bound.masked_fill_(positive, math.log1p(options.clip_high)).masked_fill_(negative, log1p_neg(options.clip_low))
     beyond = torch.addcmul(bound.mul_(side).neg_()[:, None], x, side[:, None], out=out)
-    flags = torch.gt(beyond, 0, out=scratch("beyond", x.shape, torch.bool))
-    total = _count(flags)
-    stats["clipped_high"] = torch.where(positive, total, 0)
-    stats["clipped_low"] = torch.where(negative, total, 0)
-    return flags if frozen is None else frozen.logical_or_(flags)
+    frozen = scratch("frozen", x.shape, dtype).copy_(torch.sign(beyond, out=beyond).clamp_(min=0.0))
+    total = frozen.sum(-1)  # exact below 2^24 tokens a row
+    stats["clipped_high"] = torch.where(positive, total, 0.0)
+    stats["clipped_low"] = torch.where(negative, total, 0.0)
+    return frozen
 
 
-def _beyond_bounds(x, positive, negative, options, stats, frozen):
-    """The frozen tokens' flags in general (a dual clip, or no clip), `_beyond_clip`'s otherwise."""
+def _beyond_bounds(x, positive, negative, options, stats):
+    """Where the loss is frozen in general (a dual clip, or no clip) as bool flags, or None;
+    `_beyond_clip` otherwise."""
     rows = x.shape[0]
     upper = torch.full((rows,), math.inf, dtype=COMPUTE)
     lower = torch.full((rows,), -math.inf, dtype=COMPUTE)
@@ -224,6 +231,7 @@ def _beyond_bounds(x, positive, negative, options, stats, frozen):
         lower.masked_fill_(negative, log1p_neg(options.clip_low))
     if options.dual_clip is not None:
         upper.masked_fill_(negative, math.log(options.dual_clip))
+    frozen = None
     if bool(torch.isfinite(upper).any()):
         above = torch.gt(x, upper[:, None], out=scratch("above", x.shape, torch.bool))
         total = _count(above)
@@ -231,7 +239,7 @@ def _beyond_bounds(x, positive, negative, options, stats, frozen):
             stats["clipped_high"] = torch.where(positive, total, 0)
         if options.dual_clip is not None:
             stats["clipped_lower"] = torch.where(negative, total, 0)
-        frozen = above if frozen is None else frozen.logical_or_(above)
+        frozen = above
     if bool(torch.isfinite(lower).any()):
         below = torch.lt(x, lower[:, None], out=scratch("below", x.shape, torch.bool))
         stats["clipped_low"] = _count(below)
