@@ -34,6 +34,7 @@ STAT_NAMES = (
 )
 NUM_STATS = len(STAT_NAMES)
 STAT = {name: i for i, name in enumerate(STAT_NAMES)}
+assert STAT["raw_ratio_max"] == STAT["ratio_max"] + 2  # finalize reads both maxima as one strided slice
 
 
 def row_stats(*, valid, token_loss, clipped, clipped_lower, log_ratio, ratio, raw_ratio, diagnostics=None, segments=None):
@@ -133,27 +134,31 @@ def finalize(stats, options, horizon):
     loss = (row_scale * stats[:, STAT["loss_sum"]]).sum()
 
     total = stats.sum(0)
-    per_token = _safe_inverse(total[STAT["tokens"]])
-    # Maxima over the batch; a batch without valid tokens reports 0.
-    maxima = stats[:, [STAT["ratio_max"], STAT["raw_ratio_max"]]]
-    maxima = torch.cat([maxima, maxima.new_full((1, 2), float("-inf"))]).amax(0)
-    maxima = torch.where(total[STAT["tokens"]] > 0, maxima, 0.0)
+    column = dict(zip(STAT_NAMES, total.unbind()))  # views: one operation for every column
+    # Maxima over the batch (ratio_max, raw_ratio_max); a batch without valid tokens reports 0.
+    maxima = stats[:, STAT["ratio_max"] : STAT["raw_ratio_max"] + 1 : 2]
+    maxima = maxima.amax(0) if stats.shape[0] else maxima.new_zeros(2)
+    maxima = torch.where(column["tokens"] > 0, maxima, 0.0)
+    # the three denominators' inverses at once: valid tokens, innovation tokens, sign-flip pairs
+    inverses = _safe_inverse(torch.stack([column["tokens"], column["innovation_tokens"], column["sign_flip_pairs"]]))
+    per_token, scored, pairs = inverses.unbind()
     metrics = {
-        "clipfrac": total[STAT["clipped"]] * per_token,
-        "clipfrac_lower": total[STAT["clipped_lower"]] * per_token,
-        "ppo_kl": total[STAT["neg_log_ratio_sum"]] * per_token,
-        "ratio_mean": total[STAT["ratio_sum"]] * per_token,
+        "clipfrac": column["clipped"] * per_token,
+        "clipfrac_lower": column["clipped_lower"] * per_token,
+        "ppo_kl": column["neg_log_ratio_sum"] * per_token,
+        "ratio_mean": column["ratio_sum"] * per_token,
         "ratio_max": maxima[0],
-        "raw_ratio_mean": total[STAT["raw_ratio_sum"]] * per_token,
+        "raw_ratio_mean": column["raw_ratio_sum"] * per_token,
         "raw_ratio_max": maxima[1],
-        "num_tokens": total[STAT["tokens"]],
-        **diagnostic_metrics(total, per_token),
+        "num_tokens": column["tokens"],
+        **diagnostic_metrics(column, per_token, scored, pairs),
     }
     return row_scale, loss, torch.stack([metrics[name] for name in METRIC_NAMES])
 
 
-def diagnostic_metrics(total, per_token):
-    """The metrics of docs/math.md section 5b from the column sums `total` of the row statistics.
+def diagnostic_metrics(column, per_token, scored, pairs):
+    """The metrics of docs/math.md section 5b from the column sums of the row statistics (name ->
+    0-dim tensor) and the inverses of their denominators (0 where a denominator is empty).
 
     nis_mean and log_likelihood are means over the innovation tokens (valid tokens with a
     finite predicted variance: all of them unless p0 = inf, whose first observation of each
@@ -161,16 +166,14 @@ def diagnostic_metrics(total, per_token):
     tokens of one sequence; the clip and cap fractions are fractions of the valid tokens. An
     empty denominator gives 0.
     """
-    scored = _safe_inverse(total[STAT["innovation_tokens"]])
-    pairs = _safe_inverse(total[STAT["sign_flip_pairs"]])
     return {
-        "nis_mean": total[STAT["nis_sum"]] * scored,
-        "log_likelihood": total[STAT["log_likelihood_sum"]] * scored,
-        "sign_flip_raw": total[STAT["sign_flips_raw"]] * pairs,
-        "sign_flip_filtered": total[STAT["sign_flips_filtered"]] * pairs,
-        "clipfrac_high": total[STAT["clipped_high"]] * per_token,
-        "clipfrac_low": total[STAT["clipped_low"]] * per_token,
-        "capfrac": total[STAT["capped"]] * per_token,
-        "innovation_tokens": total[STAT["innovation_tokens"]],
-        "sign_flip_pairs": total[STAT["sign_flip_pairs"]],
+        "nis_mean": column["nis_sum"] * scored,
+        "log_likelihood": column["log_likelihood_sum"] * scored,
+        "sign_flip_raw": column["sign_flips_raw"] * pairs,
+        "sign_flip_filtered": column["sign_flips_filtered"] * pairs,
+        "clipfrac_high": column["clipped_high"] * per_token,
+        "clipfrac_low": column["clipped_low"] * per_token,
+        "capfrac": column["capped"] * per_token,
+        "innovation_tokens": column["innovation_tokens"],
+        "sign_flip_pairs": column["sign_flip_pairs"],
     }

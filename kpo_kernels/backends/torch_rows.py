@@ -195,7 +195,8 @@ def rows_loss(batch, options, need_grad):
         raw_ratio_max=raw.amax(-1),
     )
     none = torch.zeros_like(tokens)
-    columns = torch.stack([stats.get(name, none).to(dtype) for name in aggregation.STAT_NAMES], dim=-1)
+    columns = [stats.get(name, none) for name in aggregation.STAT_NAMES]
+    columns = torch.stack([c if c.dtype == dtype else c.to(dtype) for c in columns], dim=-1)
     row_scale, loss, metrics = aggregation.finalize(columns, options, length)
     return LossForward(loss, metrics, grad, row_scale)
 
