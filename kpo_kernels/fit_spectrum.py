@@ -255,7 +255,7 @@ def _sums_by_runs(y2, log_lam, count, lengths, bins, diffuse):
     prefix = powers.cumsum_(2)  # prefix[:, :, K] sums coefficients 1..K
     # K_i: coefficients with log lam <= edge e_i = TOP - i W, i = 0..bins (K_0 = all, K_bins = none:
     # the last bin also takes every smaller lam, as a clamp would)
-    half_angle = _cpu_half_angles(bins) if device.type == "cpu" else _half_angles(bins, device)
+    half_angle = _cpu_half_angles(bins) if device.type == "cpu" else edge_half_angles(bins, device)
     period = (lengths.clamp(min=1) if diffuse else 2 * lengths + 1).to(torch.float64)
     nu = half_angle[None, :] * (2.0 / math.pi) * period[:, None]  # nu_k <= this
     below = nu.floor_() if diffuse else nu.add_(1.0).mul_(0.5).floor_()
@@ -265,16 +265,16 @@ def _sums_by_runs(y2, log_lam, count, lengths, bins, diffuse):
     return (at[..., :-1] - at[..., 1:]).sum(1)
 
 
-def _half_angles(bins, device):
-    """asin(exp(e_i / 2) / 2) at the bin edges e_i = TOP - i W, i = 1..bins - 1: lam <= e^e_i
-    exactly where the coefficient's half angle is at most this."""
+def edge_half_angles(bins, device):
+    """asin(exp(e_i / 2) / 2) at the bin edges e_i = TOP - i W, i = 1..bins - 1 (float64): lam <=
+    e^e_i exactly where the coefficient's half angle is at most this."""
     edges = BIN_TOP - torch.arange(1, bins, device=device, dtype=torch.float64) * BIN_WIDTH
     return torch.asin(torch.exp(0.5 * edges).mul_(0.5).clamp_(max=1.0))
 
 
 @functools.lru_cache(maxsize=16)
 def _cpu_half_angles(bins):  # shared, never written: a few operations fewer per bucket on the CPU
-    return _half_angles(bins, torch.device("cpu"))
+    return edge_half_angles(bins, torch.device("cpu"))
 
 
 def _sums_by_coefficient(y2, log_lam, bins):

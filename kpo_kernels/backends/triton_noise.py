@@ -17,7 +17,7 @@ import torch
 
 from .. import tables
 from ..fit_search import NoiseEstimate, all_reduce
-from ..fit_spectrum import BIN_TOP, BIN_WIDTH, bin_centres, fft_length
+from ..fit_spectrum import bin_centres, edge_half_angles, fft_length
 from .triton_launch import INTERPRETED, float64_parts, float64_parts_fit, kernels
 
 # The noise search on the Triton backend: the binned profile at SEARCH_POINTS ratios evenly spaced
@@ -66,13 +66,9 @@ def _per_size(what, bins, device, build):
 
 
 def _edge_angles(bins, device):
-    """asin(exp(e_i / 2) / 2) of the bin edges e_i = TOP - i W, i = 1..bins - 1 (float64, on
-    `device`; made there by torch once per size, then cached: no host copy)."""
-    def build():
-        edges = BIN_TOP - torch.arange(1, max(bins, 2), device=device, dtype=torch.float64) * BIN_WIDTH
-        return torch.asin(torch.exp(0.5 * edges).mul_(0.5).clamp_(max=1.0))
-
-    return _per_size("edge angles", bins, device, build)
+    """fit_spectrum.edge_half_angles (at least one edge: the kernel reads one even for a single
+    bin), made on `device` by torch once per size, then cached: no host copy."""
+    return _per_size("edge angles", bins, device, lambda: edge_half_angles(max(bins, 2), device))
 
 
 def _centres(bins, device):
