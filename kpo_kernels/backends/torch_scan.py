@@ -80,7 +80,7 @@ class _ScanPlan:
     Q (K, C), each chunk's first a, the weights c / Q, and the plan of the chunk ends' scan one
     level up (None: that scan runs as `affine_scan` on `ends_a`)."""
 
-    __slots__ = ("length", "size", "products", "first", "weights", "ends", "ends_a", "ends_plan")
+    __slots__ = ("size", "products", "first", "weights", "ends", "ends_a", "ends_plan")
 
     @classmethod
     def build(cls, c, a):
@@ -89,7 +89,6 @@ class _ScanPlan:
         if found is None:
             return None
         plan = cls()
-        plan.length = length
         plan.size, plan.products, plan.first = found
         chunks = plan.products.shape[0]
         if c is None:
