@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .fit_spectrum import bin_centres, binned_quadratic, log_determinant
+from .fit_spectrum import LogDeterminant, bin_centres, binned_quadratic, quadratic_coefficients
 
-GRID = 16  # ratios per stage
-STAGES = 4  # grid spacing after the last stage: (log range) / 15 * (2 / 15)^3, 4e-3 in log q over 12 decades
+GRID = 32  # ratios per stage
+STAGES = 2  # grid spacing after the last stage: (log range) / 31 * (2 / 31), 0.057 in log q over 12 decades, then a parabola
 
 # status codes of a NoiseEstimate
 FITTED, ON_POLICY, FEW_TOKENS, NOT_FINITE = 0, 1, 2, 3
@@ -61,36 +61,40 @@ def all_reduce(tensor, group):
 
 class _Profile:
     """The profile log-likelihood per token over u = log q: binned (the search) or exact (every
-    coefficient, at the end, for float64 transforms). The log-determinant is closed form per sequence either way; over a
-    process group its per-ratio sums are all-reduced at each evaluation."""
+    coefficient, at the end, for float64 transforms). The log-determinant is closed form per
+    sequence either way; over a process group its per-ratio sums are all-reduced at each evaluation."""
 
     def __init__(self, totals, y2, lam, lengths, diffuse, group):
         self.tokens, self.quadratic_total, moments = totals[0], totals[1], totals[2:].reshape(3, -1)
         self.per = self.tokens.clamp(min=1.0)
-        self.moments, self.centre = moments, bin_centres(moments.shape[1], moments.device)
-        self.y2, self.lam, self.lengths, self.diffuse, self.group = y2, lam, lengths, diffuse, group
+        self.centre = bin_centres(moments.shape[1], moments.device)
+        self.coefficients = quadratic_coefficients(moments, self.centre)
+        self.log_det = LogDeterminant(lengths, diffuse=diffuse)
+        self.y2, self.lam, self.group = y2, lam, group
         self.device = totals.device
 
     def _value(self, log_det, quadratic):
         return -0.5 * (torch.log(2 * math.pi * quadratic / self.per) + log_det / self.per + 1.0)
 
-    def binned(self, u):
+    def binned_score(self, u):
+        """log(quadratic) + log_det / tokens at the ratios exp(u): the binned profile is
+        -(score + log(2 pi / tokens) + 1) / 2, so the search minimises it."""
         q = torch.exp(u)
-        log_det = all_reduce(log_determinant(self.lengths, q, diffuse=self.diffuse), self.group)
-        return self._value(log_det, binned_quadratic(self.moments, self.centre, q))
+        log_det = all_reduce(self.log_det(q), self.group)
+        return torch.log(binned_quadratic(self.coefficients, self.centre, q)).add_(log_det.div_(self.per))
 
     def exact(self, u):
         """(profile, R_hat) at the ratios exp(u): from every coefficient when the transform ran
         in float64; else from the bins, whose ~1e-8 relative error is below the float32 one."""
         q = torch.exp(u)
-        log_det = log_determinant(self.lengths, q, diffuse=self.diffuse)
+        log_det = self.log_det(q)
         if self.y2 is not None:
             quadratic = (self.y2[None, :] / (self.lam[None, :] + q[:, None])).sum(-1)
             sums = all_reduce(torch.cat([log_det, quadratic]), self.group)
             log_det, quadratic = sums[: u.shape[0]], sums[u.shape[0] :]
         else:
             log_det = all_reduce(log_det, self.group)
-            quadratic = binned_quadratic(self.moments, self.centre, q)
+            quadratic = binned_quadratic(self.coefficients, self.centre, q)
         return self._value(log_det, quadratic), quadratic / self.per
 
 
@@ -105,19 +109,20 @@ def staged_search(totals, lengths, *, y2, lam, diffuse, group, low, high, min_to
     # torch.full, not torch.tensor: a tensor made from a host number is copied to the device and
     # waits for it (a synchronisation on CUDA); a fill is one more kernel in the stream
     a = torch.full((), lower, dtype=torch.float64, device=device)
-    b = torch.full((), upper, dtype=torch.float64, device=device)
-    for _ in range(STAGES):
-        u = a + (b - a) * steps
-        values = torch.nan_to_num(profile.binned(u), nan=-math.inf)
-        best = torch.argmax(values)
-        spacing = (b - a) / (GRID - 1)
-        centre = u.take(best)  # take, not u[best]: indexing with a 0-dim tensor reads it on the host
-        a, b = (centre - spacing).clamp(min=lower), (centre + spacing).clamp(max=upper)
+    spacing = torch.full((), (upper - lower) / (GRID - 1), dtype=torch.float64, device=device)
+    for stage in range(STAGES):
+        u = torch.addcmul(a, steps, spacing, value=float(GRID - 1))
+        score = torch.nan_to_num_(profile.binned_score(u), nan=math.inf)
+        best = torch.argmin(score)
+        if stage < STAGES - 1:  # the next grid spans the two intervals around the best point
+            centre = u.take(best)  # take, not u[best]: indexing with a 0-dim tensor reads it on the host
+            a = (centre - spacing).clamp_(min=lower)
+            spacing = (centre + spacing).clamp_(max=upper).sub_(a).div_(GRID - 1)
     # a parabola through the best point and its neighbours (the last grid)
     index = best.clamp(1, GRID - 2)
-    left, mid, right = values.take(index - 1), values.take(index), values.take(index + 1)
+    left, mid, right = score.take(index - 1), score.take(index), score.take(index + 1)
     curvature = left - 2 * mid + right
-    offset = torch.where(curvature < 0, 0.5 * (left - right) / curvature, 0.0).clamp(-1.0, 1.0)
+    offset = torch.where(curvature > 0, 0.5 * (left - right) / curvature, 0.0).clamp_(-1.0, 1.0)
     candidate = u.take(index) + offset * spacing
     inside = (best > 0) & (best < GRID - 1)
     u_best = torch.where(inside, candidate, u.take(best))

@@ -292,30 +292,49 @@ def bin_centres(bins, device):
     return torch.exp(BIN_TOP - (torch.arange(bins, device=device, dtype=torch.float64) + 0.5) * BIN_WIDTH)
 
 
-def binned_quadratic(moments, centre, q):
-    """sum of y2 / (lam + q) for each ratio of q (G,), from the binned moments: (G,)."""
-    shifted = centre[None, :] + q[:, None]
-    s = centre[None, :] / shifted  # d log(lam + q) / d log lam
-    terms = (moments[0] - s * moments[1] + 0.5 * s * (2 * s - 1) * moments[2]) / shifted
-    return terms.sum(-1)
+def quadratic_coefficients(moments, centre):
+    """(3, bins): the binned quadratic as a polynomial in w = 1 / (c + q) per bin,
+    sum over bins of w (a - w (b - w d)): with s = c w the expansion
+    (m0 - s m1 + s (2s - 1) m2 / 2) w is m0 w - c (m1 + m2 / 2) w^2 + c^2 m2 w^3."""
+    return torch.stack([moments[0], centre * (moments[1] + 0.5 * moments[2]), centre.square() * moments[2]])
 
 
-def log_determinant(lengths, q, *, diffuse):
+def binned_quadratic(coefficients, centre, q):
+    """sum of y2 / (lam + q) for each ratio of q (G,), from `quadratic_coefficients`: (G,)."""
+    w = torch.add(centre[None, :], q[:, None]).reciprocal_()
+    inner = torch.addcmul(coefficients[1], w, coefficients[2], value=-1.0)  # b - w d
+    return torch.addcmul(coefficients[0], w, inner, value=-1.0).mul_(w).sum(-1)
+
+
+class LogDeterminant:
     """sum over sequences of log det(I + q M) (P0 = 0; M_ij = min(i, j)) or of
     log det(q I + D) (diffuse; D the (n - 1)-dimensional (2, -1) second difference), for each
     ratio of q (G,): (G,). With 2 + q = 2 cosh(phi) the tridiagonal recurrences give
-    cosh((n + 1/2) phi) / cosh(phi / 2) and sinh(n phi) / sinh(phi): per sequence, not per token."""
-    phi = 2.0 * torch.asinh(0.5 * torch.sqrt(q))[:, None]
-    n = lengths.to(torch.float64)[None, :]
-    if diffuse:
-        n = n.clamp(min=1.0)  # one token or none: no differences, log det 0
-        return (_log_sinh(n * phi) - _log_sinh(phi)).sum(-1)
-    return (_log_cosh((n + 0.5) * phi) - _log_cosh(0.5 * phi)).sum(-1)
+    cosh((n + 1/2) phi) / cosh(phi / 2) and sinh(n phi) / sinh(phi) per sequence; summed over
+    the S sequences, P0 = 0:  phi sum(n) + sum log1p(e^-(2n + 1) phi) - S log1p(e^-phi);
+    diffuse (n >= 1):        phi sum(n - 1) + sum log(-expm1(-2 n phi)) - S log(-expm1(-2 phi)).
+    What depends on the lengths alone is made once."""
+
+    def __init__(self, lengths, *, diffuse):
+        n = lengths.to(torch.float64)
+        if diffuse:
+            n = n.clamp(min=1.0)  # one token or none: no differences, log det 0
+            self.rate, self.linear = -2.0 * n, (n - 1.0).sum()
+        else:
+            self.rate, self.linear = -(2.0 * n + 1.0), n.sum()
+        self.diffuse, self.sequences = diffuse, float(n.shape[0])
+
+    def __call__(self, q):
+        phi = torch.asinh(torch.sqrt(q).mul_(0.5)).mul_(2.0)
+        if self.diffuse:
+            per_sequence = torch.outer(phi, self.rate).expm1_().neg_().log_().sum(-1)
+            shared = torch.expm1(-2.0 * phi).neg_().log_()
+        else:
+            per_sequence = torch.outer(phi, self.rate).exp_().log1p_().sum(-1)
+            shared = torch.exp(-phi).log1p_()
+        return per_sequence.addcmul_(phi, self.linear).sub_(shared, alpha=self.sequences)
 
 
-def _log_cosh(x):
-    return x + torch.log1p(torch.exp(-2.0 * x)) - math.log(2.0)
-
-
-def _log_sinh(x):
-    return x + torch.log(-torch.expm1(-2.0 * x)) - math.log(2.0)
+def log_determinant(lengths, q, *, diffuse):
+    """`LogDeterminant` of these lengths at q (G,): (G,)."""
+    return LogDeterminant(lengths, diffuse=diffuse)(q)

@@ -194,6 +194,31 @@ def test_half_the_sequences_meet_the_likelihood_goal(q, r):
     assert whole >= want.log_likelihood - 1e-4
 
 
+@pytest.mark.parametrize("p0", [0.0, math.inf])
+def test_log_determinant_is_the_covariances(p0):
+    """The closed form summed over sequences (fit_spectrum.LogDeterminant) against slogdet of
+    each sequence's covariance factor: I + q M (P0 = 0, M_ij = min(i, j)) or q I + D (diffuse,
+    D the (n - 1)-dimensional (2, -1) second difference), from q = 1e-10 to 1e2, with sequences
+    of 0, 1 and 2 tokens among them."""
+    from kpo_kernels.fit_spectrum import log_determinant
+
+    lengths = torch.tensor([0, 1, 2, 3, 7, 50, 333])
+    q = torch.logspace(-10, 2, 25, dtype=torch.float64)
+    want = torch.zeros_like(q)
+    for n in lengths.tolist():
+        index = torch.arange(1, n + 1, dtype=torch.float64)
+        if p0 == math.inf:
+            size = max(n - 1, 0)
+            ones = torch.ones(max(size - 1, 0), dtype=torch.float64)
+            second = 2 * torch.eye(size, dtype=torch.float64) - torch.diag(ones, 1) - torch.diag(ones, -1)
+            factors = q[:, None, None] * torch.eye(size, dtype=torch.float64) + second
+        else:
+            factors = torch.eye(n, dtype=torch.float64) + q[:, None, None] * torch.minimum(index[:, None], index[None, :])
+        want += torch.linalg.slogdet(factors)[1] if factors.shape[-1] else 0.0
+    got = log_determinant(lengths, q, diffuse=p0 == math.inf)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-11)
+
+
 @pytest.mark.parametrize("width", [700, 40])  # 40: fewer coefficients than bins, each put in its bin
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("p0", [0.0, math.inf])
@@ -204,7 +229,9 @@ def test_binned_quadratic_is_every_coefficients(p0, dtype, width):
     expansion's remainder, at most (W / 2)^3 / 6 = 1.7e-7 relative a coefficient (1e-8 over
     the 6000 coefficients of 700-token rows, whose remainders average out), with rows of 0, 1, 2 and up to 700 tokens in one bucket (lam past a row's count
     clamped, its y2 zero); and the moments are the same as assigning each coefficient to its bin."""
-    from kpo_kernels.fit_spectrum import bin_centres, bin_count, binned_moments, binned_quadratic, spectrum
+    from kpo_kernels.fit_spectrum import (
+        bin_centres, bin_count, binned_moments, binned_quadratic, quadratic_coefficients, spectrum,
+    )
 
     diffuse = p0 == math.inf
     z, mask = simulate(9, 1, width, 1e-4, 0.05, 11, dtype=dtype)
@@ -218,7 +245,8 @@ def test_binned_quadratic_is_every_coefficients(p0, dtype, width):
     moments = binned_moments(y2, lam, count, lengths, bins, diffuse=diffuse)
     q = torch.logspace(-10, 2, 49, dtype=torch.float64)
     exact = (y2.reshape(-1)[None, :] / (lam.reshape(-1).double()[None, :] + q[:, None])).sum(-1)
-    got = binned_quadratic(moments, bin_centres(bins, "cpu"), q)
+    centre = bin_centres(bins, "cpu")
+    got = binned_quadratic(quadratic_coefficients(moments, centre), centre, q)
     assert torch.allclose(got, exact, rtol=1e-8 if width == 700 else 2e-7, atol=0.0)
     inside = torch.arange(1, y2.shape[1] + 1)[None, :] <= count[:, None]
     position = (math.log(4.0) + 1e-9 - torch.log(lam.double())) / 0.02
