@@ -70,7 +70,7 @@ def fft_length(needed):
     return best
 
 
-BUCKET_COST = 12_000  # one more transform call costs about this many (row, FFT position) pairs of work
+BUCKET_COST = 32_000  # one more bucket (its transform, its binning) costs about this many (row, FFT position) pairs of work
 
 
 def buckets(lengths, width, diffuse):
@@ -149,17 +149,15 @@ def spectrum(z, lengths, *, diffuse):
         empty = torch.zeros(rows, 0, dtype=torch.float64, device=device)
         return empty, empty + 1.0, count
     size = fft_length(2 * inputs)
-    # one chirp per row, g(m) = exp(i pi P(m) / D), at the wrapped lags m of the positions 0..size - 1
-    position = torch.arange(size, device=device)
-    m = torch.where(position <= size // 2, position, position - size)
-    phase = m * m if diffuse else 2 * m * m - m
     half = 2 * period  # D
     complex_dtype = torch.complex64 if real == torch.float32 else torch.complex128
     both, spectra, conv = _workspace((rows, size, inputs), complex_dtype, device)  # both: a, b
     parts = torch.view_as_real(both)
+    # one chirp per row, g(m) = exp(i pi P(m) / D), at the wrapped lags m of the positions 0..size - 1;
     # the phase P(m) / D reduced modulo 2: exactly in integers for float64 data; otherwise in turns,
     # P / (2D) in float64 less its integer part (~1e-11 for any length, far below float32's
     # rounding of the angle, and 7 times cheaper than the integer remainder on a CPU)
+    phase = _chirp_phase(size, diffuse, device)
     if real == torch.float64:
         angle = torch.remainder(phase[None, :], 2 * half[:, None]).to(real).mul_((-math.pi / half.to(real))[:, None])
     else:
@@ -168,23 +166,52 @@ def spectrum(z, lengths, *, diffuse):
     torch.cos(angle, out=parts[1, ..., 0])
     torch.sin(angle, out=parts[1, ..., 1])  # b = conj(g)
     cosine, sine = parts[1, :, 1 : inputs + 1, 0], parts[1, :, 1 : inputs + 1, 1]  # g(j) = cosine - i sine
-    torch.mul(x, cosine, out=parts[0, :, :inputs, 0])
-    torch.mul(x, sine, out=parts[0, :, :inputs, 1]).neg_()  # a = x g
+    torch.mul(both[1, :, 1 : inputs + 1].conj(), x, out=both[0, :, :inputs])  # a = x g
     torch.fft.fft(both, out=spectra)
     torch.fft.ifft(spectra[0].mul_(spectra[1]), norm="forward", out=conv)  # size times the circular convolution
     conv = torch.view_as_real(conv)[:, :outputs]
     coefficient = (conv[..., 1] * cosine).addcmul_(conv[..., 0], sine, value=-1.0)  # Im(conv g(k))
-    k = torch.arange(1, outputs + 1, device=device)
-    inside = k[None, :] <= count[:, None]
     # lam_k = 4 sin^2(half angle): (2k - 1) pi / (2N) for P0 = 0, k pi / (2n) diffuse
-    numerator = (k if diffuse else 2 * k - 1).to(real)
+    k, numerator = _coefficient_numerators(outputs, diffuse, real, device)
     lam = torch.sin(numerator[None, :] * (math.pi / 2 / period.to(real))[:, None]).square_().mul_(4.0)
     lam.clamp_(min=torch.finfo(real).tiny)  # past a row's count (y2 = 0 there) lam may round to 0: keep log lam finite
     norm = (((2.0 if diffuse else 4.0) / float(size) ** 2) / period.to(torch.float64)).to(real)
-    y2 = coefficient.square_().mul_(norm[:, None])
+    scale = (k[None, :] <= count[:, None]).to(real).mul_(norm[:, None])  # 0 past a row's count
     if not diffuse:
-        y2.mul_(lam)
-    return y2.masked_fill_(~inside, 0.0).to(torch.float64), lam, count
+        scale.mul_(lam)
+    return coefficient.square_().mul_(scale).to(torch.float64), lam, count
+
+
+@functools.lru_cache(maxsize=64)
+def _cpu_phase(size, diffuse):
+    position = torch.arange(size)
+    m = torch.where(position <= size // 2, position, position - size)
+    return m * m if diffuse else 2 * m * m - m
+
+
+def _chirp_phase(size, diffuse, device):
+    """P(m) at the wrapped lags m of the positions 0..size - 1 (int64): m^2 diffuse, else 2 m^2 - m.
+    Cached on the CPU (shared, never written)."""
+    if device.type == "cpu":
+        return _cpu_phase(size, diffuse)
+    position = torch.arange(size, device=device)
+    m = torch.where(position <= size // 2, position, position - size)
+    return m * m if diffuse else 2 * m * m - m
+
+
+@functools.lru_cache(maxsize=64)
+def _cpu_numerators(outputs, diffuse, real):
+    k = torch.arange(1, outputs + 1)
+    return k, (k if diffuse else 2 * k - 1).to(real)
+
+
+def _coefficient_numerators(outputs, diffuse, real, device):
+    """(k, k or 2k - 1 in `real`), k = 1..outputs: the coefficients' indices and their half
+    angles' numerators. Cached on the CPU (shared, never written)."""
+    if device.type == "cpu":
+        return _cpu_numerators(outputs, diffuse, real)
+    k = torch.arange(1, outputs + 1, device=device)
+    return k, (k if diffuse else 2 * k - 1).to(real)
 
 
 _LAST = threading.local()

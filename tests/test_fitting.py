@@ -152,7 +152,7 @@ def test_rows_of_very_different_lengths_are_transformed_in_buckets(p0):
     bucket, several buckets here, and the profile at the chosen ratio still fit_noise's exactly."""
     from kpo_kernels.fit_spectrum import buckets
 
-    z, mask = simulate(12, 3, 2500, 1e-3, 0.04, 5)
+    z, mask = simulate(32, 3, 2500, 1e-3, 0.04, 5)
     lengths = mask.sum(1)
     plan = buckets(lengths, z.shape[1], p0 == math.inf)
     assert len(plan) > 1
