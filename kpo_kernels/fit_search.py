@@ -21,7 +21,7 @@ import torch
 from .fit_spectrum import LogDeterminant, bin_centres, binned_quadratic, quadratic_coefficients
 
 GRID = 32  # ratios per stage
-STAGES = 2  # grid spacing after the last stage: (log range) / 31 * (2 / 31), 0.057 in log q over 12 decades, then a parabola
+FINAL_SPACING = 0.06  # in log q: stages are added until the grid is this fine (two over the default 12 decades: 0.057)
 
 # status codes of a NoiseEstimate
 FITTED, ON_POLICY, FEW_TOKENS, NOT_FINITE = 0, 1, 2, 3
@@ -98,6 +98,15 @@ class _Profile:
         return self._value(log_det, quadratic), quadratic / self.per
 
 
+def search_stages(width):
+    """Stages of `GRID` ratios for a range of `width` in log q: each keeps the two grid intervals
+    around its best point, until the spacing is at most FINAL_SPACING (host arithmetic)."""
+    stages, spacing = 1, width / (GRID - 1)
+    while spacing > FINAL_SPACING:
+        stages, spacing = stages + 1, spacing * 2 / (GRID - 1)
+    return stages
+
+
 def staged_search(totals, lengths, *, y2, lam, diffuse, group, low, high, min_tokens, fallback):
     """The search in torch operations (any device, any process group): staged grid search of the
     binned profile over u = log q, then the exact profile at the chosen ratio and at the lower end
@@ -109,15 +118,16 @@ def staged_search(totals, lengths, *, y2, lam, diffuse, group, low, high, min_to
     # torch.full, not torch.tensor: a tensor made from a host number is copied to the device and
     # waits for it (a synchronisation on CUDA); a fill is one more kernel in the stream
     a = torch.full((), lower, dtype=torch.float64, device=device)
-    spacing = torch.full((), (upper - lower) / (GRID - 1), dtype=torch.float64, device=device)
-    for stage in range(STAGES):
-        u = torch.addcmul(a, steps, spacing, value=float(GRID - 1))
+    b = torch.full((), upper, dtype=torch.float64, device=device)
+    stages = search_stages(upper - lower)
+    for stage in range(stages):
+        u = torch.lerp(a, b, steps)  # its ends are a and b exactly: the boundary tests below rely on it
         score = torch.nan_to_num_(profile.binned_score(u), nan=math.inf)
         best = torch.argmin(score)
-        if stage < STAGES - 1:  # the next grid spans the two intervals around the best point
+        spacing = (b - a) / (GRID - 1)
+        if stage < stages - 1:  # the next grid spans the two intervals around the best point
             centre = u.take(best)  # take, not u[best]: indexing with a 0-dim tensor reads it on the host
-            a = (centre - spacing).clamp_(min=lower)
-            spacing = (centre + spacing).clamp_(max=upper).sub_(a).div_(GRID - 1)
+            a, b = (centre - spacing).clamp_(min=lower), (centre + spacing).clamp_(max=upper)
     # a parabola through the best point and its neighbours (the last grid)
     index = best.clamp(1, GRID - 2)
     left, mid, right = score.take(index - 1), score.take(index), score.take(index + 1)

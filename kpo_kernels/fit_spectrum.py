@@ -182,36 +182,44 @@ def spectrum(z, lengths, *, diffuse):
     return coefficient.square_().mul_(scale).to(torch.float64), lam, count
 
 
-@functools.lru_cache(maxsize=64)
-def _cpu_phase(size, diffuse):
-    position = torch.arange(size)
-    m = torch.where(position <= size // 2, position, position - size)
-    return m * m if diffuse else 2 * m * m - m
+CACHED_POSITIONS = 1 << 18  # the CPU caches below keep tables of at most this many positions (2 MiB of int64)
 
 
-def _chirp_phase(size, diffuse, device):
-    """P(m) at the wrapped lags m of the positions 0..size - 1 (int64): m^2 diffuse, else 2 m^2 - m.
-    Cached on the CPU (shared, never written)."""
-    if device.type == "cpu":
-        return _cpu_phase(size, diffuse)
+def _wrapped_phase(size, diffuse, device):
     position = torch.arange(size, device=device)
     m = torch.where(position <= size // 2, position, position - size)
     return m * m if diffuse else 2 * m * m - m
 
 
-@functools.lru_cache(maxsize=64)
-def _cpu_numerators(outputs, diffuse, real):
-    k = torch.arange(1, outputs + 1)
-    return k, (k if diffuse else 2 * k - 1).to(real)
+@functools.lru_cache(maxsize=8)
+def _cpu_phase(size, diffuse):
+    return _wrapped_phase(size, diffuse, torch.device("cpu"))
+
+
+def _chirp_phase(size, diffuse, device):
+    """P(m) at the wrapped lags m of the positions 0..size - 1 (int64): m^2 diffuse, else 2 m^2 - m.
+    Cached on the CPU for sizes up to CACHED_POSITIONS (shared, never written)."""
+    if device.type == "cpu" and size <= CACHED_POSITIONS:
+        return _cpu_phase(size, diffuse)
+    return _wrapped_phase(size, diffuse, device)
+
+
+_NUMERATORS = {}  # (diffuse, dtype) -> (k, numerator) for the longest width asked for so far on the CPU
 
 
 def _coefficient_numerators(outputs, diffuse, real, device):
     """(k, k or 2k - 1 in `real`), k = 1..outputs: the coefficients' indices and their half
-    angles' numerators. Cached on the CPU (shared, never written)."""
-    if device.type == "cpu":
-        return _cpu_numerators(outputs, diffuse, real)
-    k = torch.arange(1, outputs + 1, device=device)
-    return k, (k if diffuse else 2 * k - 1).to(real)
+    angles' numerators. On the CPU slices of one table per prior and dtype, grown as needed up
+    to CACHED_POSITIONS (shared, never written: a thread replaces it, never changes it)."""
+    cpu = device.type == "cpu" and outputs <= CACHED_POSITIONS
+    table = _NUMERATORS.get((diffuse, real)) if cpu else None
+    if table is None or table[0].shape[0] < outputs:
+        width = min(max(outputs, 2 * table[0].shape[0] if table is not None else 0), CACHED_POSITIONS) if cpu else outputs
+        k = torch.arange(1, width + 1, device=torch.device("cpu") if cpu else device)
+        table = (k, (k if diffuse else 2 * k - 1).to(real))
+        if cpu:
+            _NUMERATORS[(diffuse, real)] = table
+    return table[0][:outputs], table[1][:outputs]
 
 
 _LAST = threading.local()
@@ -228,7 +236,7 @@ def _workspace(key, dtype, device):
     need = 5 * rows * size
     flat = getattr(_LAST, "buffers", {}).get(dtype)
     if flat is None or flat.numel() < need:
-        flat = torch.empty(need, dtype=dtype)
+        flat = torch.empty(need, dtype=dtype, device="cpu")
         _LAST.buffers = {**getattr(_LAST, "buffers", {}), dtype: flat}
     both, spectra, conv = flat[: 2 * rows * size], flat[2 * rows * size : 4 * rows * size], flat[4 * rows * size : need]
     both, spectra, conv = both.view(shapes[0]), spectra.view(shapes[1]), conv.view(shapes[2])

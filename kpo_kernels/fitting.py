@@ -20,8 +20,9 @@ transform, three FFTs of a common length per bucket of rows (one bucket off the 
 log-ratios are float64, no host synchronisation) gives every (lam, y^2). The log-determinant
 sum(log(1 + q / lam)) is closed form per sequence; the quadratic part comes from moments of
 y^2 binned in log lam. The search (kpo_kernels/fit_search.py) evaluates `GRID` ratios per stage
-for `STAGES` stages on a shrinking log-spaced grid (each stage keeps the two grid intervals
-around its best point), then a parabola through the best point and its neighbours; the profile
+on a shrinking log-spaced grid (each stage keeps the two grid intervals around its best point;
+stages until the spacing is at most `FINAL_SPACING` in log q: two over the default q_range),
+then a parabola through the best point and its neighbours; the profile
 and R_hat reported there are exact (every coefficient) for float64 transforms, binned (~1e-8
 relative) otherwise. Over a data-parallel group the bins are all-reduced once and the
 log-determinant sums at each stage (GRID numbers), so every rank searches the same profile and

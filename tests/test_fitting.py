@@ -84,6 +84,34 @@ def test_boundaries_are_reported():
     assert int(high.at_boundary) == 1 and float(high.ratio) == 1e-2 and float(high.drift_evidence) > 0
 
 
+@pytest.mark.parametrize("p0", [0.0, math.inf])
+def test_wide_ranges_search_as_finely(p0):
+    """A wider q_range takes more stages (fit_search.search_stages), so that the last grid is as
+    fine as over the default range: the same fit over 80 and 300 decades as over 12, the profile
+    per token to 1e-9 nats and the ratio to 1e-3 (measured: 1e-11 and 5e-5)."""
+    for seed in (0, 3):
+        z, mask = simulate(8, 500, 800, 1e-3, 0.1, seed)
+        want = estimate_noise(z, mask, p0=p0)
+        for q_range in [(1e-60, 1e20), (1e-150, 1e150)]:
+            got = estimate_noise(z, mask, p0=p0, q_range=q_range)
+            assert int(got.status) == FITTED and int(got.at_boundary) == 0
+            assert float(got.log_likelihood) == pytest.approx(float(want.log_likelihood), abs=1e-9)
+            assert float(got.ratio) == pytest.approx(float(want.ratio), rel=1e-3)
+
+
+@pytest.mark.parametrize("p0", [0.0, math.inf])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_upper_end_is_reported_whatever_the_range(dtype, p0):
+    """A walk with no noise on it stops at the upper end of any q_range: at_boundary +1 and the
+    ratio the end itself, on ranges whose grid's last point a + 31 (b - a) / 31 would round one
+    ulp below log(high) (each stage's grid ends exactly at its ends)."""
+    z = torch.randn(4, 300, generator=torch.Generator().manual_seed(0), dtype=torch.float64).cumsum(1) * 10
+    for low, high in [(1e-14, 1.0), (1e-9, 1.0), (1e-8, 1.0), (1e-7, 1.0), (1e-4, 1.0), (1e-2, 1.0), (0.1, 1.0), (1e-10, 1e2)]:
+        fit = estimate_noise(z.to(dtype), p0=p0, q_range=(low, high))
+        assert int(fit.status) == FITTED
+        assert int(fit.at_boundary) == 1 and float(fit.ratio) == high, (low, high)
+
+
 @pytest.mark.parametrize(
     "case, status",
     [("on-policy", ON_POLICY), ("few", FEW_TOKENS), ("empty", FEW_TOKENS), ("nan", NOT_FINITE), ("inf", NOT_FINITE)],
@@ -303,3 +331,25 @@ def test_many_short_rows_are_binned_per_coefficient(monkeypatch):
     z, mask = simulate(512, 8, 16, 1e-3, 0.04, 4, dtype=torch.float32)
     got = estimate_noise(z, mask)
     assert int(got.status) == FITTED
+
+
+def test_the_cpu_caches_hold_cpu_tensors_whatever_the_default_device():
+    """The transform's CPU tables (chirp phases, coefficient indices, the per-thread workspace)
+    name their device: a fit first run under another default device (here `meta`) leaves
+    nothing there that a later CPU fit of the same sizes would pick up."""
+    from kpo_kernels import fit_spectrum
+
+    z, mask = simulate(3, 70, 77, 1e-3, 0.1, 4)  # sizes no other test uses
+    fit_spectrum._cpu_phase.cache_clear()
+    fit_spectrum._NUMERATORS.clear()
+    with torch.device("meta"):
+        try:
+            estimate_noise(z, mask)
+        except (RuntimeError, NotImplementedError):
+            pass  # what else fails under a meta default device is not this test's concern
+    assert all(tensor.device.type == "cpu" for pair in fit_spectrum._NUMERATORS.values() for tensor in pair)
+    got = estimate_noise(z, mask)
+    fit_spectrum._cpu_phase.cache_clear()
+    fit_spectrum._NUMERATORS.clear()
+    want = estimate_noise(z, mask)
+    assert float(got.ratio) == float(want.ratio) and float(got.log_likelihood) == float(want.log_likelihood)
