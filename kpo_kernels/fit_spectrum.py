@@ -368,8 +368,3 @@ class LogDeterminant:
             per_sequence = torch.outer(phi, self.rate).exp_().log1p_().sum(-1)
             shared = torch.exp(-phi).log1p_()
         return per_sequence.addcmul_(phi, self.linear).sub_(shared, alpha=self.sequences)
-
-
-def log_determinant(lengths, q, *, diffuse):
-    """`LogDeterminant` of these lengths at q (G,): (G,)."""
-    return LogDeterminant(lengths, diffuse=diffuse)(q)

@@ -1,5 +1,5 @@
 """`estimate_noise`'s search on the Triton backend (launched by triton_noise.py): the binned
-profile (float64, the formula of fit_spectrum.binned_quadratic and log_determinant) at every
+profile (float64, the formula of fit_spectrum.binned_quadratic and LogDeterminant) at every
 point of a dense grid in log q over q_range, then, in the last program to finish, the first
 best point and the result (`noise_search_kernel`); under a process group the log-determinants at
 the grid's points come from `fit_log_determinant_kernel`, all-reduced in between. It reads the
@@ -50,7 +50,7 @@ def _expm1(x):
 @triton.jit
 def _log_determinant(phi, constant, lengths_ptr, sequences, lengths_stride, DIFFUSE: tl.constexpr, BLOCK_S: tl.constexpr):
     """sum over sequences of log det(I + q M) (P0 = 0) or log det(q I + D) (diffuse) for each q,
-    float64 (fit_spectrum.log_determinant), from phi (2 + q = 2 cosh(phi)) and the part that
+    float64 (fit_spectrum.LogDeterminant), from phi (2 + q = 2 cosh(phi)) and the part that
     depends on q alone (`constant`, triton_noise._search_grid): with
     log cosh((n + 1/2) phi) - log cosh(phi / 2) = (n + 1/2) phi - log 2 + log1p(exp(-(2n + 1) phi))
     - log cosh(phi / 2), and log sinh(n phi) - log sinh(phi) = (n - 1) phi + log(-expm1(-2 n phi))
