@@ -34,7 +34,7 @@ the layout, the transform's inputs, the coefficients' prefix sums, the binned mo
 search of the same binned profile on a dense grid of 2048 ratios evenly spaced in log q (one
 launch; its best point, not a parabola, so that the profile and R reported are those at the
 ratio reported); under a process group the log-determinants at those ratios are all-reduced
-once. Eight launches where the torch operations take some 360 (at 64 x 4096's default budget).
+once. Eight launches where the torch operations take some 290 (at 64 x 4096's default budget).
 
 Which tokens: each sequence's valid tokens in order (`mask_mode="skip"`), or in `position` mode
 its positions up to its last valid token with masked ones as the observation 0 (what that filter
