@@ -46,7 +46,11 @@ from .static_model import loops as static_loops
 
 # bare allocations; and Python numbers wrapped as 0-dim CPU tensors (torch.where(mask, x, 0.0))
 NO_KERNEL = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default", "aten.scalar_tensor.default"}
-FIT_KERNELS = ("fit_layout_kernel", "fit_chirp_kernel", "fit_coefficients_kernel", "fit_bins_kernel", "noise_search_kernel")
+FIT_KERNELS = ("fit_layout_kernel", "noise_filter_kernel", "noise_profile_kernel")
+# noise_filter_kernel's dependent chain a token (FADD, FADD, MUFU.RCP, FMUL: the variance's
+# recursion), in cycles: an assumption, not read from the code; a chunk takes at least its tokens
+# times this
+CHAIN_CYCLES = 30
 FLOAT64_WARP_INSTRUCTIONS_PER_CYCLE = 2  # 64 float64 lanes an SM (H100, H200)
 FLOAT64_OPCODES = ("DFMA", "DADD", "DMUL", "DSETP", "DMNMX")
 FFT_PASSES = 2  # a batched complex FFT of a few thousand points: about two passes over its data (assumed)
@@ -120,52 +124,106 @@ def record_fit(rows, length, max_tokens, backend="torch"):
         launches.clear()
         with recorder:
             run()
+    # the layout's lengths, which the meta device does not hold, for the filters' model: each row's
+    # valid tokens, every k-th row under the budget (fitting.estimate_noise's subsampling)
+    step = -(-batch["mask"].numel() // max_tokens) if max_tokens is not None and batch["mask"].numel() > max_tokens else 1
+    lengths = batch["mask"][::step].sum(1)
     found, kernels = [], iter(launches)
     for name, moved, launched in recorder.operations:
         if launched:
-            found.append((name, moved, next(kernels) if name.startswith("triton.") else None))
+            launch = next(kernels) if name.startswith("triton.") else None
+            if name in ("triton.noise_filter_kernel", "triton.noise_profile_kernel"):
+                kernel, grid, args, kwargs = launch
+                launch = (kernel, grid, args[:3] + (lengths,) + args[4:], kwargs)
+            found.append((name, moved, launch))
     return found
 
 
-def search_time(launch, machine):
-    """The search kernel's modelled time in microseconds (the module docstring): its programs'
-    shared part (each evaluates RATIOS grid points), then the last program's finish."""
+def _compiled(launch):
     from .sm90 import compile_launch, sass
 
     kernel, grid, args, kwargs = launch
     stand_ins = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
     compiled = compile_launch(kernel, stand_ins, kwargs)
-    instructions = sass(compiled.asm["cubin"])
+    return compiled, sass(compiled.asm["cubin"])
+
+
+def _cycles(per_warp, resident_warps):
+    """Cycles an SM takes to issue `per_warp` = (warp-instructions, of them float64) for each of
+    `resident_warps` warps: 2 warps a scheduler issue at ISSUE_EFFICIENCY of one instruction a
+    cycle (fewer, in proportion), float64 ones at FLOAT64_WARP_INSTRUCTIONS_PER_CYCLE an SM."""
+    rate = 4 * ISSUE_EFFICIENCY * min(1.0, resident_warps / 8)
+    return max(per_warp[0] * resident_warps / rate, per_warp[1] * resident_warps / FLOAT64_WARP_INSTRUCTIONS_PER_CYCLE)
+
+
+def _is_float64(opcode):
+    return opcode.split(".")[0] in FLOAT64_OPCODES
+
+
+def filter_time(launch, machine):
+    """noise_filter_kernel's modelled time in microseconds: its token loop's SASS (unrolled by
+    ptxas: the loop with the most loads is the main one, one load a token; the other the
+    remainder) times each program's tokens, plus its code outside the loops once a program that
+    has tokens; the programs spread evenly over the SMs, issued as `_cycles` says; and at least
+    the longest chunk's tokens times CHAIN_CYCLES (the variance's dependent recursion)."""
+    compiled, instructions = _compiled(launch)
+    _, grid, args, kwargs = launch
+    lengths, chunk_count, chunk_length = args[3], args[9], args[10]
+    found = static_loops(instructions)
+    if len(found) != 2:
+        raise RuntimeError(f"unexpected loops in noise_filter_kernel's SASS: {found}")
+    loads = [sum(op.startswith("LDG") for address, op, _ in instructions if start <= address <= end) for start, end in found]
+    (main, unroll), (rest, _) = sorted(zip(found, loads), key=lambda pair: -pair[1])
+    inside = lambda loop: [op for address, op, _ in instructions if loop[0] <= address <= loop[1]]  # noqa: E731
+    outside = [op for address, op, _ in instructions if not any(s <= address <= e for s, e in found)]
+    per_block = (len(inside(main)), sum(map(_is_float64, inside(main))))
+    per_rest = (len(inside(rest)), sum(map(_is_float64, inside(rest))))
+    per_program = (len(outside), sum(map(_is_float64, outside)))
+    scored = (lengths - (1 if kwargs["DIFFUSE"] else 0)).clamp(min=0)
+    starts = torch.arange(chunk_count)[None, :] * chunk_length
+    tokens = (scored[:, None] - starts).clamp(min=0, max=chunk_length).flatten().tolist()
+    work = [0.0, 0.0]
+    for n in tokens:
+        if n:
+            for part in range(2):
+                work[part] += per_program[part] + (n // unroll) * per_block[part] + (n % unroll) * per_rest[part]
+    warps = compiled.metadata.num_warps * grid[1]
+    active = sum(1 for n in tokens if n)
+    resident = min(active * warps / machine.sms, 64)
+    per_sm = [part * warps / max(active, 1) * math.ceil(active / machine.sms) / max(resident, 1e-9) for part in work]
+    issue = _cycles(per_sm, resident) if active else 0.0
+    latency = max(tokens, default=0) * CHAIN_CYCLES
+    return max(issue, latency) / (machine.clock_ghz * 1e3) + LAUNCH_US
+
+
+def profile_time(launch, machine):
+    """noise_profile_kernel's modelled time in microseconds: its SASS times the trip counts of
+    the loops around each instruction (before its atomic: the loop inside another runs the
+    chunks, chunk_count times; the others the sequences, BLOCK_S a step; after it, the finish's
+    over the grid, BLOCK_F a step), the part every program runs on the busiest SM, then the last
+    program's finish, issued as `_cycles` says; at least LAUNCH_US."""
+    compiled, instructions = _compiled(launch)
+    _, grid, args, kwargs = launch
+    sequences, chunk_count = args[6], args[7]
     finish_from = next(address for address, opcode, _ in instructions if opcode.startswith("ATOMG"))
-    bins, sequences = args[2], args[4]
-    steps = {"bins": math.ceil(bins / kwargs["BLOCK_B"]), "sequences": math.ceil(sequences / kwargs["BLOCK_S"]),
-             "points": math.ceil(kwargs["POINTS"] / kwargs["BLOCK_F"])}
-    loops = static_loops(instructions)
-    shared = [loop for loop in loops if loop[1] < finish_from]
-    finish = [loop for loop in loops if loop[0] > finish_from]
-    if len(shared) != 2 or len(finish) != 1 or len(loops) != 3:
-        raise RuntimeError(f"unexpected loops in noise_search_kernel's SASS: {loops} (the atomic at {finish_from})")
-    # the profile's loops: over the bins (four loads a step: the moments and centres) and over the sequences
-    # (one: the lengths); the finish's: over the grid's points
-    loads = [sum(opcode.startswith("LDG") for address, opcode, _ in instructions if start <= address <= end) for start, end in shared]
-    bins_loop, sequences_loop = sorted(shared, key=lambda loop: -loads[shared.index(loop)])
-    trips = {bins_loop: steps["bins"], sequences_loop: steps["sequences"], finish[0]: steps["points"]}
-    counts = {"shared": [0.0, 0.0], "finish": [0.0, 0.0]}  # warp-instructions a warp: all, float64
+    found = static_loops(instructions)
+    trips = {}
+    for loop in found:
+        if loop[0] > finish_from:
+            trips[loop] = math.ceil(kwargs["POINTS"] / kwargs["BLOCK_F"])
+        elif any(o != loop and o[0] <= loop[0] and loop[1] <= o[1] for o in found):
+            trips[loop] = chunk_count
+        else:
+            trips[loop] = math.ceil(sequences / kwargs["BLOCK_S"])
+    counts = {"shared": [0.0, 0.0], "finish": [0.0, 0.0]}
     for address, opcode, _ in instructions:
         times = math.prod(count for (start, end), count in trips.items() if start <= address <= end)
         part = counts["shared" if address < finish_from else "finish"]
         part[0] += times
-        part[1] += times if opcode.split(".")[0] in FLOAT64_OPCODES else 0
+        part[1] += times if _is_float64(opcode) else 0
     warps = compiled.metadata.num_warps
-    programs = math.prod(grid)
-    busiest = math.ceil(programs / machine.sms)  # programs on the busiest SM (all resident at once)
-
-    def cycles(per_warp, resident_warps):
-        # 2 warps a scheduler issue at ISSUE_EFFICIENCY of one instruction a cycle; fewer, in proportion
-        rate = 4 * ISSUE_EFFICIENCY * min(1.0, resident_warps / 8)
-        return max(per_warp[0] * resident_warps / rate, per_warp[1] * resident_warps / FLOAT64_WARP_INSTRUCTIONS_PER_CYCLE)
-
-    total = cycles(counts["shared"], busiest * warps) + cycles(counts["finish"], warps)
+    busiest = math.ceil(math.prod(grid) / machine.sms)
+    total = _cycles(counts["shared"], busiest * warps) + _cycles(counts["finish"], warps)
     return total / (machine.clock_ghz * 1e3) + LAUNCH_US
 
 
@@ -174,8 +232,10 @@ def device_time(kernels, machine, detail=None):
     each Triton kernel's time."""
     total = 0.0
     for name, moved, launch in kernels:
-        if name == "triton.noise_search_kernel":
-            time = search_time(launch, machine)
+        if name == "triton.noise_filter_kernel":
+            time = filter_time(launch, machine)
+        elif name == "triton.noise_profile_kernel":
+            time = profile_time(launch, machine)
         else:
             passes = FFT_PASSES if "fft" in name else 1
             time = passes * moved / (machine.copy_tbps * 1e6) + LAUNCH_US
