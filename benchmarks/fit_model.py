@@ -7,20 +7,21 @@ every device but the CPU (one transform bucket, no host-side shortcuts) and read
 read raises: tests/test_fitting.py), under a dispatch mode that records each aten operation and
 the bytes of its tensor arguments and results; on the Triton backend (what a GPU runs) the
 fit's Triton kernels are recorded in their place in the stream, as launched. After one warm-up
-call (what the backend caches per size: the bins' edge angles).
+call (what the backend caches per size: the search grid, the chunks' entering variances).
 
 - aten operations: those whose result is a view of an input, bare allocations and wrapped
   Python numbers launch no kernel; every other one is one kernel of time
   max(LAUNCH_US, bytes / copy bandwidth) (the FFTs: two passes over their bytes);
-- the transform's Triton kernels: the same, from the bytes of their tensor arguments;
-- the search kernel: compiled for sm_90a as launched (Triton's own specialisation,
-  benchmarks/sm90.py); its SASS instructions times the trip counts of the loops around them
-  (bins, sequences and grid points per loop step), split at its atomic into the part every
-  program runs and the last program's finish; each issued by its SM at
+- the layout kernel: the same, from the bytes of its tensor arguments;
+- the filter and profile kernels: compiled for sm_90a as launched (Triton's own
+  specialisation, benchmarks/sm90.py); their SASS instructions times the trip counts of the
+  loops around them (`filter_time`, `profile_time`: tokens and chunks of each program, from the
+  batch's own lengths, which the meta device does not hold), issued by each SM at
   `static_model.ISSUE_EFFICIENCY` of 4 warp-instructions a cycle (the rate measured for the fused
-  forward at 2 warps a scheduler; fewer warps, in proportion), or at 2 a cycle for its float64
-  instructions (64 float64 lanes an SM), whichever takes longer; the busiest SM's programs,
-  then the finish; at least LAUNCH_US.
+  forward at 2 warps a scheduler; fewer warps, in proportion), or at 2 a cycle for float64
+  instructions (64 float64 lanes an SM), whichever takes longer; the busiest SM's programs
+  (programs go to the SMs in launch order), the profile's last program after them, and the
+  filters at least their longest chunk times CHAIN_CYCLES; plus LAUNCH_US.
 
 Machines and LAUNCH_US are `benchmarks.static_model`'s; the fused loss's step at the same shape
 comes from `benchmarks.static_model` (Triton 3.6 compiled for sm_90a). A MODEL;
@@ -160,71 +161,93 @@ def _is_float64(opcode):
     return opcode.split(".")[0] in FLOAT64_OPCODES
 
 
+def _unrolled(instructions, found):
+    """((main loop, its body), (remainder loop or None, its body), unroll) of a loop ptxas unrolled:
+    the loop with the most loads is the main one, the other (if any) the remainder, and the
+    ratio of their loads the steps an iteration of the main one does."""
+    loads = [sum(op.startswith("LDG") for address, op, _ in instructions if start <= address <= end) for start, end in found]
+    ranked = sorted(zip(found, loads), key=lambda pair: -pair[1])
+    (main, main_loads), rest = ranked[0], (ranked[1] if len(ranked) > 1 else (None, main_loads))
+    return main, rest[0], max(1, main_loads // max(rest[1], 1))
+
+
+def _counted(instructions, keep):
+    """(warp-instructions, of them float64) a warp among the instructions at addresses `keep` accepts."""
+    ops = [op for address, op, _ in instructions if keep(address)]
+    return len(ops), sum(map(_is_float64, ops))
+
+
+def _busiest_sm(works, warps, machine):
+    """Cycles of the busiest SM when programs with the given (instructions, float64 ones) a warp go
+    to the SMs in launch order, one after the other (all resident at once at these sizes), each
+    SM issuing its programs' warps as `_cycles` says."""
+    per_sm = [[0.0, 0.0, 0] for _ in range(machine.sms)]
+    for program, work in enumerate(works):
+        if work is not None:
+            sm = per_sm[program % machine.sms]
+            sm[0], sm[1], sm[2] = sm[0] + work[0], sm[1] + work[1], sm[2] + 1
+    return max((_cycles((w / k, f / k), k * warps) if k else 0.0) for w, f, k in per_sm)
+
+
 def filter_time(launch, machine):
-    """noise_filter_kernel's modelled time in microseconds: its token loop's SASS (unrolled by
-    ptxas: the loop with the most loads is the main one, one load a token; the other the
-    remainder) times each program's tokens, plus its code outside the loops once a program that
-    has tokens; the programs spread evenly over the SMs, issued as `_cycles` says; and at least
-    the longest chunk's tokens times CHAIN_CYCLES (the variance's dependent recursion)."""
+    """noise_filter_kernel's modelled time in microseconds. Each program with tokens: its token
+    loop's SASS (unrolled by ptxas: _unrolled, one load a token) times its tokens, plus the code
+    outside the loops; the busiest SM's programs (_busiest_sm), and at least the longest chunk's
+    tokens times CHAIN_CYCLES (the variance's dependent recursion)."""
     compiled, instructions = _compiled(launch)
     _, grid, args, kwargs = launch
-    lengths, chunk_count, chunk_length = args[3], args[9], args[10]
+    lengths, chunk_count, chunk_length = args[3], args[10], args[11]
     found = static_loops(instructions)
-    if len(found) != 2:
+    if len(found) not in (1, 2):
         raise RuntimeError(f"unexpected loops in noise_filter_kernel's SASS: {found}")
-    loads = [sum(op.startswith("LDG") for address, op, _ in instructions if start <= address <= end) for start, end in found]
-    (main, unroll), (rest, _) = sorted(zip(found, loads), key=lambda pair: -pair[1])
-    inside = lambda loop: [op for address, op, _ in instructions if loop[0] <= address <= loop[1]]  # noqa: E731
-    outside = [op for address, op, _ in instructions if not any(s <= address <= e for s, e in found)]
-    per_block = (len(inside(main)), sum(map(_is_float64, inside(main))))
-    per_rest = (len(inside(rest)), sum(map(_is_float64, inside(rest))))
-    per_program = (len(outside), sum(map(_is_float64, outside)))
+    main, rest, unroll = _unrolled(instructions, found)
+    per_block = _counted(instructions, lambda address: main[0] <= address <= main[1])
+    per_rest = _counted(instructions, lambda address: rest is not None and rest[0] <= address <= rest[1])
+    per_program = _counted(instructions, lambda address: not any(s <= address <= e for s, e in found))
     scored = (lengths - (1 if kwargs["DIFFUSE"] else 0)).clamp(min=0)
     starts = torch.arange(chunk_count)[None, :] * chunk_length
-    tokens = (scored[:, None] - starts).clamp(min=0, max=chunk_length).flatten().tolist()
-    work = [0.0, 0.0]
-    for n in tokens:
-        if n:
-            for part in range(2):
-                work[part] += per_program[part] + (n // unroll) * per_block[part] + (n % unroll) * per_rest[part]
-    warps = compiled.metadata.num_warps * grid[1]
-    active = sum(1 for n in tokens if n)
-    resident = min(active * warps / machine.sms, 64)
-    per_sm = [part * warps / max(active, 1) * math.ceil(active / machine.sms) / max(resident, 1e-9) for part in work]
-    issue = _cycles(per_sm, resident) if active else 0.0
+    tokens = (scored[:, None] - starts).clamp(min=0, max=chunk_length).flatten().tolist() * grid[1]  # launch order
+    works = [tuple(per_program[i] + (n // unroll) * per_block[i] + (n % unroll) * per_rest[i] for i in range(2)) if n else None
+             for n in tokens]
+    issue = _busiest_sm(works, compiled.metadata.num_warps, machine)
     latency = max(tokens, default=0) * CHAIN_CYCLES
     return max(issue, latency) / (machine.clock_ghz * 1e3) + LAUNCH_US
 
 
 def profile_time(launch, machine):
-    """noise_profile_kernel's modelled time in microseconds: its SASS times the trip counts of
-    the loops around each instruction (before its atomic: the loop inside another runs the
-    chunks, chunk_count times; the others the sequences, BLOCK_S a step; after it, the finish's
-    over the grid, BLOCK_F a step), the part every program runs on the busiest SM, then the last
-    program's finish, issued as `_cycles` says; at least LAUNCH_US."""
+    """noise_profile_kernel's modelled time in microseconds (its _LOCAL stage, one program a
+    sequence): each program's code before its atomic, its chunk loop (unrolled by ptxas:
+    _unrolled, six loads a chunk) run once a chunk of its sequence; the busiest SM's programs
+    (_busiest_sm); then the last program's code after the atomic, its loop over the sequences
+    ceil(sequences / BLOCK_S) times and any later loop (the finish's) ceil(POINTS / BLOCK_F)
+    times, issued by one program as `_cycles` says; at least LAUNCH_US."""
     compiled, instructions = _compiled(launch)
     _, grid, args, kwargs = launch
-    sequences, chunk_count = args[6], args[7]
+    lengths, sequences, chunk_count, chunk_length = args[3], args[7], args[8], args[9]
     finish_from = next(address for address, opcode, _ in instructions if opcode.startswith("ATOMG"))
     found = static_loops(instructions)
-    trips = {}
-    for loop in found:
-        if loop[0] > finish_from:
-            trips[loop] = math.ceil(kwargs["POINTS"] / kwargs["BLOCK_F"])
-        elif any(o != loop and o[0] <= loop[0] and loop[1] <= o[1] for o in found):
-            trips[loop] = chunk_count
-        else:
-            trips[loop] = math.ceil(sequences / kwargs["BLOCK_S"])
-    counts = {"shared": [0.0, 0.0], "finish": [0.0, 0.0]}
-    for address, opcode, _ in instructions:
-        times = math.prod(count for (start, end), count in trips.items() if start <= address <= end)
-        part = counts["shared" if address < finish_from else "finish"]
-        part[0] += times
-        part[1] += times if _is_float64(opcode) else 0
+    before = [loop for loop in found if loop[1] < finish_from]
+    after = [loop for loop in found if loop[0] > finish_from]
+    if not before or len(before) > 2 or not after or len(before) + len(after) != len(found):
+        raise RuntimeError(f"unexpected loops in noise_profile_kernel's SASS: {found} (the atomic at {finish_from})")
+    main, rest, unroll = _unrolled(instructions, before)
+    per_block = _counted(instructions, lambda address: main[0] <= address <= main[1])
+    per_rest = _counted(instructions, lambda address: rest is not None and rest[0] <= address <= rest[1])
+    per_program = _counted(instructions, lambda address: address < finish_from and not any(s <= address <= e for s, e in before))
+    scored = (lengths - (1 if kwargs["DIFFUSE"] else 0)).clamp(min=0)
+    chunks = ((scored + chunk_length - 1) // chunk_length).tolist() * grid[1]  # launch order
+    works = [tuple(per_program[i] + (k // unroll) * per_block[i] + (k % unroll) * per_rest[i] for i in range(2)) for k in chunks]
     warps = compiled.metadata.num_warps
-    busiest = math.ceil(math.prod(grid) / machine.sms)
-    total = _cycles(counts["shared"], busiest * warps) + _cycles(counts["finish"], warps)
-    return total / (machine.clock_ghz * 1e3) + LAUNCH_US
+    shared = _busiest_sm(works, warps, machine)
+    trips = {after[0]: math.ceil(sequences / kwargs["BLOCK_S"])}
+    trips.update({loop: math.ceil(kwargs["POINTS"] / kwargs["BLOCK_F"]) for loop in after[1:]})
+    finish = [0.0, 0.0]
+    for address, opcode, _ in instructions:
+        if address > finish_from:
+            times = math.prod(count for (start, end), count in trips.items() if start <= address <= end)
+            finish[0] += times
+            finish[1] += times if _is_float64(opcode) else 0
+    return (shared + _cycles(finish, warps)) / (machine.clock_ghz * 1e3) + LAUNCH_US
 
 
 def device_time(kernels, machine, detail=None):

@@ -36,10 +36,10 @@ FIELDS = ("q", "r", "ratio", "log_likelihood", "drift_evidence", "at_boundary", 
 POISONED = TritonBackend(poison=True)  # NaN / -2^30 in every output before the kernel writes it
 
 
-def assert_same_fit(got, want, ratio_rel=0.02, nats=1e-6):
+def assert_same_fit(got, want, ratio_rel=0.02, nats=5e-5):
     """Same status and token count; a profile per token within `nats` of the reference's
-    maximum (the float32 filters' sums carry ~1e-7 relative error, the parabola's vertex a few
-    1e-9); where the reference's maximum is clear (drift evidence over 1e-4 nats a token, or
+    maximum (the parabola through grid points 0.22 apart in log q is good to ~2e-5 nats a token
+    on small batches, the float32 filters' sums to ~1e-7 relative); where the reference's maximum is clear (drift evidence over 1e-4 nats a token, or
     its upper end), the same boundary, and the ratio and R within ratio_rel (the two parabolas
     through different grids); where it is not, the profile is flat to within that noise, so
     that the Triton fit may stop anywhere on it: only its drift evidence is held small. q = ratio r."""

@@ -8,20 +8,19 @@ sum v^2 / F and sum log F (the prediction-error decomposition: kpo_kernels/fitti
 `noise_filter_kernel` runs it over chunks of each sequence in parallel, one lane a ratio. A
 chunk does not know the level m it enters with, but everything it computes is affine in it:
 with u = m - (the chunk's first observation), its filtered level is A u + B and its part of
-sum v^2 / F is s0 - 2 u s1 + u^2 s2. The variance P it enters with is data-independent and closed
-form: P' = (P + q) / (P + q + 1) is a Moebius map with fixed points p+ > 0 > p-, under which
-g = (P - p+) / (P - p-) shrinks by e^(-2 phi) a step (2 cosh phi = 2 + q).
+sum v^2 / F is s0 - 2 u s1 + u^2 s2, all small numbers (no cancellation of large levels). The
+variance it enters with is data-independent and closed form (triton_noise._entering_variances).
 `noise_profile_kernel` chains each sequence's chunks in order (a chunk's leaving level is the
-next one's entering level), sums sum v^2 / F over the sequences in float64, adds the closed-form
-log-determinant sum log F (fit_spectrum.LogDeterminant) and evaluates the profile and R_hat;
-the last program to finish takes the first best point, then the vertex of the parabola through
-it and its neighbours (the profile and R reported are the parabola's, and R's own quadratic
-through the same three points, at that vertex). Under a process group it runs twice: the sums
-(all-reduced in between), then the profile from them.
+next one's entering level) and adds the sequence's closed-form log-determinant sum log F
+(fit_spectrum.LogDeterminant), one program a sequence; its last program sums over the sequences
+in float64 and evaluates the profile and R_hat at every ratio, takes the first best one, then
+the vertex of the parabola through it and its neighbours (the profile and R reported are the
+parabola's, and R's own quadratic's through the same three points, at that vertex). Under a
+process group it runs twice: the sums (all-reduced in between), then the profile from them.
 
-Why not the torch path's sine transform (fit_spectrum.py): on a GPU it takes three FFTs and
-five kernels around them, eight launches against the fused loss's five; this is three with the
-layout, its work a few float32 instructions per (token, ratio).
+Why not the torch path's sine transform (fit_spectrum.py): on a GPU that took three FFTs and five
+kernels around them, eight launches against the fused loss's five; this is three with the
+layout, its work about 16 float32 instructions a warp per (position, 32 ratios).
 
 Float64 settings (q_range's ends, the fallback) arrive as three float32 parts each
 (triton_launch.float64_parts): Triton passes Python floats as float32, and its interpreter
@@ -63,32 +62,17 @@ def _expm1(x):
 
 
 @triton.jit
-def _log_determinant(phi, constant, lengths_ptr, sequences, lengths_stride, DIFFUSE: tl.constexpr, BLOCK_S: tl.constexpr):
-    """sum over sequences of log det(I + q M) (P0 = 0) or log det(q I + D) (diffuse) for each q,
+def _log_determinant(n, phi, constant, DIFFUSE: tl.constexpr):
+    """log det(I + q M) (P0 = 0) or log det(q I + D) (diffuse) of one sequence of n >= 1 tokens,
     float64 (fit_spectrum.LogDeterminant), from phi (2 + q = 2 cosh(phi)) and the part that
-    depends on q alone (`constant`, triton_noise._search_grid): with
-    log cosh((n + 1/2) phi) - log cosh(phi / 2) = (n + 1/2) phi - log 2 + log1p(exp(-(2n + 1) phi))
-    - log cosh(phi / 2), and log sinh(n phi) - log sinh(phi) = (n - 1) phi + log(-expm1(-2 n phi))
-    - log(-expm1(-2 phi)): the linear part from the total length, the bounded rest per sequence,
-    and constant = log 2 + log cosh(phi / 2) (P0 = 0) or log(-expm1(-2 phi)) (diffuse) per sequence."""
-    corrections = tl.zeros(phi.shape, dtype=tl.float64)
-    length_total = tl.zeros([BLOCK_S], dtype=tl.int64)
-    for start in range(0, sequences, BLOCK_S):
-        s = start + tl.arange(0, BLOCK_S)
-        length = tl.load(lengths_ptr + s * lengths_stride, mask=s < sequences, other=0)
-        if DIFFUSE:
-            length = tl.where(s < sequences, tl.maximum(length, 1), 0)  # one token or none: log det 0
-        length_total += length
-        n = tl.where(s < sequences, length, 1).to(tl.float64)  # 1 past the end: finite, then dropped
-        if DIFFUSE:
-            part = tl.log(-_expm1(-2.0 * n[None, :] * phi[:, None]))
-        else:
-            part = _log1p(tl.exp(-(2.0 * n[None, :] + 1.0) * phi[:, None]))
-        corrections += tl.sum(tl.where((s < sequences)[None, :], part, 0.0), 1)
-    count = tl.cast(sequences, tl.float64)  # a cast, not .to: a count of 1 arrives as a constexpr
-    total = tl.sum(length_total, 0).to(tl.float64)
-    linear = total - count if DIFFUSE else total + 0.5 * count
-    return linear * phi + corrections - count * constant
+    depends on q alone (`constant`, triton_noise._search_grid): log cosh((n + 1/2) phi) -
+    log cosh(phi / 2) = (n + 1/2) phi - log 2 + log1p(exp(-(2n + 1) phi)) - log cosh(phi / 2), and
+    log sinh(n phi) - log sinh(phi) = (n - 1) phi + log(-expm1(-2 n phi)) - log(-expm1(-2 phi)),
+    with constant = log 2 + log cosh(phi / 2) (P0 = 0) or log(-expm1(-2 phi)) (diffuse)."""
+    n = n.to(tl.float64)
+    if DIFFUSE:
+        return (n - 1.0) * phi + tl.log(-_expm1(-2.0 * n * phi)) - constant
+    return (n + 0.5) * phi + _log1p(tl.exp(-(2.0 * n + 1.0) * phi)) - constant
 
 
 @triton.jit
@@ -102,44 +86,30 @@ def _reciprocal(x):
 
 
 @triton.jit
-def _entering_variance(q, phi, steps, DIFFUSE: tl.constexpr):
-    """The filter's variance P / R after `steps` updates, float64, from P = 0 (P0 = 0) or from
-    P = 1 (diffuse: after the first token): P = (p+ - p- g) / (1 - g), g = g0 e^(-2 steps phi)."""
-    root = tl.sqrt(q * (q + 4.0))
-    upper = 2.0 * q / (q + root)  # p+ = (root - q) / 2 without the cancellation
-    lower = -0.5 * (q + root)
-    if DIFFUSE:
-        g = (1.0 - upper) / (1.0 - lower)
-    else:
-        g = upper / lower
-    g = g * tl.exp(-2.0 * steps.to(tl.float64) * phi)
-    return (upper - lower * g) / (1.0 - g)
-
-
-@triton.jit
-def noise_filter_kernel(z_ptr, z_row_stride, z_stride, lengths_ptr, lengths_stride, grid_ptr, chunks_ptr, finished_ptr,
-                        sequences, chunk_count, chunk_length,
+def noise_filter_kernel(z_ptr, z_row_stride, z_stride, lengths_ptr, lengths_stride, grid_ptr, entering_ptr, chunks_ptr,
+                        finished_ptr, sequences, chunk_count, chunk_length,
                         DIFFUSE: tl.constexpr, POINTS: tl.constexpr, BLOCK_Q: tl.constexpr):
     """Grid (sequences * chunk_count, POINTS / BLOCK_Q): program (s chunk_count + c, j) runs the
     filters of grid ratios j BLOCK_Q .. (j + 1) BLOCK_Q - 1 over chunk c of sequence s (its scored
     positions c L .. c L + L - 1, L = chunk_length; scored: every token (P0 = 0), or every token
     but the first (diffuse)) and stores (s0, s1, s2, A, B) into chunks (5, sequences *
-    chunk_count, POINTS) float32. A chunk past its sequence's end stores nothing, and nothing
-    reads it. Program (0, 0) zeroes noise_profile_kernel's counter `finished`, which runs after
-    it in the stream."""
+    chunk_count, POINTS) float32, starting from the variance `entering` (chunk_count or more,
+    POINTS) float32 (triton_noise._entering_variances). A chunk past its sequence's end stores
+    nothing, and nothing reads it. Program (0, 0) zeroes noise_profile_kernel's counter
+    `finished`, which runs after it in the stream."""
     pid = tl.program_id(0)
     if (pid == 0) & (tl.program_id(1) == 0):
         tl.store(finished_ptr, tl.zeros([], dtype=tl.int32))
     seq = pid // chunk_count
     first = 1 if DIFFUSE else 0
     scored = tl.maximum(tl.load(lengths_ptr + seq * lengths_stride) - first, 0)
-    start = (pid - seq * chunk_count).to(tl.int64) * chunk_length
+    chunk = pid - seq * chunk_count
+    start = chunk.to(tl.int64) * chunk_length
     stop = tl.minimum(start + chunk_length, scored)
     if start < stop:
         index = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        q = tl.load(grid_ptr + index)
-        variance = _entering_variance(q, tl.load(grid_ptr + POINTS + index), start, DIFFUSE).to(tl.float32)
-        ratio = q.to(tl.float32)
+        ratio = tl.load(grid_ptr + index).to(tl.float32)
+        variance = tl.load(entering_ptr + chunk * POINTS + index)
         row = z_ptr + seq.to(tl.int64) * z_row_stride + first * z_stride
         level = tl.load(row + start * z_stride)
         a = tl.full([BLOCK_Q], 1.0, tl.float32)
@@ -161,7 +131,7 @@ def noise_filter_kernel(z_ptr, z_row_stride, z_stride, lengths_ptr, lengths_stri
             a -= gain * a
             variance = gain  # P = P_pred R / F, R = 1
         out = chunks_ptr + pid.to(tl.int64) * POINTS + index
-        plane = sequences.to(tl.int64) * chunk_count * POINTS
+        plane = tl.cast(sequences, tl.int64) * chunk_count * POINTS
         tl.store(out, s0)
         tl.store(out + plane, s1)
         tl.store(out + 2 * plane, s2)
@@ -170,48 +140,29 @@ def noise_filter_kernel(z_ptr, z_row_stride, z_stride, lengths_ptr, lengths_stri
 
 
 @triton.jit
-def _quadratic(z_ptr, z_row_stride, z_stride, lengths_ptr, lengths_stride, chunks_ptr, sequences, chunk_count, chunk_length,
-               index, DIFFUSE: tl.constexpr, POINTS: tl.constexpr, RATIOS: tl.constexpr, BLOCK_S: tl.constexpr):
-    """sum v^2 / F over every sequence at the grid points `index` (RATIOS,), float64: each
-    sequence's chunks (noise_filter_kernel) chained in order from its entering level (0 under
-    P0 = 0; its first token, diffuse)."""
+def _sequence_sums(z_ptr, z_row_stride, z_stride, chunks_ptr, sequences, chunk_count, chunk_length, seq, n, index, grid_ptr,
+                   DIFFUSE: tl.constexpr, POINTS: tl.constexpr):
+    """One sequence's (sum v^2 / F, log-determinant) at the grid points `index`, float64: its
+    chunks (noise_filter_kernel) chained in order from its entering level (0 under P0 = 0; its
+    first token, diffuse); (0, 0) without an observation scored."""
     first = 1 if DIFFUSE else 0
-    plane = sequences.to(tl.int64) * chunk_count * POINTS
-    total = tl.zeros([BLOCK_S, RATIOS], dtype=tl.float64)
-    for begin in range(0, sequences, BLOCK_S):
-        s = begin + tl.arange(0, BLOCK_S)
-        inside = s < sequences
-        n = tl.load(lengths_ptr + s * lengths_stride, mask=inside, other=0)
-        scored = tl.maximum(n - first, 0)
-        row = z_ptr + s.to(tl.int64) * z_row_stride + first * z_stride
-        level = tl.zeros([BLOCK_S, RATIOS], dtype=tl.float32)
-        if DIFFUSE:
-            level += tl.load(row - z_stride, mask=inside & (n > 0), other=0.0)[:, None]
-        for c in range(0, chunk_count):
-            start = c * chunk_length
-            live = inside & (start < scored)
-            at = chunks_ptr + ((s * chunk_count + c).to(tl.int64) * POINTS)[:, None] + index[None, :]
-            take = live[:, None] & (index < POINTS)[None, :]
-            s0 = tl.load(at, mask=take, other=0.0)
-            s1 = tl.load(at + plane, mask=take, other=0.0)
-            s2 = tl.load(at + 2 * plane, mask=take, other=0.0)
-            a = tl.load(at + 3 * plane, mask=take, other=1.0)
-            b = tl.load(at + 4 * plane, mask=take, other=0.0)
-            u = level - tl.load(row + start.to(tl.int64) * z_stride, mask=live, other=0.0)[:, None]
-            total += tl.where(take, (s0 + u * (u * s2 - 2.0 * s1)).to(tl.float64), 0.0)
-            level = tl.where(take, a * u + b, level)
-    return tl.sum(total, 0)
-
-
-@triton.jit
-def _token_count(lengths_ptr, sequences, lengths_stride, DIFFUSE: tl.constexpr, BLOCK_S: tl.constexpr):
-    """The observations the likelihood scores, float64: every token, or all but each sequence's first (diffuse)."""
-    count = tl.zeros([BLOCK_S], dtype=tl.int64)
-    for begin in range(0, sequences, BLOCK_S):
-        s = begin + tl.arange(0, BLOCK_S)
-        n = tl.load(lengths_ptr + s * lengths_stride, mask=s < sequences, other=0)
-        count += tl.maximum(n - 1, 0) if DIFFUSE else n
-    return tl.sum(count, 0).to(tl.float64)
+    scored = tl.maximum(n - first, 0)
+    plane = tl.cast(sequences, tl.int64) * chunk_count * POINTS
+    row = z_ptr + seq.to(tl.int64) * z_row_stride + first * z_stride
+    level = tl.zeros(index.shape, dtype=tl.float32)
+    if DIFFUSE:
+        level += tl.load(row - z_stride, mask=n > 0, other=0.0)
+    quadratic = tl.zeros(index.shape, dtype=tl.float64)
+    for c in range(0, tl.cdiv(scored, chunk_length)):
+        at = chunks_ptr + (seq.to(tl.int64) * chunk_count + c) * POINTS + index
+        s0 = tl.load(at)
+        s1 = tl.load(at + plane)
+        s2 = tl.load(at + 2 * plane)
+        u = level - tl.load(row + c * chunk_length * z_stride)  # within a row: int32 offsets
+        quadratic += (s0 + u * (u * s2 - 2.0 * s1)).to(tl.float64)
+        level = tl.load(at + 3 * plane) * u + tl.load(at + 4 * plane)
+    log_det = _log_determinant(n, tl.load(grid_ptr + POINTS + index), tl.load(grid_ptr + 2 * POINTS + index), DIFFUSE)
+    return quadratic, tl.where(scored > 0, log_det, 0.0)
 
 
 # noise_profile_kernel's stages
@@ -222,53 +173,86 @@ _GIVEN = tl.constexpr(2)  # the profile and the result from `sums`
 
 @triton.jit
 def noise_profile_kernel(
-    z_ptr, z_row_stride, z_stride, lengths_ptr, lengths_stride, chunks_ptr, sequences, chunk_count, chunk_length,
-    sums_ptr, values_ptr, finished_ptr, result_ptr, codes_ptr, min_tokens, grid_ptr,
+    z_ptr, z_row_stride, z_stride, lengths_ptr, lengths_stride, chunks_ptr, per_sequence_ptr, sequences, chunk_count,
+    chunk_length, sums_ptr, values_ptr, finished_ptr, result_ptr, codes_ptr, min_tokens, grid_ptr,
     low0, low1, low2, high0, high1, high2, fallback_q0, fallback_q1, fallback_q2, fallback_r0, fallback_r1, fallback_r2,
     DIFFUSE: tl.constexpr, STAGE: tl.constexpr, POINTS: tl.constexpr, RATIOS: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    """Grid (POINTS / RATIOS,). Each program takes RATIOS points of the grid `grid` (3, POINTS)
-    (triton_noise._search_grid: the ratios, evenly spaced in log q over q_range, their phi and
-    the part of the log-determinant that depends on q alone) and their sums: sum v^2 / F from the
-    chunks (_quadratic) and the log-determinant, or (_GIVEN) both from `sums` = [observations,
-    sum v^2 / F at the lowest ratio, sum v^2 / F (POINTS), log-determinant (POINTS)] float64, which
-    _SUMS writes instead of going on. Then the profile log-likelihood per observation and R_hat
-    into `values` (2, POINTS), and the last program to finish (an atomic count in `finished`,
-    zero before the launch: its release and acquire order the values' stores before their loads)
-    writes the result (_finish). result: [q, r, ratio, log_likelihood, drift_evidence,
+    """_LOCAL and _SUMS: grid (sequences, POINTS / RATIOS); program (s, j) chains sequence s's
+    chunks at grid points j RATIOS .. (j + 1) RATIOS - 1 (_sequence_sums) into per_sequence
+    (2, sequences, POINTS) float64, and the last program to finish (an atomic count in
+    `finished`, zero before the launch: its release and acquire order the other programs' stores
+    before its loads) sums them over the sequences into `sums` = [observations, sum v^2 / F at
+    the lowest ratio, sum v^2 / F (POINTS), log-determinant (POINTS)] float64, in order. _SUMS
+    stops there (the sums are all-reduced before _GIVEN); _LOCAL goes on, as _GIVEN (grid (1,))
+    does from `sums`: the profile log-likelihood per observation and R_hat at every grid point
+    into `values` (2, POINTS), and the result (_finish). The grid `grid` (3, POINTS) is
+    triton_noise._search_grid's. result: [q, r, ratio, log_likelihood, drift_evidence,
     num_tokens] float64; codes: [at_boundary, status] int64 (fitting.NoiseEstimate; status
     FITTED 0, ON_POLICY 1, FEW_TOKENS 2, NOT_FINITE 3). Each float64 setting comes as three
     float32 parts (triton_launch.float64_parts)."""
-    index = tl.program_id(0) * RATIOS + tl.arange(0, RATIOS)
+    parts = (low0, low1, low2, high0, high1, high2, fallback_q0, fallback_q1, fallback_q2, fallback_r0, fallback_r1,
+             fallback_r2)
     if STAGE == _GIVEN:
-        quadratic = tl.load(sums_ptr + 2 + index)
-        log_det = tl.load(sums_ptr + 2 + POINTS + index)
-        tokens = tl.load(sums_ptr)
+        _profile_and_finish(sums_ptr, values_ptr, result_ptr, codes_ptr, min_tokens, grid_ptr, parts, POINTS, BLOCK_F)
     else:
-        quadratic = _quadratic(z_ptr, z_row_stride, z_stride, lengths_ptr, lengths_stride, chunks_ptr, sequences,
-                               chunk_count, chunk_length, index, DIFFUSE, POINTS, RATIOS, BLOCK_S)
-        phi = tl.load(grid_ptr + POINTS + index)
-        constant = tl.load(grid_ptr + 2 * POINTS + index)
-        log_det = _log_determinant(phi, constant, lengths_ptr, sequences, lengths_stride, DIFFUSE, BLOCK_S)
-        tokens = _token_count(lengths_ptr, sequences, lengths_stride, DIFFUSE, BLOCK_S)
-        if tl.program_id(0) == 0:
-            tl.store(sums_ptr, tokens)
-            tl.store(sums_ptr + 1, tl.sum(tl.where(index == 0, quadratic, 0.0), 0))
-    if STAGE == _SUMS:
-        tl.store(sums_ptr + 2 + index, quadratic)
-        tl.store(sums_ptr + 2 + POINTS + index, log_det)
-    else:
-        per = tl.maximum(tokens, 1.0)
-        values = -0.5 * (tl.full([], _LOG_2PI, tl.float64) + tl.log(quadratic / per) + log_det / per + 1.0)
-        tl.store(values_ptr + index, values)
-        tl.store(values_ptr + POINTS + index, quadratic / per)
+        seq = tl.program_id(0)
+        index = tl.program_id(1) * RATIOS + tl.arange(0, RATIOS)
+        n = tl.load(lengths_ptr + seq * lengths_stride)
+        quadratic, log_det = _sequence_sums(z_ptr, z_row_stride, z_stride, chunks_ptr, sequences, chunk_count,
+                                            chunk_length, seq, n, index, grid_ptr, DIFFUSE, POINTS)
+        out = per_sequence_ptr + seq.to(tl.int64) * POINTS + index
+        tl.store(out, quadratic)
+        tl.store(out + tl.cast(sequences, tl.int64) * POINTS, log_det)
         tl.debug_barrier()  # every thread's stores before the atomic's release
-        if tl.atomic_add(finished_ptr, 1) == tl.num_programs(0) - 1:
-            _finish(values_ptr, sums_ptr, result_ptr, codes_ptr, min_tokens, grid_ptr,
-                    _float64(low0, low1, low2), _float64(high0, high1, high2),
-                    _float64(fallback_q0, fallback_q1, fallback_q2), _float64(fallback_r0, fallback_r1, fallback_r2),
-                    POINTS, BLOCK_F)
+        if tl.atomic_add(finished_ptr, 1) == tl.num_programs(0) * tl.num_programs(1) - 1:
+            _sum_sequences(lengths_ptr, lengths_stride, per_sequence_ptr, sequences, sums_ptr, DIFFUSE, POINTS, BLOCK_S)
+            if STAGE == _LOCAL:
+                _profile_and_finish(sums_ptr, values_ptr, result_ptr, codes_ptr, min_tokens, grid_ptr, parts, POINTS,
+                                    BLOCK_F)
+
+
+@triton.jit
+def _profile_and_finish(sums_ptr, values_ptr, result_ptr, codes_ptr, min_tokens, grid_ptr, parts, POINTS: tl.constexpr,
+                        BLOCK_F: tl.constexpr):
+    """From `sums`: the profile log-likelihood per observation and R_hat at every grid point into
+    `values`, then the result (_finish)."""
+    points = tl.arange(0, POINTS)
+    per = tl.maximum(tl.load(sums_ptr, volatile=True), 1.0)
+    quadratic = tl.load(sums_ptr + 2 + points, volatile=True)
+    log_det = tl.load(sums_ptr + 2 + POINTS + points, volatile=True)
+    tl.store(values_ptr + points, -0.5 * (tl.full([], _LOG_2PI, tl.float64) + tl.log(quadratic / per) + log_det / per + 1.0))
+    tl.store(values_ptr + POINTS + points, quadratic / per)
+    tl.debug_barrier()  # the values' stores before _finish's loads
+    _finish(values_ptr, sums_ptr, result_ptr, codes_ptr, min_tokens, grid_ptr, _float64(parts[0], parts[1], parts[2]),
+            _float64(parts[3], parts[4], parts[5]), _float64(parts[6], parts[7], parts[8]),
+            _float64(parts[9], parts[10], parts[11]), POINTS, BLOCK_F)
+
+
+@triton.jit
+def _sum_sequences(lengths_ptr, lengths_stride, per_sequence_ptr, sequences, sums_ptr, DIFFUSE: tl.constexpr,
+                   POINTS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """noise_profile_kernel's last program: per_sequence summed over the sequences, in order of
+    blocks, and the observations scored, into `sums`."""
+    first = 1 if DIFFUSE else 0
+    points = tl.arange(0, POINTS)
+    quadratic = tl.zeros([BLOCK_S, POINTS], dtype=tl.float64)
+    log_det = tl.zeros([BLOCK_S, POINTS], dtype=tl.float64)
+    count = tl.zeros([BLOCK_S], dtype=tl.int64)
+    for begin in range(0, sequences, BLOCK_S):
+        s = begin + tl.arange(0, BLOCK_S)
+        inside = s < sequences
+        count += tl.maximum(tl.load(lengths_ptr + s * lengths_stride, mask=inside, other=0) - first, 0)
+        at = per_sequence_ptr + (s.to(tl.int64) * POINTS)[:, None] + points[None, :]
+        quadratic += tl.load(at, mask=inside[:, None], other=0.0, volatile=True)
+        log_det += tl.load(at + tl.cast(sequences, tl.int64) * POINTS, mask=inside[:, None], other=0.0, volatile=True)
+    quadratic_sum = tl.sum(quadratic, 0)
+    tl.store(sums_ptr, tl.sum(count, 0).to(tl.float64))
+    tl.store(sums_ptr + 1, tl.sum(tl.where(points == 0, quadratic_sum, 0.0), 0))
+    tl.store(sums_ptr + 2 + points, quadratic_sum)
+    tl.store(sums_ptr + 2 + POINTS + points, tl.sum(log_det, 0))
+    tl.debug_barrier()  # the sums' stores before their loads by the same program
 
 
 @triton.jit

@@ -20,21 +20,27 @@ from .triton_launch import INTERPRETED, float64_parts, float64_parts_fit, kernel
 
 # The profile on the Triton backend: at SEARCH_POINTS ratios evenly spaced in log q (0.22 apart over
 # q_range's default 12 decades), then a parabola through the best point and its neighbours.
-# The filters' work is about 14 float32 instructions per (scored token, ratio) on an sm_90 GPU.
 SEARCH_POINTS = 128
-FILTER_RATIOS, FILTER_WARPS = 128, 4  # grid ratios a program of noise_filter_kernel (one a lane)
-FILTER_CHUNK, FILTER_MOST_CHUNKS = 256, 64  # scored positions a chunk (more for sequences over 64 chunks)
-PROFILE_RATIOS, PROFILE_WARPS = 8, 4  # grid ratios a program of noise_profile_kernel
+# noise_filter_kernel: FILTER_RATIOS grid ratios a program (one a lane) over a chunk of
+# FILTER_CHUNK scored positions (more for sequences of over FILTER_MOST_CHUNKS chunks).
+# benchmarks/fit_model.py put one-warp programs over 128 positions ahead of 2 and 4 warps and of
+# 64, 256 and 512 positions at 64 x 4096's default budget (the filters' work spread over more
+# SMs; shorter chunks cost the profile kernel more steps).
+FILTER_RATIOS, FILTER_WARPS = 32, 1
+FILTER_CHUNK, FILTER_MOST_CHUNKS = 128, 64
+# noise_profile_kernel: a program a sequence at every ratio, then its last program's sums over
+# PROFILE_SEQUENCES sequences a step and the finish over PROFILE_FINISH points a step.
+PROFILE_RATIOS, PROFILE_WARPS = SEARCH_POINTS, 4
+PROFILE_SEQUENCES, PROFILE_FINISH = 8, 128
 if INTERPRETED:  # the same values in fewer, wider programs: numpy's cost is per operation
-    PROFILE_RATIOS = SEARCH_POINTS
-PROFILE_SEQUENCES, PROFILE_FINISH = 32, 128  # per step of its loops
+    FILTER_RATIOS = SEARCH_POINTS
 # The filters run in float32: a GPU's rcp.approx.ftz of 1 + P + q returns 0 above 2^126, so larger
 # ratios take the torch search.
 SEARCH_HIGHEST = 1e30
 LAYOUT_BLOCK = 1024  # positions a program step of the layout kernel
 
 
-_SIZED = collections.OrderedDict()  # (what, bins, device) -> float64 tensor: _edge_angles and _centres
+_SIZED = collections.OrderedDict()  # (what, key, device) -> tensor: _search_grid and _entering_variances
 _SIZED_PINNED = set()  # keys a CUDA-graph capture read: never evicted (a graph holds no reference to its inputs)
 _SIZED_MOST = 64  # unpinned entries kept
 _SIZED_LOCK = threading.Lock()
@@ -84,6 +90,27 @@ def _search_grid(low, high, diffuse, device):
     return _per_size("search grid", (lower, upper, diffuse), device, build)
 
 
+def _entering_variances(low, high, diffuse, chunk_length, device):
+    """(FILTER_MOST_CHUNKS, SEARCH_POINTS) float32 on `device`: the filter's variance P / R at the
+    start of chunk c (c chunk_length updates done, from P = 0 under P0 = 0 or from P = 1 after a
+    diffuse first token) at each grid ratio, in float64 from its closed form, then cached
+    (_per_size). The Riccati map P' = (P + q) / (P + q + 1) is a Moebius map with fixed points
+    p+ > 0 > p-, and g = (P - p+) / (P - p-) shrinks by e^(-2 phi) a step (2 cosh phi = 2 + q):
+    P = (p+ - p- g) / (1 - g), g = g0 e^(-2 k phi)."""
+    grid = _search_grid(low, high, diffuse, device)
+
+    def build():
+        q, phi = grid[0], grid[1]
+        root = torch.sqrt(q * (q + 4.0))
+        upper, lower = 2.0 * q / (q + root), -0.5 * (q + root)  # p+ without the cancellation of (root - q) / 2
+        start = (1.0 - upper) / (1.0 - lower) if diffuse else upper / lower
+        steps = torch.arange(FILTER_MOST_CHUNKS, dtype=torch.float64, device=device)[:, None] * chunk_length
+        g = start * torch.exp(-2.0 * steps * phi)
+        return ((upper - lower * g) / (1.0 - g)).to(torch.float32)
+
+    return _per_size("entering variances", (math.log(low), math.log(high), diffuse, chunk_length), device, build)
+
+
 def _search_parts(low, high, fallback):
     """The search's float64 settings as float32 parts (triton_launch.float64_parts), or None where
     the parts cannot carry one exactly or the ratio may pass SEARCH_HIGHEST."""
@@ -97,7 +124,7 @@ class NoiseFitLaunch:
     """`Backend.noise_layout` and `Backend.noise_fit` on Triton kernels."""
 
     def noise_layout(self, log_ratio, mask, cu_seqlens, mask_mode, x0, max_tokens):
-        """fit_spectrum.sequences in one kernel (triton_fit_transform.fit_layout_kernel), the packed budget
+        """fit_spectrum.sequences in one kernel (triton_fit_layout.fit_layout_kernel), the packed budget
         included (every k-th sequence); log-ratios of any float dtype but float64."""
         device = log_ratio.device
         mask = self._mask(mask)
@@ -144,29 +171,35 @@ class NoiseFitLaunch:
         finished = self._empty((1,), torch.int32, device)
         if sequences * chunk_count > 0:
             kernels.noise_filter_kernel[(sequences * chunk_count, SEARCH_POINTS // FILTER_RATIOS)](
-                z, z.stride(0), z.stride(1), lengths, lengths.stride(0), grid, chunks, finished, sequences, chunk_count,
+                z, z.stride(0), z.stride(1), lengths, lengths.stride(0), grid,
+                _entering_variances(low, high, diffuse, chunk_length, device), chunks, finished, sequences, chunk_count,
                 chunk_length, DIFFUSE=diffuse, POINTS=SEARCH_POINTS, BLOCK_Q=FILTER_RATIOS, num_warps=FILTER_WARPS,
             )
-        else:  # nothing to filter: the sums are 0, the statuses follow from them
+        else:  # no chunk to filter: the profile kernel's counter is zeroed here
             finished.zero_()
+        per_sequence = self._empty((2, sequences, SEARCH_POINTS), torch.float64, device)
         sums = self._empty((2 + 2 * SEARCH_POINTS,), torch.float64, device)
         result, codes = self._empty((6,), torch.float64, device), self._empty((2,), torch.int64, device)
         values = self._empty((2, SEARCH_POINTS), torch.float64, device)  # profile and R
 
-        def profile(stage):
-            kernels.noise_profile_kernel[(SEARCH_POINTS // PROFILE_RATIOS,)](
-                z, z.stride(0), z.stride(1), lengths, lengths.stride(0), chunks, sequences, chunk_count, chunk_length,
-                sums, values, finished, result, codes, min_tokens, grid, *parts, DIFFUSE=diffuse, STAGE=stage,
-                POINTS=SEARCH_POINTS, RATIOS=PROFILE_RATIOS, BLOCK_S=PROFILE_SEQUENCES, BLOCK_F=PROFILE_FINISH,
-                num_warps=PROFILE_WARPS,
+        def profile(stage, programs):
+            kernels.noise_profile_kernel[programs](
+                z, z.stride(0), z.stride(1), lengths, lengths.stride(0), chunks, per_sequence, sequences, chunk_count,
+                chunk_length, sums, values, finished, result, codes, min_tokens, grid, *parts, DIFFUSE=diffuse,
+                STAGE=stage, POINTS=SEARCH_POINTS, RATIOS=PROFILE_RATIOS, BLOCK_S=PROFILE_SEQUENCES,
+                BLOCK_F=PROFILE_FINISH, num_warps=PROFILE_WARPS,
             )
 
-        if group is None:
-            profile(0)
-        else:
-            profile(1)
+        per_program = (sequences, SEARCH_POINTS // PROFILE_RATIOS)
+        if group is None and sequences:
+            profile(0, per_program)
+        else:  # the sums (zeros without a sequence), all-reduced over the group, then the profile
+            if sequences:
+                profile(1, per_program)
+            else:
+                sums.zero_()
             all_reduce(sums, group)
-            profile(2)
+            profile(2, (1,))
         return NoiseEstimate(
             q=result[0], r=result[1], ratio=result[2], log_likelihood=result[3], drift_evidence=result[4],
             at_boundary=codes[0], num_tokens=result[5], status=codes[1],
