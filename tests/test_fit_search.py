@@ -155,6 +155,21 @@ def test_the_ends_of_q_range():
     assert_same_fit(got, want)
 
 
+@pytest.mark.parametrize("p0", [0.0, math.inf])
+def test_no_drift_reports_the_lower_end(p0):
+    """White noise alone: the profile is flat to the float32 filters' precision below about 1e-8
+    ratios, so that their rounding alone would pick a point on it; a rise of less than NO_RISE
+    over the lower end counts as none, and the fit reports the lower end, as the torch search."""
+    from kpo_kernels.backends.triton_fit_search import NO_RISE
+
+    z, mask = simulate(6, 200, 400, 0.0, 1.0, seed=1, dtype=torch.float32)
+    got, want = both(z.to(DEVICE), mask.to(DEVICE), p0=p0)
+    assert int(want.at_boundary) == -1 and float(want.ratio) == SETTINGS["low"]
+    assert int(got.at_boundary) == -1 and float(got.ratio) == SETTINGS["low"]
+    assert 0.0 <= float(got.drift_evidence) < NO_RISE * float(got.num_tokens)
+    assert_same_fit(got, want)
+
+
 def test_fallbacks():
     """On-policy (every log-ratio 0), too few tokens and a NaN at a valid token: the fallback Q
     and R, the status saying why."""

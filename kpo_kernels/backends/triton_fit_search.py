@@ -37,6 +37,10 @@ from .triton_common import _NVIDIA_PTX
 
 _LOG_2PI = tl.constexpr(math.log(2.0 * math.pi))
 _DBL_MAX = tl.constexpr(1.7976931348623157e308)
+# A profile that rises less than this over its lower end (nats a token: the float32 filters'
+# sums carry ~1e-7 relative error) shows no drift: the fit reports the lower end.
+NO_RISE = 1e-6
+_NO_RISE = tl.constexpr(NO_RISE)
 
 
 @triton.jit
@@ -268,7 +272,7 @@ def _ranked(values):
 def _finish(values_ptr, totals_ptr, result_ptr, codes_ptr, min_tokens, grid_ptr, low, high, fallback_q, fallback_r,
             POINTS: tl.constexpr, BLOCK_F: tl.constexpr):
     """The last program's part of noise_profile_kernel, from every grid point's profile and R:
-    the first best point; inside the grid, the vertex of the parabola in log q through it and its
+    the first best point (the lower end where the best rises less than NO_RISE above it); inside the grid, the vertex of the parabola in log q through it and its
     neighbours (at most half a step away, the first best point being strictly above its left
     neighbour), where the profile and R are the parabola's and R's own quadratic's."""
     best_value = _ranked(tl.load(values_ptr, volatile=True))
@@ -280,6 +284,7 @@ def _finish(values_ptr, totals_ptr, result_ptr, codes_ptr, min_tokens, grid_ptr,
         better = top > best_value  # strictly: the first best point, as torch.argmax
         best = tl.where(better, where, best)
         best_value = tl.where(better, top, best_value)
+    best = tl.where(best_value - _ranked(tl.load(values_ptr, volatile=True)) < _NO_RISE, 0, best)  # no drift
     at_lower = best == 0
     at_upper = best == POINTS - 1
     middle = tl.minimum(tl.maximum(best, 1), POINTS - 2)
