@@ -167,8 +167,8 @@ def _unrolled(instructions, found):
     ratio of their loads the steps an iteration of the main one does."""
     loads = [sum(op.startswith("LDG") for address, op, _ in instructions if start <= address <= end) for start, end in found]
     ranked = sorted(zip(found, loads), key=lambda pair: -pair[1])
-    (main, main_loads), rest = ranked[0], (ranked[1] if len(ranked) > 1 else (None, main_loads))
-    return main, rest[0], max(1, main_loads // max(rest[1], 1))
+    (main, main_loads), (rest, rest_loads) = ranked[0], (ranked[1] if len(ranked) > 1 else (None, 0))
+    return main, rest, max(1, main_loads // rest_loads) if rest is not None and rest_loads else 1
 
 
 def _counted(instructions, keep):

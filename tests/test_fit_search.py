@@ -156,6 +156,34 @@ def test_the_ends_of_q_range():
 
 
 @pytest.mark.parametrize("p0", [0.0, math.inf])
+@pytest.mark.parametrize("level", [10.0, -300.0])
+def test_a_large_level_costs_no_precision(level, p0):
+    """White noise of sd 1e-3 about a level far from 0 (and x0 at it under P0 = 0, so that the
+    model holds): the filters carry each chunk's levels relative to its first observation, so
+    the level's float32 rounding (1e-6 at 10, 3e-5 at 300) never enters the profile, which
+    stays flat, and the fit reports the lower end as the torch search does."""
+    gen = torch.Generator().manual_seed(5)
+    z = level + 1e-3 * torch.randn(4, 300, generator=gen)
+    x0 = level if p0 == 0.0 else 0.0
+    got, want = both(z.to(DEVICE), None, p0=p0, x0=x0)
+    assert int(want.at_boundary) == -1
+    assert int(got.at_boundary) == -1 and float(got.ratio) == SETTINGS["low"]
+    assert_same_fit(got, want, nats=1e-6)
+
+
+def test_tiny_ratios_with_a_diffuse_prior():
+    """A q_range of ratios near 1e-30 and below, diffuse prior: the chunks' entering variances
+    (1 at the start, falling as 1 / (k + 1)) are closed form without cancellation, so the
+    filters are right and white noise is fitted at the lower end, as the torch search."""
+    z, mask = simulate(4, 200, 300, 0.0, 1.0, seed=6, dtype=torch.float32)
+    for q_range in ((2.0**-110, 2.0**-70), (1e-30, 1e-20)):
+        got, want = both(z.to(DEVICE), mask.to(DEVICE), p0=math.inf, q_range=q_range, min_tokens=4)
+        assert int(want.status) == int(got.status) == FITTED
+        assert int(got.at_boundary) == int(want.at_boundary) == -1 and float(got.ratio) == q_range[0]
+        assert_same_fit(got, want, nats=1e-6)
+
+
+@pytest.mark.parametrize("p0", [0.0, math.inf])
 def test_no_drift_reports_the_lower_end(p0):
     """White noise alone: the profile is flat to the float32 filters' precision below about 1e-8
     ratios, so that their rounding alone would pick a point on it; a rise of less than NO_RISE
@@ -202,13 +230,16 @@ def test_settings_float32_cannot_carry_run_the_torch_search():
     beyond float32's range, or below its normal numbers (whose parts lose bits), run the torch
     search instead, so that the ends and fallbacks come back exactly; so do ratios above
     SEARCH_HIGHEST, whose float32 reciprocals a GPU returns as 0 (the interpreter cannot show it:
-    the kernel declines them, checked directly)."""
+    the kernel declines them, checked directly), and ranges whose grid would be coarser than
+    SEARCH_WIDEST_STEP."""
     totals = torch.zeros(2 + 3 * 8, dtype=torch.float64, device=DEVICE)
     lengths = torch.ones(1, dtype=torch.int64, device=DEVICE)
-    for low, high in ((1e-10, 1e35), (1e-300, 1e-200), (1e-10, 1e2)):
+    for low, high in ((1e-10, 1e35), (1e-300, 1e-200), (1e-10, 1e2), (1e-11, 1e2), (1e-12, 1e2), (1e-30, 1e30)):
         declined = POISONED.noise_fit(totals[None, :4].float(), lengths, diffuse=False, bins=8, low=low, high=high,
                                       min_tokens=1, fallback=(1e-6, 1.0), group=None) is None
-        assert declined == (high > SEARCH_HIGHEST or low < 1e-100)
+        wide = (math.log(high) - math.log(low)) / (triton_noise.SEARCH_POINTS - 1) > triton_noise.SEARCH_WIDEST_STEP
+        assert wide == ((low, high) in ((1e-10, 1e35), (1e-300, 1e-200), (1e-12, 1e2), (1e-30, 1e30)))
+        assert declined == (high > SEARCH_HIGHEST or low < 1e-100 or wide)
     z, mask = simulate(3, 60, 80, 0.0, 1e-2, seed=4, dtype=torch.float32)
     z, mask = z.to(DEVICE), mask.to(DEVICE)
     for options in (

@@ -97,7 +97,10 @@ def noise_filter_kernel(z_ptr, z_row_stride, z_stride, lengths_ptr, lengths_stri
     filters of grid ratios j BLOCK_Q .. (j + 1) BLOCK_Q - 1 over chunk c of sequence s (its scored
     positions c L .. c L + L - 1, L = chunk_length; scored: every token (P0 = 0), or every token
     but the first (diffuse)) and stores (s0, s1, s2, A, B) into chunks (5, sequences *
-    chunk_count, POINTS) float32, starting from the variance `entering` (chunk_count or more,
+    chunk_count, POINTS) float32: with u the entering level less the chunk's first observation,
+    its share of sum v^2 / F is s0 - 2 u s1 + u^2 s2 and A u + B is the leaving level less the
+    next chunk's first observation (the filter runs on the observations less the first: levels
+    stay small, whatever the data's). It starts from the variance `entering` (chunk_count or more,
     POINTS) float32 (triton_noise._entering_variances). A chunk past its sequence's end stores
     nothing, and nothing reads it. Program (0, 0) zeroes noise_profile_kernel's counter
     `finished`, which runs after it in the stream."""
@@ -115,14 +118,14 @@ def noise_filter_kernel(z_ptr, z_row_stride, z_stride, lengths_ptr, lengths_stri
         ratio = tl.load(grid_ptr + index).to(tl.float32)
         variance = tl.load(entering_ptr + chunk * POINTS + index)
         row = z_ptr + seq.to(tl.int64) * z_row_stride + first * z_stride
-        level = tl.load(row + start * z_stride)
+        anchor = tl.load(row + start * z_stride)  # levels are kept relative to it: small, whatever the data's level
         a = tl.full([BLOCK_Q], 1.0, tl.float32)
-        b = tl.zeros([BLOCK_Q], tl.float32) + level
+        b = tl.zeros([BLOCK_Q], tl.float32)
         s0 = tl.zeros([BLOCK_Q], tl.float32)
         s1 = tl.zeros([BLOCK_Q], tl.float32)
         s2 = tl.zeros([BLOCK_Q], tl.float32)
         for t in range(start, stop):
-            x = tl.load(row + t * z_stride)
+            x = tl.load(row + t * z_stride) - anchor
             predicted = variance + ratio
             w = _reciprocal(predicted + 1.0)  # 1 / F
             gain = predicted * w
@@ -134,6 +137,10 @@ def noise_filter_kernel(z_ptr, z_row_stride, z_stride, lengths_ptr, lengths_stri
             b += gain * e
             a -= gain * a
             variance = gain  # P = P_pred R / F, R = 1
+        # the leaving level relative to the next chunk's first observation (the difference of two
+        # observations: small where the data's level is large), what the next chunk's u is
+        following = tl.load(row + stop * z_stride, mask=stop < scored, other=0.0)
+        b += anchor - following
         out = chunks_ptr + pid.to(tl.int64) * POINTS + index
         plane = tl.cast(sequences, tl.int64) * chunk_count * POINTS
         tl.store(out, s0)
@@ -148,23 +155,25 @@ def _sequence_sums(z_ptr, z_row_stride, z_stride, chunks_ptr, sequences, chunk_c
                    DIFFUSE: tl.constexpr, POINTS: tl.constexpr):
     """One sequence's (sum v^2 / F, log-determinant) at the grid points `index`, float64: its
     chunks (noise_filter_kernel) chained in order from its entering level (0 under P0 = 0; its
-    first token, diffuse); (0, 0) without an observation scored."""
+    first token, diffuse), the level carried relative to each chunk's first observation; (0, 0)
+    without an observation scored."""
     first = 1 if DIFFUSE else 0
     scored = tl.maximum(n - first, 0)
     plane = tl.cast(sequences, tl.int64) * chunk_count * POINTS
     row = z_ptr + seq.to(tl.int64) * z_row_stride + first * z_stride
-    level = tl.zeros(index.shape, dtype=tl.float32)
+    # u: the level entering the chunk less its first observation; before chunk 0, 0 (P0 = 0) or
+    # the first token (diffuse) less it
+    u = tl.zeros(index.shape, dtype=tl.float32) - tl.load(row, mask=scored > 0, other=0.0)
     if DIFFUSE:
-        level += tl.load(row - z_stride, mask=n > 0, other=0.0)
+        u += tl.load(row - z_stride, mask=n > 0, other=0.0)
     quadratic = tl.zeros(index.shape, dtype=tl.float64)
     for c in range(0, tl.cdiv(scored, chunk_length)):
         at = chunks_ptr + (seq.to(tl.int64) * chunk_count + c) * POINTS + index
         s0 = tl.load(at)
         s1 = tl.load(at + plane)
         s2 = tl.load(at + 2 * plane)
-        u = level - tl.load(row + c * chunk_length * z_stride)  # within a row: int32 offsets
         quadratic += (s0 + u * (u * s2 - 2.0 * s1)).to(tl.float64)
-        level = tl.load(at + 3 * plane) * u + tl.load(at + 4 * plane)
+        u = tl.load(at + 3 * plane) * u + tl.load(at + 4 * plane)
     log_det = _log_determinant(n, tl.load(grid_ptr + POINTS + index), tl.load(grid_ptr + 2 * POINTS + index), DIFFUSE)
     return quadratic, tl.where(scored > 0, log_det, 0.0)
 

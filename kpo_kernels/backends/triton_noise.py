@@ -35,8 +35,11 @@ PROFILE_SEQUENCES, PROFILE_FINISH = 8, 128
 if INTERPRETED:  # the same values in fewer, wider programs: numpy's cost is per operation
     FILTER_RATIOS = SEARCH_POINTS
 # The filters run in float32: a GPU's rcp.approx.ftz of 1 + P + q returns 0 above 2^126, so larger
-# ratios take the torch search.
+# ratios take the torch search. So do q_ranges wider than SEARCH_POINTS steps of SEARCH_WIDEST_STEP
+# in log q (13.8 decades; the default is 12): the parabola through points further apart leaves
+# the profile reported more than ~5e-5 nats a token off its maximum.
 SEARCH_HIGHEST = 1e30
+SEARCH_WIDEST_STEP = 0.25
 LAYOUT_BLOCK = 1024  # positions a program step of the layout kernel
 
 
@@ -96,26 +99,32 @@ def _entering_variances(low, high, diffuse, chunk_length, device):
     diffuse first token) at each grid ratio, in float64 from its closed form, then cached
     (_per_size). The Riccati map P' = (P + q) / (P + q + 1) is a Moebius map with fixed points
     p+ > 0 > p-, and g = (P - p+) / (P - p-) shrinks by e^(-2 phi) a step (2 cosh phi = 2 + q):
-    P = (p+ - p- g) / (1 - g), g = g0 e^(-2 k phi)."""
+    P = (p+ - p- g) / (1 - g), g = g0 e^(-2 k phi), written without cancellation for tiny q."""
     grid = _search_grid(low, high, diffuse, device)
 
     def build():
         q, phi = grid[0], grid[1]
         root = torch.sqrt(q * (q + 4.0))
         upper, lower = 2.0 * q / (q + root), -0.5 * (q + root)  # p+ without the cancellation of (root - q) / 2
-        start = (1.0 - upper) / (1.0 - lower) if diffuse else upper / lower
         steps = torch.arange(FILTER_MOST_CHUNKS, dtype=torch.float64, device=device)[:, None] * chunk_length
-        g = start * torch.exp(-2.0 * steps * phi)
-        return ((upper - lower * g) / (1.0 - g)).to(torch.float32)
+        decay = -torch.expm1(-2.0 * steps * phi)  # 1 - e^(-2 k phi)
+        if diffuse:  # g0 = (1 - p+) / (1 - p-) in (0, 1): P = 1 - (1 - p+) (1 - E) / (1 - g0 E), E = e^(-2 k phi)
+            log_start = torch.log1p(-upper) - torch.log1p(-lower)
+            return (1.0 - (1.0 - upper) * decay / -torch.expm1(log_start - 2.0 * steps * phi)).to(torch.float32)
+        # g0 = p+ / p- < 0, so that p- g0 = p+: P = p+ (1 - E) / (1 - g0 E), no cancellation
+        return (upper * decay / (1.0 - (upper / lower) * torch.exp(-2.0 * steps * phi))).to(torch.float32)
 
     return _per_size("entering variances", (math.log(low), math.log(high), diffuse, chunk_length), device, build)
 
 
 def _search_parts(low, high, fallback):
     """The search's float64 settings as float32 parts (triton_launch.float64_parts), or None where
-    the parts cannot carry one exactly or the ratio may pass SEARCH_HIGHEST."""
+    the parts cannot carry one exactly, the ratio may pass SEARCH_HIGHEST or the grid's points
+    would lie more than SEARCH_WIDEST_STEP apart."""
     settings = (low, high, *fallback)
     if high > SEARCH_HIGHEST or not all(float64_parts_fit(value) for value in settings):
+        return None
+    if (math.log(high) - math.log(low)) / (SEARCH_POINTS - 1) > SEARCH_WIDEST_STEP:
         return None
     return [part for value in settings for part in float64_parts(value)]
 
