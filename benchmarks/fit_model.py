@@ -7,20 +7,21 @@ every device but the CPU (one transform bucket, no host-side shortcuts) and read
 read raises: tests/test_fitting.py), under a dispatch mode that records each aten operation and
 the bytes of its tensor arguments and results; on the Triton backend (what a GPU runs) the
 fit's Triton kernels are recorded in their place in the stream, as launched. After one warm-up
-call (what the backend caches per size: the bins' edge angles).
+call (what the backend caches per size: the search grid, the chunks' entering variances).
 
 - aten operations: those whose result is a view of an input, bare allocations and wrapped
   Python numbers launch no kernel; every other one is one kernel of time
   max(LAUNCH_US, bytes / copy bandwidth) (the FFTs: two passes over their bytes);
-- the transform's Triton kernels: the same, from the bytes of their tensor arguments;
-- the search kernel: compiled for sm_90a as launched (Triton's own specialisation,
-  benchmarks/sm90.py); its SASS instructions times the trip counts of the loops around them
-  (bins, sequences and grid points per loop step), split at its atomic into the part every
-  program runs and the last program's finish; each issued by its SM at
+- the layout kernel: the same, from the bytes of its tensor arguments;
+- the filter and profile kernels: compiled for sm_90a as launched (Triton's own
+  specialisation, benchmarks/sm90.py); their SASS instructions times the trip counts of the
+  loops around them (`filter_time`, `profile_time`: tokens and chunks of each program, from the
+  batch's own lengths, which the meta device does not hold), issued by each SM at
   `static_model.ISSUE_EFFICIENCY` of 4 warp-instructions a cycle (the rate measured for the fused
-  forward at 2 warps a scheduler; fewer warps, in proportion), or at 2 a cycle for its float64
-  instructions (64 float64 lanes an SM), whichever takes longer; the busiest SM's programs,
-  then the finish; at least LAUNCH_US.
+  forward at 2 warps a scheduler; fewer warps, in proportion), or at 2 a cycle for float64
+  instructions (64 float64 lanes an SM), whichever takes longer; the busiest SM's programs
+  (programs go to the SMs in launch order), the profile's last program after them, and the
+  filters at least their longest chunk times CHAIN_CYCLES; plus LAUNCH_US.
 
 Machines and LAUNCH_US are `benchmarks.static_model`'s; the fused loss's step at the same shape
 comes from `benchmarks.static_model` (Triton 3.6 compiled for sm_90a). A MODEL;
@@ -46,7 +47,11 @@ from .static_model import loops as static_loops
 
 # bare allocations; and Python numbers wrapped as 0-dim CPU tensors (torch.where(mask, x, 0.0))
 NO_KERNEL = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default", "aten.scalar_tensor.default"}
-FIT_KERNELS = ("fit_layout_kernel", "fit_chirp_kernel", "fit_coefficients_kernel", "fit_bins_kernel", "noise_search_kernel")
+FIT_KERNELS = ("fit_layout_kernel", "noise_filter_kernel", "noise_profile_kernel")
+# noise_filter_kernel's dependent chain a token (FADD, FADD, MUFU.RCP, FMUL: the variance's
+# recursion), in cycles: an assumption, not read from the code; a chunk takes at least its tokens
+# times this
+CHAIN_CYCLES = 30
 FLOAT64_WARP_INSTRUCTIONS_PER_CYCLE = 2  # 64 float64 lanes an SM (H100, H200)
 FLOAT64_OPCODES = ("DFMA", "DADD", "DMUL", "DSETP", "DMNMX")
 FFT_PASSES = 2  # a batched complex FFT of a few thousand points: about two passes over its data (assumed)
@@ -120,53 +125,129 @@ def record_fit(rows, length, max_tokens, backend="torch"):
         launches.clear()
         with recorder:
             run()
+    # the layout's lengths, which the meta device does not hold, for the filters' model: each row's
+    # valid tokens, every k-th row under the budget (fitting.estimate_noise's subsampling)
+    step = -(-batch["mask"].numel() // max_tokens) if max_tokens is not None and batch["mask"].numel() > max_tokens else 1
+    lengths = batch["mask"][::step].sum(1)
     found, kernels = [], iter(launches)
     for name, moved, launched in recorder.operations:
         if launched:
-            found.append((name, moved, next(kernels) if name.startswith("triton.") else None))
+            launch = next(kernels) if name.startswith("triton.") else None
+            if name in ("triton.noise_filter_kernel", "triton.noise_profile_kernel"):
+                kernel, grid, args, kwargs = launch
+                launch = (kernel, grid, args[:3] + (lengths,) + args[4:], kwargs)
+            found.append((name, moved, launch))
     return found
 
 
-def search_time(launch, machine):
-    """The search kernel's modelled time in microseconds (the module docstring): its programs'
-    shared part (each evaluates RATIOS grid points), then the last program's finish."""
+def _compiled(launch):
     from .sm90 import compile_launch, sass
 
     kernel, grid, args, kwargs = launch
     stand_ins = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
     compiled = compile_launch(kernel, stand_ins, kwargs)
-    instructions = sass(compiled.asm["cubin"])
+    return compiled, sass(compiled.asm["cubin"])
+
+
+def _cycles(per_warp, resident_warps):
+    """Cycles an SM takes to issue `per_warp` = (warp-instructions, of them float64) for each of
+    `resident_warps` warps: 2 warps a scheduler issue at ISSUE_EFFICIENCY of one instruction a
+    cycle (fewer, in proportion), float64 ones at FLOAT64_WARP_INSTRUCTIONS_PER_CYCLE an SM."""
+    rate = 4 * ISSUE_EFFICIENCY * min(1.0, resident_warps / 8)
+    return max(per_warp[0] * resident_warps / rate, per_warp[1] * resident_warps / FLOAT64_WARP_INSTRUCTIONS_PER_CYCLE)
+
+
+def _is_float64(opcode):
+    return opcode.split(".")[0] in FLOAT64_OPCODES
+
+
+def _unrolled(instructions, found):
+    """((main loop, its body), (remainder loop or None, its body), unroll) of a loop ptxas unrolled:
+    the loop with the most loads is the main one, the other (if any) the remainder, and the
+    ratio of their loads the steps an iteration of the main one does."""
+    loads = [sum(op.startswith("LDG") for address, op, _ in instructions if start <= address <= end) for start, end in found]
+    ranked = sorted(zip(found, loads), key=lambda pair: -pair[1])
+    (main, main_loads), (rest, rest_loads) = ranked[0], (ranked[1] if len(ranked) > 1 else (None, 0))
+    return main, rest, max(1, main_loads // rest_loads) if rest is not None and rest_loads else 1
+
+
+def _counted(instructions, keep):
+    """(warp-instructions, of them float64) a warp among the instructions at addresses `keep` accepts."""
+    ops = [op for address, op, _ in instructions if keep(address)]
+    return len(ops), sum(map(_is_float64, ops))
+
+
+def _busiest_sm(works, warps, machine):
+    """Cycles of the busiest SM when programs with the given (instructions, float64 ones) a warp go
+    to the SMs in launch order, one after the other (all resident at once at these sizes), each
+    SM issuing its programs' warps as `_cycles` says."""
+    per_sm = [[0.0, 0.0, 0] for _ in range(machine.sms)]
+    for program, work in enumerate(works):
+        if work is not None:
+            sm = per_sm[program % machine.sms]
+            sm[0], sm[1], sm[2] = sm[0] + work[0], sm[1] + work[1], sm[2] + 1
+    return max((_cycles((w / k, f / k), k * warps) if k else 0.0) for w, f, k in per_sm)
+
+
+def filter_time(launch, machine):
+    """noise_filter_kernel's modelled time in microseconds. Each program with tokens: its token
+    loop's SASS (unrolled by ptxas: _unrolled, one load a token) times its tokens, plus the code
+    outside the loops; the busiest SM's programs (_busiest_sm), and at least the longest chunk's
+    tokens times CHAIN_CYCLES (the variance's dependent recursion)."""
+    compiled, instructions = _compiled(launch)
+    _, grid, args, kwargs = launch
+    lengths, chunk_count, chunk_length = args[3], args[10], args[11]
+    found = static_loops(instructions)
+    if len(found) not in (1, 2):
+        raise RuntimeError(f"unexpected loops in noise_filter_kernel's SASS: {found}")
+    main, rest, unroll = _unrolled(instructions, found)
+    per_block = _counted(instructions, lambda address: main[0] <= address <= main[1])
+    per_rest = _counted(instructions, lambda address: rest is not None and rest[0] <= address <= rest[1])
+    per_program = _counted(instructions, lambda address: not any(s <= address <= e for s, e in found))
+    scored = (lengths - (1 if kwargs["DIFFUSE"] else 0)).clamp(min=0)
+    starts = torch.arange(chunk_count)[None, :] * chunk_length
+    tokens = (scored[:, None] - starts).clamp(min=0, max=chunk_length).flatten().tolist() * grid[1]  # launch order
+    works = [tuple(per_program[i] + (n // unroll) * per_block[i] + (n % unroll) * per_rest[i] for i in range(2)) if n else None
+             for n in tokens]
+    issue = _busiest_sm(works, compiled.metadata.num_warps, machine)
+    latency = max(tokens, default=0) * CHAIN_CYCLES
+    return max(issue, latency) / (machine.clock_ghz * 1e3) + LAUNCH_US
+
+
+def profile_time(launch, machine):
+    """noise_profile_kernel's modelled time in microseconds (its _LOCAL stage, one program a
+    sequence): each program's code before its atomic, its chunk loop (unrolled by ptxas:
+    _unrolled, six loads a chunk) run once a chunk of its sequence; the busiest SM's programs
+    (_busiest_sm); then the last program's code after the atomic, its loop over the sequences
+    ceil(sequences / BLOCK_S) times and any later loop (the finish's) ceil(POINTS / BLOCK_F)
+    times, issued by one program as `_cycles` says; at least LAUNCH_US."""
+    compiled, instructions = _compiled(launch)
+    _, grid, args, kwargs = launch
+    lengths, sequences, chunk_count, chunk_length = args[3], args[7], args[8], args[9]
     finish_from = next(address for address, opcode, _ in instructions if opcode.startswith("ATOMG"))
-    bins, sequences = args[2], args[4]
-    steps = {"bins": math.ceil(bins / kwargs["BLOCK_B"]), "sequences": math.ceil(sequences / kwargs["BLOCK_S"]),
-             "points": math.ceil(kwargs["POINTS"] / kwargs["BLOCK_F"])}
-    loops = static_loops(instructions)
-    shared = [loop for loop in loops if loop[1] < finish_from]
-    finish = [loop for loop in loops if loop[0] > finish_from]
-    if len(shared) != 2 or len(finish) != 1 or len(loops) != 3:
-        raise RuntimeError(f"unexpected loops in noise_search_kernel's SASS: {loops} (the atomic at {finish_from})")
-    # the profile's loops: over the bins (four loads a step: the moments and centres) and over the sequences
-    # (one: the lengths); the finish's: over the grid's points
-    loads = [sum(opcode.startswith("LDG") for address, opcode, _ in instructions if start <= address <= end) for start, end in shared]
-    bins_loop, sequences_loop = sorted(shared, key=lambda loop: -loads[shared.index(loop)])
-    trips = {bins_loop: steps["bins"], sequences_loop: steps["sequences"], finish[0]: steps["points"]}
-    counts = {"shared": [0.0, 0.0], "finish": [0.0, 0.0]}  # warp-instructions a warp: all, float64
-    for address, opcode, _ in instructions:
-        times = math.prod(count for (start, end), count in trips.items() if start <= address <= end)
-        part = counts["shared" if address < finish_from else "finish"]
-        part[0] += times
-        part[1] += times if opcode.split(".")[0] in FLOAT64_OPCODES else 0
+    found = static_loops(instructions)
+    before = [loop for loop in found if loop[1] < finish_from]
+    after = [loop for loop in found if loop[0] > finish_from]
+    if not before or len(before) > 2 or not after or len(before) + len(after) != len(found):
+        raise RuntimeError(f"unexpected loops in noise_profile_kernel's SASS: {found} (the atomic at {finish_from})")
+    main, rest, unroll = _unrolled(instructions, before)
+    per_block = _counted(instructions, lambda address: main[0] <= address <= main[1])
+    per_rest = _counted(instructions, lambda address: rest is not None and rest[0] <= address <= rest[1])
+    per_program = _counted(instructions, lambda address: address < finish_from and not any(s <= address <= e for s, e in before))
+    scored = (lengths - (1 if kwargs["DIFFUSE"] else 0)).clamp(min=0)
+    chunks = ((scored + chunk_length - 1) // chunk_length).tolist() * grid[1]  # launch order
+    works = [tuple(per_program[i] + (k // unroll) * per_block[i] + (k % unroll) * per_rest[i] for i in range(2)) for k in chunks]
     warps = compiled.metadata.num_warps
-    programs = math.prod(grid)
-    busiest = math.ceil(programs / machine.sms)  # programs on the busiest SM (all resident at once)
-
-    def cycles(per_warp, resident_warps):
-        # 2 warps a scheduler issue at ISSUE_EFFICIENCY of one instruction a cycle; fewer, in proportion
-        rate = 4 * ISSUE_EFFICIENCY * min(1.0, resident_warps / 8)
-        return max(per_warp[0] * resident_warps / rate, per_warp[1] * resident_warps / FLOAT64_WARP_INSTRUCTIONS_PER_CYCLE)
-
-    total = cycles(counts["shared"], busiest * warps) + cycles(counts["finish"], warps)
-    return total / (machine.clock_ghz * 1e3) + LAUNCH_US
+    shared = _busiest_sm(works, warps, machine)
+    trips = {after[0]: math.ceil(sequences / kwargs["BLOCK_S"])}
+    trips.update({loop: math.ceil(kwargs["POINTS"] / kwargs["BLOCK_F"]) for loop in after[1:]})
+    finish = [0.0, 0.0]
+    for address, opcode, _ in instructions:
+        if address > finish_from:
+            times = math.prod(count for (start, end), count in trips.items() if start <= address <= end)
+            finish[0] += times
+            finish[1] += times if _is_float64(opcode) else 0
+    return (shared + _cycles(finish, warps)) / (machine.clock_ghz * 1e3) + LAUNCH_US
 
 
 def device_time(kernels, machine, detail=None):
@@ -174,8 +255,10 @@ def device_time(kernels, machine, detail=None):
     each Triton kernel's time."""
     total = 0.0
     for name, moved, launch in kernels:
-        if name == "triton.noise_search_kernel":
-            time = search_time(launch, machine)
+        if name == "triton.noise_filter_kernel":
+            time = filter_time(launch, machine)
+        elif name == "triton.noise_profile_kernel":
+            time = profile_time(launch, machine)
         else:
             passes = FFT_PASSES if "fft" in name else 1
             time = passes * moved / (machine.copy_tbps * 1e6) + LAUNCH_US

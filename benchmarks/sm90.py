@@ -35,11 +35,8 @@ KERNELS = (
     "tile_offsets_kernel",
     "chunk_maps_kernel",
     "fit_layout_kernel",
-    "fit_chirp_kernel",
-    "fit_coefficients_kernel",
-    "fit_bins_kernel",
-    "fit_log_determinant_kernel",
-    "noise_search_kernel",
+    "noise_filter_kernel",
+    "noise_profile_kernel",
 )
 
 

@@ -29,12 +29,12 @@ log-determinant sums at each stage (GRID numbers), so every rank searches the sa
 gets the same Q and R.
 
 On the Triton backend (what `backend="auto"` picks on CUDA for float32 and narrower log-ratios)
-the same fit runs as five kernels around torch's FFTs (kpo_kernels/backends/triton_fit_*.py):
-the layout, the transform's inputs, the coefficients' prefix sums, the binned moments, and a
-search of the same binned profile on a dense grid of 2048 ratios evenly spaced in log q (one
-launch; its best point, not a parabola, so that the profile and R reported are those at the
-ratio reported); under a process group the log-determinants at those ratios are all-reduced
-once. Eight launches where the torch operations take some 290 (at 64 x 4096's default budget).
+the same likelihood comes without a transform, in three kernels (kpo_kernels/backends/triton_fit_*.py):
+the layout; the filter itself at 128 ratios evenly spaced in log q, over chunks of every
+sequence in parallel (the prediction-error decomposition, exact, in float32); and the profile
+at every ratio with its best point refined by a parabola (the profile and R reported are the
+parabola's at its vertex). Under a process group the sums are all-reduced once. Three launches
+where the torch operations take some 290 (at 64 x 4096's default budget).
 
 Which tokens: each sequence's valid tokens in order (`mask_mode="skip"`), or in `position` mode
 its positions up to its last valid token with masked ones as the observation 0 (what that filter
@@ -106,7 +106,7 @@ def estimate_noise(
             docs/choosing-q-and-r.md, "Fitting every step".
         backend: "auto" (Triton on CUDA for float32 and narrower log-ratios, else torch),
             "torch", "triton" or a `Backend`: what runs the fit. The Triton backend lays out,
-            transforms (around torch's FFTs) and searches in its own kernels, eight launches
+            filters at every grid ratio and searches in its own kernels, three launches
             (docs/choosing-q-and-r.md); float64 log-ratios, and settings that float32 parts
             cannot carry exactly, take the torch path there too.
 

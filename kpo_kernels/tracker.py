@@ -42,7 +42,7 @@ class NoiseTracker:
             None: every sequence. A "per_generation" fit, once per rollout batch, reads every
             sequence.
         backend: what runs the fit, as in `estimate_noise` ("auto": the Triton backend on CUDA
-            for float32 and narrower log-ratios, eight launches; "torch", "triton" or a
+            for float32 and narrower log-ratios, three launches; "torch", "triton" or a
             `Backend`). Trainers pass their loss's backend.
 
     Raises:

@@ -168,7 +168,7 @@ def cases():
     for label, backend in (("", None), ("-tiled", kpo_kernels.TritonBackend(tile_size=256))):
         batch = make_batch(3, 700, seed=1, layout="holes")
         yield f"fit-noise-evaluation{label}", fit_noise_run(batch, backend)
-    # estimate_noise's transform and search: each prior, and packed sequences under a token
+    # estimate_noise's layout, filters and profile: each prior, and packed sequences under a token
     # budget (every k-th sequence: a strided view of the lengths).
     z = make_batch(4, 700, seed=1, layout="holes")
     log_ratio, mask = z["log_prob"] - z["old_log_prob"], z["mask"]

@@ -1,14 +1,16 @@
-"""estimate_noise on the Triton backend (kpo_kernels/backends/triton_fit_transform.py and triton_fit_search.py: the transform's
-kernels around torch's FFTs, and the search in one kernel) against the torch transform and
-search it replaces (fit_spectrum.spectral_sums, fit_search.staged_search: the reference).
+"""estimate_noise on the Triton backend (kpo_kernels/backends/triton_fit_layout.py and
+triton_fit_search.py: the layout, the filters of every grid ratio over chunks of every sequence,
+and the profile and its best point) against the torch transform and search (fit_spectrum,
+fit_search.staged_search: the reference).
 
-- The search kernel on the reference's own sums: the same status and boundary, the same ratio
-  to the grid's resolution, a maximum at least as high, the same profile, R and drift evidence
-  to float64 precision.
-- The transform's kernels: the same sums to the float32 transform's precision.
-- The whole fit: the same to that precision, on the inputs that hurt: flat profiles (no drift),
-  either end of q_range, on-policy, too few and non-finite tokens, packed sequences subsampled
-  (strided lengths), a diffuse prior, ragged rows of 1 to 150 tokens with holes.
+- The filters' profile is the exact one: chunks chained at any chunk length give the profile
+  of one chunk a sequence, and the fit's profile is the reference's to the float32 filters'
+  precision (~1e-7 nats a token).
+- The whole fit: the same status, tokens and profile, and where the profile has a clear
+  maximum the same ratio and R to the parabola's precision, on the inputs that hurt: flat
+  profiles (no drift), either end of q_range, on-policy, too few and non-finite tokens, packed
+  sequences subsampled (strided lengths), a diffuse prior, ragged rows of 1 to 150 tokens with
+  holes.
 Runs on CUDA, or interpreted on the CPU."""
 
 import math
@@ -23,9 +25,9 @@ from hypothesis import strategies as st
 from conftest import DEVICE
 from helpers import examples
 from kpo_kernels import TritonBackend, estimate_noise
-from kpo_kernels.backends.triton_noise import SEARCH_HIGHEST, SEARCH_POINTS, _search_grid, _search_parts
-from kpo_kernels.fit_search import staged_search
-from kpo_kernels.fit_spectrum import BIN_TOP, BIN_WIDTH, bin_count, sequences, spectral_sums
+from kpo_kernels.backends import triton_noise
+from kpo_kernels.backends.triton_noise import SEARCH_HIGHEST
+from kpo_kernels.fit_spectrum import sequences
 from kpo_kernels.fitting import FEW_TOKENS, FITTED, NOT_FINITE, ON_POLICY
 from test_noise import simulate
 
@@ -34,68 +36,55 @@ FIELDS = ("q", "r", "ratio", "log_likelihood", "drift_evidence", "at_boundary", 
 POISONED = TritonBackend(poison=True)  # NaN / -2^30 in every output before the kernel writes it
 
 
-def kernel_search(totals, lengths, *, diffuse, low, high, min_tokens, fallback):
-    """The search kernel alone on given sums (None where it declines the settings), its counter
-    poisoned but for the zero the bins kernel would have left."""
-    parts = _search_parts(low, high, fallback)
-    if parts is None:
-        return None
-    finished = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    return POISONED.noise_search(totals, lengths, diffuse=diffuse, parts=parts, min_tokens=min_tokens, group=None,
-                                 finished=finished, grid=_search_grid(low, high, diffuse, DEVICE))
-
-
-def assert_same_fit(got, want, ratio_rel=None, nats=1e-6):
-    """Same status, boundary and token count; the best point of the Triton search's grid (the
-    module's SEARCH_POINTS over q_range in log q) against the reference's staged grid and
-    parabola: a profile per token at most `nats` below the reference's maximum (the grid
-    point's distance from the maximum, squared, times the curvature) and within 1e-5 of it; the
-    ratio within ratio_rel (default: one grid step), R and the drift evidence with them; q = ratio
-    r. The profile and R are those at the reported ratio either way."""
+def assert_same_fit(got, want, ratio_rel=0.02, nats=5e-5):
+    """Same status and token count; a profile per token within `nats` of the reference's
+    maximum (the parabola through grid points 0.22 apart in log q is good to ~2e-5 nats a token
+    on small batches, the float32 filters' sums to ~1e-7 relative); where the reference's maximum is clear (drift evidence over 1e-4 nats a token, or
+    its upper end), the same boundary, and the ratio and R within ratio_rel (the two parabolas
+    through different grids); where it is not, the profile is flat to within that noise, so
+    that the Triton fit may stop anywhere on it: only its drift evidence is held small. q = ratio r."""
     for field in FIELDS:
         a, b = getattr(got, field), getattr(want, field)
         assert a.shape == () and a.dtype == b.dtype and a.device == b.device, field
     assert int(got.status) == int(want.status)
-    assert int(got.at_boundary) == int(want.at_boundary)
     assert float(got.num_tokens) == float(want.num_tokens)
     if int(want.status) != FITTED:
+        assert int(got.at_boundary) == int(want.at_boundary) == 0
         for field in ("q", "r", "ratio"):
             assert float(getattr(got, field)) == float(getattr(want, field)), field
         assert math.isnan(float(got.log_likelihood)) and math.isnan(float(got.drift_evidence))
         return
-    if ratio_rel is None:
-        ratio_rel = math.expm1(math.log(SETTINGS["high"] / SETTINGS["low"]) / (SEARCH_POINTS - 1))
-    assert float(got.log_likelihood) >= float(want.log_likelihood) - nats
-    assert float(got.log_likelihood) == pytest.approx(float(want.log_likelihood), abs=1e-5)
-    assert float(got.ratio) == pytest.approx(float(want.ratio), rel=ratio_rel)
-    assert float(got.r) == pytest.approx(float(want.r), rel=ratio_rel)
+    tokens = float(want.num_tokens)
+    assert float(got.log_likelihood) == pytest.approx(float(want.log_likelihood), abs=nats)
     assert float(got.q) == pytest.approx(float(got.ratio) * float(got.r), rel=1e-12)
-    # the drift evidence: tokens x (profile at the fit - at the lower end); each end moves with
-    # the ratio chosen and with the float32 transforms' differences (~1e-7 nats a token)
-    tolerance = 1e-6 + float(got.num_tokens) * (abs(float(got.log_likelihood) - float(want.log_likelihood)) + 2e-7)
-    assert float(got.drift_evidence) == pytest.approx(float(want.drift_evidence), rel=1e-6, abs=tolerance)
-
-
-def torch_totals(z, mask, p0=0.0):
-    """The reference transform's search inputs: (totals, lengths, diffuse)."""
-    diffuse = p0 == math.inf
-    rows, lengths = sequences(z, mask, None, "skip", 0.0)
-    y2_total, moments, _, _ = spectral_sums(rows, lengths, diffuse=diffuse, bins=bin_count(rows.shape[1], None), keep=False)
-    count = (lengths - 1).clamp(min=0) if diffuse else lengths
-    return torch.cat([torch.stack([count.sum().double(), y2_total]), moments.reshape(-1)]), lengths, rows, diffuse
+    clear = float(want.drift_evidence) > 1e-4 * tokens or int(want.at_boundary) == 1
+    if clear:
+        assert int(got.at_boundary) == int(want.at_boundary)
+        assert float(got.ratio) == pytest.approx(float(want.ratio), rel=ratio_rel)
+        assert float(got.r) == pytest.approx(float(want.r), rel=ratio_rel)
+        assert float(got.drift_evidence) == pytest.approx(float(want.drift_evidence), rel=1e-3, abs=2 * nats * tokens)
+    else:
+        assert float(got.r) == pytest.approx(float(want.r), rel=1e-3)
+        assert 0.0 <= float(got.drift_evidence) <= 2 * nats * tokens + 1e-4 * tokens
 
 
 @pytest.mark.parametrize("p0", [0.0, math.inf])
-@pytest.mark.parametrize("q, r", [(1e-4, 1.0), (1e-6, 1e-2), (0.0, 1e-2), (3.0, 1e-2)])
-def test_search_kernel_matches_the_torch_search(q, r, p0):
-    """On the same sums: drift, little drift, none (a flat profile: the lower end) and a walk
-    that swamps the noise (the upper end)."""
-    z, mask = simulate(6, 40, 300, q, r, seed=11, dtype=torch.float32)
-    totals, lengths, _, diffuse = torch_totals(z.to(DEVICE), mask.to(DEVICE), p0)
-    got = kernel_search(totals, lengths, diffuse=diffuse, **SETTINGS)
-    want = staged_search(totals, lengths, y2=None, lam=None, diffuse=diffuse, group=None, **SETTINGS)
-    assert int(want.status) == FITTED
-    assert_same_fit(got, want)
+@pytest.mark.parametrize("q, r", [(1e-4, 1.0), (1e-6, 1e-2), (3.0, 1e-2)])
+def test_chunks_chain_exactly(q, r, p0, monkeypatch):
+    """Sequences cut into chunks of 1, 7 or 64 positions (each entering with the closed-form
+    variance and a level it learns only when chained) give the fit of one chunk a sequence:
+    the same best point and profile to float32 rounding."""
+    z, mask = simulate(4, 30, 200, q, r, seed=13, dtype=torch.float32)
+    z, mask = z.to(DEVICE), mask.to(DEVICE)
+    monkeypatch.setattr(triton_noise, "FILTER_CHUNK", 4096)
+    whole = estimate_noise(z, mask, p0=p0, backend=POISONED)
+    for length in (1, 7, 64):
+        monkeypatch.setattr(triton_noise, "FILTER_CHUNK", length)
+        cut = estimate_noise(z, mask, p0=p0, backend=POISONED)
+        assert int(cut.status) == int(whole.status) == FITTED and int(cut.at_boundary) == int(whole.at_boundary)
+        assert float(cut.log_likelihood) == pytest.approx(float(whole.log_likelihood), abs=2e-7), length
+        assert float(cut.ratio) == pytest.approx(float(whole.ratio), rel=2e-3), length
+        assert float(cut.r) == pytest.approx(float(whole.r), rel=1e-5), length
 
 
 @pytest.mark.parametrize("mask_mode", ["skip", "position"])
@@ -135,26 +124,6 @@ def test_layout_kernel_matches_the_torch_layout(dtype, mask_mode):
             torch.testing.assert_close(got_z, want_z, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("p0", [0.0, math.inf])
-@pytest.mark.parametrize("shape", [(3, 5, 40), (2, 1, 3), (4, 600, 700)])
-def test_transform_kernels_match_the_torch_transform(shape, p0):
-    """Tokens exactly; the sum of every y^2 and each binned moment to the float32 transform's
-    precision: ~1e-7 of the raw sums sum y2 L^p they are moved from (L = log lam, up to ~17 in
-    magnitude, so that the centred moments of p = 1, 2 carry that error times |L|^p)."""
-    z, mask = simulate(*shape, 1e-4, 1e-2, seed=3, dtype=torch.float32)
-    want, lengths, rows, diffuse = torch_totals(z.to(DEVICE), mask.to(DEVICE), p0)
-    got, finished = POISONED.noise_moments(rows, lengths, diffuse=diffuse, bins=(want.numel() - 2) // 3)
-    assert finished.dtype == torch.int32 and finished.tolist() == [0]  # zeroed for the search (poisoned first)
-    assert got.dtype == torch.float64 and got.shape == want.shape and not got.isnan().any()
-    assert float(got[0]) == float(want[0])
-    assert float(got[1]) == pytest.approx(float(want[1]), rel=1e-6)
-    moments, expected = got[2:].reshape(3, -1), want[2:].reshape(3, -1)
-    centre = BIN_TOP - (torch.arange(expected.shape[1], dtype=torch.float64, device=DEVICE) + 0.5) * BIN_WIDTH
-    for power in range(3):
-        scale = float((expected[0].abs() * (1.0 + centre.abs()) ** power).max())
-        assert float((moments[power] - expected[power]).abs().max()) <= 1e-6 * scale, power
-
-
 def both(z, mask=None, **options):
     """(Triton, torch) fits of the same data; the inputs untouched."""
     before = (z.clone(), None if mask is None else mask.clone())
@@ -183,6 +152,49 @@ def test_the_ends_of_q_range():
     z, mask = simulate(4, 100, 200, 1e-1, 1e-3, seed=3, dtype=torch.float32)
     got, want = both(z.to(DEVICE), mask.to(DEVICE), q_range=(1e-8, 1e-4))
     assert int(want.at_boundary) == 1 and float(got.ratio) == 1e-4
+    assert_same_fit(got, want)
+
+
+@pytest.mark.parametrize("p0", [0.0, math.inf])
+@pytest.mark.parametrize("level", [10.0, -300.0])
+def test_a_large_level_costs_no_precision(level, p0):
+    """White noise of sd 1e-3 about a level far from 0 (and x0 at it under P0 = 0, so that the
+    model holds): the filters carry each chunk's levels relative to its first observation, so
+    the level's float32 rounding (1e-6 at 10, 3e-5 at 300) never enters the profile, which
+    stays flat, and the fit reports the lower end as the torch search does."""
+    gen = torch.Generator().manual_seed(5)
+    z = level + 1e-3 * torch.randn(4, 300, generator=gen)
+    x0 = level if p0 == 0.0 else 0.0
+    got, want = both(z.to(DEVICE), None, p0=p0, x0=x0)
+    assert int(want.at_boundary) == -1
+    assert int(got.at_boundary) == -1 and float(got.ratio) == SETTINGS["low"]
+    assert_same_fit(got, want, nats=1e-6)
+
+
+def test_tiny_ratios_with_a_diffuse_prior():
+    """A q_range of ratios near 1e-30 and below, diffuse prior: the chunks' entering variances
+    (1 at the start, falling as 1 / (k + 1)) are closed form without cancellation, so the
+    filters are right and white noise is fitted at the lower end, as the torch search."""
+    z, mask = simulate(4, 200, 300, 0.0, 1.0, seed=6, dtype=torch.float32)
+    for q_range in ((2.0**-110, 2.0**-70), (1e-30, 1e-20)):
+        got, want = both(z.to(DEVICE), mask.to(DEVICE), p0=math.inf, q_range=q_range, min_tokens=4)
+        assert int(want.status) == int(got.status) == FITTED
+        assert int(got.at_boundary) == int(want.at_boundary) == -1 and float(got.ratio) == q_range[0]
+        assert_same_fit(got, want, nats=1e-6)
+
+
+@pytest.mark.parametrize("p0", [0.0, math.inf])
+def test_no_drift_reports_the_lower_end(p0):
+    """White noise alone: the profile is flat to the float32 filters' precision below about 1e-8
+    ratios, so that their rounding alone would pick a point on it; a rise of less than NO_RISE
+    over the lower end counts as none, and the fit reports the lower end, as the torch search."""
+    from kpo_kernels.backends.triton_fit_search import NO_RISE
+
+    z, mask = simulate(6, 200, 400, 0.0, 1.0, seed=1, dtype=torch.float32)
+    got, want = both(z.to(DEVICE), mask.to(DEVICE), p0=p0)
+    assert int(want.at_boundary) == -1 and float(want.ratio) == SETTINGS["low"]
+    assert int(got.at_boundary) == -1 and float(got.ratio) == SETTINGS["low"]
+    assert 0.0 <= float(got.drift_evidence) < NO_RISE * float(got.num_tokens)
     assert_same_fit(got, want)
 
 
@@ -218,13 +230,16 @@ def test_settings_float32_cannot_carry_run_the_torch_search():
     beyond float32's range, or below its normal numbers (whose parts lose bits), run the torch
     search instead, so that the ends and fallbacks come back exactly; so do ratios above
     SEARCH_HIGHEST, whose float32 reciprocals a GPU returns as 0 (the interpreter cannot show it:
-    the kernel declines them, checked directly)."""
+    the kernel declines them, checked directly), and ranges whose grid would be coarser than
+    SEARCH_WIDEST_STEP."""
     totals = torch.zeros(2 + 3 * 8, dtype=torch.float64, device=DEVICE)
     lengths = torch.ones(1, dtype=torch.int64, device=DEVICE)
-    for low, high in ((1e-10, 1e35), (1e-300, 1e-200), (1e-10, 1e2)):
+    for low, high in ((1e-10, 1e35), (1e-300, 1e-200), (1e-10, 1e2), (1e-11, 1e2), (1e-12, 1e2), (1e-30, 1e30)):
         declined = POISONED.noise_fit(totals[None, :4].float(), lengths, diffuse=False, bins=8, low=low, high=high,
                                       min_tokens=1, fallback=(1e-6, 1.0), group=None) is None
-        assert declined == (high > SEARCH_HIGHEST or low < 1e-100)
+        wide = (math.log(high) - math.log(low)) / (triton_noise.SEARCH_POINTS - 1) > triton_noise.SEARCH_WIDEST_STEP
+        assert wide == ((low, high) in ((1e-10, 1e35), (1e-300, 1e-200), (1e-12, 1e2), (1e-30, 1e30)))
+        assert declined == (high > SEARCH_HIGHEST or low < 1e-100 or wide)
     z, mask = simulate(3, 60, 80, 0.0, 1e-2, seed=4, dtype=torch.float32)
     z, mask = z.to(DEVICE), mask.to(DEVICE)
     for options in (
@@ -300,7 +315,7 @@ def test_data_parallel_ranks_get_the_fit_of_the_pooled_data(tmp_path):
     pooled = estimate_noise(torch.cat([pad(z0), pad(z1)]), torch.cat([pad(m0), pad(m1)]), backend=POISONED)
     assert int(results[0]["status"]) == int(pooled.status) == FITTED
     assert float(results[0]["num_tokens"]) == float(pooled.num_tokens)
-    # the same sums, but each rank transforms at its own FFT length: float32 rounding apart
+    # the same sums, each rank's chunks chained on its own: float64 summation order apart
     for field in ("q", "r", "ratio"):
         assert float(results[0][field]) == pytest.approx(float(getattr(pooled, field)), rel=1e-5), field
     assert float(results[0]["log_likelihood"]) == pytest.approx(float(pooled.log_likelihood), abs=1e-7)
@@ -308,34 +323,33 @@ def test_data_parallel_ranks_get_the_fit_of_the_pooled_data(tmp_path):
 
 
 def test_per_size_tensors_are_not_cached_from_a_capture(monkeypatch):
-    """The bins' edge angles and centres are cached per size and device, except while the
-    device's stream is captured into a CUDA graph: what a capture builds belongs to the graph
-    (rebuilt at each replay, in its memory pool), and a later eager fit must not read it."""
+    """The search grid is cached per q_range, prior and device, except while the device's stream
+    is captured into a CUDA graph: what a capture builds belongs to the graph (rebuilt at each
+    replay, in its memory pool), and a later eager fit must not read it."""
     from kpo_kernels import tables
-    from kpo_kernels.backends import triton_noise
 
-    bins = 1234  # a size no other test uses
-    for what in (triton_noise._edge_angles, triton_noise._centres):
-        monkeypatch.setattr(tables, "capturing", lambda device: True)
-        during = what(bins, torch.device(DEVICE))
-        assert what(bins, torch.device(DEVICE)) is not during
-        monkeypatch.setattr(tables, "capturing", lambda device: False)
-        after = what(bins, torch.device(DEVICE))
-        assert what(bins, torch.device(DEVICE)) is after and torch.equal(after, during)
+    device = torch.device(DEVICE)
+    build = lambda: triton_noise._search_grid(1.25e-9, 37.0, False, device)  # noqa: E731 - a range no other test uses
+    monkeypatch.setattr(tables, "capturing", lambda device: True)
+    during = build()
+    assert build() is not during
+    monkeypatch.setattr(tables, "capturing", lambda device: False)
+    after = build()
+    assert build() is after and torch.equal(after, during)
 
 
 def test_per_size_tensors_a_capture_read_are_never_evicted(monkeypatch):
     """A captured graph reads the cached tensor at every replay without holding it: once a capture
     has read an entry, no number of other sizes evicts it; entries no capture read are evicted."""
     from kpo_kernels import tables
-    from kpo_kernels.backends import triton_noise
 
     device = torch.device(DEVICE)
-    read, unread = triton_noise._centres(1301, device), triton_noise._centres(1302, device)
+    grid = lambda high: triton_noise._search_grid(1e-10, high, True, device)  # noqa: E731
+    read, unread = grid(13.0), grid(14.0)
     monkeypatch.setattr(tables, "capturing", lambda device: True)
-    assert triton_noise._centres(1301, device) is read  # found, and pinned
+    assert grid(13.0) is read  # found, and pinned
     monkeypatch.setattr(tables, "capturing", lambda device: False)
-    for bins in range(2000, 2000 + triton_noise._SIZED_MOST + 2):
-        triton_noise._centres(bins, device)
-    assert triton_noise._centres(1301, device) is read
-    assert triton_noise._centres(1302, device) is not unread
+    for high in range(2000, 2000 + triton_noise._SIZED_MOST + 2):
+        grid(float(high))
+    assert grid(13.0) is read
+    assert grid(14.0) is not unread

@@ -30,15 +30,15 @@ drop it on GPUs).
 
 The kernels live in six modules by job: `triton_common` (constants, the scan, diagnostics and
 layout helpers), `triton_tiles` (passes 1 and 2, the tile table, the filter), `triton_loss` (the
-fused forward and backward), `triton_finalize`, and the noise fit's `triton_fit_transform` and
+fused forward and backward), `triton_finalize`, and the noise fit's `triton_fit_layout` and
 `triton_fit_search`. This module is the one namespace the launcher (triton_backend.py) and the
 tools that record its launches use.
 """
 
 from .triton_common import AGG_CODES
 from .triton_finalize import kpo_loss_finalize_kernel
-from .triton_fit_search import fit_log_determinant_kernel, noise_search_kernel
-from .triton_fit_transform import fit_bins_kernel, fit_chirp_kernel, fit_coefficients_kernel, fit_layout_kernel
+from .triton_fit_layout import fit_layout_kernel
+from .triton_fit_search import noise_filter_kernel, noise_profile_kernel
 from .triton_loss import kpo_loss_bwd_kernel, kpo_loss_fwd_kernel
 from .triton_tiles import (
     chunk_maps_kernel,
@@ -51,16 +51,13 @@ from .triton_tiles import (
 __all__ = [
     "AGG_CODES",
     "chunk_maps_kernel",
-    "fit_bins_kernel",
-    "fit_chirp_kernel",
-    "fit_coefficients_kernel",
     "fit_layout_kernel",
-    "fit_log_determinant_kernel",
     "kalman_filter_kernel",
     "kpo_loss_bwd_kernel",
     "kpo_loss_finalize_kernel",
     "kpo_loss_fwd_kernel",
-    "noise_search_kernel",
+    "noise_filter_kernel",
+    "noise_profile_kernel",
     "tile_aggregate_kernel",
     "tile_count_kernel",
     "tile_offsets_kernel",

@@ -1,12 +1,11 @@
 """The Triton backend's noise fit (`estimate_noise` on the Triton backend): the launches of the
-kernels of triton_fit_transform.py and triton_fit_search.py, mixed into `TritonBackend` as `NoiseFitLaunch`.
+kernels of triton_fit_layout.py and triton_fit_search.py, mixed into `TritonBackend` as `NoiseFitLaunch`.
 
-One micro-batch's fit: `fit_layout_kernel`, `fit_chirp_kernel`, torch's FFT, product and inverse
-FFT (cuFFT on a GPU), `fit_coefficients_kernel`, `fit_bins_kernel` (the float64 sums the fit
-needs, in the layout of fit_search: `totals`; it also zeroes the search's counter) and
-`noise_search_kernel`: eight launches (nine, and two all-reduces, under a process group), where
-the torch operations take some 330 to 440. Nothing is read back on the host but a packed batch's
-longest length.
+One micro-batch's fit: `fit_layout_kernel`, `noise_filter_kernel` (the filters of every grid
+ratio over chunks of every sequence; it also zeroes the profile's counter) and
+`noise_profile_kernel` (the profile at every grid ratio, then the result): three launches
+(four, and one all-reduce, under a process group). Nothing is read back on the host but a
+packed batch's longest length.
 """
 
 import collections
@@ -17,25 +16,34 @@ import torch
 
 from .. import tables
 from ..fit_search import NoiseEstimate, all_reduce
-from ..fit_spectrum import bin_centres, edge_half_angles, fft_length
 from .triton_launch import INTERPRETED, float64_parts, float64_parts_fit, kernels
 
-# The noise search on the Triton backend: the binned profile at SEARCH_POINTS ratios evenly spaced
-# in log q (0.0135 apart over q_range's default 12 decades: Q/R within 0.7% of the grid's best),
-# SEARCH_RATIOS a program (256 programs of 4 warps: two an SM of an H100/H200, which the model
-# of benchmarks/fit_model.py put ahead of 128 x 16 ratios and of 8 warps), then the best point.
-SEARCH_POINTS, SEARCH_RATIOS, SEARCH_WARPS = 2048, 8, 4
-if INTERPRETED:  # the same points and values in fewer, wider programs: numpy's cost is per operation
-    SEARCH_RATIOS = 256
-SEARCH_BINS, SEARCH_SEQUENCES, SEARCH_FINISH = 64, 32, 512  # per step of its loops
-# The search's float64 reciprocals start from float32's 1 / (c + q), which a GPU's div.full.f32
-# returns as 0 for divisors above 2^126 (the interpreter does not): larger ratios take the torch search.
+# The profile on the Triton backend: at SEARCH_POINTS ratios evenly spaced in log q (0.22 apart over
+# q_range's default 12 decades), then a parabola through the best point and its neighbours.
+SEARCH_POINTS = 128
+# noise_filter_kernel: FILTER_RATIOS grid ratios a program (one a lane) over a chunk of
+# FILTER_CHUNK scored positions (more for sequences of over FILTER_MOST_CHUNKS chunks).
+# benchmarks/fit_model.py put one-warp programs over 128 positions ahead of 2 and 4 warps and of
+# 64, 256 and 512 positions at 64 x 4096's default budget (the filters' work spread over more
+# SMs; shorter chunks cost the profile kernel more steps).
+FILTER_RATIOS, FILTER_WARPS = 32, 1
+FILTER_CHUNK, FILTER_MOST_CHUNKS = 128, 64
+# noise_profile_kernel: a program a sequence at every ratio, then its last program's sums over
+# PROFILE_SEQUENCES sequences a step and the finish over PROFILE_FINISH points a step.
+PROFILE_RATIOS, PROFILE_WARPS = SEARCH_POINTS, 4
+PROFILE_SEQUENCES, PROFILE_FINISH = 8, 128
+if INTERPRETED:  # the same values in fewer, wider programs: numpy's cost is per operation
+    FILTER_RATIOS = SEARCH_POINTS
+# The filters run in float32: a GPU's rcp.approx.ftz of 1 + P + q returns 0 above 2^126, so larger
+# ratios take the torch search. So do q_ranges wider than SEARCH_POINTS steps of SEARCH_WIDEST_STEP
+# in log q (13.8 decades; the default is 12): the parabola through points further apart leaves
+# the profile reported more than ~5e-5 nats a token off its maximum.
 SEARCH_HIGHEST = 1e30
-TRANSFORM_BLOCK = 1024  # positions or coefficients a program step of the transform's kernels
-BIN_BLOCK = 128  # bins a program of fit_bins_kernel
+SEARCH_WIDEST_STEP = 0.25
+LAYOUT_BLOCK = 1024  # positions a program step of the layout kernel
 
 
-_SIZED = collections.OrderedDict()  # (what, bins, device) -> float64 tensor: _edge_angles and _centres
+_SIZED = collections.OrderedDict()  # (what, key, device) -> tensor: _search_grid and _entering_variances
 _SIZED_PINNED = set()  # keys a CUDA-graph capture read: never evicted (a graph holds no reference to its inputs)
 _SIZED_MOST = 64  # unpinned entries kept
 _SIZED_LOCK = threading.Lock()
@@ -65,17 +73,6 @@ def _per_size(what, bins, device, build):
     return built
 
 
-def _edge_angles(bins, device):
-    """fit_spectrum.edge_half_angles (at least one edge: the kernel reads one even for a single
-    bin), made on `device` by torch once per size, then cached: no host copy."""
-    return _per_size("edge angles", bins, device, lambda: edge_half_angles(max(bins, 2), device))
-
-
-def _centres(bins, device):
-    """The bins' centres in lam (fit_spectrum.bin_centres: the reference's own numbers), cached."""
-    return _per_size("centres", bins, device, lambda: bin_centres(bins, device))
-
-
 def _search_grid(low, high, diffuse, device):
     """(3, SEARCH_POINTS) float64 on `device`: the search's ratios q, SEARCH_POINTS evenly spaced
     in log q from log(low) to log(high) (both ends exact in log q), their phi = 2 asinh(sqrt(q) / 2)
@@ -96,11 +93,38 @@ def _search_grid(low, high, diffuse, device):
     return _per_size("search grid", (lower, upper, diffuse), device, build)
 
 
+def _entering_variances(low, high, diffuse, chunk_length, device):
+    """(FILTER_MOST_CHUNKS, SEARCH_POINTS) float32 on `device`: the filter's variance P / R at the
+    start of chunk c (c chunk_length updates done, from P = 0 under P0 = 0 or from P = 1 after a
+    diffuse first token) at each grid ratio, in float64 from its closed form, then cached
+    (_per_size). The Riccati map P' = (P + q) / (P + q + 1) is a Moebius map with fixed points
+    p+ > 0 > p-, and g = (P - p+) / (P - p-) shrinks by e^(-2 phi) a step (2 cosh phi = 2 + q):
+    P = (p+ - p- g) / (1 - g), g = g0 e^(-2 k phi), written without cancellation for tiny q."""
+    grid = _search_grid(low, high, diffuse, device)
+
+    def build():
+        q, phi = grid[0], grid[1]
+        root = torch.sqrt(q * (q + 4.0))
+        upper, lower = 2.0 * q / (q + root), -0.5 * (q + root)  # p+ without the cancellation of (root - q) / 2
+        steps = torch.arange(FILTER_MOST_CHUNKS, dtype=torch.float64, device=device)[:, None] * chunk_length
+        decay = -torch.expm1(-2.0 * steps * phi)  # 1 - e^(-2 k phi)
+        if diffuse:  # g0 = (1 - p+) / (1 - p-) in (0, 1): P = 1 - (1 - p+) (1 - E) / (1 - g0 E), E = e^(-2 k phi)
+            log_start = torch.log1p(-upper) - torch.log1p(-lower)
+            return (1.0 - (1.0 - upper) * decay / -torch.expm1(log_start - 2.0 * steps * phi)).to(torch.float32)
+        # g0 = p+ / p- < 0, so that p- g0 = p+: P = p+ (1 - E) / (1 - g0 E), no cancellation
+        return (upper * decay / (1.0 - (upper / lower) * torch.exp(-2.0 * steps * phi))).to(torch.float32)
+
+    return _per_size("entering variances", (math.log(low), math.log(high), diffuse, chunk_length), device, build)
+
+
 def _search_parts(low, high, fallback):
     """The search's float64 settings as float32 parts (triton_launch.float64_parts), or None where
-    the parts cannot carry one exactly or the ratio may pass SEARCH_HIGHEST."""
+    the parts cannot carry one exactly, the ratio may pass SEARCH_HIGHEST or the grid's points
+    would lie more than SEARCH_WIDEST_STEP apart."""
     settings = (low, high, *fallback)
     if high > SEARCH_HIGHEST or not all(float64_parts_fit(value) for value in settings):
+        return None
+    if (math.log(high) - math.log(low)) / (SEARCH_POINTS - 1) > SEARCH_WIDEST_STEP:
         return None
     return [part for value in settings for part in float64_parts(value)]
 
@@ -109,7 +133,7 @@ class NoiseFitLaunch:
     """`Backend.noise_layout` and `Backend.noise_fit` on Triton kernels."""
 
     def noise_layout(self, log_ratio, mask, cu_seqlens, mask_mode, x0, max_tokens):
-        """fit_spectrum.sequences in one kernel (triton_fit_transform.fit_layout_kernel), the packed budget
+        """fit_spectrum.sequences in one kernel (triton_fit_layout.fit_layout_kernel), the packed budget
         included (every k-th sequence); log-ratios of any float dtype but float64."""
         device = log_ratio.device
         mask = self._mask(mask)
@@ -132,81 +156,59 @@ class NoiseFitLaunch:
         kernels.fit_layout_kernel[(rows,)](
             log_ratio, *x_strides, log_ratio if mask is None else mask, *mask_strides,
             cu_seqlens if packed else lengths, step, z, lengths, width, x0,
-            HAS_MASK=mask is not None, PACKED=packed, POSITION=mask_mode == "position", BLOCK=TRANSFORM_BLOCK,
+            HAS_MASK=mask is not None, PACKED=packed, POSITION=mask_mode == "position", BLOCK=LAYOUT_BLOCK,
             num_warps=4,
         )
         return z, lengths
 
     def noise_fit(self, z, lengths, *, diffuse, bins, low, high, min_tokens, fallback, group):
-        """The transform (noise_moments), its sums all-reduced over `group`, then the search
-        (noise_search); None (the torch transform and search) for settings the search's float32
-        parts cannot carry exactly and for ratios above SEARCH_HIGHEST: alike on every rank."""
+        """The filters at every grid ratio (noise_filter_kernel), then the profile and the result
+        (noise_profile_kernel; under a process group its sums first, all-reduced, then the
+        profile from them); None (the torch transform and search) for settings the float32
+        parts cannot carry exactly and for ratios above SEARCH_HIGHEST: alike on every rank.
+        `bins` is the torch search's and unused here."""
         parts = _search_parts(low, high, fallback)
         if parts is None:
             return None
-        totals, finished = self.noise_moments(z, lengths, diffuse=diffuse, bins=bins)
-        grid = _search_grid(low, high, diffuse, z.device)
-        return self.noise_search(all_reduce(totals, group), lengths, diffuse=diffuse, parts=parts, min_tokens=min_tokens,
-                                 group=group, finished=finished, grid=grid)
-
-    def noise_moments(self, z, lengths, *, diffuse, bins):
-        """The transform and its binned moments (fit_spectrum.spectral_sums, one bucket of
-        every row): (totals, finished), the float64 (2 + 3 bins,) `totals` of fit_search and the
-        search's int32 counter (1,), zeroed in stream order by the bins kernel."""
-        rows, width = z.shape
         device = z.device
-        inputs = max(width - 1, 0) if diffuse else width
-        totals = self._empty((2 + 3 * bins,), torch.float64, device)
+        grid = _search_grid(low, high, diffuse, device)
+        sequences, width = z.shape
+        scored = max(width - 1, 0) if diffuse else width
+        chunk_length = max(FILTER_CHUNK, -(-scored // FILTER_MOST_CHUNKS))
+        chunk_count = -(-scored // chunk_length)
+        chunks = self._empty((5, sequences * chunk_count, SEARCH_POINTS), torch.float32, device)
         finished = self._empty((1,), torch.int32, device)
-        if rows == 0 or inputs == 0:  # no coefficient at all: the fallback statuses follow from zeros
-            return totals.zero_(), finished.zero_()
-        size = fft_length(2 * inputs)
-        both = self._empty((2, rows, size), torch.complex64, device)
-        grid = (rows, -(-size // TRANSFORM_BLOCK))
-        kernels.fit_chirp_kernel[grid](
-            z, z.stride(0), z.stride(1), lengths, lengths.stride(0), torch.view_as_real(both), rows, size, inputs,
-            DIFFUSE=diffuse, BLOCK=TRANSFORM_BLOCK, num_warps=4,
-        )
-        spectra = torch.fft.fft(both)
-        conv = torch.fft.ifft(spectra[0].mul_(spectra[1]), norm="forward")  # size times the circular convolution
-        prefix = self._empty((3, rows, inputs + 1), torch.float64, device)
-        scale = (2.0 if diffuse else 4.0) / float(size) ** 2
-        kernels.fit_coefficients_kernel[(rows,)](
-            torch.view_as_real(conv), lengths, lengths.stride(0), prefix, rows, size, inputs, scale,
-            DIFFUSE=diffuse, BLOCK=TRANSFORM_BLOCK, num_warps=4,
-        )
-        kernels.fit_bins_kernel[(-(-bins // BIN_BLOCK),)](
-            prefix, _edge_angles(bins, device), lengths, lengths.stride(0), totals, finished, rows, inputs, bins,
-            DIFFUSE=diffuse, BLOCK=BIN_BLOCK, num_warps=4,
-        )
-        return totals, finished
-
-    def noise_search(self, totals, lengths, *, diffuse, parts, min_tokens, group, finished, grid):
-        """The search on a dense grid in one launch (triton_fit_search.noise_search_kernel) from
-        `totals` (summed over `group`), `parts` (_search_parts), a zeroed int32 counter
-        `finished` and the grid's points (_search_grid); under a process group the
-        log-determinants at the grid's points first (fit_log_determinant_kernel) and one
-        all-reduce of them."""
-        device = totals.device
-        bins = (totals.shape[0] - 2) // 3
-        programs = (SEARCH_POINTS // SEARCH_RATIOS,)
-        sizes = dict(POINTS=SEARCH_POINTS, RATIOS=SEARCH_RATIOS, BLOCK_S=SEARCH_SEQUENCES)
-        log_det = None
-        if group is not None:
-            log_det = self._empty((SEARCH_POINTS,), torch.float64, device)
-            kernels.fit_log_determinant_kernel[programs](
-                lengths, lengths.shape[0], lengths.stride(0), log_det, grid, DIFFUSE=diffuse, **sizes,
-                num_warps=SEARCH_WARPS,
+        if sequences * chunk_count > 0:
+            kernels.noise_filter_kernel[(sequences * chunk_count, SEARCH_POINTS // FILTER_RATIOS)](
+                z, z.stride(0), z.stride(1), lengths, lengths.stride(0), grid,
+                _entering_variances(low, high, diffuse, chunk_length, device), chunks, finished, sequences, chunk_count,
+                chunk_length, DIFFUSE=diffuse, POINTS=SEARCH_POINTS, BLOCK_Q=FILTER_RATIOS, num_warps=FILTER_WARPS,
             )
-            all_reduce(log_det, group)
+        else:  # no chunk to filter: the profile kernel's counter is zeroed here
+            finished.zero_()
+        per_sequence = self._empty((2, sequences, SEARCH_POINTS), torch.float64, device)
+        sums = self._empty((2 + 2 * SEARCH_POINTS,), torch.float64, device)
         result, codes = self._empty((6,), torch.float64, device), self._empty((2,), torch.int64, device)
         values = self._empty((2, SEARCH_POINTS), torch.float64, device)  # profile and R
-        kernels.noise_search_kernel[programs](
-            totals, _centres(bins, device), bins, lengths, lengths.shape[0], lengths.stride(0),
-            totals if log_det is None else log_det, values, finished, result, codes, min_tokens, grid, *parts,
-            DIFFUSE=diffuse, GIVEN_LOG_DET=log_det is not None, BLOCK_B=SEARCH_BINS, BLOCK_F=SEARCH_FINISH, **sizes,
-            num_warps=SEARCH_WARPS,
-        )
+
+        def profile(stage, programs):
+            kernels.noise_profile_kernel[programs](
+                z, z.stride(0), z.stride(1), lengths, lengths.stride(0), chunks, per_sequence, sequences, chunk_count,
+                chunk_length, sums, values, finished, result, codes, min_tokens, grid, *parts, DIFFUSE=diffuse,
+                STAGE=stage, POINTS=SEARCH_POINTS, RATIOS=PROFILE_RATIOS, BLOCK_S=PROFILE_SEQUENCES,
+                BLOCK_F=PROFILE_FINISH, num_warps=PROFILE_WARPS,
+            )
+
+        per_program = (sequences, SEARCH_POINTS // PROFILE_RATIOS)
+        if group is None and sequences:
+            profile(0, per_program)
+        else:  # the sums (zeros without a sequence), all-reduced over the group, then the profile
+            if sequences:
+                profile(1, per_program)
+            else:
+                sums.zero_()
+            all_reduce(sums, group)
+            profile(2, (1,))
         return NoiseEstimate(
             q=result[0], r=result[1], ratio=result[2], log_likelihood=result[3], drift_evidence=result[4],
             at_boundary=codes[0], num_tokens=result[5], status=codes[1],
