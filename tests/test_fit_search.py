@@ -42,7 +42,8 @@ def assert_same_fit(got, want, ratio_rel=0.02, nats=5e-5):
     on small batches, the float32 filters' sums to ~1e-7 relative); where the reference's maximum is clear (drift evidence over 1e-4 nats a token, or
     its upper end), the same boundary, and the ratio and R within ratio_rel (the two parabolas
     through different grids); where it is not, the profile is flat to within that noise, so
-    that the Triton fit may stop anywhere on it: only its drift evidence is held small. q = ratio r."""
+    that the Triton fit may stop anywhere on it: its drift evidence is held small, and R only
+    where both stop at the lower end. q = ratio r."""
     for field in FIELDS:
         a, b = getattr(got, field), getattr(want, field)
         assert a.shape == () and a.dtype == b.dtype and a.device == b.device, field
@@ -63,9 +64,12 @@ def assert_same_fit(got, want, ratio_rel=0.02, nats=5e-5):
         assert float(got.ratio) == pytest.approx(float(want.ratio), rel=ratio_rel)
         assert float(got.r) == pytest.approx(float(want.r), rel=ratio_rel)
         assert float(got.drift_evidence) == pytest.approx(float(want.drift_evidence), rel=1e-3, abs=2 * nats * tokens)
-    else:
-        assert float(got.r) == pytest.approx(float(want.r), rel=1e-3)
+    else:  # where on the flat part each stops is noise (or not identified at all: one token a
+        # sequence under P0 = 0 identifies only R (1 + q)), so that R may differ; at the lower end
+        # both, it may not
         assert 0.0 <= float(got.drift_evidence) <= 2 * nats * tokens + 1e-4 * tokens
+        if int(got.at_boundary) == int(want.at_boundary) == -1:
+            assert float(got.r) == pytest.approx(float(want.r), rel=1e-3)
 
 
 @pytest.mark.parametrize("p0", [0.0, math.inf])
