@@ -161,20 +161,25 @@ def _is_float64(opcode):
     return opcode.split(".")[0] in FLOAT64_OPCODES
 
 
-def _unrolled(instructions, found):
-    """((main loop, its body), (remainder loop or None, its body), unroll) of a loop ptxas unrolled:
-    the loop with the most loads is the main one, the other (if any) the remainder, and the
-    ratio of their loads the steps an iteration of the main one does."""
-    loads = [sum(op.startswith("LDG") for address, op, _ in instructions if start <= address <= end) for start, end in found]
-    ranked = sorted(zip(found, loads), key=lambda pair: -pair[1])
-    (main, main_loads), (rest, rest_loads) = ranked[0], (ranked[1] if len(ranked) > 1 else (None, 0))
-    return main, rest, max(1, main_loads // rest_loads) if rest is not None and rest_loads else 1
-
-
 def _counted(instructions, keep):
     """(warp-instructions, of them float64) a warp among the instructions at addresses `keep` accepts."""
     ops = [op for address, op, _ in instructions if keep(address)]
     return len(ops), sum(map(_is_float64, ops))
+
+
+def _program_cost(instructions, found, outside):
+    """cost(steps) -> (warp-instructions, of them float64) a warp, or None for no step: a program
+    running the instructions at addresses `outside` accepts once and one loop `steps` times,
+    which ptxas may have unrolled into `found`: the loop with the most loads is the main one, the
+    other (if any) the remainder, the ratio of their loads the steps a main iteration does."""
+    loads = [sum(op.startswith("LDG") for address, op, _ in instructions if start <= address <= end) for start, end in found]
+    ranked = sorted(zip(found, loads), key=lambda pair: -pair[1])
+    (main, main_loads), (rest, rest_loads) = ranked[0], (ranked[1] if len(ranked) > 1 else (None, 0))
+    unroll = max(1, main_loads // rest_loads) if rest is not None and rest_loads else 1
+    per_block = _counted(instructions, lambda address: main[0] <= address <= main[1])
+    per_rest = _counted(instructions, lambda address: rest is not None and rest[0] <= address <= rest[1])
+    once = _counted(instructions, outside)
+    return lambda steps: tuple(once[i] + (steps // unroll) * per_block[i] + (steps % unroll) * per_rest[i] for i in range(2))
 
 
 def _busiest_sm(works, warps, machine):
@@ -191,7 +196,7 @@ def _busiest_sm(works, warps, machine):
 
 def filter_time(launch, machine):
     """noise_filter_kernel's modelled time in microseconds. Each program with tokens: its token
-    loop's SASS (unrolled by ptxas: _unrolled, one load a token) times its tokens, plus the code
+    loop's SASS (unrolled by ptxas: _program_cost, one load a token) times its tokens, plus the code
     outside the loops; the busiest SM's programs (_busiest_sm), and at least the longest chunk's
     tokens times CHAIN_CYCLES (the variance's dependent recursion)."""
     compiled, instructions = _compiled(launch)
@@ -200,16 +205,11 @@ def filter_time(launch, machine):
     found = static_loops(instructions)
     if len(found) not in (1, 2):
         raise RuntimeError(f"unexpected loops in noise_filter_kernel's SASS: {found}")
-    main, rest, unroll = _unrolled(instructions, found)
-    per_block = _counted(instructions, lambda address: main[0] <= address <= main[1])
-    per_rest = _counted(instructions, lambda address: rest is not None and rest[0] <= address <= rest[1])
-    per_program = _counted(instructions, lambda address: not any(s <= address <= e for s, e in found))
+    cost = _program_cost(instructions, found, lambda address: not any(s <= address <= e for s, e in found))
     scored = (lengths - (1 if kwargs["DIFFUSE"] else 0)).clamp(min=0)
     starts = torch.arange(chunk_count)[None, :] * chunk_length
     tokens = (scored[:, None] - starts).clamp(min=0, max=chunk_length).flatten().tolist() * grid[1]  # launch order
-    works = [tuple(per_program[i] + (n // unroll) * per_block[i] + (n % unroll) * per_rest[i] for i in range(2)) if n else None
-             for n in tokens]
-    issue = _busiest_sm(works, compiled.metadata.num_warps, machine)
+    issue = _busiest_sm([cost(n) if n else None for n in tokens], compiled.metadata.num_warps, machine)
     latency = max(tokens, default=0) * CHAIN_CYCLES
     return max(issue, latency) / (machine.clock_ghz * 1e3) + LAUNCH_US
 
@@ -217,7 +217,7 @@ def filter_time(launch, machine):
 def profile_time(launch, machine):
     """noise_profile_kernel's modelled time in microseconds (its _LOCAL stage, one program a
     sequence): each program's code before its atomic, its chunk loop (unrolled by ptxas:
-    _unrolled, six loads a chunk) run once a chunk of its sequence; the busiest SM's programs
+    _program_cost) run once a chunk of its sequence; the busiest SM's programs
     (_busiest_sm); then the last program's code after the atomic, its loop over the sequences
     ceil(sequences / BLOCK_S) times and any later loop (the finish's) ceil(POINTS / BLOCK_F)
     times, issued by one program as `_cycles` says; at least LAUNCH_US."""
@@ -230,15 +230,12 @@ def profile_time(launch, machine):
     after = [loop for loop in found if loop[0] > finish_from]
     if not before or len(before) > 2 or not after or len(before) + len(after) != len(found):
         raise RuntimeError(f"unexpected loops in noise_profile_kernel's SASS: {found} (the atomic at {finish_from})")
-    main, rest, unroll = _unrolled(instructions, before)
-    per_block = _counted(instructions, lambda address: main[0] <= address <= main[1])
-    per_rest = _counted(instructions, lambda address: rest is not None and rest[0] <= address <= rest[1])
-    per_program = _counted(instructions, lambda address: address < finish_from and not any(s <= address <= e for s, e in before))
+    cost = _program_cost(instructions, before,
+                         lambda address: address < finish_from and not any(s <= address <= e for s, e in before))
     scored = (lengths - (1 if kwargs["DIFFUSE"] else 0)).clamp(min=0)
     chunks = ((scored + chunk_length - 1) // chunk_length).tolist() * grid[1]  # launch order
-    works = [tuple(per_program[i] + (k // unroll) * per_block[i] + (k % unroll) * per_rest[i] for i in range(2)) for k in chunks]
     warps = compiled.metadata.num_warps
-    shared = _busiest_sm(works, warps, machine)
+    shared = _busiest_sm([cost(k) for k in chunks], warps, machine)
     trips = {after[0]: math.ceil(sequences / kwargs["BLOCK_S"])}
     trips.update({loop: math.ceil(kwargs["POINTS"] / kwargs["BLOCK_F"]) for loop in after[1:]})
     finish = [0.0, 0.0]

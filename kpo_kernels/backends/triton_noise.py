@@ -49,12 +49,12 @@ _SIZED_MOST = 64  # unpinned entries kept
 _SIZED_LOCK = threading.Lock()
 
 
-def _per_size(what, bins, device, build):
-    """build(), cached per (what, bins, device). Not while `device`'s stream is captured into a
+def _per_size(what, size, device, build):
+    """build(), cached per (what, size, device). Not while `device`'s stream is captured into a
     CUDA graph: what a capture builds is the graph's own (its operations rerun at each replay; its
     memory the graph's pool), so an eager call must not find it; and an entry a capture reads is
     pinned, since the graph will read it at every replay."""
-    key = (what, bins, tables.canonical_device(device))
+    key = (what, size, tables.canonical_device(device))
     captured = tables.capturing(key[2])
     with _SIZED_LOCK:
         found = _SIZED.get(key)
@@ -164,8 +164,8 @@ class NoiseFitLaunch:
     def noise_fit(self, z, lengths, *, diffuse, bins, low, high, min_tokens, fallback, group):
         """The filters at every grid ratio (noise_filter_kernel), then the profile and the result
         (noise_profile_kernel; under a process group its sums first, all-reduced, then the
-        profile from them); None (the torch transform and search) for settings the float32
-        parts cannot carry exactly and for ratios above SEARCH_HIGHEST: alike on every rank.
+        profile from them); None (the torch transform and search) where _search_parts declines
+        the settings: alike on every rank.
         `bins` is the torch search's and unused here."""
         parts = _search_parts(low, high, fallback)
         if parts is None:
