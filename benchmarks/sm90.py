@@ -173,6 +173,30 @@ def sass(cubin):
     return [(int(m.group(1), 16), m.group(3), m.group(4).strip()) for m in _SASS_LINE.finditer(listing)]
 
 
+_SOURCE_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
+
+
+def sass_files(cubin):
+    """{address: the source file (base name) its instruction came from} of a one-kernel cubin,
+    from nvdisasm's line table (Triton compiles with line information; inlined device functions
+    name their own file)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        listing = subprocess.run([_tool("nvdisasm"), "-g", "-c", handle.name], capture_output=True, text=True,
+                                 check=True).stdout
+    files, current = {}, None
+    for line in listing.splitlines():
+        source = _SOURCE_LINE.search(line)
+        if source:
+            current = os.path.basename(source.group(1))
+            continue
+        instruction = _SASS_LINE.search(line)
+        if instruction:
+            files[int(instruction.group(1), 16)] = current
+    return files
+
+
 def loops(instructions):
     """(start, end) addresses of every loop of a SASS listing: a branch back to an earlier address."""
     found = []

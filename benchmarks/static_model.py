@@ -9,13 +9,15 @@ Triton's launch-time specialisation for sm_90a, and reads from the cubin and its
 - registers, spills, shared memory, and from them resident programs per SM and waves;
 - the main loop (the largest backward branch of the SASS): its instructions, barriers and
   global loads/stores by width; per token: loop instructions x warps / BLOCK tokens per pass;
-- bytes: every tensor argument touched once (inputs read, outputs written; a lower bound).
+- bytes: every tensor argument touched once (inputs read, outputs written; a lower bound);
+- the tail of the fused forward (FINISHING_KERNELS: the SASS after its atomic count of finished
+  programs, the finalize its last program runs): once, on one SM, after everything else.
 
-Then a roofline per kernel: time = max(issue, bandwidth) + a launch cost, where issue =
+Then a roofline per kernel: time = max(issue, bandwidth) + tail + a launch cost, where issue =
 ceil(programs / SMs) x warp-instructions per program / (4 schedulers x clock x ISSUE_EFFICIENCY)
-(the busiest SM, at the fraction of the peak issue rate measured on an H200) and bandwidth =
-bytes / copy bandwidth. Everything here is a MODEL; `benchmarks/RESULTS.md` sets it beside
-what a GPU measured. Assumptions are in MACHINES and LAUNCH_US.
+(the busiest SM, at the fraction of the peak issue rate measured on an H200), bandwidth =
+bytes / copy bandwidth and tail = the tail's warp-instructions at one SM's rate. Everything
+here is a MODEL; `benchmarks/RESULTS.md` sets it beside what a GPU measured. Assumptions are in MACHINES and LAUNCH_US.
 """
 
 import argparse
@@ -118,19 +120,32 @@ def _memory_ops(body, prefix):
     return widths
 
 
+# Kernels whose last program to finish runs more work after an atomic count of the finished
+# programs (the fused forward's finalize): that tail runs once, after every other program.
+FINISHING_KERNELS = ("kpo_loss_fwd_kernel",)
+
+
+def finishing_tail(instructions):
+    """The instructions after the first atomic add of a finishing kernel: its last program's tail."""
+    start = next((address for address, opcode, _ in instructions if opcode.startswith("ATOMG") and ".ADD" in opcode), None)
+    return [] if start is None else [i for i in instructions if i[0] > start]
+
+
 def analyse(kernel, grid, args, kwargs, tokens):
     compiled = sm90.compile_launch(kernel, args, kwargs)
     cubin = compiled.asm["cubin"]
     found = sm90.resources(compiled)
     warps = compiled.metadata.num_warps
     instructions = sm90.sass(cubin)
-    loop = main_loop(instructions)
+    tail = finishing_tail(instructions) if kernel.fn.__name__ in FINISHING_KERNELS else []
+    loop = main_loop(instructions[: len(instructions) - len(tail)])
     body = [i for i in instructions if loop and loop[0] <= i[0] <= loop[1]]
     block = kwargs.get("BLOCK")
     programs = math.prod(grid)
     row = {
         "kernel": kernel.fn.__name__, "grid": list(grid), "programs": programs, "warps": warps, "block": block,
-        "registers": found["registers"], "spill_bytes": found["spill_bytes"], "shared": found["shared"],
+        "registers": found["registers"], "spill_bytes": found["spill_bytes"], "local_in_loops": found["local_in_loops"],
+        "shared": found["shared"],
         "sass_instructions": len(instructions), "loop_instructions": len(body),
         "loop_barriers": sum(op.startswith("BAR") for _, op, _ in body),
         "loop_loads": _memory_ops(body, "LDG"), "loop_stores": _memory_ops(body, "STG"),
@@ -139,9 +154,11 @@ def analyse(kernel, grid, args, kwargs, tokens):
     row["programs_per_sm"] = programs_per_sm(row["registers"], warps, row["shared"])
     token_loop = block is not None and body
     row["instructions_per_token"] = len(body) * warps / block if token_loop else None
-    outside = (len(instructions) - len(body)) * warps * programs  # each program runs the rest once (roughly)
+    outside = (len(instructions) - len(body) - len(tail)) * warps * programs  # each program runs the rest once (roughly)
     looped = len(body) * warps * (tokens / block) if token_loop else 0
     row["warp_instructions"] = outside + looped
+    row["tail_instructions"] = len(tail)
+    row["tail_warp_instructions"] = len(tail) * warps  # once, its loops counted once (as a one-program kernel's)
     return row
 
 
@@ -151,10 +168,13 @@ def roofline(row, machine):
     per_program = row["warp_instructions"] / row["programs"]
     # The busiest SM issues the instructions of ceil(programs / SMs) programs, however many of
     # them are resident at once (occupancy hides latency, which this bound ignores).
-    issue_us = math.ceil(row["programs"] / machine.sms) * per_program / (4 * machine.clock_ghz * 1e3 * ISSUE_EFFICIENCY)
+    rate = 4 * machine.clock_ghz * 1e3 * ISSUE_EFFICIENCY  # warp-instructions per us on one SM
+    issue_us = math.ceil(row["programs"] / machine.sms) * per_program / rate
     bandwidth_us = row["bytes"] / (machine.copy_tbps * 1e6)
-    return {"waves": waves, "issue_us": issue_us, "bandwidth_us": bandwidth_us,
-            "model_us": max(issue_us, bandwidth_us) + LAUNCH_US, "bound": "issue" if issue_us > bandwidth_us else "bandwidth"}
+    tail_us = row.get("tail_warp_instructions", 0) / rate  # the last program's tail, on one SM after the rest
+    return {"waves": waves, "issue_us": issue_us, "bandwidth_us": bandwidth_us, "tail_us": tail_us,
+            "model_us": max(issue_us, bandwidth_us) + tail_us + LAUNCH_US,
+            "bound": "issue" if issue_us > bandwidth_us else "bandwidth"}
 
 
 def model_case(case, packed, metrics="full"):

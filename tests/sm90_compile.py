@@ -161,6 +161,9 @@ def cases():
     yield "loss-two-tiles-a-row", loss_run(two_tiles, {}, kpo_kernels.TritonBackend(tile_size=1024))
     one_row = make_batch(1, 16, seed=2, dtype=torch.float16, layout="none")
     yield "loss-one-row-16-position", loss_run(one_row, {"mask_mode": "position"})
+    # Rows of no tokens: no forward program, so the finalize runs on its own (the forward's
+    # last program runs it otherwise).
+    yield "loss-rows-of-no-tokens", loss_run(make_batch(3, 0, seed=2, layout="none"), {})
     # A control that must spill (4096-token blocks at 4 warps: thousands of bytes), so that the
     # spill check is seen to work (test_compile_sm90.py).
     yield SPILLING_CONTROL, loss_run(make_batch(2, 4096, seed=2), {}, kpo_kernels.TritonBackend(block_size=4096))

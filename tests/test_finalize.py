@@ -126,3 +126,70 @@ def test_the_wider_finalize_paths_match_the_torch_backend(case, packed):
     torch.testing.assert_close(grad.double(), want_grad.double(), rtol=1e-5, atol=1e-7)
     for key in want_metrics:
         torch.testing.assert_close(metrics[key].double(), want_metrics[key].double(), rtol=1e-5, atol=1e-7, msg=key)
+
+
+# ----------------------------------------------------------------------------- the forward's last program
+
+
+def _loss(backend, inputs):
+    log_prob = inputs["log_prob"].to(DEVICE).requires_grad_()
+    rest = {k: v.to(DEVICE) for k, v in inputs.items() if k != "log_prob"}
+    loss, metrics = kpo_kernels.kpo_loss(log_prob, q=1e-3, backend=backend, **rest)
+    loss.backward()
+    return loss.detach(), {k: v.detach() for k, v in metrics.items()}, log_prob.grad
+
+
+def test_the_forward_finalizes_in_its_last_program_launch_after_launch():
+    """The last forward program to finish finalizes, then sets the count back to 0: launches
+    one after another with other grids (tiles of 16, 48 and whole rows; padded and packed; a
+    batch of rows without tokens, which the finalize kernel takes alone) each write every
+    output (the buffers start as NaN) and give the torch backend's results."""
+    from kpo_kernels.backends.triton_launch import FINISH_COUNTERS
+
+    gen = torch.Generator().manual_seed(7)
+    old = -torch.rand(4, 90, generator=gen)
+    padded = dict(log_prob=old + 0.05 * torch.randn(4, 90, generator=gen), old_log_prob=old,
+                  advantages=torch.randn(4, generator=gen), mask=torch.rand(4, 90, generator=gen) > 0.3)
+    lengths = torch.tensor([90, 1, 57, 33])
+    keep = torch.arange(90)[None, :] < lengths[:, None]
+    packed = dict(log_prob=padded["log_prob"][keep], old_log_prob=old[keep],
+                  advantages=padded["advantages"].repeat_interleave(lengths), mask=padded["mask"][keep],
+                  cu_seqlens=torch.tensor([0, *lengths.cumsum(0).tolist()], dtype=torch.int32))
+    empty = dict(log_prob=torch.zeros(3, 0), old_log_prob=torch.zeros(3, 0), advantages=torch.ones(3))
+    for inputs, tile_size in [(padded, 16), (packed, 48), (padded, None), (empty, None), (packed, 16), (padded, 48)]:
+        got = _loss(triton_backend(block_size=16, tile_size=tile_size), inputs)
+        want = _loss("torch", inputs)
+        torch.testing.assert_close(got[0].double(), want[0].double(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got[2].double(), want[2].double(), rtol=1e-5, atol=1e-7)
+        for key in want[1]:
+            torch.testing.assert_close(got[1][key].double(), want[1][key].double(), rtol=1e-5, atol=1e-7, msg=key)
+        assert int(FINISH_COUNTERS.get(torch.device(DEVICE)).item()) == 0
+
+
+def test_finish_counters_per_stream_thread_and_capture(monkeypatch):
+    """One count per device and stream on CUDA (per thread where kernels run in the calling
+    thread), kept between calls and at most MOST of them; a fresh zero while a graph is captured."""
+    from kpo_kernels import tables
+    from kpo_kernels.backends import triton_launch
+    from kpo_kernels.backends.triton_launch import FinishCounters
+
+    counters = FinishCounters()
+    device = torch.device("cpu")
+    here = counters.get(device)
+    assert counters.get(device) is here and here.dtype == torch.int32 and int(here.item()) == 0
+    others = []
+    thread = __import__("threading").Thread(target=lambda: others.append(counters.get(device)))
+    thread.start()
+    thread.join()
+    assert others[0] is not here
+    monkeypatch.setattr(tables, "capturing", lambda device: True)
+    first, second = counters.get(device), counters.get(device)
+    assert first is not second and first is not here and int(first.item()) == 0
+    monkeypatch.undo()
+    idents = iter(range(10**6, 10**6 + FinishCounters.MOST + 5))  # threads that come and go (idents are reused)
+    monkeypatch.setattr(triton_launch.threading, "get_ident", lambda: next(idents))
+    for _ in range(FinishCounters.MOST + 5):
+        counters.get(device)
+    monkeypatch.undo()
+    assert len(counters._counts) == FinishCounters.MOST  # the least recently used went first: this thread's
+    assert counters.get(device) is not here and len(counters._counts) == FinishCounters.MOST

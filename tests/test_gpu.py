@@ -153,6 +153,40 @@ def test_cuda_graph_replay_matches_eager(packed):
     kpo_kernels.release_tables()
 
 
+def test_losses_on_two_streams_at_once_match_each_alone():
+    """The fused forward's last program finalizes once a count of finished programs says so, a
+    count per stream (triton_launch.FinishCounters): losses of many tiles launched on two streams
+    at once give, bit for bit, what each gives alone, and every count is back at 0."""
+    from kpo_kernels.backends.triton_launch import FINISH_COUNTERS
+
+    backend = kpo_kernels.TritonBackend(tile_size=256)
+    batches = [make_batch(16, 4096, layout="holes", seed=seed, device="cuda", garbage=False) for seed in (3, 4)]
+
+    def run(batch):
+        log_prob = batch["log_prob"].clone().requires_grad_()
+        loss, metrics = kpo_kernels.kpo_loss(log_prob, batch["old_log_prob"], batch["advantages"], batch["mask"],
+                                             backend=backend)
+        loss.backward()
+        return loss.detach(), torch.stack([metrics[k] for k in sorted(metrics)]), log_prob.grad
+
+    want = [run(batch) for batch in batches]
+    streams = [torch.cuda.Stream() for _ in batches]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    results = []
+    for _ in range(20):
+        for stream, batch in zip(streams, batches):
+            with torch.cuda.stream(stream):
+                results.append(run(batch))
+    for stream in streams:
+        torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    for i, got in enumerate(results):
+        for name, value, expected in zip(("loss", "metrics", "grad"), got, want[i % 2]):
+            assert torch.equal(value.nan_to_num(), expected.nan_to_num()), (i, name)
+    assert all(int(count.item()) == 0 for count in FINISH_COUNTERS._counts.values())
+
+
 def test_opcheck_on_cuda():
     from kpo_kernels import dispatch, ops, validation
 

@@ -24,6 +24,8 @@ from .triton_launch import (  # noqa: F401 (facts of the backend that tests and 
     _derivative_dtype,
     _finalize_launch,
     _finalize_tiles_per_step,
+    _fused_finalize_launch,
+    FINISH_COUNTERS,
     _IMPORT_ERROR,
     _pow2_at_least,
     _SAME_SIZE_INT,
@@ -274,14 +276,17 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
         slots = 0 if empty else tiling.num_slots
         stats = self._empty((NUM_STATS, slots), torch.float32, device)
         grad = self._empty(batch.shape, _derivative_dtype(batch.log_prob.dtype), device) if need_grad else None
-        if slots > 0:
-            self._launch_loss(batch, options, tiling, stats, grad, block, warps, state)
         row_scale = self._empty((sequences,), torch.float32, device)
         loss, metrics = self._empty((), torch.float32, device), self._empty((len(METRIC_NAMES),), torch.float32, device)
-        self._launch_finalize(batch, options, tiling, stats, row_scale, loss, metrics)
+        finish, finish_settings = self._finalize_arguments(batch, options, tiling, stats, row_scale, loss, metrics)
+        if slots > 0:  # the forward's last program finalizes
+            self._launch_loss(batch, options, tiling, stats, grad, block, warps, finish, finish_settings, state)
+        else:
+            tiles = _finalize_tiles_per_step(tiling)
+            kernels.kpo_loss_finalize_kernel[(1,)](stats, *finish, **finish_settings, BLOCK_S=1024, **_finalize_launch(tiles))
         return LossForward(loss=loss, metrics=metrics, grad=grad, row_scale=row_scale)
 
-    def _launch_loss(self, batch, options, tiling, stats, grad, block, warps, state=None):
+    def _launch_loss(self, batch, options, tiling, stats, grad, block, warps, finish, finish_settings, state=None):
         filt = options.filter
         varlen = tiling.varlen
         state_x, state_count, state_sign = self._state_args(state)
@@ -302,6 +307,8 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
         )
         adv_strides = self._strides(adv, varlen) if adv_per_token else (adv.stride(0), 0)
         ratio_last = min(ratios.numel(), log_ratios.numel()) - 1  # the cache may hand back longer tables
+        finish_settings = {key: value for key, value in finish_settings.items() if key != "IS_VARLEN"}
+        finish_settings.update(_fused_finalize_launch(_finalize_tiles_per_step(tiling), warps))
         kernels.kpo_loss_fwd_kernel[tiling.grid](
             lp, old, self._mask(mask) if mask is not None else lp, adv, weights if weights is not None else lp,
             gains, gains.numel() - 1, ratios, log_ratios, ratio_last, *tiling.launch_args(), counts, aggregates, grad if grad is not None else stats, stats,
@@ -318,6 +325,9 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             math.log(options.dual_clip) if options.dual_clip is not None else 0.0,
             math.log(2 * math.pi * filt.r),
             1.0 / filt.r,
+            FINISH_COUNTERS.get(batch.device),
+            *finish[2:5],  # row_scale, loss, metrics
+            *finish[9:],  # dp_size .. loss_scale_factor
             HAS_MASK=mask is not None,
             SKIP=filt.skip,
             ADV_PER_TOKEN=adv_per_token,
@@ -333,25 +343,27 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             **(dict(HAS_STATE=True) if state is not None else {}),
             DIAGNOSTICS=options.diagnostics,
             FLAT=flat,
+            **finish_settings,
         )
 
-    def _launch_finalize(self, batch, options, tiling, stats, row_scale, loss, metrics):
+    def _finalize_arguments(self, batch, options, tiling, stats, row_scale, loss, metrics):
+        """(arguments, settings) of triton_finalize.finalize after `stats`, as the finalize
+        kernel takes them (the forward takes the same, less those it has itself), less the
+        layout of its loops (_finalize_launch, _fused_finalize_launch)."""
         device = batch.device
         varlen = batch.cu_seqlens is not None
         dummy = torch.empty(1, dtype=torch.int32, device=device)
 
-        def count(value):  # (mode, scalar, pointer): see kpo_loss_finalize_kernel
+        def count(value):  # (mode, scalar, pointer): see triton_finalize.finalize
             if value is None:
                 return 0, 0.0, dummy
             if isinstance(value, torch.Tensor):
                 return 2, 0.0, value
             return 1, float(value), dummy
 
-        tiles = _finalize_tiles_per_step(tiling)
         token_mode, token_value, token_ptr = count(options.batch_num_tokens)
         sequence_mode, sequence_value, sequence_ptr = count(options.global_batch_size)
-        kernels.kpo_loss_finalize_kernel[(1,)](
-            stats,
+        arguments = (
             tiling.tile_offsets if tiling is not None else dummy,
             batch.cu_seqlens if varlen else dummy,
             row_scale,
@@ -367,14 +379,15 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             token_ptr,
             sequence_ptr,
             options.loss_scale_factor or 0.0,
+        )
+        settings = dict(
             AGG=kernels.AGG_CODES[options.agg],
             TOKEN_COUNT=token_mode,
             SEQUENCE_COUNT=sequence_mode,
             HAS_SCALE_FACTOR=options.loss_scale_factor is not None,
             IS_VARLEN=varlen,
-            BLOCK_S=1024,
-            **_finalize_launch(tiles),
         )
+        return arguments, settings
 
     def loss_backward(self, grad, row_scale, grad_output, cu_seqlens, dtype):
         out = torch.empty(grad.shape, dtype=dtype, device=grad.device)

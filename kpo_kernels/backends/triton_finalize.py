@@ -37,8 +37,8 @@ def _sequence_sums(
     for k in range(0, tl.max(count, 0), TILES):
         slots = first[:, None] + k + chunk[None, :]
         has = k + chunk[None, :] < count[:, None]
-        tokens += tl.load(stats_ptr + slots, mask=has, other=0.0)
-        loss += tl.load(stats_ptr + num_slots + slots, mask=has, other=0.0)
+        tokens += tl.load(stats_ptr + slots, mask=has, other=0.0, volatile=True)
+        loss += tl.load(stats_ptr + num_slots + slots, mask=has, other=0.0, volatile=True)
     return tl.sum(tokens, 1), tl.sum(loss, 1)
 
 
@@ -69,11 +69,49 @@ def kpo_loss_finalize_kernel(
     SEQ_BLOCK: tl.constexpr,
     TILES: tl.constexpr,
 ):
-    """Single program: tile statistics -> sequence weights (aggregation.row_weights), loss, metrics.
+    """Single program: `finalize` on its own, for a loss whose forward launched no program (a
+    batch without tiles); otherwise the forward's last program runs `finalize` itself."""
+    finalize(
+        stats_ptr, tile_offsets_ptr, cu_seqlens_ptr, row_scale_ptr, loss_ptr, metrics_ptr, num_seqs, num_slots,
+        tiles_per_seq, T, dp_size, token_count, sequence_count, token_count_ptr, sequence_count_ptr,
+        loss_scale_factor, AGG, TOKEN_COUNT, SEQUENCE_COUNT, HAS_SCALE_FACTOR, IS_VARLEN, BLOCK_S, SEQ_BLOCK, TILES,
+    )
+
+
+# Not inlined: a function of its own keeps its registers out of the fused forward's allocation
+# (inlined, ptxas spilled in some forward variants and took registers from others).
+@triton.jit(noinline=True)
+def finalize(
+    stats_ptr,
+    tile_offsets_ptr,
+    cu_seqlens_ptr,
+    row_scale_ptr,
+    loss_ptr,
+    metrics_ptr,
+    num_seqs,
+    num_slots,
+    tiles_per_seq,
+    T,
+    dp_size,
+    token_count,
+    sequence_count,
+    token_count_ptr,
+    sequence_count_ptr,
+    loss_scale_factor,
+    AGG: tl.constexpr,
+    TOKEN_COUNT: tl.constexpr,
+    SEQUENCE_COUNT: tl.constexpr,
+    HAS_SCALE_FACTOR: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    SEQ_BLOCK: tl.constexpr,
+    TILES: tl.constexpr,
+):
+    """One program: tile statistics -> sequence weights (aggregation.row_weights), loss, metrics.
 
     Writes the loss and the metric vector (options.METRIC_NAMES order) to separate buffers, so
-    that the op returns them without copies. Deterministic: fixed
-    reduction order, no atomics. The horizon of seq-mean-token-sum-norm is T for padded batches
+    that the op returns them without copies. Deterministic: fixed reduction order, whichever
+    program runs it. The horizon of seq-mean-token-sum-norm is T for padded batches
     and the longest sequence for packed ones, unless loss_scale_factor is given. TOKEN_COUNT and
     SEQUENCE_COUNT: 0 = count this batch, 1 = the scalar argument, 2 = read it from the pointer.
     BLOCK_S tile slots per step for the metrics; SEQ_BLOCK sequences x TILES of their tiles per
@@ -91,37 +129,42 @@ def kpo_loss_finalize_kernel(
     for start in range(0, num_slots, BLOCK_S):
         slots = start + tl.arange(0, BLOCK_S)
         in_bounds = slots < num_slots
-        tokens_acc += tl.load(stats_ptr + 0 * num_slots + slots, mask=in_bounds, other=0.0)
-        clipped_acc += tl.load(stats_ptr + 2 * num_slots + slots, mask=in_bounds, other=0.0)
-        lower_acc += tl.load(stats_ptr + 3 * num_slots + slots, mask=in_bounds, other=0.0)
-        neg_z_acc += tl.load(stats_ptr + 4 * num_slots + slots, mask=in_bounds, other=0.0)
-        ratio_acc += tl.load(stats_ptr + 5 * num_slots + slots, mask=in_bounds, other=0.0)
+        tokens_acc += tl.load(stats_ptr + 0 * num_slots + slots, mask=in_bounds, other=0.0, volatile=True)
+        clipped_acc += tl.load(stats_ptr + 2 * num_slots + slots, mask=in_bounds, other=0.0, volatile=True)
+        lower_acc += tl.load(stats_ptr + 3 * num_slots + slots, mask=in_bounds, other=0.0, volatile=True)
+        neg_z_acc += tl.load(stats_ptr + 4 * num_slots + slots, mask=in_bounds, other=0.0, volatile=True)
+        ratio_acc += tl.load(stats_ptr + 5 * num_slots + slots, mask=in_bounds, other=0.0, volatile=True)
         ratio_max_acc = tl.maximum(
-            ratio_max_acc, tl.load(stats_ptr + 6 * num_slots + slots, mask=in_bounds, other=float("-inf"))
+            ratio_max_acc, tl.load(stats_ptr + 6 * num_slots + slots, mask=in_bounds, other=float("-inf"), volatile=True)
         )
-        raw_acc += tl.load(stats_ptr + 7 * num_slots + slots, mask=in_bounds, other=0.0)
+        raw_acc += tl.load(stats_ptr + 7 * num_slots + slots, mask=in_bounds, other=0.0, volatile=True)
         raw_max_acc = tl.maximum(
-            raw_max_acc, tl.load(stats_ptr + 8 * num_slots + slots, mask=in_bounds, other=float("-inf"))
+            raw_max_acc, tl.load(stats_ptr + 8 * num_slots + slots, mask=in_bounds, other=float("-inf"), volatile=True)
         )
-    # The diagnostic rows 9..17 (aggregation.STAT_NAMES), 16 rows x 64 slots at a time.
+    # The diagnostic rows 9..17 (aggregation.STAT_NAMES), 16 rows x BLOCK_S / 16 slots at a time.
     diag_rows = 9 + tl.arange(0, 16)
-    diag_acc = tl.zeros([16, 64], tl.float32)
-    for start in range(0, num_slots, 64):
-        slots = start + tl.arange(0, 64)
+    diag_acc = tl.zeros([16, BLOCK_S // 16], tl.float32)
+    for start in range(0, num_slots, BLOCK_S // 16):
+        slots = start + tl.arange(0, BLOCK_S // 16)
         diag_acc += tl.load(
             stats_ptr + diag_rows[:, None] * num_slots + slots[None, :],
             mask=(diag_rows[:, None] < 18) & (slots[None, :] < num_slots),
             other=0.0,
+            volatile=True,
         )
     num_tokens = tl.sum(tokens_acc, 0)
 
-    # Sequences with a valid token, and the longest sequence (the packed horizon).
+    # One pass over the sequences. A sequence's weight (aggregation.row_weights) is a factor of
+    # its own (1, or 1 / its tokens; 0 without tokens) times a scale that needs the whole pass
+    # (the sequences with a valid token, the longest sequence): the pass keeps the factors in
+    # row_scale and sums the factor-weighted losses, then a pass over row_scale alone scales them.
     nonempty_acc = tl.zeros([SEQ_BLOCK], tl.float32)
     longest = tl.zeros([SEQ_BLOCK], tl.int32)
+    loss = tl.zeros([SEQ_BLOCK], tl.float32)
     for start in range(0, num_seqs, SEQ_BLOCK):
         seqs = start + tl.arange(0, SEQ_BLOCK)
         in_bounds = seqs < num_seqs
-        tokens, _ = _sequence_sums(
+        tokens, row_loss = _sequence_sums(
             stats_ptr, tile_offsets_ptr, seqs, in_bounds, num_slots, tiles_per_seq, IS_VARLEN, TILES
         )
         nonempty_acc += (tokens > 0).to(tl.float32)
@@ -130,6 +173,14 @@ def kpo_loss_finalize_kernel(
                 cu_seqlens_ptr + seqs, mask=in_bounds, other=0
             )
             longest = tl.maximum(longest, lengths.to(tl.int32))
+        if AGG == AGG_TOKEN_MEAN or AGG == AGG_TOKEN_SUM:
+            factor = 1.0 + 0.0 * tokens
+        elif AGG == AGG_SEQ_MEAN_TOKEN_MEAN:
+            factor = tl.where(tokens > 0, _safe_inverse(tokens), 0.0)
+        else:
+            factor = tl.where(tokens > 0, 1.0, 0.0)
+        tl.store(row_scale_ptr + seqs, factor, mask=in_bounds)
+        loss += tl.where(in_bounds, factor * row_loss, 0.0)
 
     if TOKEN_COUNT == 2:
         token_count = tl.load(token_count_ptr).to(tl.float32)
@@ -151,24 +202,18 @@ def kpo_loss_finalize_kernel(
         else:
             horizon = T + 0.0 * num_tokens
         sequence_weight = sequence_weight * _safe_inverse(horizon)
-
-    loss = tl.zeros([SEQ_BLOCK], tl.float32)
+    if AGG == AGG_TOKEN_MEAN:
+        scale = token_weight
+    elif AGG == AGG_TOKEN_SUM:
+        scale = dp_size + 0.0 * num_tokens
+    else:
+        scale = sequence_weight
+    tl.debug_barrier()  # the factors' stores before their loads (by other threads)
     for start in range(0, num_seqs, SEQ_BLOCK):
         seqs = start + tl.arange(0, SEQ_BLOCK)
         in_bounds = seqs < num_seqs
-        tokens, row_loss = _sequence_sums(
-            stats_ptr, tile_offsets_ptr, seqs, in_bounds, num_slots, tiles_per_seq, IS_VARLEN, TILES
-        )
-        if AGG == AGG_TOKEN_MEAN:
-            weight = token_weight + 0.0 * tokens
-        elif AGG == AGG_TOKEN_SUM:
-            weight = dp_size + 0.0 * tokens
-        elif AGG == AGG_SEQ_MEAN_TOKEN_MEAN:
-            weight = tl.where(tokens > 0, sequence_weight * _safe_inverse(tokens), 0.0)
-        else:
-            weight = tl.where(tokens > 0, sequence_weight, 0.0)
-        tl.store(row_scale_ptr + seqs, weight, mask=in_bounds)
-        loss += tl.where(in_bounds, weight * row_loss, 0.0)
+        factor = tl.load(row_scale_ptr + seqs, mask=in_bounds, other=0.0, volatile=True)
+        tl.store(row_scale_ptr + seqs, scale * factor, mask=in_bounds)
 
     per_token = _safe_inverse(num_tokens)
     has_tokens = num_tokens > 0
@@ -177,7 +222,7 @@ def kpo_loss_finalize_kernel(
     # A NaN at a valid token shows in the sums; maxima must not hide it (GPU max ignores NaN).
     ratio_max = tl.where(ratio_sum != ratio_sum, ratio_sum, tl.where(has_tokens, tl.max(ratio_max_acc, 0), 0.0))
     raw_max = tl.where(raw_sum != raw_sum, raw_sum, tl.where(has_tokens, tl.max(raw_max_acc, 0), 0.0))
-    tl.store(loss_ptr, tl.sum(loss, 0))
+    tl.store(loss_ptr, scale * tl.sum(loss, 0))
     tl.store(metrics_ptr + 0, tl.sum(clipped_acc, 0) * per_token)
     tl.store(metrics_ptr + 1, tl.sum(lower_acc, 0) * per_token)
     tl.store(metrics_ptr + 2, tl.sum(neg_z_acc, 0) * per_token)

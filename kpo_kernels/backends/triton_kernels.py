@@ -20,9 +20,11 @@ depend on the gain index. `chunk_maps_kernel` composes a chunk's tile maps (pass
 every tile) into its maps per sequence.
 
 The main loss kernel stores per tile the statistics of aggregation.STAT_NAMES and d loss /
-d log_prob without the aggregation weight; `kpo_loss_finalize_kernel` (one program) turns the
-statistics into per-sequence weights, the loss and the metrics; backward multiplies the stored
-derivative by grad_output and the sequence's weight.
+d log_prob without the aggregation weight; its last program to finish (a count of finished
+programs, triton_launch.FinishCounters) runs the finalize (triton_finalize.finalize), which turns
+the statistics into per-sequence weights, the loss and the metrics: no launch of its own
+(`kpo_loss_finalize_kernel` runs it alone for a batch without tiles); backward multiplies the
+stored derivative by grad_output and the sequence's weight.
 
 The filter and the loss compute in float32 whatever the input dtype (the noise fit's sums and
 search are float64). NaN propagates through every `where` on purpose (tl.minimum/maximum would

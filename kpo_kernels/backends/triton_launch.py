@@ -1,10 +1,12 @@
 """The Triton backend's launch configuration: block, warps and the cut of sequences into tiles
 (`LaunchPlan`, mixed into `TritonBackend`), and the kernels' module, imported once here."""
 
+import collections
 import dataclasses
 import functools
 import math
 import struct
+import threading
 
 import torch
 
@@ -101,6 +103,49 @@ def _finalize_launch(tiles):
     if tiles == 1:
         return dict(SEQ_BLOCK=512, TILES=1, num_warps=4)
     return dict(SEQ_BLOCK=4096 // tiles, TILES=tiles, num_warps=8)
+
+
+def _fused_finalize_launch(tiles, warps):
+    """The finalize's per-sequence layout inside the fused forward's last program of `warps`
+    warps: one tile slot and one (sequence, tile) value a thread per step. The finalize's
+    loops then hold few values a thread: every register they took would be the forward's too,
+    and cost its main loop occupancy (tests/test_compile_sm90.py compares with the forward alone)."""
+    values = 32 * warps
+    return dict(BLOCK_S=max(16, values), SEQ_BLOCK=max(1, values // tiles), TILES=min(tiles, values))
+
+
+class FinishCounters:
+    """The fused forward's count of finished programs (kpo_loss_fwd_kernel's done_ptr), 0
+    between launches (the last program sets it back). On CUDA one int32 per device and stream:
+    launches in one stream run one after another, so they take turns with it, and never share
+    it with another stream's. While a CUDA graph is captured, a count of that launch alone,
+    zeroed inside the graph. Under the interpreter (kernels run in the calling thread) one per
+    thread."""
+
+    MOST = 64  # streams remembered; a forgotten count is freed in its stream's order, as any tensor
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts = collections.OrderedDict()
+
+    def get(self, device):
+        if tables.capturing(device):
+            return torch.zeros(1, dtype=torch.int32, device=device)
+        if device.type == "cuda":
+            key = (device, torch.cuda.current_stream(device).cuda_stream)
+        else:
+            key = (device, threading.get_ident())
+        with self._lock:
+            count = self._counts.get(key)
+            if count is None:
+                count = self._counts[key] = torch.zeros(1, dtype=torch.int32, device=device)
+                while len(self._counts) > self.MOST:
+                    self._counts.popitem(last=False)
+            self._counts.move_to_end(key)
+            return count
+
+
+FINISH_COUNTERS = FinishCounters()
 
 
 @functools.lru_cache(maxsize=None)

@@ -28,6 +28,7 @@ from .triton_common import (
     NO_SIGNS,
     NO_TOKEN,
 )
+from .triton_finalize import finalize
 
 # ----------------------------------------------------------------------------- the fused loss
 
@@ -78,6 +79,16 @@ def kpo_loss_fwd_kernel(
     log_dual_clip,
     log_2pi_r,
     inv_r,
+    done_ptr,
+    row_scale_ptr,
+    loss_ptr,
+    metrics_ptr,
+    dp_size,
+    token_count,
+    sequence_count,
+    token_count_ptr,
+    sequence_count_ptr,
+    loss_scale_factor,
     HAS_MASK: tl.constexpr,
     SKIP: tl.constexpr,
     ADV_PER_TOKEN: tl.constexpr,
@@ -92,13 +103,25 @@ def kpo_loss_fwd_kernel(
     HAS_STATE: tl.constexpr = False,
     DIAGNOSTICS: tl.constexpr = True,
     FLAT: tl.constexpr = False,
+    AGG: tl.constexpr = 0,
+    TOKEN_COUNT: tl.constexpr = 0,
+    SEQUENCE_COUNT: tl.constexpr = 0,
+    HAS_SCALE_FACTOR: tl.constexpr = False,
+    BLOCK_S: tl.constexpr = 1024,
+    SEQ_BLOCK: tl.constexpr = 512,
+    TILES: tl.constexpr = 1,
 ):
     """HAS_STATE: each sequence enters with the FilterState (state_x, state_count, state_sign)
     instead of (x0, 0, NO_TOKEN) (docs/math.md section 7). DIAGNOSTICS: False (metrics="basic")
     compiles out the section-5b diagnostics: their statistics rows stay 0. FLAT: every token
     input holds sequence s's token t at flat index seq_start + t, in its token strides (packed
     batches; padded ones whose every row stride is T token strides), as the gradient does; the
-    tiles and blocks are then aligned to that index (_locate, triton_launch.flat_layout)."""
+    tiles and blocks are then aligned to that index (_locate, triton_launch.flat_layout).
+
+    The last program to finish (a count at done_ptr, which it sets back to 0 for the next launch)
+    runs triton_finalize.finalize on every tile's statistics: the loss, the sequence weights and
+    the metrics, without a launch of their own. AGG .. TILES and the arguments from done_ptr on
+    are finalize's (its loops' layout from triton_launch._fused_finalize_launch)."""
     seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
         cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN, FLAT
     )
@@ -262,6 +285,15 @@ def kpo_loss_fwd_kernel(
     tl.store(out + 15 * num_slots, high)
     tl.store(out + 16 * num_slots, low)
     tl.store(out + 17 * num_slots, _unpack3_sum(counts_b, 2))
+
+    tl.debug_barrier()  # every thread's stores before the count's release
+    if tl.atomic_add(done_ptr, 1) == tl.num_programs(0) * tl.num_programs(1) - 1:
+        finalize(
+            stats_ptr, tile_offsets_ptr, cu_seqlens_ptr, row_scale_ptr, loss_ptr, metrics_ptr, num_seqs, num_slots,
+            tl.num_programs(1), T, dp_size, token_count, sequence_count, token_count_ptr, sequence_count_ptr,
+            loss_scale_factor, AGG, TOKEN_COUNT, SEQUENCE_COUNT, HAS_SCALE_FACTOR, IS_VARLEN, BLOCK_S, SEQ_BLOCK, TILES,
+        )
+        tl.atomic_xchg(done_ptr, 0)
 
 
 @triton.jit
