@@ -11,7 +11,9 @@ Triton's launch-time specialisation for sm_90a, and reads from the cubin and its
   global loads/stores by width; per token: loop instructions x warps / BLOCK tokens per pass;
 - bytes: every tensor argument touched once (inputs read, outputs written; a lower bound);
 - the tail of the fused forward (FINISHING_KERNELS: the SASS after its atomic count of finished
-  programs, the finalize its last program runs): once, on one SM, after everything else.
+  programs, the finalize its last program runs): once, on one SM, after everything else;
+- the step's torch launches: an asynchronous assertion of the flag the kernels write for packed
+  offsets and for masks other than bool (their values, checked on the way), LAUNCH_US each.
 
 Then a roofline per kernel: time = max(issue, bandwidth) + tail + a launch cost, where issue =
 ceil(programs / SMs) x warp-instructions per program / (4 schedulers x clock x ISSUE_EFFICIENCY)
@@ -59,7 +61,7 @@ LAUNCH_US = 2.0  # device-side cost of one kernel launch back to back in a strea
 ISSUE_EFFICIENCY = 0.55
 REGISTER_FILE, MAX_WARPS, MAX_PROGRAMS, SHARED_BYTES = 65536, 64, 32, 228 * 1024
 DEFAULT_CASES = ("64x4096:fp32,512x8192:fp32,512x8192:bf16,512x8192:bf16:packed,2x131072:fp32,8x131072:bf16,"
-                 "512x8192:fp32:basic,512x8192:bf16:packed:basic")
+                 "512x8192:fp32:basic,512x8192:bf16:packed:basic,512x8192:fp32:int64mask")
 
 
 def parse_cases(text):
@@ -69,14 +71,15 @@ def parse_cases(text):
         rows, length = (int(v) for v in parts[0].split("x"))
         flags = parts[2:]
         cases.append((Case(rows, length, DTYPES[parts[1] if len(parts) > 1 else "fp32"]), "packed" in flags,
-                      "basic" if "basic" in flags else "full"))
+                      "basic" if "basic" in flags else "full", torch.int64 if "int64mask" in flags else torch.bool))
     return cases
 
 
-def _fused_step(case, packed, metrics="full"):
+def _fused_step(case, packed, metrics="full", mask_dtype=torch.bool):
     """One forward + backward of kpo_loss as the Triton backend runs it (values irrelevant), and
     the tokens its kernels walk (B x T padded; the valid tokens of the stream packed). metrics:
-    kpo_loss's option ("basic": the diagnostics compiled out)."""
+    kpo_loss's option ("basic": the diagnostics compiled out). mask_dtype: the padded mask's
+    (int64: verl's response masks; the forward checks the values of a mask other than bool)."""
     batch = rl_batch(case.rows, case.length, dtype=case.dtype, device="cpu")
     if packed:
         lengths = batch["mask"].sum(1)
@@ -84,7 +87,7 @@ def _fused_step(case, packed, metrics="full"):
         args = (batch["log_prob"][batch["mask"]], batch["old_log_prob"][batch["mask"]], batch["advantages"][:, None], None)
         extra, tokens = {"cu_seqlens": cu}, int(lengths.sum())
     else:
-        args, extra = (batch["log_prob"], batch["old_log_prob"], batch["advantages"], batch["mask"]), {}
+        args, extra = (batch["log_prob"], batch["old_log_prob"], batch["advantages"], batch["mask"].to(mask_dtype)), {}
         tokens = case.tokens
 
     def run():
@@ -177,18 +180,22 @@ def roofline(row, machine):
             "bound": "issue" if issue_us > bandwidth_us else "bandwidth"}
 
 
-def model_case(case, packed, metrics="full"):
-    run, tokens = _fused_step(case, packed, metrics)
+def model_case(case, packed, metrics="full", mask_dtype=torch.bool):
+    run, tokens = _fused_step(case, packed, metrics, mask_dtype)
     rows = []
     for kernel, grid, args, kwargs in sm90.record(run):
         row = analyse(kernel, grid, args, kwargs, tokens)
         row.update({m.name: roofline(row, m) for m in MACHINES})
         rows.append(row)
     label = case.label + (" packed" if packed else "") + (" metrics=basic" if metrics == "basic" else "")
-    step = {m.name: sum(r[m.name]["model_us"] for r in rows) for m in MACHINES}
+    label += "" if mask_dtype == torch.bool else f" {str(mask_dtype).split('.')[-1]} mask"
+    # torch launches of the step besides the kernels: torch._assert_async of the flags the
+    # kernels write, for the packed offsets' values and for a mask other than bool's
+    torch_launches = ["aten._assert_async.msg"] * (int(packed) + int(mask_dtype != torch.bool))
+    step = {m.name: sum(r[m.name]["model_us"] for r in rows) + LAUNCH_US * len(torch_launches) for m in MACHINES}
     moved = fused_bytes(case) * tokens // case.tokens  # packed: only the valid tokens travel
     floor = {m.name: moved / (m.copy_tbps * 1e6) for m in MACHINES}
-    return {"case": label, "tokens": tokens, "fused_bytes": moved, "launches": rows,
+    return {"case": label, "tokens": tokens, "fused_bytes": moved, "launches": rows, "torch_launches": torch_launches,
             "step_us": step, "copy_floor_us": floor}
 
 
@@ -208,12 +215,13 @@ def report(results):
                 f" {h['waves']} waves,{per_token} {r['loop_barriers']} bar/pass, LDG {loads};"
                 f" H200 {h['model_us']:.1f} us ({h['bound']})"
             )
+        lines.extend(f"  {name:26s} one launch, {LAUNCH_US:.1f} us" for name in result.get("torch_launches", []))
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=DEFAULT_CASES, help="ROWSxLENGTH:DTYPE[:packed], comma-separated")
+    parser.add_argument("--cases", default=DEFAULT_CASES, help="ROWSxLENGTH:DTYPE[:packed][:basic][:int64mask], comma-separated")
     parser.add_argument("--json", help="write the model here")
     args = parser.parse_args(argv)
     cases = parse_cases(args.cases)

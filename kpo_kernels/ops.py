@@ -239,10 +239,12 @@ def kpo_loss(
     backend: str,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    check_cu_seqlens_values(cu_seqlens, log_prob.shape[0])
-    check_mask_values(mask)
-    state = _state(state_x, state_count, state_sign)
     impl = lookup(backend)
+    if not impl.checks_cu_seqlens_values(cu_seqlens):
+        check_cu_seqlens_values(cu_seqlens, log_prob.shape[0])
+    if not impl.checks_mask_values(mask):
+        check_mask_values(mask)
+    state = _state(state_x, state_count, state_sign)
     batch = TokenBatch(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens, advantages_per_token)
     numbers = zip(_LOSS_NUMBERS, (q, r, p0, x0, clip_low, clip_high, dual_clip, log_ratio_cap, loss_scale_factor))
     given = {

@@ -70,9 +70,15 @@ def check_mask_values(mask, name="mask"):
     call). A bool mask needs no check at all."""
     if mask is None or mask.dtype == torch.bool or not mask.numel():
         return
-    binary = ((mask == 0) | (mask == 1)).all()
+    assert_mask_values(((mask == 0) | (mask == 1)).all(), name)
+
+
+def assert_mask_values(binary, name="mask"):
+    """Raise (CPU) or assert asynchronously (an accelerator) that `binary`, a one-element tensor,
+    is true: the mask's values were all 0 or 1 (check_mask_values; the Triton loss's forward
+    checks them itself)."""
     message = f"{name} must hold only 0 and 1 (got other values, or NaN); pass weights as is_weights"
-    if mask.device.type == "cpu":
+    if binary.device.type == "cpu":
         if not bool(binary):
             raise ValueError(message)
     else:
@@ -128,6 +134,19 @@ def check_cu_seqlens_values(cu_seqlens, num_tokens):
         torch._assert_async(first == 0, "cu_seqlens must start at 0")
         torch._assert_async((steps >= 0).all(), "cu_seqlens must be non-decreasing")
         torch._assert_async(last == num_tokens, "cu_seqlens must end at the number of tokens")
+
+
+def assert_cu_seqlens_values(valid, num_tokens):
+    """Raise (CPU) or assert asynchronously (an accelerator) that `valid`, a one-element tensor,
+    is true: offsets starting at 0, never decreasing and ending at num_tokens (the Triton loss's
+    tile-offsets kernel reads them on the way, where check_cu_seqlens_values launches eight
+    kernels on a GPU)."""
+    message = f"cu_seqlens must start at 0, never decrease and end at the number of tokens ({num_tokens})"
+    if valid.device.type == "cpu":
+        if not bool(valid):
+            raise ValueError(message)
+    else:
+        torch._assert_async(valid, message)
 
 
 def _advantages(value, shape, cu_seqlens, device):

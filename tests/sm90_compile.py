@@ -161,6 +161,16 @@ def cases():
     yield "loss-two-tiles-a-row", loss_run(two_tiles, {}, kpo_kernels.TritonBackend(tile_size=1024))
     one_row = make_batch(1, 16, seed=2, dtype=torch.float16, layout="none")
     yield "loss-one-row-16-position", loss_run(one_row, {"mask_mode": "position"})
+    # Masks other than bool: the forward checks their values as it reads them (CHECK_MASK), as
+    # verl's int64 response masks and TRL's int32 completion masks arrive; float masks as bits.
+    for label, mask_dtype, data_dtype, options in (
+        ("int64", torch.int64, torch.float32, {}), ("int32-basic", torch.int32, torch.bfloat16, {"metrics": "basic"}),
+        ("float32", torch.float32, torch.float32, {}), ("bfloat16", torch.bfloat16, torch.bfloat16, {}),
+    ):
+        batch = make_batch(3, 700, seed=3, dtype=data_dtype, layout="holes")
+        batch["mask"] = batch["mask"].to(mask_dtype)
+        yield f"loss-{label}-mask", loss_run(batch, options)
+        yield f"loss-{label}-mask-packed-tiled", loss_run(packed(batch), options, kpo_kernels.TritonBackend(tile_size=256))
     # Rows of no tokens: no forward program, so the finalize runs on its own (the forward's
     # last program runs it otherwise).
     yield "loss-rows-of-no-tokens", loss_run(make_batch(3, 0, seed=2, layout="none"), {})

@@ -163,7 +163,7 @@ def test_the_forward_finalizes_in_its_last_program_launch_after_launch():
         torch.testing.assert_close(got[2].double(), want[2].double(), rtol=1e-5, atol=1e-7)
         for key in want[1]:
             torch.testing.assert_close(got[1][key].double(), want[1][key].double(), rtol=1e-5, atol=1e-7, msg=key)
-        assert int(FINISH_COUNTERS.get(torch.device(DEVICE)).item()) == 0
+        assert FINISH_COUNTERS.get(torch.device(DEVICE)).tolist() == [0, 0]  # the count and the mask flag
 
 
 def test_finish_counters_per_stream_thread_and_capture(monkeypatch):
@@ -176,7 +176,7 @@ def test_finish_counters_per_stream_thread_and_capture(monkeypatch):
     counters = FinishCounters()
     device = torch.device("cpu")
     here = counters.get(device)
-    assert counters.get(device) is here and here.dtype == torch.int32 and int(here.item()) == 0
+    assert counters.get(device) is here and here.dtype == torch.int32 and here.tolist() == [0, 0]
     others = []
     thread = __import__("threading").Thread(target=lambda: others.append(counters.get(device)))
     thread.start()
@@ -184,7 +184,7 @@ def test_finish_counters_per_stream_thread_and_capture(monkeypatch):
     assert others[0] is not here
     monkeypatch.setattr(tables, "capturing", lambda device: True)
     first, second = counters.get(device), counters.get(device)
-    assert first is not second and first is not here and int(first.item()) == 0
+    assert first is not second and first is not here and first.tolist() == [0, 0]
     monkeypatch.undo()
     idents = iter(range(10**6, 10**6 + FinishCounters.MOST + 5))  # threads that come and go (idents are reused)
     monkeypatch.setattr(triton_launch.threading, "get_ident", lambda: next(idents))

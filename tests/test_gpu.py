@@ -50,6 +50,9 @@ def test_no_host_synchronisation():
         loss.backward()
         basic, _ = kpo_kernels.kpo_loss(log_prob, **batch, metrics="basic")
         basic.backward()
+        # An int64 mask (verl's): its values checked by the forward, asserted asynchronously.
+        loss, metrics = kpo_kernels.kpo_loss(log_prob, **{**batch, "mask": batch["mask"].long()})
+        loss.backward()
         # The per-step noise fit of a padded batch (estimate_noise reads nothing back off the CPU).
         fit = kpo_kernels.estimate_noise((log_prob - batch["old_log_prob"]).detach(), batch["mask"], max_tokens=6000)
     finally:
@@ -184,7 +187,31 @@ def test_losses_on_two_streams_at_once_match_each_alone():
     for i, got in enumerate(results):
         for name, value, expected in zip(("loss", "metrics", "grad"), got, want[i % 2]):
             assert torch.equal(value.nan_to_num(), expected.nan_to_num()), (i, name)
-    assert all(int(count.item()) == 0 for count in FINISH_COUNTERS._counts.values())
+    assert all(count.tolist() == [0, 0] for count in FINISH_COUNTERS._counts.values())
+
+
+@pytest.mark.parametrize("case", ["mask", "offsets"])
+def test_values_checked_by_the_kernels_fail_the_next_synchronisation(case):
+    """On CUDA the forward checks an int64 mask as it reads it, the tile-offsets kernel packed
+    offsets, each asserted asynchronously (TritonBackend.checks_mask_values,
+    checks_cu_seqlens_values): a mask value of 2, offsets ending past the tokens, fail the next
+    synchronising call with a device-side assertion. In a child process: a device-side assertion
+    leaves the CUDA context unusable."""
+    import subprocess
+    import sys
+
+    call = {
+        "mask": "mask = torch.ones(4, 300, dtype=torch.int64, device='cuda'); mask[2, 77] = 2\n"
+                "x = torch.zeros(4, 300, device='cuda')\n"
+                "loss, _ = kpo_kernels.kpo_loss(x, x, torch.ones(4, device='cuda'), mask, backend='triton')\n",
+        "offsets": "x = torch.zeros(1200, device='cuda')\n"
+                   "cu = torch.tensor([0, 300, 900, 1201], dtype=torch.int32, device='cuda')\n"
+                   "loss, _ = kpo_kernels.kpo_loss(x, x, torch.ones(3, 1, device='cuda'), cu_seqlens=cu, backend='triton')\n",
+    }[case]
+    script = "import torch, kpo_kernels\n" + call + "print('launched', flush=True)\ntorch.cuda.synchronize()\n"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "launched" in proc.stdout and proc.returncode != 0, (proc.stdout, proc.stderr[-2000:])
+    assert "device-side assert" in proc.stderr or "must" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_opcheck_on_cuda():

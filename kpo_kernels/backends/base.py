@@ -62,8 +62,19 @@ class Backend:
 
     def loss_forward(self, batch, options, need_grad, state=None):
         """Returns a `LossForward` for a checked `TokenBatch` and `LossOptions`; `state` as in
-        `filter`."""
+        `filter`. Where `checks_mask_values(batch.mask)`, it also checks that the mask's values
+        are 0 or 1 (tensor_checks.assert_mask_values)."""
         raise NotImplementedError
+
+    def checks_cu_seqlens_values(self, cu_seqlens):
+        """Whether `loss_forward` checks the offsets' values itself, before any kernel reads its
+        tiles (in place of tensor_checks.check_cu_seqlens_values's own kernels)."""
+        return False
+
+    def checks_mask_values(self, mask):
+        """Whether `loss_forward` checks the mask's values itself (on the way, in place of
+        tensor_checks.check_mask_values's own passes over the mask)."""
+        return False
 
     def chunk_maps(self, log_prob, old_log_prob, mask, options, cu_seqlens, count):
         """The `state.ChunkMaps` of each sequence of a (B, T) or packed (N,) batch of log-ratios

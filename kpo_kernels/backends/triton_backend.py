@@ -9,6 +9,7 @@ from .. import tables
 from ..gains import saturation_index
 from ..options import METRIC_NAMES
 from ..state import ChunkMaps
+from ..tensor_checks import assert_cu_seqlens_values, assert_mask_values
 from ..validation import check_bool, check_count
 from .aggregation import NUM_STATS
 from .base import Backend, LossForward, log1p_neg
@@ -26,6 +27,7 @@ from .triton_launch import (  # noqa: F401 (facts of the backend that tests and 
     _finalize_tiles_per_step,
     _fused_finalize_launch,
     FINISH_COUNTERS,
+    float_one_bits,
     _IMPORT_ERROR,
     _pow2_at_least,
     _SAME_SIZE_INT,
@@ -273,6 +275,8 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
         # Packed batches need their tile table even without tokens (the finalize reads it).
         empty = batch.log_prob.numel() == 0 and batch.cu_seqlens is None
         block, warps, tiling = (None, None, None) if empty else self._plan(batch.shape, batch.cu_seqlens, device)
+        if tiling is not None and tiling.varlen:  # before any kernel reads the tiles (on the CPU the op checked before)
+            assert_cu_seqlens_values(tiling.offsets_valid, batch.shape[0])
         slots = 0 if empty else tiling.num_slots
         stats = self._empty((NUM_STATS, slots), torch.float32, device)
         grad = self._empty(batch.shape, _derivative_dtype(batch.log_prob.dtype), device) if need_grad else None
@@ -280,13 +284,32 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
         loss, metrics = self._empty((), torch.float32, device), self._empty((len(METRIC_NAMES),), torch.float32, device)
         finish, finish_settings = self._finalize_arguments(batch, options, tiling, stats, row_scale, loss, metrics)
         if slots > 0:  # the forward's last program finalizes
-            self._launch_loss(batch, options, tiling, stats, grad, block, warps, finish, finish_settings, state)
+            # a mask other than bool: its values checked on the way (on the CPU also before, by
+            # the op: this confirms the kernel's check, which CUDA relies on)
+            check = batch.mask is not None and batch.mask.dtype != torch.bool
+            mask_ok = torch.empty(1, dtype=torch.int32, device=device) if check else None
+            self._launch_loss(batch, options, tiling, stats, grad, block, warps, finish, finish_settings, state, mask_ok)
+            if check:
+                assert_mask_values(mask_ok)
         else:
             tiles = _finalize_tiles_per_step(tiling)
             kernels.kpo_loss_finalize_kernel[(1,)](stats, *finish, **finish_settings, BLOCK_S=1024, **_finalize_launch(tiles))
         return LossForward(loss=loss, metrics=metrics, grad=grad, row_scale=row_scale)
 
-    def _launch_loss(self, batch, options, tiling, stats, grad, block, warps, finish, finish_settings, state=None):
+    def checks_cu_seqlens_values(self, cu_seqlens):
+        """On CUDA the tile-offsets kernel checks packed offsets as it reads them (one flag and one
+        asynchronous assertion before the loss's other kernels, where
+        tensor_checks.check_cu_seqlens_values launches eight); elsewhere the op checks them first."""
+        return cu_seqlens is not None and cu_seqlens.device.type == "cuda"
+
+    def checks_mask_values(self, mask):
+        """On CUDA the forward checks the values of a mask other than bool as it reads them (one
+        flag and one asynchronous assertion, where tensor_checks.check_mask_values costs four
+        passes over the mask); elsewhere the mask is checked before any kernel runs."""
+        return mask is not None and mask.dtype != torch.bool and mask.device.type == "cuda"
+
+    def _launch_loss(self, batch, options, tiling, stats, grad, block, warps, finish, finish_settings, state=None,
+                     mask_ok=None):
         filt = options.filter
         varlen = tiling.varlen
         state_x, state_count, state_sign = self._state_args(state)
@@ -326,6 +349,8 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             math.log(2 * math.pi * filt.r),
             1.0 / filt.r,
             FINISH_COUNTERS.get(batch.device),
+            mask_ok if mask_ok is not None else stats,
+            float_one_bits(mask.dtype) if mask is not None and mask.dtype.is_floating_point else 1,
             *finish[2:5],  # row_scale, loss, metrics
             *finish[9:],  # dp_size .. loss_scale_factor
             HAS_MASK=mask is not None,
@@ -344,6 +369,8 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             DIAGNOSTICS=options.diagnostics,
             FLAT=flat,
             **finish_settings,
+            CHECK_MASK=mask_ok is not None,
+            FLOAT_MASK=mask is not None and mask.dtype.is_floating_point,
         )
 
     def _finalize_arguments(self, batch, options, tiling, stats, row_scale, loss, metrics):

@@ -277,6 +277,18 @@ def _load_valid(mask_row, stride, pos, in_bounds, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _load_checked_valid(mask_row, stride, pos, in_bounds, one, FLOAT_MASK: tl.constexpr):
+    """(the mask as bools, as _load_valid reads it; where its value is neither 0 nor 1, NaN
+    included). Integer masks: any value but 0 and 1 has a bit set above the lowest. Float masks (as the integers of their
+    bits): bits other than the sign's set, and not `one`, the bits of 1.0 in the mask's dtype."""
+    value = tl.load(mask_row + pos * stride, mask=in_bounds, other=0)
+    if FLOAT_MASK:
+        nonzero = (value << 1) != 0
+        return nonzero & in_bounds, nonzero & (value != one)
+    return (value != 0) & in_bounds, (value >> 1) != 0
+
+
+@triton.jit
 def _load_log_ratio(new_row, old_row, stride_new, stride_old, pos, valid, HAS_OLD: tl.constexpr):
     """z = new - old (or new alone), 0 where not valid. Garbage under the mask is never read."""
     z = tl.load(new_row + pos * stride_new, mask=valid, other=0.0).to(tl.float32)

@@ -114,9 +114,17 @@ def _fused_finalize_launch(tiles, warps):
     return dict(BLOCK_S=max(16, values), SEQ_BLOCK=max(1, values // tiles), TILES=min(tiles, values))
 
 
+@functools.lru_cache(maxsize=None)
+def float_one_bits(dtype):
+    """The bits of 1.0 in a float dtype, as the signed integer of its size (how the kernels read
+    a float mask: TritonBackend._mask)."""
+    return int(torch.tensor(1.0, dtype=dtype).view(_SAME_SIZE_INT[torch.finfo(dtype).bits // 8]))
+
+
 class FinishCounters:
-    """The fused forward's count of finished programs (kpo_loss_fwd_kernel's done_ptr), 0
-    between launches (the last program sets it back). On CUDA one int32 per device and stream:
+    """The fused forward's count of finished programs and its mask-values flag
+    (kpo_loss_fwd_kernel's done_ptr: two int32), 0 between launches (the last program sets them
+    back). On CUDA one pair per device and stream:
     launches in one stream run one after another, so they take turns with it, and never share
     it with another stream's. While a CUDA graph is captured, a count of that launch alone,
     zeroed inside the graph. Under the interpreter (kernels run in the calling thread) one per
@@ -130,7 +138,7 @@ class FinishCounters:
 
     def get(self, device):
         if tables.capturing(device):
-            return torch.zeros(1, dtype=torch.int32, device=device)
+            return torch.zeros(2, dtype=torch.int32, device=device)
         if device.type == "cuda":
             key = (device, torch.cuda.current_stream(device).cuda_stream)
         else:
@@ -138,7 +146,7 @@ class FinishCounters:
         with self._lock:
             count = self._counts.get(key)
             if count is None:
-                count = self._counts[key] = torch.zeros(1, dtype=torch.int32, device=device)
+                count = self._counts[key] = torch.zeros(2, dtype=torch.int32, device=device)
                 while len(self._counts) > self.MOST:
                     self._counts.popitem(last=False)
             self._counts.move_to_end(key)
@@ -168,6 +176,7 @@ class _Tiling:
     cu_seqlens: torch.Tensor  # the packed offsets (a dummy for padded batches)
     tile_offsets: torch.Tensor  # first tile slot of each sequence (a dummy for padded batches)
     longest: int  # a bound of the sequence length (T; packed: the longest, or N): the gain table's length
+    offsets_valid: torch.Tensor = None  # packed: 1 if cu_seqlens's values are valid, else 0 (tile_offsets_kernel)
 
     @property
     def tiles_per_seq(self):
@@ -237,11 +246,12 @@ class LaunchPlan:
         tokens, sequences = shape[0], cu_seqlens.numel() - 1
         tile = self._tile(sequences, tokens, max(tokens, 1), block, device)
         slots = _cdiv(tokens, tile) + sequences
-        offsets = torch.empty(sequences + 1, dtype=torch.int32, device=device)
-        kernels.tile_offsets_kernel[(1,)](cu_seqlens, offsets, sequences, tile, BLOCK_S=1024)
+        offsets = torch.empty(sequences + 2, dtype=torch.int32, device=device)  # and the offsets' validity
+        kernels.tile_offsets_kernel[(1,)](cu_seqlens, offsets, offsets[sequences + 1:], sequences, tokens, tile, BLOCK_S=1024)
         steps = max(1, sequences.bit_length())
         longest = tables.packed_longest(cu_seqlens, tokens)  # the tables' length bound
-        return _Tiling(True, sequences, 0, tile, slots, (slots,), tokens > tile, steps, cu_seqlens, offsets, max(longest, 1))
+        return _Tiling(True, sequences, 0, tile, slots, (slots,), tokens > tile, steps, cu_seqlens, offsets[: sequences + 1],
+                       max(longest, 1), offsets[sequences + 1:])
 
 
 def flat_layout(varlen, width, block, tensors):

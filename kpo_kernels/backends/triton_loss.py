@@ -21,6 +21,7 @@ from .triton_common import (
     _locate,
     _seq_base,
     _load_valid,
+    _load_checked_valid,
     _load_log_ratio,
     _tile_seen,
     _entering_state,
@@ -80,6 +81,8 @@ def kpo_loss_fwd_kernel(
     log_2pi_r,
     inv_r,
     done_ptr,
+    mask_ok_ptr,
+    mask_one,
     row_scale_ptr,
     loss_ptr,
     metrics_ptr,
@@ -110,6 +113,8 @@ def kpo_loss_fwd_kernel(
     BLOCK_S: tl.constexpr = 1024,
     SEQ_BLOCK: tl.constexpr = 512,
     TILES: tl.constexpr = 1,
+    CHECK_MASK: tl.constexpr = False,
+    FLOAT_MASK: tl.constexpr = False,
 ):
     """HAS_STATE: each sequence enters with the FilterState (state_x, state_count, state_sign)
     instead of (x0, 0, NO_TOKEN) (docs/math.md section 7). DIAGNOSTICS: False (metrics="basic")
@@ -120,7 +125,10 @@ def kpo_loss_fwd_kernel(
 
     The last program to finish (a count at done_ptr, which it sets back to 0 for the next launch)
     runs triton_finalize.finalize on every tile's statistics: the loss, the sequence weights and
-    the metrics, without a launch of their own. AGG .. TILES and the arguments from done_ptr on
+    the metrics, without a launch of their own. CHECK_MASK (masks other than bool): every mask
+    value must be 0 or 1 (FLOAT_MASK: a float mask's bits, mask_one those of 1.0 in its dtype);
+    a program that reads another sets done_ptr[1], and the last program writes 1 (all were) or
+    0 to mask_ok_ptr and sets done_ptr[1] back to 0. AGG .. TILES and the arguments from done_ptr on
     are finalize's (its loops' layout from triton_launch._fused_finalize_launch)."""
     seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
         cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN, FLAT
@@ -161,6 +169,7 @@ def kpo_loss_fwd_kernel(
     ratio_max = tl.full([BLOCK], float("-inf"), tl.float32)
     raw_sum = tl.zeros([BLOCK], tl.float32)
     raw_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    mask_errors = tl.zeros([BLOCK], tl.int1)
 
     # FLAT: the blocks start at tokens whose flat index is a multiple of 16 (a sequence's first
     # block reaches back to one, its lanes before tile_start out of bounds; _locate puts the
@@ -185,7 +194,11 @@ def kpo_loss_fwd_kernel(
             grad_block = grad_row + start
             if ADV_PER_TOKEN:
                 adv_block = adv_row + start * stride_adv_tok
-        valid = _load_valid(mask_block, stride_mask_tok, lanes, in_bounds, HAS_MASK)
+        if CHECK_MASK:
+            valid, not_binary = _load_checked_valid(mask_block, stride_mask_tok, lanes, in_bounds, mask_one, FLOAT_MASK)
+            mask_errors |= not_binary
+        else:
+            valid = _load_valid(mask_block, stride_mask_tok, lanes, in_bounds, HAS_MASK)
         z = _load_log_ratio(lp_block, old_block, stride_lp_tok, stride_old_tok, lanes, valid, True)
         index = pos + offset if HAS_STATE else pos  # the gain index in position mode
         if DIAGNOSTICS:
@@ -286,6 +299,9 @@ def kpo_loss_fwd_kernel(
     tl.store(out + 16 * num_slots, low)
     tl.store(out + 17 * num_slots, _unpack3_sum(counts_b, 2))
 
+    if CHECK_MASK:
+        if tl.max(mask_errors.to(tl.int32), 0) > 0:
+            tl.store(done_ptr + 1, 1)
     tl.debug_barrier()  # every thread's stores before the count's release
     if tl.atomic_add(done_ptr, 1) == tl.num_programs(0) * tl.num_programs(1) - 1:
         finalize(
@@ -293,6 +309,9 @@ def kpo_loss_fwd_kernel(
             tl.num_programs(1), T, dp_size, token_count, sequence_count, token_count_ptr, sequence_count_ptr,
             loss_scale_factor, AGG, TOKEN_COUNT, SEQUENCE_COUNT, HAS_SCALE_FACTOR, IS_VARLEN, BLOCK_S, SEQ_BLOCK, TILES,
         )
+        if CHECK_MASK:
+            tl.store(mask_ok_ptr, 1 - tl.load(done_ptr + 1, volatile=True))
+            tl.store(done_ptr + 1, 0)
         tl.atomic_xchg(done_ptr, 0)
 
 

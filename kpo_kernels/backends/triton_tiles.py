@@ -249,9 +249,14 @@ def chunk_maps_kernel(
 
 
 @triton.jit
-def tile_offsets_kernel(cu_seqlens_ptr, tile_offsets_ptr, num_seqs, tile_size, BLOCK_S: tl.constexpr):
-    """tile_offsets[s] = number of tiles of the sequences before s (num_seqs + 1 entries)."""
+def tile_offsets_kernel(cu_seqlens_ptr, tile_offsets_ptr, valid_ptr, num_seqs, num_tokens, tile_size,
+                        BLOCK_S: tl.constexpr):
+    """tile_offsets[s] = number of tiles of the sequences before s (num_seqs + 1 entries), and
+    valid_ptr[0] = 1 if the offsets start at 0, never decrease and end at num_tokens, else 0
+    (what tensor_checks.check_cu_seqlens_values asks, read on the way: TritonBackend asserts it
+    before any kernel that follows reads the tiles)."""
     carry = tl.program_id(0) * 0
+    decreasing = carry
     tl.store(tile_offsets_ptr, carry)
     for start in range(0, num_seqs, BLOCK_S):
         seqs = start + tl.arange(0, BLOCK_S)
@@ -259,7 +264,10 @@ def tile_offsets_kernel(cu_seqlens_ptr, tile_offsets_ptr, num_seqs, tile_size, B
         lengths = tl.load(cu_seqlens_ptr + seqs + 1, mask=in_bounds, other=0) - tl.load(
             cu_seqlens_ptr + seqs, mask=in_bounds, other=0
         )
-        tiles = ((lengths + tile_size - 1) // tile_size).to(tl.int32)
+        decreasing += tl.sum((lengths < 0).to(tl.int32), 0)
+        tiles = ((tl.maximum(lengths, 0) + tile_size - 1) // tile_size).to(tl.int32)
         ends = carry + tl.cumsum(tiles, 0)
         tl.store(tile_offsets_ptr + seqs + 1, ends, mask=in_bounds)
         carry += tl.sum(tiles, 0)
+    first, last = tl.load(cu_seqlens_ptr), tl.load(cu_seqlens_ptr + num_seqs)
+    tl.store(valid_ptr, ((first == 0) & (last == num_tokens) & (decreasing == 0)).to(tl.int32))
