@@ -163,8 +163,8 @@ def _ptxas_spill_bytes(ptx):
             handle.write(ptx)
         log = subprocess.run([_ptxas(), "--gpu-name", "sm_90a", "-v", source, "-o", source + ".cubin"],
                              capture_output=True, text=True, check=True).stderr
-    stores, loads = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups()
-    return int(stores) + int(loads)
+    # one line per function: the kernel's, and a function it calls (triton_finalize.finalize)
+    return sum(int(stores) + int(loads) for stores, loads in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log))
 
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
@@ -174,30 +174,6 @@ def sass(cubin):
     """The SASS of a one-kernel cubin: a list of (address, opcode with modifiers, operands)."""
     listing = _cuobjdump(cubin, "-sass")
     return [(int(m.group(1), 16), m.group(3), m.group(4).strip()) for m in _SASS_LINE.finditer(listing)]
-
-
-_SOURCE_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
-
-
-def sass_files(cubin):
-    """{address: the source file (base name) its instruction came from} of a one-kernel cubin,
-    from nvdisasm's line table (Triton compiles with line information; inlined device functions
-    name their own file)."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
-        handle.write(cubin)
-        handle.flush()
-        listing = subprocess.run([_tool("nvdisasm"), "-g", "-c", handle.name], capture_output=True, text=True,
-                                 check=True).stdout
-    files, current = {}, None
-    for line in listing.splitlines():
-        source = _SOURCE_LINE.search(line)
-        if source:
-            current = os.path.basename(source.group(1))
-            continue
-        instruction = _SASS_LINE.search(line)
-        if instruction:
-            files[int(instruction.group(1), 16)] = current
-    return files
 
 
 def loops(instructions):

@@ -11,7 +11,9 @@ Triton's launch-time specialisation for sm_90a, and reads from the cubin and its
   global loads/stores by width; per token: loop instructions x warps / BLOCK tokens per pass;
 - bytes: every tensor argument touched once (inputs read, outputs written; a lower bound);
 - the tail of the fused forward (FINISHING_KERNELS: the SASS after its atomic count of finished
-  programs, the finalize its last program runs): once, on one SM, after everything else;
+  programs, the finalize its last program runs): once, on one SM, after everything else, at
+  its instructions' issue time or FINALIZE_STEP_US a step of its loops (`finalize_steps`),
+  whichever is longer;
 - the step's torch launches: an asynchronous assertion of the flag the kernels write for packed
   offsets and for masks other than bool (their values, checked on the way), LAUNCH_US each.
 
@@ -126,6 +128,26 @@ def _memory_ops(body, prefix):
 # Kernels whose last program to finish runs more work after an atomic count of the finished
 # programs (the fused forward's finalize): that tail runs once, after every other program.
 FINISHING_KERNELS = ("kpo_loss_fwd_kernel",)
+FINALIZE_KERNEL = "kpo_loss_finalize_kernel"
+# A step of the finalize's loops waits for its loads from L2 (what other programs wrote) on one
+# SM: its time is the round trip, not the instructions. Measured: the finalize kernel of
+# 2026-12-04 took 4.4 us on an H200 at 512 x 8192 (profiler) in 11 such steps after a launch of
+# LAUNCH_US, 0.22 us a step.
+FINALIZE_STEP_US = 0.22
+
+
+def finalize_steps(kernel, grid, args, kwargs):
+    """The steps of triton_finalize.finalize's loops (the fused forward's tail, or the finalize
+    kernel): tile slots BLOCK_S at a time, sequences SEQ_BLOCK at a time and their tiles TILES
+    at a time, then the sequences again (row_scale's scaling)."""
+    named = dict(zip(kernel.arg_names, args))
+    slots, sequences = named["num_slots"], named["num_seqs"]
+    if kernel.fn.__name__ == FINALIZE_KERNEL or named["cu_seqlens_ptr"].numel() > 1:  # packed: the mean
+        tiles = math.ceil(slots / max(1, sequences))
+    else:
+        tiles = grid[1]
+    passes = math.ceil(sequences / kwargs["SEQ_BLOCK"])
+    return math.ceil(slots / kwargs["BLOCK_S"]) + passes * math.ceil(tiles / kwargs["TILES"]) + passes
 
 
 def finishing_tail(instructions):
@@ -162,6 +184,8 @@ def analyse(kernel, grid, args, kwargs, tokens):
     row["warp_instructions"] = outside + looped
     row["tail_instructions"] = len(tail)
     row["tail_warp_instructions"] = len(tail) * warps  # once, its loops counted once (as a one-program kernel's)
+    finalizing = kernel.fn.__name__ == FINALIZE_KERNEL or bool(tail)
+    row["finalize_steps"] = finalize_steps(kernel, grid, args, kwargs) if finalizing else 0
     return row
 
 
@@ -174,7 +198,10 @@ def roofline(row, machine):
     rate = 4 * machine.clock_ghz * 1e3 * ISSUE_EFFICIENCY  # warp-instructions per us on one SM
     issue_us = math.ceil(row["programs"] / machine.sms) * per_program / rate
     bandwidth_us = row["bytes"] / (machine.copy_tbps * 1e6)
-    tail_us = row.get("tail_warp_instructions", 0) / rate  # the last program's tail, on one SM after the rest
+    # the last program's tail, on one SM after the rest: its instructions, or its steps' waits
+    tail_us = max(row.get("tail_warp_instructions", 0) / rate, row.get("finalize_steps", 0) * FINALIZE_STEP_US)
+    if row.get("kernel") == FINALIZE_KERNEL:  # one program: all of it is its steps' waits or its instructions
+        issue_us = max(issue_us, row["finalize_steps"] * FINALIZE_STEP_US)
     return {"waves": waves, "issue_us": issue_us, "bandwidth_us": bandwidth_us, "tail_us": tail_us,
             "model_us": max(issue_us, bandwidth_us) + tail_us + LAUNCH_US,
             "bound": "issue" if issue_us > bandwidth_us else "bandwidth"}

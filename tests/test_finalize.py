@@ -1,12 +1,13 @@
-"""The finalize kernel sums each sequence's tiles 1, 16 or 128 at a time (many sequences of one
-tile; a few cut into tens, or into hundreds of tiles).
+"""The finalize (triton_finalize.finalize) sums each sequence's tiles 1, 16 or 128 at a time
+(many sequences of one tile; a few cut into tens, or into hundreds of tiles).
 
-- The kernel alone, on made-up tile statistics: every (tiles per step, sequences per step),
-  with several steps over the tiles and over the sequences, empty sequences and every
-  aggregation, gives what one tile per step gives (the path the rest of the suite checks
-  against the torch backend).
-- Through `kpo_loss`: the launcher picks the wider paths for rows cut into many tiles, and they
-  give the torch backend's loss, metrics and gradient.
+- The finalize kernel alone (what a batch without tiles launches), on made-up tile statistics:
+  every (tiles per step, sequences per step), with several steps over the tiles and over the
+  sequences, empty sequences and every aggregation, gives what one tile per step gives.
+- Through `kpo_loss`, where the forward's last program finalizes (its layout from
+  triton_launch._fused_finalize_launch: at 16-token blocks, one warp, at most 32 tiles a step):
+  rows cut into many tiles give the torch backend's loss, metrics and gradient.
+- The forward's finish count: launch after launch, and per stream, thread and graph capture.
 """
 
 import pytest
@@ -88,7 +89,8 @@ def test_every_width_of_the_finalize_gives_the_same_results(shape, agg):
         torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0, msg=f"{per_step} tiles per step")
 
 
-# (rows, tiles per row, tiles per step the launcher picks): 16 tokens per block and per tile.
+# (rows, tiles per row, tiles per step _finalize_tiles_per_step picks): 16 tokens per block and per
+# tile (the forward's one-warp finalize then takes min(that, 32) tiles a step).
 CASES = {"sixteen": (3, 6, 16), "hundred-and-twenty-eight": (2, 19, 128)}
 
 
@@ -187,9 +189,22 @@ def test_finish_counters_per_stream_thread_and_capture(monkeypatch):
     assert first is not second and first is not here and first.tolist() == [0, 0]
     monkeypatch.undo()
     idents = iter(range(10**6, 10**6 + FinishCounters.MOST + 5))  # threads that come and go (idents are reused)
-    monkeypatch.setattr(triton_launch.threading, "get_ident", lambda: next(idents))
+    monkeypatch.setattr(triton_launch, "_thread_key", lambda: next(idents))
     for _ in range(FinishCounters.MOST + 5):
         counters.get(device)
     monkeypatch.undo()
     assert len(counters._counts) == FinishCounters.MOST  # the least recently used went first: this thread's
     assert counters.get(device) is not here and len(counters._counts) == FinishCounters.MOST
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+def test_a_loss_near_float32s_largest_stays_finite(agg):
+    """The finalize sums each sequence's loss times its own factor and scales the sum once: that
+    sum, in float32, passed float32's range (advantages of 2e38, one token a row: -inf) where
+    the loss is -2e38. It is summed in float64."""
+    mask = torch.zeros(2, 4, dtype=torch.bool, device=DEVICE)
+    mask[:, 0] = True
+    zeros, advantages = torch.zeros(2, 4, device=DEVICE), torch.tensor([2e38, 2e38], device=DEVICE)
+    got = kpo_kernels.kpo_loss(zeros, zeros, advantages, mask, agg=agg, backend=triton_backend())[0]
+    want = kpo_kernels.kpo_loss(zeros, zeros, advantages, mask, agg=agg, backend="torch")[0]
+    assert torch.isfinite(got) and torch.equal(got, want)

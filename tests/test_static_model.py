@@ -46,6 +46,18 @@ def test_the_last_programs_tail_is_what_follows_the_count():
     assert bound["model_us"] == pytest.approx(bound["issue_us"] + bound["tail_us"] + static_model.LAUNCH_US)
 
 
+def test_the_finalize_waits_a_step_at_a_time():
+    """The finalize's loops wait for L2 each step: its time is FINALIZE_STEP_US a step when
+    that is longer than its instructions' issue time (the fused forward's tail, or the kernel)."""
+    machine = static_model.Machine("test", 132, 1.0, 1.0)
+    tail = {"programs": 132, "programs_per_sm": 1, "warp_instructions": 132.0, "bytes": 0, "tail_warp_instructions": 4,
+            "finalize_steps": 40}
+    assert static_model.roofline(tail, machine)["tail_us"] == pytest.approx(40 * static_model.FINALIZE_STEP_US)
+    alone = {"kernel": static_model.FINALIZE_KERNEL, "programs": 1, "programs_per_sm": 1, "warp_instructions": 4.0,
+             "bytes": 0, "finalize_steps": 40}
+    assert static_model.roofline(alone, machine)["issue_us"] == pytest.approx(40 * static_model.FINALIZE_STEP_US)
+
+
 def test_issue_bound_charges_the_busiest_sm():
     """512 programs on 132 SMs: the busiest SM runs 4 of them, whatever the residency."""
     row = {"programs": 512, "programs_per_sm": 3, "warp_instructions": 512 * 1000.0, "bytes": 0}
@@ -77,6 +89,7 @@ def test_model_of_small_cases(tmp_path):
         assert forward["local_in_loops"] == 0 and forward["spill_bytes"] <= 16 and forward["programs_per_sm"] >= 1
         assert forward["instructions_per_token"] > 0 and forward["loop_barriers"] >= 1
         assert 0 < forward["tail_instructions"] and forward["tail_warp_instructions"] < forward["warp_instructions"]
+        assert 3 <= forward["finalize_steps"] <= 8  # slots, sequences (and their tiles), row_scale's scaling
         for machine in ("H100 SXM", "H200"):
             assert forward[machine]["tail_us"] > 0
             assert result["step_us"][machine] >= static_model.LAUNCH_US * len(result["launches"])

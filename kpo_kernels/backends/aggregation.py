@@ -2,8 +2,9 @@
 
 Backends reduce each row to the statistics below; `finalize` turns them into the weight of
 every row (so the gradient needs no second pass over the tokens), the scalar loss and the
-metric vector. The Triton backend does the same in its finalize kernel, with the same column
-order; this is the torch version, and the definition of the aggregation weights.
+metric vector. The Triton backend does the same in its finalize (triton_finalize.finalize, run
+by the fused forward's last program), with the same column order; this is the torch version,
+and the definition of the aggregation weights.
 """
 
 import torch

@@ -27,6 +27,7 @@ from .triton_launch import (  # noqa: F401 (facts of the backend that tests and 
     _finalize_tiles_per_step,
     _fused_finalize_launch,
     FINISH_COUNTERS,
+    finalize_arguments,
     float_one_bits,
     _IMPORT_ERROR,
     _pow2_at_least,
@@ -282,7 +283,7 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
         grad = self._empty(batch.shape, _derivative_dtype(batch.log_prob.dtype), device) if need_grad else None
         row_scale = self._empty((sequences,), torch.float32, device)
         loss, metrics = self._empty((), torch.float32, device), self._empty((len(METRIC_NAMES),), torch.float32, device)
-        finish, finish_settings = self._finalize_arguments(batch, options, tiling, stats, row_scale, loss, metrics)
+        finish, finish_settings = finalize_arguments(batch, options, tiling, stats, row_scale, loss, metrics)
         if slots > 0:  # the forward's last program finalizes
             # a mask other than bool: its values checked on the way (on the CPU also before, by
             # the op: this confirms the kernel's check, which CUDA relies on)
@@ -331,7 +332,7 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
         adv_strides = self._strides(adv, varlen) if adv_per_token else (adv.stride(0), 0)
         ratio_last = min(ratios.numel(), log_ratios.numel()) - 1  # the cache may hand back longer tables
         finish_settings = {key: value for key, value in finish_settings.items() if key != "IS_VARLEN"}
-        finish_settings.update(_fused_finalize_launch(_finalize_tiles_per_step(tiling), warps))
+        finish_settings.update(_fused_finalize_launch(_finalize_tiles_per_step(tiling), warps, block))
         kernels.kpo_loss_fwd_kernel[tiling.grid](
             lp, old, self._mask(mask) if mask is not None else lp, adv, weights if weights is not None else lp,
             gains, gains.numel() - 1, ratios, log_ratios, ratio_last, *tiling.launch_args(), counts, aggregates, grad if grad is not None else stats, stats,
@@ -351,8 +352,8 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             FINISH_COUNTERS.get(batch.device),
             mask_ok if mask_ok is not None else stats,
             float_one_bits(mask.dtype) if mask is not None and mask.dtype.is_floating_point else 1,
-            *finish[2:5],  # row_scale, loss, metrics
-            *finish[9:],  # dp_size .. loss_scale_factor
+            finish.row_scale, finish.loss, finish.metrics,
+            *finish[finish._fields.index("dp_size"):],  # dp_size .. loss_scale_factor
             HAS_MASK=mask is not None,
             SKIP=filt.skip,
             ADV_PER_TOKEN=adv_per_token,
@@ -372,49 +373,6 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             CHECK_MASK=mask_ok is not None,
             FLOAT_MASK=mask is not None and mask.dtype.is_floating_point,
         )
-
-    def _finalize_arguments(self, batch, options, tiling, stats, row_scale, loss, metrics):
-        """(arguments, settings) of triton_finalize.finalize after `stats`, as the finalize
-        kernel takes them (the forward takes the same, less those it has itself), less the
-        layout of its loops (_finalize_launch, _fused_finalize_launch)."""
-        device = batch.device
-        varlen = batch.cu_seqlens is not None
-        dummy = torch.empty(1, dtype=torch.int32, device=device)
-
-        def count(value):  # (mode, scalar, pointer): see triton_finalize.finalize
-            if value is None:
-                return 0, 0.0, dummy
-            if isinstance(value, torch.Tensor):
-                return 2, 0.0, value
-            return 1, float(value), dummy
-
-        token_mode, token_value, token_ptr = count(options.batch_num_tokens)
-        sequence_mode, sequence_value, sequence_ptr = count(options.global_batch_size)
-        arguments = (
-            tiling.tile_offsets if tiling is not None else dummy,
-            batch.cu_seqlens if varlen else dummy,
-            row_scale,
-            loss,
-            metrics,
-            batch.num_sequences,
-            stats.shape[1],
-            tiling.tiles_per_seq if tiling is not None else 0,
-            0 if varlen else batch.shape[1],
-            float(options.dp_size),
-            token_value,
-            sequence_value,
-            token_ptr,
-            sequence_ptr,
-            options.loss_scale_factor or 0.0,
-        )
-        settings = dict(
-            AGG=kernels.AGG_CODES[options.agg],
-            TOKEN_COUNT=token_mode,
-            SEQUENCE_COUNT=sequence_mode,
-            HAS_SCALE_FACTOR=options.loss_scale_factor is not None,
-            IS_VARLEN=varlen,
-        )
-        return arguments, settings
 
     def loss_backward(self, grad, row_scale, grad_output, cu_seqlens, dtype):
         out = torch.empty(grad.shape, dtype=dtype, device=grad.device)

@@ -16,6 +16,13 @@ def _safe_inverse(x):
 
 
 @triton.jit
+def _stat(stats_ptr, row: tl.constexpr, num_slots, slots, in_bounds, other: tl.constexpr):
+    """One statistics row at `slots` (written by other programs of the fused forward: read from
+    L2, `.cg`, never a stale L1 line)."""
+    return tl.load(stats_ptr + row * num_slots + slots, mask=in_bounds, other=other, cache_modifier=".cg")
+
+
+@triton.jit
 def _sequence_sums(
     stats_ptr, tile_offsets_ptr, seqs, in_bounds, num_slots, tiles_per_seq, IS_VARLEN: tl.constexpr, TILES: tl.constexpr
 ):
@@ -37,8 +44,8 @@ def _sequence_sums(
     for k in range(0, tl.max(count, 0), TILES):
         slots = first[:, None] + k + chunk[None, :]
         has = k + chunk[None, :] < count[:, None]
-        tokens += tl.load(stats_ptr + slots, mask=has, other=0.0, volatile=True)
-        loss += tl.load(stats_ptr + num_slots + slots, mask=has, other=0.0, volatile=True)
+        tokens += tl.load(stats_ptr + slots, mask=has, other=0.0, cache_modifier=".cg")
+        loss += tl.load(stats_ptr + num_slots + slots, mask=has, other=0.0, cache_modifier=".cg")
     return tl.sum(tokens, 1), tl.sum(loss, 1)
 
 
@@ -111,13 +118,16 @@ def finalize(
 
     Writes the loss and the metric vector (options.METRIC_NAMES order) to separate buffers, so
     that the op returns them without copies. Deterministic: fixed reduction order, whichever
-    program runs it. The horizon of seq-mean-token-sum-norm is T for padded batches
+    program runs it (a program of the fused forward reads the other programs' statistics after
+    its acquire: from L2, `.cg`, never a stale L1 line). The horizon of seq-mean-token-sum-norm is T for padded batches
     and the longest sequence for packed ones, unless loss_scale_factor is given. TOKEN_COUNT and
     SEQUENCE_COUNT: 0 = count this batch, 1 = the scalar argument, 2 = read it from the pointer.
     BLOCK_S tile slots per step for the metrics; SEQ_BLOCK sequences x TILES of their tiles per
     step for the per-sequence sums.
     """
-    # Metrics: sums and maxima over every tile slot (slots past the last tile hold zeros).
+    # Sums and maxima over every tile slot (slots past the last tile hold zeros), every
+    # statistics row but the loss's (per sequence, below) in one pass: rows in aggregation.STAT_NAMES
+    # order, the diagnostics' 9..17 as the diag_<row> accumulators.
     tokens_acc = tl.zeros([BLOCK_S], tl.float32)
     clipped_acc = tl.zeros([BLOCK_S], tl.float32)
     lower_acc = tl.zeros([BLOCK_S], tl.float32)
@@ -126,32 +136,35 @@ def finalize(
     ratio_max_acc = tl.full([BLOCK_S], float("-inf"), tl.float32)
     raw_acc = tl.zeros([BLOCK_S], tl.float32)
     raw_max_acc = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    diag_9 = tl.zeros([BLOCK_S], tl.float32)
+    diag_10 = tl.zeros([BLOCK_S], tl.float32)
+    diag_11 = tl.zeros([BLOCK_S], tl.float32)
+    diag_12 = tl.zeros([BLOCK_S], tl.float32)
+    diag_13 = tl.zeros([BLOCK_S], tl.float32)
+    diag_14 = tl.zeros([BLOCK_S], tl.float32)
+    diag_15 = tl.zeros([BLOCK_S], tl.float32)
+    diag_16 = tl.zeros([BLOCK_S], tl.float32)
+    diag_17 = tl.zeros([BLOCK_S], tl.float32)
     for start in range(0, num_slots, BLOCK_S):
         slots = start + tl.arange(0, BLOCK_S)
         in_bounds = slots < num_slots
-        tokens_acc += tl.load(stats_ptr + 0 * num_slots + slots, mask=in_bounds, other=0.0, volatile=True)
-        clipped_acc += tl.load(stats_ptr + 2 * num_slots + slots, mask=in_bounds, other=0.0, volatile=True)
-        lower_acc += tl.load(stats_ptr + 3 * num_slots + slots, mask=in_bounds, other=0.0, volatile=True)
-        neg_z_acc += tl.load(stats_ptr + 4 * num_slots + slots, mask=in_bounds, other=0.0, volatile=True)
-        ratio_acc += tl.load(stats_ptr + 5 * num_slots + slots, mask=in_bounds, other=0.0, volatile=True)
-        ratio_max_acc = tl.maximum(
-            ratio_max_acc, tl.load(stats_ptr + 6 * num_slots + slots, mask=in_bounds, other=float("-inf"), volatile=True)
-        )
-        raw_acc += tl.load(stats_ptr + 7 * num_slots + slots, mask=in_bounds, other=0.0, volatile=True)
-        raw_max_acc = tl.maximum(
-            raw_max_acc, tl.load(stats_ptr + 8 * num_slots + slots, mask=in_bounds, other=float("-inf"), volatile=True)
-        )
-    # The diagnostic rows 9..17 (aggregation.STAT_NAMES), 16 rows x BLOCK_S / 16 slots at a time.
-    diag_rows = 9 + tl.arange(0, 16)
-    diag_acc = tl.zeros([16, BLOCK_S // 16], tl.float32)
-    for start in range(0, num_slots, BLOCK_S // 16):
-        slots = start + tl.arange(0, BLOCK_S // 16)
-        diag_acc += tl.load(
-            stats_ptr + diag_rows[:, None] * num_slots + slots[None, :],
-            mask=(diag_rows[:, None] < 18) & (slots[None, :] < num_slots),
-            other=0.0,
-            volatile=True,
-        )
+        tokens_acc += _stat(stats_ptr, 0, num_slots, slots, in_bounds, 0.0)
+        clipped_acc += _stat(stats_ptr, 2, num_slots, slots, in_bounds, 0.0)
+        lower_acc += _stat(stats_ptr, 3, num_slots, slots, in_bounds, 0.0)
+        neg_z_acc += _stat(stats_ptr, 4, num_slots, slots, in_bounds, 0.0)
+        ratio_acc += _stat(stats_ptr, 5, num_slots, slots, in_bounds, 0.0)
+        ratio_max_acc = tl.maximum(ratio_max_acc, _stat(stats_ptr, 6, num_slots, slots, in_bounds, float("-inf")))
+        raw_acc += _stat(stats_ptr, 7, num_slots, slots, in_bounds, 0.0)
+        raw_max_acc = tl.maximum(raw_max_acc, _stat(stats_ptr, 8, num_slots, slots, in_bounds, float("-inf")))
+        diag_9 += _stat(stats_ptr, 9, num_slots, slots, in_bounds, 0.0)
+        diag_10 += _stat(stats_ptr, 10, num_slots, slots, in_bounds, 0.0)
+        diag_11 += _stat(stats_ptr, 11, num_slots, slots, in_bounds, 0.0)
+        diag_12 += _stat(stats_ptr, 12, num_slots, slots, in_bounds, 0.0)
+        diag_13 += _stat(stats_ptr, 13, num_slots, slots, in_bounds, 0.0)
+        diag_14 += _stat(stats_ptr, 14, num_slots, slots, in_bounds, 0.0)
+        diag_15 += _stat(stats_ptr, 15, num_slots, slots, in_bounds, 0.0)
+        diag_16 += _stat(stats_ptr, 16, num_slots, slots, in_bounds, 0.0)
+        diag_17 += _stat(stats_ptr, 17, num_slots, slots, in_bounds, 0.0)
     num_tokens = tl.sum(tokens_acc, 0)
 
     # One pass over the sequences. A sequence's weight (aggregation.row_weights) is a factor of
@@ -160,7 +173,7 @@ def finalize(
     # row_scale and sums the factor-weighted losses, then a pass over row_scale alone scales them.
     nonempty_acc = tl.zeros([SEQ_BLOCK], tl.float32)
     longest = tl.zeros([SEQ_BLOCK], tl.int32)
-    loss = tl.zeros([SEQ_BLOCK], tl.float32)
+    loss = tl.zeros([SEQ_BLOCK], tl.float64)  # the unscaled sum may pass float32's range where the loss does not
     for start in range(0, num_seqs, SEQ_BLOCK):
         seqs = start + tl.arange(0, SEQ_BLOCK)
         in_bounds = seqs < num_seqs
@@ -180,7 +193,7 @@ def finalize(
         else:
             factor = tl.where(tokens > 0, 1.0, 0.0)
         tl.store(row_scale_ptr + seqs, factor, mask=in_bounds)
-        loss += tl.where(in_bounds, factor * row_loss, 0.0)
+        loss += tl.where(in_bounds, factor.to(tl.float64) * row_loss.to(tl.float64), 0.0)
 
     if TOKEN_COUNT == 2:
         token_count = tl.load(token_count_ptr).to(tl.float32)
@@ -208,11 +221,11 @@ def finalize(
         scale = dp_size + 0.0 * num_tokens
     else:
         scale = sequence_weight
-    tl.debug_barrier()  # the factors' stores before their loads (by other threads)
+    tl.debug_barrier()  # the factors' stores before their loads (by other threads of this program)
     for start in range(0, num_seqs, SEQ_BLOCK):
         seqs = start + tl.arange(0, SEQ_BLOCK)
         in_bounds = seqs < num_seqs
-        factor = tl.load(row_scale_ptr + seqs, mask=in_bounds, other=0.0, volatile=True)
+        factor = tl.load(row_scale_ptr + seqs, mask=in_bounds, other=0.0, cache_modifier=".cg")
         tl.store(row_scale_ptr + seqs, scale * factor, mask=in_bounds)
 
     per_token = _safe_inverse(num_tokens)
@@ -222,7 +235,7 @@ def finalize(
     # A NaN at a valid token shows in the sums; maxima must not hide it (GPU max ignores NaN).
     ratio_max = tl.where(ratio_sum != ratio_sum, ratio_sum, tl.where(has_tokens, tl.max(ratio_max_acc, 0), 0.0))
     raw_max = tl.where(raw_sum != raw_sum, raw_sum, tl.where(has_tokens, tl.max(raw_max_acc, 0), 0.0))
-    tl.store(loss_ptr, scale * tl.sum(loss, 0))
+    tl.store(loss_ptr, (scale.to(tl.float64) * tl.sum(loss, 0)).to(tl.float32))
     tl.store(metrics_ptr + 0, tl.sum(clipped_acc, 0) * per_token)
     tl.store(metrics_ptr + 1, tl.sum(lower_acc, 0) * per_token)
     tl.store(metrics_ptr + 2, tl.sum(neg_z_acc, 0) * per_token)
@@ -231,18 +244,16 @@ def finalize(
     tl.store(metrics_ptr + 5, raw_sum * per_token)
     tl.store(metrics_ptr + 6, raw_max)
     tl.store(metrics_ptr + 7, num_tokens)
-    # Diagnostics (aggregation.diagnostic_metrics): metrics 8..16 from statistics rows 9..17.
-    diag = tl.sum(diag_acc, 1)
-    scored = tl.sum(tl.where(diag_rows == 9, diag, 0.0), 0)
-    pairs = tl.sum(tl.where(diag_rows == 12, diag, 0.0), 0)
-    # Row 9 + i -> output: nis and log-likelihood sums per scored token, flips per pair,
-    # clip and cap counts per valid token, then the two denominators themselves.
-    scale = tl.where(
-        (diag_rows == 10) | (diag_rows == 11),
-        _safe_inverse(scored),
-        tl.where((diag_rows == 13) | (diag_rows == 14), _safe_inverse(pairs), per_token),
-    )
-    value = diag * scale
-    index = tl.where(diag_rows == 9, 15, tl.where(diag_rows == 12, 16, tl.where(diag_rows < 12, diag_rows - 2, diag_rows - 3)))
-    value = tl.where((diag_rows == 9) | (diag_rows == 12), diag, value)
-    tl.store(metrics_ptr + index, value, mask=diag_rows < 18)
+    # Diagnostics (aggregation.diagnostic_metrics): metrics 8..16 from statistics rows 9..17:
+    # nis and log-likelihood sums per scored token, flips per pair, clip and cap counts per
+    # valid token, then the two denominators themselves.
+    scored, pairs = tl.sum(diag_9, 0), tl.sum(diag_12, 0)
+    tl.store(metrics_ptr + 8, tl.sum(diag_10, 0) * _safe_inverse(scored))
+    tl.store(metrics_ptr + 9, tl.sum(diag_11, 0) * _safe_inverse(scored))
+    tl.store(metrics_ptr + 10, tl.sum(diag_13, 0) * _safe_inverse(pairs))
+    tl.store(metrics_ptr + 11, tl.sum(diag_14, 0) * _safe_inverse(pairs))
+    tl.store(metrics_ptr + 12, tl.sum(diag_15, 0) * per_token)
+    tl.store(metrics_ptr + 13, tl.sum(diag_16, 0) * per_token)
+    tl.store(metrics_ptr + 14, tl.sum(diag_17, 0) * per_token)
+    tl.store(metrics_ptr + 15, scored)
+    tl.store(metrics_ptr + 16, pairs)

@@ -88,7 +88,7 @@ def _cdiv(a, b):
 
 
 def _finalize_tiles_per_step(tiling):
-    """How many tiles of each sequence the finalize kernel sums per step: 1 when sequences are
+    """How many tiles of each sequence the finalize sums per step: 1 when sequences are
     one tile (or two) each, more for a few long sequences cut into many tiles (2 x 131072 on an
     H200: 128 tiles each, 36 us of a 63 us step with one tile per step). Padded batches know
     their tiles per sequence; for packed ones slots / sequences overestimates the mean by < 1."""
@@ -97,7 +97,8 @@ def _finalize_tiles_per_step(tiling):
 
 
 def _finalize_launch(tiles):
-    """The finalize kernel's per-sequence layout for `tiles` tiles per step: SEQ_BLOCK, TILES
+    """The finalize kernel's per-sequence layout (a batch without tiles; in the forward:
+    _fused_finalize_launch) for `tiles` tiles per step: SEQ_BLOCK, TILES
     and num_warps (sequences x tiles per step within 4096 values; 512 sequences for one tile:
     at 1024 and 4 warps ptxas spilled 20-32 bytes in some specialisations)."""
     if tiles == 1:
@@ -105,13 +106,66 @@ def _finalize_launch(tiles):
     return dict(SEQ_BLOCK=4096 // tiles, TILES=tiles, num_warps=8)
 
 
-def _fused_finalize_launch(tiles, warps):
-    """The finalize's per-sequence layout inside the fused forward's last program of `warps`
-    warps: one tile slot and one (sequence, tile) value a thread per step. The finalize's
-    loops then hold few values a thread: every register they took would be the forward's too,
-    and cost its main loop occupancy (tests/test_compile_sm90.py compares with the forward alone)."""
-    values = 32 * warps
-    return dict(BLOCK_S=max(16, values), SEQ_BLOCK=max(1, values // tiles), TILES=min(tiles, values))
+# triton_finalize.finalize's arguments after stats_ptr, in its order
+FinalizeArguments = collections.namedtuple("FinalizeArguments", (
+    "tile_offsets", "cu_seqlens", "row_scale", "loss", "metrics", "num_seqs", "num_slots", "tiles_per_seq", "T",
+    "dp_size", "token_count", "sequence_count", "token_count_ptr", "sequence_count_ptr", "loss_scale_factor",
+))
+
+
+def finalize_arguments(batch, options, tiling, stats, row_scale, loss, metrics):
+    """(arguments, settings) of triton_finalize.finalize after `stats`, as the finalize
+    kernel takes them (the forward takes the same, less those it has itself), less the
+    layout of its loops (_finalize_launch, _fused_finalize_launch)."""
+    device = batch.device
+    varlen = batch.cu_seqlens is not None
+    dummy = torch.empty(1, dtype=torch.int32, device=device)
+
+    def count(value):  # (mode, scalar, pointer): see triton_finalize.finalize
+        if value is None:
+            return 0, 0.0, dummy
+        if isinstance(value, torch.Tensor):
+            return 2, 0.0, value
+        return 1, float(value), dummy
+
+    token_mode, token_value, token_ptr = count(options.batch_num_tokens)
+    sequence_mode, sequence_value, sequence_ptr = count(options.global_batch_size)
+    arguments = FinalizeArguments(
+        tiling.tile_offsets if tiling is not None else dummy,
+        batch.cu_seqlens if varlen else dummy,
+        row_scale,
+        loss,
+        metrics,
+        batch.num_sequences,
+        stats.shape[1],
+        tiling.tiles_per_seq if tiling is not None else 0,
+        0 if varlen else batch.shape[1],
+        float(options.dp_size),
+        token_value,
+        sequence_value,
+        token_ptr,
+        sequence_ptr,
+        options.loss_scale_factor or 0.0,
+    )
+    settings = dict(
+        AGG=kernels.AGG_CODES[options.agg],
+        TOKEN_COUNT=token_mode,
+        SEQUENCE_COUNT=sequence_mode,
+        HAS_SCALE_FACTOR=options.loss_scale_factor is not None,
+        IS_VARLEN=varlen,
+    )
+    return arguments, settings
+
+
+def _fused_finalize_launch(tiles, warps, block):
+    """The finalize's layout inside the fused forward's last program of `warps` warps: each step
+    waits for its loads from L2 while the other SMs idle, so steps, not instructions, set its
+    time, and it takes as many values a step as registers allow. The 1024-token blocks' forward
+    holds 183-245 registers a thread, room for 4 values a thread (17 statistics rows of tile
+    slots, and sequence x tile values); other forwards hold 52-96 at 1 or 8 warps, room for 1
+    (tests/test_compile_sm90.py holds every variant to its programs per SM without the finalize)."""
+    values = 32 * warps * (4 if block >= 1024 else 1)
+    return dict(BLOCK_S=values, SEQ_BLOCK=max(1, values // tiles), TILES=min(tiles, values))
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,7 +196,7 @@ class FinishCounters:
         if device.type == "cuda":
             key = (device, torch.cuda.current_stream(device).cuda_stream)
         else:
-            key = (device, threading.get_ident())
+            key = (device, _thread_key())
         with self._lock:
             count = self._counts.get(key)
             if count is None:
@@ -153,6 +207,7 @@ class FinishCounters:
             return count
 
 
+_thread_key = threading.get_ident
 FINISH_COUNTERS = FinishCounters()
 
 
