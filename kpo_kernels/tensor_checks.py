@@ -77,12 +77,18 @@ def assert_mask_values(binary, name="mask"):
     """Raise (CPU) or assert asynchronously (an accelerator) that `binary`, a one-element tensor,
     is true: the mask's values were all 0 or 1 (check_mask_values; the Triton loss's forward
     checks them itself)."""
-    message = f"{name} must hold only 0 and 1 (got other values, or NaN); pass weights as is_weights"
-    if binary.device.type == "cpu":
-        if not bool(binary):
+    _refuse_unless(binary, f"{name} must hold only 0 and 1 (got other values, or NaN); pass weights as is_weights")
+
+
+def _refuse_unless(flag, message):
+    """ValueError(message) unless the one-element tensor `flag` is true: read on the host for a
+    CPU tensor, else torch._assert_async (no host synchronisation; a false flag fails the next
+    synchronising call)."""
+    if flag.device.type == "cpu":
+        if not bool(flag):
             raise ValueError(message)
     else:
-        torch._assert_async(binary, message)
+        torch._assert_async(flag, message)
 
 
 def check_tokens(name, value, cu_seqlens=None):
@@ -141,12 +147,7 @@ def assert_cu_seqlens_values(valid, num_tokens):
     is true: offsets starting at 0, never decreasing and ending at num_tokens (the Triton loss's
     tile-offsets kernel reads them on the way, where check_cu_seqlens_values launches eight
     kernels on a GPU)."""
-    message = f"cu_seqlens must start at 0, never decrease and end at the number of tokens ({num_tokens})"
-    if valid.device.type == "cpu":
-        if not bool(valid):
-            raise ValueError(message)
-    else:
-        torch._assert_async(valid, message)
+    _refuse_unless(valid, f"cu_seqlens must start at 0, never decrease and end at the number of tokens ({num_tokens})")
 
 
 def _advantages(value, shape, cu_seqlens, device):
