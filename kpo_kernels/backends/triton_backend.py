@@ -294,7 +294,8 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
                 assert_mask_values(mask_ok)
         else:
             tiles = _finalize_tiles_per_step(tiling)
-            kernels.kpo_loss_finalize_kernel[(1,)](stats, *finish, **finish_settings, BLOCK_S=1024, **_finalize_launch(tiles))
+            kernels.kpo_loss_finalize_kernel[(1,)](stats, *finish, **finish_settings, IS_VARLEN=batch.cu_seqlens is not None,
+                                                   BLOCK_S=1024, **_finalize_launch(tiles))
         return LossForward(loss=loss, metrics=metrics, grad=grad, row_scale=row_scale)
 
     def checks_cu_seqlens_values(self, cu_seqlens):
@@ -331,8 +332,7 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
         )
         adv_strides = self._strides(adv, varlen) if adv_per_token else (adv.stride(0), 0)
         ratio_last = min(ratios.numel(), log_ratios.numel()) - 1  # the cache may hand back longer tables
-        finish_settings = {key: value for key, value in finish_settings.items() if key != "IS_VARLEN"}
-        finish_settings.update(_fused_finalize_launch(_finalize_tiles_per_step(tiling), warps, block))
+        finish_settings = {**finish_settings, **_fused_finalize_launch(_finalize_tiles_per_step(tiling), warps, block)}
         kernels.kpo_loss_fwd_kernel[tiling.grid](
             lp, old, self._mask(mask) if mask is not None else lp, adv, weights if weights is not None else lp,
             gains, gains.numel() - 1, ratios, log_ratios, ratio_last, *tiling.launch_args(), counts, aggregates, grad if grad is not None else stats, stats,

@@ -115,8 +115,8 @@ FinalizeArguments = collections.namedtuple("FinalizeArguments", (
 
 def finalize_arguments(batch, options, tiling, stats, row_scale, loss, metrics):
     """(arguments, settings) of triton_finalize.finalize after `stats`, as the finalize
-    kernel takes them (the forward takes the same, less those it has itself), less the
-    layout of its loops (_finalize_launch, _fused_finalize_launch)."""
+    kernel takes them (the forward takes the same, less those it has itself), less IS_VARLEN
+    (the forward's own) and the layout of its loops (_finalize_launch, _fused_finalize_launch)."""
     device = batch.device
     varlen = batch.cu_seqlens is not None
     dummy = torch.empty(1, dtype=torch.int32, device=device)
@@ -152,7 +152,6 @@ def finalize_arguments(batch, options, tiling, stats, row_scale, loss, metrics):
         TOKEN_COUNT=token_mode,
         SEQUENCE_COUNT=sequence_mode,
         HAS_SCALE_FACTOR=options.loss_scale_factor is not None,
-        IS_VARLEN=varlen,
     )
     return arguments, settings
 
