@@ -151,7 +151,7 @@ def spectrum(z, lengths, *, diffuse):
     size = fft_length(2 * inputs)
     half = 2 * period  # D
     complex_dtype = torch.complex64 if real == torch.float32 else torch.complex128
-    both, spectra, conv = _workspace((rows, size, inputs), complex_dtype, device)  # both: a, b
+    both = _workspace((rows, size, inputs), complex_dtype, device)  # a, b
     parts = torch.view_as_real(both)
     # one chirp per row, g(m) = exp(i pi P(m) / D), at the wrapped lags m of the positions 0..size - 1;
     # the phase P(m) / D reduced modulo 2: exactly in integers for float64 data; otherwise in turns,
@@ -167,8 +167,8 @@ def spectrum(z, lengths, *, diffuse):
     torch.sin(angle, out=parts[1, ..., 1])  # b = conj(g)
     cosine, sine = parts[1, :, 1 : inputs + 1, 0], parts[1, :, 1 : inputs + 1, 1]  # g(j) = cosine - i sine
     torch.mul(both[1, :, 1 : inputs + 1].conj(), x, out=both[0, :, :inputs])  # a = x g
-    torch.fft.fft(both, out=spectra)
-    torch.fft.ifft(spectra[0].mul_(spectra[1]), norm="forward", out=conv)  # size times the circular convolution
+    spectra = torch.fft.fft(both)
+    conv = torch.fft.ifft(spectra[0].mul_(spectra[1]), norm="forward")  # size times the circular convolution
     conv = torch.view_as_real(conv)[:, :outputs]
     coefficient = (conv[..., 1] * cosine).addcmul_(conv[..., 0], sine, value=-1.0)  # Im(conv g(k))
     # lam_k = 4 sin^2(half angle): (2k - 1) pi / (2N) for P0 = 0, k pi / (2n) diffuse
@@ -226,22 +226,21 @@ _LAST = threading.local()
 
 
 def _workspace(key, dtype, device):
-    """(a and b, their spectra, the convolution), a zero past its inputs. On the CPU views of one
-    buffer per thread, grown as needed and reused by every bucket and call (fresh multi-megabyte
-    tensors cost page faults worth a few passes over them); elsewhere the allocator caches."""
+    """a and b (2, rows, size), a zero past its inputs. On the CPU a view of one buffer per
+    thread, grown as needed and reused by every bucket and call (a fresh multi-megabyte tensor
+    costs page faults worth a few passes over it); elsewhere the allocator caches. The FFTs get
+    no `out=`: torch's CPU FFT writes a fresh tensor and copies it into `out`."""
     rows, size, inputs = key
-    shapes = ((2, rows, size), (2, rows, size), (rows, size))
     if device.type != "cpu":
-        return tuple((torch.zeros if i == 0 else torch.empty)(shape, dtype=dtype, device=device) for i, shape in enumerate(shapes))
-    need = 5 * rows * size
+        return torch.zeros((2, rows, size), dtype=dtype, device=device)
+    need = 2 * rows * size
     flat = getattr(_LAST, "buffers", {}).get(dtype)
     if flat is None or flat.numel() < need:
         flat = torch.empty(need, dtype=dtype, device="cpu")
         _LAST.buffers = {**getattr(_LAST, "buffers", {}), dtype: flat}
-    both, spectra, conv = flat[: 2 * rows * size], flat[2 * rows * size : 4 * rows * size], flat[4 * rows * size : need]
-    both, spectra, conv = both.view(shapes[0]), spectra.view(shapes[1]), conv.view(shapes[2])
+    both = flat[:need].view(2, rows, size)
     both[0, :, inputs:].zero_()
-    return both, spectra, conv
+    return both
 
 
 def bin_count(width, group):
@@ -354,17 +353,16 @@ class LogDeterminant:
         n = lengths.to(torch.float64)
         if diffuse:
             n = n.clamp(min=1.0)  # one token or none: no differences, log det 0
-            self.rate, self.linear = -2.0 * n, (n - 1.0).sum()
+            rate, shared_rate, self.linear = -2.0 * n, -2.0, (n - 1.0).sum()
         else:
-            self.rate, self.linear = -(2.0 * n + 1.0), n.sum()
-        self.diffuse, self.sequences = diffuse, float(n.shape[0])
+            rate, shared_rate, self.linear = -(2.0 * n + 1.0), -1.0, n.sum()
+        # the per-sequence terms (weight 1) and the shared one (weight -S) as one product
+        self.rate = F.pad(rate, (0, 1), value=shared_rate)
+        self.weight = F.pad(torch.ones_like(rate), (0, 1), value=-float(rate.shape[0]))
+        self.diffuse = diffuse
 
     def __call__(self, q):
         phi = torch.asinh(torch.sqrt(q).mul_(0.5)).mul_(2.0)
-        if self.diffuse:
-            per_sequence = torch.outer(phi, self.rate).expm1_().neg_().log_().sum(-1)
-            shared = torch.expm1(-2.0 * phi).neg_().log_()
-        else:
-            per_sequence = torch.outer(phi, self.rate).exp_().log1p_().sum(-1)
-            shared = torch.exp(-phi).log1p_()
-        return per_sequence.addcmul_(phi, self.linear).sub_(shared, alpha=self.sequences)
+        terms = torch.outer(phi, self.rate)
+        terms = terms.expm1_().neg_().log_() if self.diffuse else terms.exp_().log1p_()
+        return torch.addmv(phi * self.linear, terms, self.weight)
