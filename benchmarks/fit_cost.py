@@ -7,7 +7,9 @@ backend), alternates within each repeat:
   (a) "loss": `kpo_loss` forward + backward at fixed Q and R (those the fit finds);
   (b) "fit+loss": what `NoiseTracker("per_step")` adds before it, with its default budget
       (`PER_STEP_MAX_TOKENS` positions: every k-th sequence of a larger micro-batch), i.e. the
-      log-ratios, `estimate_noise`, its host read, then the same forward + backward;
+      log-ratios, `estimate_noise`, its host read, then the same forward + backward at a Q new to
+      the process (the fitted one times 1 + 1e-9 n at the n-th call: in training each step's fit
+      differs, so its gain tables are built anew, where (a) finds its own cached);
   (c) "exact fit+loss": the same with `max_tokens=None` (every sequence);
   (d) "fit" and "exact fit": (b) and (c) without the loss;
   (e) with --max-tokens N, "capped fit+loss" at that budget;
@@ -18,6 +20,7 @@ bound for (b) is 2 (the fit costs at most one plain loss).
 """
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -54,9 +57,16 @@ def main():
     def fit(tracker):
         return tracker(batch["log_prob"] - batch["old_log_prob"], batch["mask"])
 
+    calls = itertools.count(1)
+
+    def fit_and_loss(tracker):
+        options = dict(fit(tracker))
+        options["q"] *= 1.0 + 1e-9 * next(calls)
+        loss_step(options)
+
     steps = [("loss", lambda: loss_step(fixed))]
     for name, tracker in trackers.items():
-        steps.append((f"{name}fit+loss", lambda tracker=tracker: loss_step(fit(tracker))))
+        steps.append((f"{name}fit+loss", lambda tracker=tracker: fit_and_loss(tracker)))
         if name != "capped ":
             steps.append((f"{name}fit", lambda tracker=tracker: fit(tracker)))
     if args.fit_noise:
