@@ -265,6 +265,35 @@ def device_time(kernels, machine, detail=None):
     return total
 
 
+TABLE_KINDS = {"full": ("gains", "variance_ratios", "log_variance_ratios"), "basic": ("gains",)}  # the fused loss's, by metrics
+
+
+def table_time(length, machine):
+    """The three tables' modelled time in microseconds, built by `triton_tables.table_kernel` in
+    one launch for a new Q / R: its SASS (no loop: one entry a thread) for each warp of a program,
+    one program an SM (`_cycles`), plus LAUNCH_US."""
+    from kpo_kernels.backends import triton_tables
+    from kpo_kernels.tables import table_length
+
+    size = table_length(length, 3e-7, 1.0, 0.0)
+    parts, flags = triton_tables.table_launch(3e-7, 1.0, 0.0)
+    grid = (math.ceil(size / triton_tables.BLOCK),)
+    outputs = [torch.empty(size) for _ in range(3)]
+    compiled, instructions = _compiled((triton_tables.table_kernel, grid, (*outputs, size, *parts), flags))
+    per_warp = _counted(instructions, lambda address: True)
+    return _cycles(per_warp, compiled.metadata.num_warps) / (machine.clock_ghz * 1e3) + LAUNCH_US
+
+
+def torch_table_launches(kind, length):
+    """Kernels the torch operations of `tables._build` launch for one float32 table (traced on
+    the meta device, where the table kernel does not run)."""
+    from kpo_kernels import tables
+
+    with _Recorder() as recorder:
+        tables._build(kind, tables.table_length(length, 3e-7, 1.0, 0.0), 3e-7, 1.0, 0.0, torch.device("meta"), torch.float32)
+    return sum(launches for _, _, launches in recorder.operations)
+
+
 def loss_time(rows, length):
     from kpo_kernels.bench.cases import Case
 
@@ -297,6 +326,16 @@ def main(argv=None):
                 if loss is not None:
                     line += f"; fused loss fwd + bwd {loss[machine.name]:.1f} us: fit / loss {fit / loss[machine.name]:.2f}"
                 print(line)
+    print(f"  A new Q / R (each fitted step): the fused loss's float32 tables of {args.length} entries, built once each")
+    for metrics, kinds in TABLE_KINDS.items():
+        launches = sum(torch_table_launches(kind, args.length) for kind in kinds)
+        for machine in MACHINES:
+            kernel = table_time(args.length, machine)
+            line = (f"    metrics={metrics!r}, {machine.name}: table kernel (all three) one launch {kernel:.1f} us; "
+                    f"torch operations {launches} launches {launches * LAUNCH_US:.0f} us")
+            if loss is not None:
+                line += f" ({kernel / loss[machine.name]:.2f} and {launches * LAUNCH_US / loss[machine.name]:.2f} fused losses)"
+            print(line)
     return 0
 
 

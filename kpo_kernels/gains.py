@@ -63,16 +63,22 @@ def saturation_index(q, r, p0):
     return max(1, math.ceil(needed / log_kappa))
 
 
+def closed_form(q, r, p0):
+    """(q, p0, u, p*, |p'|, log kappa) of the closed form, q and p0 in units of R: u = 1 / p0 for
+    a large prior (p0 > 1, 0 for p0 = inf), else 0 (the formulas then divide by p0); p*, |p'| and
+    log kappa are 0 when q = 0. Shared by `gain_schedule` and the GPU's table kernel."""
+    q, p0 = _normalise(q, r, p0)
+    u = 1.0 / p0 if p0 > 1.0 else 0.0
+    return (q, p0, u) + ((0.0, 0.0, 0.0) if q == 0.0 else _fixed_point(q))
+
+
 def gain_schedule(n, q, r, p0, *, device="cpu"):
     """Float64 tensor of K_1..K_n on `device` (computed there: no host round trip)."""
-    q, p0 = _normalise(q, r, p0)
+    q, p0, u, p_star, p_neg, log_kappa = closed_form(q, r, p0)
     steps = torch.arange(1, n + 1, dtype=torch.float64, device=device)
-    # u = 1 / p0 for a large prior: the formulas below divide numerator and denominator by p0.
     large_prior = p0 > 1.0
-    u = 1.0 / p0 if large_prior else 0.0  # 0 for p0 = inf
     if q == 0.0:  # No process noise: p_n = p0 / (1 + n p0); 1/n (a running mean) for p0 = inf.
         return 1.0 / (steps + u) if large_prior else p0 / (1.0 + steps * p0)
-    p_star, p_neg, log_kappa = _fixed_point(q)
     e = torch.exp(steps * log_kappa)
     one_minus_e = -torch.expm1(steps * log_kappa)
     if large_prior:

@@ -58,13 +58,38 @@ def packed_longest(cu_seqlens, num_tokens):
     return num_tokens
 
 
-def _build(kind, length, q, r, p0, device, dtype):
-    gains = gain_schedule(length, q, r, p0, device=device)
+KERNEL_DEVICES = ("cuda",)  # where float32 tables come from one Triton launch (backends/triton_tables.py)
+
+
+def _build_set(kind, length, q, r, p0, device, dtype, gains=None):
+    """{kind: table}: the `kind` table, and on a GPU (float32) its two companions, all three
+    built by one Triton launch (some twenty torch launches each otherwise)."""
+    if dtype == torch.float32 and device.type in KERNEL_DEVICES:
+        built = _launched(length, q, r, p0, device)
+        if built is not None:
+            return built
+    return {kind: _build(kind, length, q, r, p0, device, dtype, gains)}
+
+
+def _build(kind, length, q, r, p0, device, dtype, gains=None):
+    """The `kind` table of `length` entries in torch operations; `gains`: K_1..K_length in
+    float64 when at hand."""
+    if gains is None:
+        gains = gain_schedule(length, q, r, p0, device=device)
     if kind in (VARIANCE_RATIOS, LOG_VARIANCE_RATIOS):
         gains = variance_ratio_schedule(gains, float(q) / float(r), float(p0) / float(r))
     if kind == LOG_VARIANCE_RATIOS:
         gains = gains.log()  # -inf where w = 0 (a diffuse prior's first observation: never scored)
     return gains.to(dtype)
+
+
+def _launched(length, q, r, p0, device):
+    try:
+        from .backends import triton_tables
+    except ImportError:  # a Triton that cannot load: the torch operations serve
+        return None
+    built = {kind: torch.empty(length, dtype=torch.float32, device=device) for kind in (GAINS, VARIANCE_RATIOS, LOG_VARIANCE_RATIOS)}
+    return built if triton_tables.build_tables(length, q, r, p0, *built.values()) else None
 
 
 def capturing(device):
@@ -193,6 +218,10 @@ class TableCache:
             if entry is not None:
                 self._pin(tables, device, key, entry, owner)
                 return entry.table
+            # the other kinds derive from the float64 gains: reuse them when cached (a fit per step
+            # asks for new tables at each step; the torch backend reads the gains first)
+            _, gains = tables.find((GAINS,) + base[1:3] + (torch.float64,), length) if kind != GAINS else (None, None)
+            gains = None if gains is None else gains.table[:length]
         if captured:
             warnings.warn(
                 f"kpo_kernels: a {kind} table (q={q}, r={r}, p0={p0}, {length} entries) was built during "
@@ -202,22 +231,30 @@ class TableCache:
             )
             with self._lock:
                 self.builds += 1
-            return _build(kind, length, q, r, p0, device, dtype)
-        table = _build(kind, length, q, r, p0, device, dtype)
+            return _build_set(kind, length, q, r, p0, device, dtype, gains)[kind]
+        built = _build_set(kind, length, q, r, p0, device, dtype, gains)
         with self._lock:
-            self.builds += 1
-            key, entry = tables.find(base, length)  # another thread may have stored it meanwhile
-            if entry is None:
-                entry = _Entry(table)
-                if owner is None and not self._fits(tables, entry.nbytes):
-                    return table
-                key = base + (length,)
-                self._evict(tables, entry.nbytes)
-                tables.lru[key] = entry
-                tables.lru_bytes += entry.nbytes
-                tables.longest = max(tables.longest, length)
-            self._pin(tables, device, key, entry, owner)
-            return entry.table
+            self.builds += len(built)
+            for companion, table in built.items():  # kept as any table is, never pinned: not asked for
+                if companion != kind:
+                    self._store(tables, device, (companion,) + base[1:], length, table, None)
+            return self._store(tables, device, base, length, built[kind], owner)
+
+    def _store(self, tables, device, base, length, table, owner):
+        """Keep a built table (under the lock) and return what the caller reads: the entry another
+        thread stored meanwhile, if any; else `table`, kept if it fits or an owner pins it."""
+        key, entry = tables.find(base, length)
+        if entry is None:
+            entry = _Entry(table)
+            if owner is None and not self._fits(tables, entry.nbytes):
+                return table
+            key = base + (length,)
+            self._evict(tables, entry.nbytes)
+            tables.lru[key] = entry
+            tables.lru_bytes += entry.nbytes
+            tables.longest = max(tables.longest, length)
+        self._pin(tables, device, key, entry, owner)
+        return entry.table
 
     @contextlib.contextmanager
     def pinning(self, owner):

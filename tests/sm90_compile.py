@@ -16,6 +16,7 @@ import torch
 
 import kpo_kernels
 from benchmarks.sm90 import KERNELS, compile_launch, record, resources
+from kpo_kernels.backends import triton_tables
 from helpers import make_batch
 
 LOSS_DEFAULTS = dict(
@@ -215,17 +216,37 @@ def cases():
             )
 
 
-def main():
-    results = {}
+# The float32 tables of a new Q / R on a GPU (tables.KERNEL_DEVICES), all three in one launch, for
+# each branch of the closed form (q > 0 or 0; p0 = 0, large, inf), launched from tables.py, not by
+# the backend's launcher that `record` watches.
+TABLE_SETTINGS = {"p0-0": (3e-7, 0.0), "p0-large": (3e-7, 3.0), "p0-inf": (3e-7, float("inf")),
+                  "no-drift": (0.0, 0.0), "no-drift-p0-large": (0.0, 3.0), "no-drift-p0-inf": (0.0, float("inf"))}
+
+
+def table_launches():
+    for label, (q, p0) in TABLE_SETTINGS.items():
+        parts, flags = triton_tables.table_launch(q, 1.0, p0)
+        outputs = [torch.empty(4096) for _ in range(3)]
+        yield f"table-{label}", triton_tables.table_kernel, (*outputs, 4096, *parts), flags
+
+
+def launches():
     for case, run in cases():
         for kernel, _, args, kwargs in record(run, sm_count=1):
-            key = f"{case}:{kernel.fn.__name__}"
-            try:
-                compiled = compile_launch(kernel, args, kwargs)
-                results[key] = {"ok": True, "num_warps": compiled.metadata.num_warps, **resources(compiled),
-                                "ex2_ftz": "ex2.approx.ftz.f32" in compiled.asm["ptx"]}
-            except Exception as error:  # noqa: BLE001 - reported to the test
-                results[key] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:2000]}
+            yield case, kernel, args, kwargs
+    yield from table_launches()
+
+
+def main():
+    results = {}
+    for case, kernel, args, kwargs in launches():
+        key = f"{case}:{kernel.fn.__name__}"
+        try:
+            compiled = compile_launch(kernel, args, kwargs)
+            results[key] = {"ok": True, "num_warps": compiled.metadata.num_warps, **resources(compiled),
+                            "ex2_ftz": "ex2.approx.ftz.f32" in compiled.asm["ptx"]}
+        except Exception as error:  # noqa: BLE001 - reported to the test
+            results[key] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:2000]}
     json.dump(results, sys.stdout)
 
 

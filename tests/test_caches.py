@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import kpo_kernels
-from kpo_kernels import tables
+from kpo_kernels import gains as gains_module, tables
+from kpo_kernels.innovation import variance_ratio_schedule
 from kpo_kernels.tables import GAINS, PinnedTables, TableCache
 from conftest import DEVICE
 
@@ -311,6 +312,29 @@ def test_tables_of_every_kind_share_one_budget(small_cache):
     for kind in (GAINS, tables.VARIANCE_RATIOS, tables.LOG_VARIANCE_RATIOS):
         cache.get(kind, 1000, 1e-9, 1.0, 0.0, "cpu", torch.float64)  # 1024 entries, 8 KiB each
     assert cache.entries("cpu") == 1 and cache.nbytes("cpu") == 8 * KIB
+
+
+@pytest.mark.parametrize("p0", [0.0, 0.5, math.inf])
+@pytest.mark.parametrize("cached_longest", [None, 300, 5000])
+def test_derived_tables_are_the_same_whether_the_gains_were_cached(small_cache, monkeypatch, p0, cached_longest):
+    """Variance ratios (and their logs) come from the float64 gains table when one is cached (of
+    the same length or longer): bitwise what a fresh build gives, and the gains stay untouched."""
+    cache = small_cache(max_bytes=1 << 20)
+    q, r = 3e-7, 0.026
+    schedules = []
+    monkeypatch.setattr(tables, "gain_schedule", lambda *args, **kw: schedules.append(args) or gains_module.gain_schedule(*args, **kw))
+    fresh = gains_module.gain_schedule(512, q, r, p0)
+    expected = variance_ratio_schedule(fresh, q / r, p0 / r)
+    if cached_longest is not None:
+        gains = cache.get(GAINS, cached_longest, q, r, p0, "cpu", torch.float64)
+        before = gains.clone()
+    ratios = cache.get(tables.VARIANCE_RATIOS, 300, q, r, p0, "cpu", torch.float64)
+    logs = cache.get(tables.LOG_VARIANCE_RATIOS, 300, q, r, p0, "cpu", torch.float32)
+    assert torch.equal(ratios, expected) and torch.equal(logs, expected.log().float())
+    assert cache.builds == (3 if cached_longest is not None else 2)
+    assert len(schedules) == (1 if cached_longest is not None else 2)  # derived from the cached gains
+    if cached_longest is not None:
+        assert torch.equal(gains, before)
 
 
 @pytest.mark.parametrize("p0", [0.0, 0.5, math.inf])
