@@ -37,8 +37,9 @@ def check_min_tokens(name, value):
 
 # The per-step fit's default budget: positions (rows x longest sequence) transformed per micro-batch.
 # A larger micro-batch is fitted on every k-th sequence, k = ceil(positions / budget): at 64 x 4096
-# a quarter of the sequences, which keeps fit + loss under twice the loss on a CPU
-# (benchmarks/RESULTS.md) and the likelihood within 3e-5 nats per token of the full fit's maximum.
+# a quarter of the sequences, whose likelihood stays within 3e-5 nats per token of the full fit's
+# maximum; fit + loss is then about 2.4 plain losses on a CPU (benchmarks/RESULTS.md: over the
+# goal of 2; half this budget meets it on one thread, at twice the statistical error in R).
 PER_STEP_MAX_TOKENS = 65536
 
 
