@@ -63,7 +63,9 @@ KERNEL_DEVICES = ("cuda",)  # where float32 tables come from one Triton launch (
 
 def _build_set(kind, length, q, r, p0, device, dtype, gains=None):
     """{kind: table}: the `kind` table, and on a GPU (float32) its two companions, all three
-    built by one Triton launch (some twenty torch launches each otherwise)."""
+    built by one Triton launch (some twenty torch launches each otherwise). The companions are
+    cached too: a loss with every metric reads all three; gains-only callers (the filter,
+    metrics="basic") fill the cache three times as fast, which bounds it all the same."""
     if dtype == torch.float32 and device.type in KERNEL_DEVICES:
         built = _launched(length, q, r, p0, device)
         if built is not None:
@@ -89,7 +91,9 @@ def _launched(length, q, r, p0, device):
     except ImportError:  # a Triton that cannot load: the torch operations serve
         return None
     built = {kind: torch.empty(length, dtype=torch.float32, device=device) for kind in (GAINS, VARIANCE_RATIOS, LOG_VARIANCE_RATIOS)}
-    return built if triton_tables.build_tables(length, q, r, p0, *built.values()) else None
+    # Triton launches on the current device: make it the tables'
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return built if triton_tables.build_tables(length, q, r, p0, *built.values()) else None
 
 
 def capturing(device):
@@ -231,7 +235,9 @@ class TableCache:
             )
             with self._lock:
                 self.builds += 1
-            return _build_set(kind, length, q, r, p0, device, dtype, gains)[kind]
+            # torch operations from scratch, recorded into the graph: no cached table that nothing
+            # pins (the gains), and no Triton kernel to load while the stream captures
+            return _build(kind, length, q, r, p0, device, dtype)
         built = _build_set(kind, length, q, r, p0, device, dtype, gains)
         with self._lock:
             self.builds += len(built)

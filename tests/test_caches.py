@@ -261,6 +261,27 @@ def test_tables_read_during_capture_are_pinned_and_missing_ones_not_cached(small
     assert cache.nbytes("cpu", pinned=True) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_table_missing_during_capture_is_built_from_scratch(small_cache, monkeypatch, dtype):
+    """During capture a missing table is the torch operations alone, recorded into the graph:
+    not derived from a cached gains table that nothing pins (its memory could be reused before a
+    replay), and not the GPU's table kernel (a kernel cannot be loaded while a stream captures)."""
+    from kpo_kernels.backends import triton_tables
+
+    cache = small_cache(max_bytes=1 << 20)
+    monkeypatch.setattr(tables, "KERNEL_DEVICES", ("cpu",))
+    monkeypatch.setattr(triton_tables, "build_tables", lambda *args: pytest.fail("the table kernel ran during capture"))
+    cache.get(GAINS, 300, 1e-3, 1.0, 0.0, "cpu", torch.float64)  # cached eagerly: what a derived table would read
+    given = []
+    build = tables._build
+    monkeypatch.setattr(tables, "_build", lambda *args, **kw: given.append(args[7:] + tuple(kw.values())) or build(*args, **kw))
+    monkeypatch.setattr(tables, "capturing", lambda device: True)
+    with pytest.warns(UserWarning, match="prepare"):
+        ratios = cache.get(tables.VARIANCE_RATIOS, 300, 1e-3, 1.0, 0.0, "cpu", dtype)
+    assert given == [()] and cache.entries("cpu") == 1  # no gains passed in; nothing new cached
+    assert torch.equal(ratios, variance_ratio_schedule(gains_module.gain_schedule(512, 1e-3, 1.0, 0.0), 1e-3, 0.0).to(dtype))
+
+
 # ----------------------------------------------------------------------------- prepare
 
 

@@ -11,8 +11,12 @@ float64 (docs: kpo_kernels/gains.py) and rounds it once to float32, for all thre
     log w_n, -inf where w_n = 0                 (LOG_VARIANCE_RATIOS)
 
 The constants come from the host as three float32 parts each (`triton_launch.float64_parts`:
-Triton passes Python floats as float32); settings whose constants the parts cannot carry
-(q / r below ~1e-30 or above float32's range) return None and take the torch operations.
+Triton passes Python floats as float32); settings whose constants the parts cannot carry return
+None and take the torch operations: q / r below about 1e-30 or above float32's range, p0 / r
+above about 1e30, or q / r times r / p0 below about 1e-30. A table missing during CUDA-graph
+capture is not built here (tables.py records torch operations instead: loading a kernel is not
+allowed while a stream captures). On a GPU the float64 arithmetic may contract into FMAs: the
+tables agree with the torch operations' to an ulp, not necessarily bit for bit.
 exp(x) - 1 is Kahan's (libdevice's is not available to the interpreter): the float64 entries are
 within a few ulps of the torch operations', so the float32 tables match them to one ulp.
 """
