@@ -407,3 +407,29 @@ def test_result_does_not_depend_on_the_order_of_reductions(monkeypatch):
     monkeypatch.setattr(interpreter.ReduceOps, "generic_reduce", butterfly)
     permuted = kpo_kernels.kalman_filter(z, mask, q=1e-3, backend=impl)
     torch.testing.assert_close(permuted, in_order, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@settings(max_examples=examples(12), suppress_health_check=[HealthCheck.too_slow])
+@given(lengths=st.lists(st.sampled_from([0, 1, 2, 3, 17, 1023, 1024, 1025, 2500]), min_size=1, max_size=12), seed=st.integers(0, 99))
+def test_packed_backward_finds_each_tokens_sequence(dtype, lengths, seed):
+    """The Triton backward of a packed batch, called directly: each token's derivative times
+    grad_output and its own sequence's weight, whatever the sequences next to each other (empty
+    ones, one-token ones, boundaries at 1024-token block edges +/- 1)."""
+    backend = triton_backend()
+    if backend is None:
+        pytest.skip("Triton is not importable")
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32)
+    gen = torch.Generator().manual_seed(seed)
+    tokens, sequences = int(cu[-1]), len(lengths)
+    grad = torch.randn(tokens, generator=gen)
+    row_scale = torch.randn(sequences, generator=gen)
+    grad_output = torch.tensor(0.75)
+    got = backend.loss_backward(grad.to(DEVICE), row_scale.to(DEVICE), grad_output.to(DEVICE), cu.to(DEVICE), dtype).cpu()
+    owner = torch.repeat_interleave(torch.arange(sequences), torch.tensor(lengths))
+    want = grad * (grad_output * row_scale[owner])
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        assert torch.equal(got, want)
+    else:  # one rounding to bfloat16 (the interpreter truncates where a GPU rounds to nearest)
+        assert ((got.float() - want).abs() <= want.abs() * 2.0**-7).all()
