@@ -151,10 +151,10 @@ class _KPOLossFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         log_prob, cu_seqlens, backend, need_grad = inputs[0], inputs[5], inputs[-2], inputs[-1]
-        _, metrics, grad, row_scale = output
+        _, metrics, grad, row_scale, plan = output
         ctx.backend, ctx.need_grad, ctx.dtype = backend, need_grad, log_prob.dtype
-        ctx.save_for_backward(log_prob, grad, row_scale, cu_seqlens)
-        ctx.mark_non_differentiable(metrics, grad, row_scale)
+        ctx.save_for_backward(log_prob, grad, row_scale, cu_seqlens, plan)
+        ctx.mark_non_differentiable(metrics, grad, row_scale, plan)
         # The non-differentiable outputs get no zero-filled gradients (on a GPU a full-size fill
         # of the stored derivative's shape cost 7 us of a 108 us step at 512 x 8192).
         ctx.set_materialize_grads(False)
@@ -163,12 +163,13 @@ class _KPOLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *_):
         if grad_loss is None:  # nothing flows back through the loss
             return (None,) * len(ctx.needs_input_grad)
-        log_prob, grad, row_scale, cu_seqlens = ctx.saved_tensors
+        log_prob, grad, row_scale, cu_seqlens, plan = ctx.saved_tensors
         if not ctx.need_grad:
             raise RuntimeError("kpo_loss: backward through a forward that ran without a gradient")
         wrapped = not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(grad_loss)
         if not torch.is_grad_enabled() and not wrapped:
-            d_log_prob = torch.ops.kpo_kernels.kpo_loss_backward(grad, row_scale, grad_loss, cu_seqlens, ctx.dtype, ctx.backend)
+            d_log_prob = torch.ops.kpo_kernels.kpo_loss_backward(grad, row_scale, grad_loss, cu_seqlens, plan, ctx.dtype,
+                                                                 ctx.backend)
         else:
             scale = expand_rows(row_scale.to(grad_loss.dtype) * grad_loss, log_prob.shape, cu_seqlens)
             # Only where the gradient is not 0: elsewhere log_prob may be garbage (NaN under
@@ -343,7 +344,7 @@ def kpo_loss(
     need_grad = _needs_autograd(log_prob)
     arguments = ops.loss_arguments(batch, state, options, backend_key(impl), need_grad)
     run = _KPOLossFunction.apply if need_grad else torch.ops.kpo_kernels.kpo_loss
-    loss, metric_vector, _, _ = run(*arguments)
+    loss, metric_vector, *_ = run(*arguments)
     metrics = {name: value for name, value in zip(METRIC_NAMES, metric_vector.unbind())
                if options.diagnostics or name not in DIAGNOSTIC_METRICS}
     if not return_state:

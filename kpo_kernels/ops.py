@@ -238,7 +238,7 @@ def kpo_loss(
     check_numbers: bool,
     backend: str,
     need_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = lookup(backend)
     if not impl.checks_cu_seqlens_values(cu_seqlens):
         check_cu_seqlens_values(cu_seqlens, log_prob.shape[0])
@@ -264,9 +264,12 @@ def kpo_loss(
         options = LossOptions(filter=filter_options, **given, diagnostics=diagnostics)
     result = impl.loss_forward(batch, options, need_grad=need_grad, **_given_state(state))
     grad = result.grad.contiguous() if result.grad is not None else log_prob.new_empty(0, dtype=impl.output_dtypes(log_prob.dtype)["grad"])
+    plan = result.plan
+    if plan is None:  # the shape the fake implementation promises, whatever the backend kept
+        plan = log_prob.new_zeros(impl.backward_plan_shape(cu_seqlens, need_grad), dtype=torch.int32)
     # Outputs must be fresh tensors: a backend may return loss and metrics as views of one
     # buffer (copied here); the built-in backends do not, and pay no copy.
-    return _fresh(result.loss), _fresh(result.metrics), grad, result.row_scale.contiguous()
+    return _fresh(result.loss), _fresh(result.metrics), grad, result.row_scale.contiguous(), _fresh(plan)
 
 
 def _fresh(tensor):
@@ -283,18 +286,20 @@ def _(log_prob, old_log_prob, advantages, mask, is_weights, cu_seqlens, *args):
     metrics = log_prob.new_empty((len(METRIC_NAMES),), dtype=dtypes["loss"])
     grad = log_prob.new_empty(log_prob.shape if need_grad else (0,), dtype=dtypes["grad"])
     row_scale = log_prob.new_empty((sequences,), dtype=dtypes["row_scale"])
-    return loss, metrics, grad, row_scale
+    plan = log_prob.new_empty(lookup(backend).backward_plan_shape(cu_seqlens, need_grad), dtype=torch.int32)
+    return loss, metrics, grad, row_scale, plan
 
 
 @torch.library.custom_op("kpo_kernels::kpo_loss_backward", mutates_args=())
 def kpo_loss_backward(
-    grad: Tensor, row_scale: Tensor, grad_output: Tensor, cu_seqlens: Optional[Tensor], dtype: torch.dtype, backend: str
+    grad: Tensor, row_scale: Tensor, grad_output: Tensor, cu_seqlens: Optional[Tensor], plan: Tensor, dtype: torch.dtype,
+    backend: str,
 ) -> Tensor:
-    return lookup(backend).loss_backward(grad, row_scale, grad_output, cu_seqlens, dtype).contiguous()
+    return lookup(backend).loss_backward(grad, row_scale, grad_output, cu_seqlens, dtype, plan).contiguous()
 
 
 @kpo_loss_backward.register_fake
-def _(grad, row_scale, grad_output, cu_seqlens, dtype, backend):
+def _(grad, row_scale, grad_output, cu_seqlens, plan, dtype, backend):
     return grad.new_empty(grad.shape, dtype=dtype)
 
 

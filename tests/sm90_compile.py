@@ -63,7 +63,8 @@ def loss_run(batch, options, backend=None, state=False):
             checked, kpo_kernels.validation.check_loss_options(**{**LOSS_DEFAULTS, **options}), True,
             entering_state(checked.num_sequences) if state else None,
         )
-        impl.loss_backward(result.grad, result.row_scale, torch.ones(()), checked.cu_seqlens, batch["log_prob"].dtype)
+        impl.loss_backward(result.grad, result.row_scale, torch.ones(()), checked.cu_seqlens, batch["log_prob"].dtype,
+                           result.plan)
 
     return run
 

@@ -167,8 +167,8 @@ def test_opcheck_every_op(backend_name):
     for args in _op_samples(backend):
         args = (args[0].detach(),) + args[1:]
         torch.library.opcheck(torch.ops.kpo_kernels.kpo_loss.default, args)
-        _, _, grad, row_scale = torch.ops.kpo_kernels.kpo_loss(*args)
-        backward_args = (grad, row_scale, torch.tensor(1.5, device=DEVICE), args[5], torch.float32, key)
+        _, _, grad, row_scale, plan = torch.ops.kpo_kernels.kpo_loss(*args)
+        backward_args = (grad, row_scale, torch.tensor(1.5, device=DEVICE), args[5], plan, torch.float32, key)
         torch.library.opcheck(torch.ops.kpo_kernels.kpo_loss_backward.default, backward_args)
     for packed in (False, True):
         batch, _ = _inputs("default", packed)

@@ -135,3 +135,19 @@ def test_the_fit_model_runs():
     assert "NOT measured" in proc.stdout and "backend=triton" in proc.stdout and "backend=torch" in proc.stdout
     assert proc.stdout.count("noise_filter_kernel ") >= 4 and proc.stdout.count("noise_profile_kernel ") >= 4
     assert "fit / loss" in proc.stdout
+
+
+def test_a_packed_step_plans_its_tiles_once():
+    """A packed forward + backward launches tile_offsets_kernel once: backward reads the
+    forward's tile table (the loss op's `plan` output), where it used to plan again. Padded
+    batches have none to plan."""
+    import torch
+
+    from benchmarks import sm90
+    from kpo_kernels.bench.cases import Case
+
+    for packed, expected in ((True, 1), (False, 0)):
+        run, _ = static_model._fused_step(Case(3, 300, torch.float32), packed)
+        names = [kernel.fn.__name__ for kernel, _, _, _ in sm90.record(run)]
+        assert names.count("tile_offsets_kernel") == expected, names
+        assert names.count("kpo_loss_bwd_kernel") == 1, names

@@ -16,12 +16,15 @@ class LossForward:
     grad: per-token d(token loss)/d(log_prob), masked, *without* the aggregation weights, or
     None when no gradient is needed. row_scale: (B,) or (S,) aggregation weight of each row or
     packed sequence, so that d loss / d log_prob[b, t] = row_scale[b] * grad[b, t].
+    plan: what backward reuses of the forward's planning, an int32 tensor of
+    `Backend.backward_plan_shape` (None: nothing, an empty one).
     """
 
     loss: torch.Tensor
     metrics: torch.Tensor
     grad: Optional[torch.Tensor]
     row_scale: torch.Tensor
+    plan: Optional[torch.Tensor] = None
 
 
 # Every Backend object by its instance key, so that the custom ops find a backend they were
@@ -83,11 +86,16 @@ class Backend:
         section 7)."""
         raise NotImplementedError
 
-    def loss_backward(self, grad, row_scale, grad_output, cu_seqlens, dtype):
+    def loss_backward(self, grad, row_scale, grad_output, cu_seqlens, dtype, plan=None):
         """d loss / d log_prob in `dtype`: grad_output * row_scale[sequence] * grad, from the
-        `LossForward` fields grad and row_scale, d out / d loss (0-dim) and the batch's
-        cu_seqlens (None when padded)."""
+        `LossForward` fields grad, row_scale and plan (None or empty: none kept), d out / d loss
+        (0-dim) and the batch's cu_seqlens (None when padded)."""
         raise NotImplementedError
+
+    def backward_plan_shape(self, cu_seqlens, need_grad):
+        """The shape of `LossForward.plan` for a batch with these offsets (None: padded); the
+        loss op's fake implementation reads it. This default: (0,), nothing kept."""
+        return (0,)
 
     def noise_layout(self, log_ratio, mask, cu_seqlens, mask_mode, x0, max_tokens):
         """`estimate_noise`'s sequences (fit_spectrum.sequences; packed ones under max_tokens

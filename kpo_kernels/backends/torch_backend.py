@@ -129,7 +129,7 @@ class TorchBackend(Backend):
             return self.chunk_maps(log_prob.reshape(-1), flat_old, _flat(mask), options, _row_offsets(log_prob), count)
         return packed_chunk_maps(log_prob, old_log_prob, mask, options, cu_seqlens, count)
 
-    def loss_backward(self, grad, row_scale, grad_output, cu_seqlens, dtype):
+    def loss_backward(self, grad, row_scale, grad_output, cu_seqlens, dtype, plan=None):
         scale = expand_rows(grad_output.to(row_scale.dtype) * row_scale, grad.shape, cu_seqlens)
         return (grad * scale).to(dtype)
 

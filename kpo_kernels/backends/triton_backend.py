@@ -296,7 +296,13 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             tiles = _finalize_tiles_per_step(tiling)
             kernels.kpo_loss_finalize_kernel[(1,)](stats, *finish, **finish_settings, IS_VARLEN=batch.cu_seqlens is not None,
                                                    BLOCK_S=1024, **_finalize_launch(tiles))
-        return LossForward(loss=loss, metrics=metrics, grad=grad, row_scale=row_scale)
+        plan = tiling.plan if need_grad and tiling is not None else None  # packed: backward's tile table
+        return LossForward(loss=loss, metrics=metrics, grad=grad, row_scale=row_scale, plan=plan)
+
+    def backward_plan_shape(self, cu_seqlens, need_grad):
+        """A packed batch's tile table and its flag (S + 2 int32) when a gradient is wanted:
+        backward then launches no tile_offsets_kernel of its own."""
+        return (cu_seqlens.shape[0] + 1,) if cu_seqlens is not None and need_grad else (0,)
 
     def checks_cu_seqlens_values(self, cu_seqlens):
         """On CUDA the tile-offsets kernel checks packed offsets as it reads them (one flag and one
@@ -374,11 +380,12 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             FLOAT_MASK=mask is not None and mask.dtype.is_floating_point,
         )
 
-    def loss_backward(self, grad, row_scale, grad_output, cu_seqlens, dtype):
+    def loss_backward(self, grad, row_scale, grad_output, cu_seqlens, dtype, plan=None):
         out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
         if out.numel() == 0:
             return out
-        _, _, tiling = self._plan(grad.shape, cu_seqlens, grad.device)
+        kept = plan if cu_seqlens is not None and plan is not None and plan.numel() == cu_seqlens.numel() + 1 else None
+        _, _, tiling = self._plan(grad.shape, cu_seqlens, grad.device, kept)  # packed: the forward's tile table
         if not tiling.varlen:  # elementwise: any split will do, so use many small tiles
             tile = min(1024, _pow2_at_least(tiling.width))
             tiling = dataclasses.replace(tiling, tile_size=tile, grid=(tiling.num_seqs, _cdiv(tiling.width, tile)))

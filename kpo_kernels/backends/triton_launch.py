@@ -231,6 +231,7 @@ class _Tiling:
     tile_offsets: torch.Tensor  # first tile slot of each sequence (a dummy for padded batches)
     longest: int  # a bound of the sequence length (T; packed: the longest, or N): the gain table's length
     offsets_valid: torch.Tensor = None  # packed: 1 if cu_seqlens's values are valid, else 0 (tile_offsets_kernel)
+    plan: torch.Tensor = None  # packed: tile_offsets and offsets_valid in one buffer, which backward reuses
 
     @property
     def tiles_per_seq(self):
@@ -281,16 +282,17 @@ class LaunchPlan:
         wanted = min(wanted, MAX_BLOCKS_PER_TILE * block)
         return _cdiv(max(1, min(wanted, longest)), block) * block
 
-    def _plan(self, shape, cu_seqlens, device):
-        """(block, warps, tiling) of a padded (B, T) or packed (N,) batch."""
+    def _plan(self, shape, cu_seqlens, device, plan=None):
+        """(block, warps, tiling) of a padded (B, T) or packed (N,) batch; `plan`: a packed
+        batch's tile table from an earlier plan of the same batch (`_Tiling.plan`), not rebuilt."""
         if cu_seqlens is None:
             typical = shape[1]
         else:
             typical = _cdiv(shape[0], max(1, cu_seqlens.numel() - 1))  # mean sequence length
         block = self._block(typical)
-        return block, self._warps(block), self._tiling(shape, cu_seqlens, device, block)
+        return block, self._warps(block), self._tiling(shape, cu_seqlens, device, block, plan)
 
-    def _tiling(self, shape, cu_seqlens, device, block):
+    def _tiling(self, shape, cu_seqlens, device, block, plan=None):
         if cu_seqlens is None:
             rows, width = shape
             tile = self._tile(rows, rows * width, width, block, device)
@@ -300,12 +302,14 @@ class LaunchPlan:
         tokens, sequences = shape[0], cu_seqlens.numel() - 1
         tile = self._tile(sequences, tokens, max(tokens, 1), block, device)
         slots = _cdiv(tokens, tile) + sequences
-        offsets = torch.empty(sequences + 2, dtype=torch.int32, device=device)  # and the offsets' validity
-        kernels.tile_offsets_kernel[(1,)](cu_seqlens, offsets, offsets[sequences + 1:], sequences, tokens, tile, BLOCK_S=1024)
+        offsets = plan
+        if offsets is None:
+            offsets = torch.empty(sequences + 2, dtype=torch.int32, device=device)  # and the offsets' validity
+            kernels.tile_offsets_kernel[(1,)](cu_seqlens, offsets, offsets[sequences + 1:], sequences, tokens, tile, BLOCK_S=1024)
         steps = max(1, sequences.bit_length())
         longest = tables.packed_longest(cu_seqlens, tokens)  # the tables' length bound
         return _Tiling(True, sequences, 0, tile, slots, (slots,), tokens > tile, steps, cu_seqlens, offsets[: sequences + 1],
-                       max(longest, 1), offsets[sequences + 1:])
+                       max(longest, 1), offsets[sequences + 1:], offsets)
 
 
 def flat_layout(varlen, width, block, tensors):
