@@ -14,11 +14,13 @@ eager calls). Numbers given as tensors (a count on the data's device; q, a count
 tensor under compile) travel in `number_tensors`, named by `number_tensor_names`.
 
 - `kalman_filter(log_ratio, mask, cu_seqlens, q, r, p0, x0, skip, number_tensors, ...) -> filtered`
-- `kpo_loss(...) -> (loss, metrics, grad, row_scale)`: one fused forward (`diagnostics`: False
-  for metrics="basic", whose diagnostic entries are then 0); `grad` is the
+- `kpo_loss(...) -> (loss, metrics, grad, row_scale, plan)`: one fused forward (`diagnostics`:
+  False for metrics="basic", whose diagnostic entries are then 0); `grad` is the
   per-token derivative without the aggregation weights (empty when not needed), `row_scale`
-  the weight of each row or packed sequence.
-- `kpo_loss_backward(grad, row_scale, grad_output, cu_seqlens, dtype, backend) -> d log_prob`
+  the weight of each row or packed sequence, `plan` what backward reuses of the forward's
+  planning (int32, `Backend.backward_plan_shape`: the Triton backend's packed tile table, else
+  empty).
+- `kpo_loss_backward(grad, row_scale, grad_output, cu_seqlens, plan, dtype, backend) -> d log_prob`
 - `kalman_chunk_maps(log_prob, old_log_prob, mask, cu_seqlens, count, ...) -> ChunkMaps fields`
 
 The filter and the loss take an optional entering state (`state.FilterState`, docs/math.md
