@@ -310,6 +310,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     loss = None if args.no_loss else loss_time(args.rows, args.length)
     print(f"Model (NOT measured): the per-step fit of a {args.rows} x {args.length} float32 micro-batch on a GPU")
+    default_fit = {}  # machine name -> the Triton fit at the default budget, us
     for backend in ("triton", "torch"):
         for label, budget in (("default budget", PER_STEP_MAX_TOKENS), ("every sequence", None)):
             kernels = record_fit(args.rows, args.length, budget, backend)
@@ -320,13 +321,15 @@ def main(argv=None):
             for machine in MACHINES:
                 detail = {}
                 fit = device_time(kernels, machine, detail)
+                if backend == "triton" and budget == PER_STEP_MAX_TOKENS:
+                    default_fit[machine.name] = fit
                 floor = sum(FFT_PASSES * op[1] if "fft" in op[0] else op[1] for op in kernels) / (machine.copy_tbps * 1e6)
                 line = f"    {machine.name}: {fit:.1f} us (launch floor {len(kernels) * LAUNCH_US:.0f} us; bytes alone {floor:.1f} us"
                 line += "".join(f"; {name[7:]} {time:.1f}" for name, time in detail.items()) + ")"
                 if loss is not None:
                     line += f"; fused loss fwd + bwd {loss[machine.name]:.1f} us: fit / loss {fit / loss[machine.name]:.2f}"
                 print(line)
-    print(f"  A new Q / R (each fitted step): the fused loss's float32 tables of {args.length} entries, built once each")
+    print(f"  A ratio Q / R new to the process: the fused loss's float32 tables of {args.length} entries, built once each")
     for metrics, kinds in TABLE_KINDS.items():
         launches = sum(torch_table_launches(kind, args.length) for kind in kinds)
         for machine in MACHINES:
@@ -336,6 +339,12 @@ def main(argv=None):
             if loss is not None:
                 line += f" ({kernel / loss[machine.name]:.2f} and {launches * LAUNCH_US / loss[machine.name]:.2f} fused losses)"
             print(line)
+    if loss is not None:
+        print("  A fitted step (the Triton fit at the default budget, then the fused loss) in plain losses: with the ratio's "
+              "tables cached (tracker.round_fitted: most steps) / with the table kernel first (a ratio new to the process)")
+        for machine in MACHINES:
+            plain, fit = loss[machine.name], default_fit[machine.name]
+            print(f"    {machine.name}: {(fit + plain) / plain:.2f} / {(fit + table_time(args.length, machine) + plain) / plain:.2f}")
     return 0
 
 

@@ -37,10 +37,11 @@ def check_min_tokens(name, value):
 
 # The per-step fit's default budget: positions (rows x longest sequence) transformed per micro-batch.
 # A larger micro-batch is fitted on every k-th sequence, k = ceil(positions / budget): at 64 x 4096
-# a quarter of the sequences, whose likelihood stays within 3e-5 nats per token of the full fit's
-# maximum; fit + loss is then about 2.4 plain losses on a CPU (benchmarks/RESULTS.md: over the
-# goal of 2; half this budget meets it on one thread, at twice the statistical error in R).
-PER_STEP_MAX_TOKENS = 65536
+# every 8th sequence, whose likelihood stays within 4e-5 nats per token of the full fit's maximum
+# (R within 1.2%); fit + loss is then about 1.7-1.8 plain losses on a CPU, and at most about 1.9
+# when a step's ratio needs new tables (benchmarks/RESULTS.md; the goal is 2). Twice the budget
+# halves nothing but the error in R, and costs about 2.0-2.1 plain losses.
+PER_STEP_MAX_TOKENS = 32768
 
 
 def check_max_tokens(name, value):

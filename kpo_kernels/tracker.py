@@ -11,6 +11,40 @@ from .dispatch import check_backend_argument
 from .fitting import FITTED, STATUS_NAMES, estimate_noise
 from .validation import check_bool, check_filter_params
 
+# A fitted ratio Q / R is rounded to this many steps a decade (at most 3.7% off the fit, whose own
+# spread from one micro-batch to the next is far wider: docs/choosing-q-and-r.md). Successive fits
+# then meet the same ratios again, and the loss finds their gain tables cached instead of building
+# them at each step (tables depend on Q / R alone).
+RATIO_STEPS_PER_DECADE = 32
+_ROUNDED_BITS = 26  # the grid ratio and R keep this many significant bits: their product, Q, is exact
+
+
+def _significant(value, bits):
+    mantissa, exponent = math.frexp(value)
+    return math.ldexp(round(mantissa * (1 << bits)), exponent - bits)
+
+
+def round_fitted(q, r, q_range=None):
+    """(q', r'): a fit's Q and R with Q / R on the grid of `RATIO_STEPS_PER_DECADE` steps a decade
+    (the grid point nearest the fit inside `q_range`, if any; else the fit's ratio) and R to 26
+    significant bits (1.5e-8 relative at most), so that q' / r' is the grid ratio exactly: the key
+    under which the loss caches the tables of that ratio."""
+    ratio = q / r
+    if not (math.isfinite(ratio) and ratio > 0 and math.isfinite(r) and r > 0):
+        return q, r
+    step = round(math.log10(ratio) * RATIO_STEPS_PER_DECADE)
+    low, high = (0.0, math.inf) if q_range is None else q_range
+    for k in (step, step - 1, step + 1):  # the nearest grid point, or a neighbour inside q_range
+        grid = _significant(10.0 ** (k / RATIO_STEPS_PER_DECADE), _ROUNDED_BITS)
+        if low <= grid <= high:
+            break
+    else:
+        return q, r
+    rounded_r = _significant(r, _ROUNDED_BITS)
+    rounded_q = grid * rounded_r  # exact (26 + 26 significant bits) unless it leaves the normal range
+    return (rounded_q, rounded_r) if rounded_q / rounded_r == grid else (q, r)
+
+
 # metric name -> meaning (NoiseTracker.metrics; verl logs them as actor/kpo_<name>, TRL as kpo/<name>)
 FIT_METRICS = ("kalman_q", "kalman_r", "drift_evidence", "at_boundary", "fit_status", "refit")
 
@@ -36,7 +70,7 @@ class NoiseTracker:
         group: "auto" (default: the default `torch.distributed` group when one is initialised
             with more than one process, else none), None (no collective), or a process group:
             the fit's sums are all-reduced over it, so every rank gets the same Q and R.
-        max_tokens: the per-step fit's budget (default `PER_STEP_MAX_TOKENS`, 65536): a micro-batch
+        max_tokens: the per-step fit's budget (default `PER_STEP_MAX_TOKENS`, 32768): a micro-batch
             of more positions (rows x longest sequence) is fitted on every k-th sequence,
             `estimate_noise`'s cap (cheaper, statistically noisier: docs/choosing-q-and-r.md);
             None: every sequence. A "per_generation" fit, once per rollout batch, reads every
@@ -51,7 +85,9 @@ class NoiseTracker:
     Calling it (`tracker(log_ratio, mask=None, *, cu_seqlens=None, stale=True)`) returns the
     keywords {"q", "r", "p0"} for `kpo_loss`. It fits when the mode asks for it and `stale` is
     True (pass False for a micro-batch known to be on-policy); a fit reads its few numbers back
-    to the host once (`kpo_loss` takes q and r as Python numbers). `new_generation()` marks a
+    to the host once (`kpo_loss` takes q and r as Python numbers). A fitted Q / R is rounded to
+    `RATIO_STEPS_PER_DECADE` steps a decade (`round_fitted`): the loss then reuses the tables of
+    earlier steps' ratios. `new_generation()` marks a
     new rollout batch for "per_generation". `metrics` holds the latest values of `FIT_METRICS`.
     """
 
@@ -97,7 +133,7 @@ class NoiseTracker:
         values = torch.stack([fit.q, fit.r, fit.drift_evidence, fit.at_boundary.double(), fit.status.double()]).tolist()
         q, r, evidence, boundary, status = values  # the one host read of a fit
         if status == FITTED:
-            self.q, self.r = q, r
+            self.q, self.r = round_fitted(q, r, self.q_range)
             self.p0 = self.p0_ratio * r if math.isfinite(self.p0_ratio) else self.p0_ratio
             self._pending = False
             self.metrics.update(drift_evidence=evidence, at_boundary=boundary, refit=1.0)
@@ -117,4 +153,4 @@ class NoiseTracker:
         return f"NoiseTracker(mode={self.mode!r}, q={self.q:.4g}, r={self.r:.4g}, p0={self.p0:.4g})"
 
 
-__all__ = ["FIT_METRICS", "FIT_MODES", "STATUS_NAMES", "NoiseTracker"]
+__all__ = ["FIT_METRICS", "FIT_MODES", "RATIO_STEPS_PER_DECADE", "STATUS_NAMES", "NoiseTracker", "round_fitted"]

@@ -11,7 +11,13 @@ import torch.multiprocessing as mp
 
 import kpo_kernels
 from kpo_kernels import NoiseTracker, estimate_noise, kpo_loss
+from kpo_kernels.tracker import RATIO_STEPS_PER_DECADE, round_fitted
 from test_noise import simulate
+
+
+def tracked(fit, q_range=(1e-10, 1e2)):
+    """The (q, r) a tracker passes on for an `estimate_noise` result: its ratio rounded."""
+    return round_fitted(float(fit.q), float(fit.r), q_range)
 
 
 def batch(seed, q=1e-4, r=0.01, rows=6):
@@ -39,7 +45,7 @@ def test_per_step_fits_every_micro_batch():
         z, mask = batch(seed)
         options = tracker(z, mask)
         want = estimate_noise(z, mask)
-        assert options["q"] == float(want.q) and options["r"] == float(want.r) and options["p0"] == 0.0
+        assert (options["q"], options["r"]) == tracked(want) and options["p0"] == 0.0
         assert tracker.metrics["refit"] == 1.0 and tracker.metrics["kalman_q"] == options["q"]
         assert tracker.metrics["fit_status"] == 0.0
 
@@ -54,12 +60,13 @@ def test_the_per_step_budget_fits_every_kth_sequence_of_a_larger_micro_batch():
     capped = estimate_noise(z, mask, max_tokens=z.numel() // 3)
     whole = estimate_noise(z, mask)
     assert float(capped.q) != float(whole.q)
-    assert NoiseTracker("per_step", max_tokens=z.numel() // 3)(z, mask)["q"] == float(capped.q)
-    assert NoiseTracker("per_step", max_tokens=None)(z, mask)["q"] == float(whole.q)
-    assert NoiseTracker("per_generation", max_tokens=z.numel() // 3)(z, mask)["q"] == float(whole.q)
-    assert NoiseTracker().max_tokens == PER_STEP_MAX_TOKENS == 65536
-    big, big_mask = simulate(40, 1900, 2000, 1e-4, 0.01, 7, dtype=torch.float32)  # 80000 positions: every 2nd row
-    assert NoiseTracker("per_step")(big, big_mask)["q"] == float(estimate_noise(big[::2], big_mask[::2]).q)
+    assert tracked(capped) != tracked(whole)
+    assert NoiseTracker("per_step", max_tokens=z.numel() // 3)(z, mask)["q"] == tracked(capped)[0]
+    assert NoiseTracker("per_step", max_tokens=None)(z, mask)["q"] == tracked(whole)[0]
+    assert NoiseTracker("per_generation", max_tokens=z.numel() // 3)(z, mask)["q"] == tracked(whole)[0]
+    assert NoiseTracker().max_tokens == PER_STEP_MAX_TOKENS == 32768
+    big, big_mask = simulate(40, 1900, 2000, 1e-4, 0.01, 7, dtype=torch.float32)  # 80000 positions: every 3rd row
+    assert NoiseTracker("per_step")(big, big_mask)["q"] == tracked(estimate_noise(big[::3], big_mask[::3]))[0]
 
 
 def test_per_generation_fits_the_first_stale_micro_batch_of_each_generation():
@@ -69,12 +76,12 @@ def test_per_generation_fits_the_first_stale_micro_batch_of_each_generation():
     assert tracker(torch.zeros_like(first), mask) == {"q": 1e-6, "r": 1.0, "p0": 0.0}  # on-policy: still pending
     assert tracker.metrics["fit_status"] == 1.0
     fitted = tracker(first, mask)
-    assert fitted["q"] == float(estimate_noise(first, mask).q)
+    assert fitted["q"] == tracked(estimate_noise(first, mask))[0]
     assert tracker(second, mask) == fitted  # fixed until the next generation
     assert tracker(second, mask, stale=False) == fitted
     tracker.new_generation()
     assert tracker(second, mask, stale=False) == fitted  # declared on-policy: not fitted
-    assert tracker(second, mask)["q"] == float(estimate_noise(second, mask).q)
+    assert tracker(second, mask)["q"] == tracked(estimate_noise(second, mask))[0]
 
 
 def test_a_failed_fit_keeps_the_previous_values():
@@ -87,6 +94,55 @@ def test_a_failed_fit_keeps_the_previous_values():
         assert tracker.metrics["refit"] == 0.0
     assert tracker(z, mask & (torch.arange(z.shape[1]) < 5)) == fitted  # 30 tokens < 50
     assert tracker.metrics["fit_status"] == 2.0
+
+
+@pytest.mark.parametrize("q_range", [None, (1e-10, 1e2), (3e-7, 5e-3)])
+def test_a_fitted_ratio_is_rounded_to_the_grid_and_keeps_r(q_range):
+    """round_fitted: Q / R exactly on the grid of RATIO_STEPS_PER_DECADE steps a decade (the
+    nearest point inside q_range), within half a step of the fit; R within 26 significant bits."""
+    generator = torch.Generator().manual_seed(5)
+    half_step = math.log(10.0) / RATIO_STEPS_PER_DECADE / 2
+    for log_r, log_ratio in torch.rand(2000, 2, generator=generator, dtype=torch.float64).tolist():
+        r = math.exp(-60 + 70 * log_r)
+        low, high = q_range or (1e-10, 1e2)
+        ratio = math.exp(math.log(low) + (math.log(high) - math.log(low)) * log_ratio)
+        q2, r2 = round_fitted(ratio * r, r, q_range)
+        assert abs(r2 / r - 1.0) <= 2.0**-26
+        grid = q2 / r2
+        step = math.log10(grid) * RATIO_STEPS_PER_DECADE
+        assert abs(step - round(step)) < 1e-6 and grid * r2 == q2
+        assert (q_range or (0.0, math.inf))[0] <= grid <= (q_range or (0.0, math.inf))[1]
+        inside = math.log(low) + half_step <= math.log(ratio) <= math.log(high) - half_step
+        assert abs(math.log(grid / ratio)) <= (half_step if inside else 3 * half_step) * (1 + 1e-9)
+    # nothing to round: non-finite values, and a q_range narrower than a step without a grid point
+    assert math.isnan(round_fitted(math.nan, 1.0)[0])
+    assert round_fitted(1e-6, math.inf) == (1e-6, math.inf)
+    assert round_fitted(1.01e-6, 1.0, (1.005e-6, 1.02e-6)) == (1.01e-6, 1.0)
+
+
+def test_successive_fits_meet_their_rounded_ratios_tables_again():
+    """Two fits whose ratios round to one grid point, with different R: the second loss builds no
+    table (kpo_kernels.tables.cache.builds) and adds no CPU scan entry; its result is the loss at
+    the tracker's (q, r), whatever was cached."""
+    from kpo_kernels import tables
+    from kpo_kernels.backends import torch_scan
+
+    z, mask = batch(12)
+    old = -torch.rand(z.shape, dtype=torch.float64)
+    adv = torch.randn(z.shape[0], dtype=torch.float64)
+    q, r = tracked(estimate_noise(z, mask))
+    first = {"q": q, "r": r, "p0": 0.0}
+    other_q, other_r = round_fitted(q / r * 0.37, 0.37)  # the same ratio, another R
+    assert other_q / other_r == q / r and other_r != r
+    other = dict(first, q=other_q, r=other_r)
+    a, _ = kpo_loss(old + z, old, adv, mask, backend="torch", **first)
+    builds, entries = tables.cache.builds, len(torch_scan._CPU_CACHE)
+    b, metrics = kpo_loss(old + z, old, adv, mask, backend="torch", **other)
+    assert tables.cache.builds == builds and len(torch_scan._CPU_CACHE) == entries
+    torch_scan._CPU_CACHE.clear()
+    tables.cache.clear()
+    fresh, fresh_metrics = kpo_loss(old + z, old, adv, mask, backend="torch", **other)
+    assert torch.equal(b, fresh) and all(torch.equal(metrics[k], fresh_metrics[k]) for k in metrics)
 
 
 def test_p0_ratio_is_kept():
@@ -148,8 +204,9 @@ def test_data_parallel_ranks_get_the_same_fit_that_of_the_pooled_data(tmp_path):
     width = max(z0.shape[1], z1.shape[1])
     pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
     pooled = estimate_noise(torch.cat([pad(z0), pad(z1)]), torch.cat([pad(m0), pad(m1)]))
-    assert results[0]["options"]["q"] == pytest.approx(float(pooled.q), rel=1e-9)
-    assert results[0]["options"]["r"] == pytest.approx(float(pooled.r), rel=1e-12)
+    want_q, want_r = tracked(pooled)
+    assert results[0]["options"]["q"] == pytest.approx(want_q, rel=1e-9)
+    assert results[0]["options"]["r"] == pytest.approx(want_r, rel=1e-12)
     assert results[0]["metrics"]["refit"] == 1.0
 
 

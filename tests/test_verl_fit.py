@@ -16,6 +16,7 @@ from verl.utils.config import omega_conf_to_dataclass  # noqa: E402
 import kpo_kernels.integrations.verl as integration  # noqa: E402
 from helpers import assert_close, make_batch, oracle  # noqa: E402
 from kpo_kernels import estimate_noise  # noqa: E402
+from kpo_kernels.tracker import round_fitted  # noqa: E402
 from kpo_kernels.integrations.verl import FIT_METRIC_NAMES, METRICS, KPOPolicyLossConfig  # noqa: E402
 from test_verl import README_OVERRIDES, actor_config, call_verl_loss, compose_ppo_config, f64  # noqa: E402
 
@@ -35,9 +36,10 @@ def on_policy(batch):
 
 
 def fitted(batch):
+    """The (q, r) the tracker passes on: the fit with its ratio rounded (tracker.round_fitted)."""
     z = batch["log_prob"] - batch["old_log_prob"]
     fit = estimate_noise(z, batch["mask"], fallback=(1e-6, 1.0))
-    return float(fit.q), float(fit.r)
+    return round_fitted(float(fit.q), float(fit.r), (1e-10, 1e2))
 
 
 def test_per_step_through_verls_loader_is_the_loss_at_the_fitted_noise():

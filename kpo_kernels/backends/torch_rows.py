@@ -281,15 +281,16 @@ class TailCompaction:
 
 
 def _innovation_terms(length, options, device):
-    """What the diagnostics need of the settings alone, for rows whose valid tokens come first:
-    w (T,), the variance ratio of the token at position t (its observation t + 1), and per
-    count n (T + 1,) over the first n tokens: the unscored ones (S = inf: p0 = inf, first
-    observation) and the sum of log S = log(r / w) over the scored ones. Shared: not written."""
+    """What the diagnostics need of the ratios Q / R and P0 / R alone, for rows whose valid tokens
+    come first: w (T,), the variance ratio of the token at position t (its observation t + 1), and
+    per count n (T + 1,) over the first n tokens: the unscored ones (S = inf: p0 = inf, first
+    observation) and the sum of -log w over the scored ones (log S = log r - log w). Shared: not
+    written."""
     ratios = tables.variance_ratio_table(length, options.q, options.r, options.p0, device, COMPUTE)
     w = gain_lookup(ratios, torch.arange(length, device=device))
     unscored = F.pad(torch.cumsum(w == 0, 0), (1, 0))
-    log_s = w.log().neg_().add_(math.log(options.r)).masked_fill_(w == 0, 0.0)
-    return w, unscored, F.pad(torch.cumsum(log_s, 0), (1, 0))
+    neg_log_w = w.log().neg_().masked_fill_(w == 0, 0.0)
+    return w, unscored, F.pad(torch.cumsum(neg_log_w, 0), (1, 0))
 
 
 def _diagnostics(z, x, z_low, count, dtype, options):
@@ -298,8 +299,8 @@ def _diagnostics(z, x, z_low, count, dtype, options):
     valid tokens of each row. z is overwritten (with the innovations)."""
     rows, length = z.shape
     r = options.r
-    w, unscored_before, log_s_before = cached_on_cpu("innovation terms", length, options, z.device,
-                                                     lambda: _innovation_terms(length, options, z.device))
+    w, unscored_before, neg_log_w_before = cached_on_cpu("innovation terms", length, options, z.device,
+                                                         lambda: _innovation_terms(length, options, z.device))
 
     # Innovation e = z - (the state before the token), x0 before the first token. At a row's first
     # invalid token t = n this reads -x_{n-1}: zeroed; after it z = x = 0.
@@ -311,8 +312,8 @@ def _diagnostics(z, x, z_low, count, dtype, options):
     nis = (e.square_() @ w).div_(r)
 
     unscored = unscored_before[count]
-    log_s_sum = log_s_before[count]
     scored = (count - unscored).to(COMPUTE)
+    log_s_sum = neg_log_w_before[count].add_(scored * math.log(r))
 
     def flips(values):  # pairs of neighbours with strictly opposite signs (0 at invalid tokens)
         # torch.sign in the values' own dtype (-1, 0 or 1, whatever their size), the products of

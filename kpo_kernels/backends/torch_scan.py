@@ -104,9 +104,9 @@ class _ScanPlan:
         return plan
 
 
-_CPU_CACHE = OrderedDict()  # (what, T, q, r, p0) -> (what `build` returned, its bytes), CPU tensors only
+_CPU_CACHE = OrderedDict()  # (what, T, q / r, p0 / r) -> (what `build` returned, its bytes), CPU tensors only
 _CPU_CACHE_BYTES = 16 << 20  # in all; an entry above a quarter of it is not kept (T beyond ~100k)
-_CPU_CACHE_MOST = 64  # entries
+_CPU_CACHE_MOST = 128  # entries: two a ratio (a fitted one each step meets some 30 ratios again)
 _CPU_CACHE_LOCK = threading.Lock()
 _cpu_cache_bytes = 0
 
@@ -123,8 +123,9 @@ def _nbytes(value):
 
 
 def cached_on_cpu(what, length, options, device, build):
-    """build(), cached per (what, T, q, r, p0) when `device` is the CPU: the (T,) work that
-    depends on the filter's settings alone (a few operations and host reads saved per call).
+    """build(), cached per (what, T, q / r, p0 / r) when `device` is the CPU: the (T,) work that
+    depends on the ratios of the filter's settings alone, as the gain tables do (a few operations
+    and host reads saved per call; a fitted Q and R meet their ratio again: tracker.round_fitted).
     Bounded by bytes and entries, least recently used first out; what the gain tables' cache
     must see (a CUDA-graph capture: accelerators, or a test standing in for one) is built each
     time from the tables. Entries are shared: callers must not write to them."""
@@ -132,7 +133,8 @@ def cached_on_cpu(what, length, options, device, build):
     device = torch.device(device)
     if device.type != "cpu" or tables.capturing(device):
         return build()
-    key = (what, length, float(options.q), float(options.r), float(options.p0))
+    r = float(options.r)
+    key = (what, length, float(options.q) / r, float(options.p0) / r)
     with _CPU_CACHE_LOCK:
         if key in _CPU_CACHE:
             _CPU_CACHE.move_to_end(key)

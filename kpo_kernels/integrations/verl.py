@@ -102,7 +102,7 @@ class KPOPolicyLossConfig(PolicyLossConfig):
     kalman_fit_q_min, kalman_fit_q_max: the range of Q / R searched.
     kalman_fit_min_tokens: a micro-batch with fewer valid tokens (over the data-parallel group)
         keeps the previous Q and R.
-    kalman_fit_max_tokens: the per-step fit's budget of positions per micro-batch (65536; a larger
+    kalman_fit_max_tokens: the per-step fit's budget of positions per micro-batch (32768; a larger
         micro-batch is fitted on every k-th sequence); null: every sequence.
     kpo_metrics: "full" (default) logs every metric of METRICS; "basic" leaves out the filter's
         diagnostics (actor/kpo_nis_mean, actor/kpo_log_likelihood, actor/kpo_sign_flip_raw,
