@@ -13,35 +13,43 @@ from .validation import check_bool, check_filter_params
 
 # A fitted ratio Q / R is rounded to this many steps a decade (at most 3.7% off the fit, whose own
 # spread from one micro-batch to the next is far wider: docs/choosing-q-and-r.md). Successive fits
-# then meet the same ratios again, and the loss finds their gain tables cached instead of building
-# them at each step (tables depend on Q / R alone).
+# then meet the same ratios again, and the loss finds their tables cached instead of building them
+# at each step (tables depend on Q / R alone).
 RATIO_STEPS_PER_DECADE = 32
 _ROUNDED_BITS = 26  # the grid ratio and R keep this many significant bits: their product, Q, is exact
 
 
-def _significant(value, bits):
+def _significant(value, bits, rounding=round):
     mantissa, exponent = math.frexp(value)
-    return math.ldexp(round(mantissa * (1 << bits)), exponent - bits)
+    return math.ldexp(rounding(mantissa * (1 << bits)), exponent - bits)
 
 
 def round_fitted(q, r, q_range=None):
-    """(q', r'): a fit's Q and R with Q / R on the grid of `RATIO_STEPS_PER_DECADE` steps a decade
-    (the grid point nearest the fit inside `q_range`, if any; else the fit's ratio) and R to 26
-    significant bits (1.5e-8 relative at most), so that q' / r' is the grid ratio exactly: the key
-    under which the loss caches the tables of that ratio."""
+    """(q', r'): a fit's Q and R with Q / R the point nearest the fit among the grid of
+    `RATIO_STEPS_PER_DECADE` steps a decade and `q_range`'s ends (those inside the range; the ends
+    to 26 bits, inward: a fit at an end stays there), and R to 26 significant bits (1.5e-8
+    relative at most), so that q' / r' is that point exactly: the key under which the loss caches
+    the tables of that ratio. Returns (q, r) unchanged when there is nothing to round (a ratio or
+    R that is 0, negative or not finite) or the rounding would leave float64's normal range."""
+    if not (math.isfinite(r) and r > 0 and math.isfinite(q) and q > 0):
+        return q, r
     ratio = q / r
-    if not (math.isfinite(ratio) and ratio > 0 and math.isfinite(r) and r > 0):
+    if not (math.isfinite(ratio) and ratio > 0):
         return q, r
-    step = round(math.log10(ratio) * RATIO_STEPS_PER_DECADE)
-    low, high = (0.0, math.inf) if q_range is None else q_range
-    for k in (step, step - 1, step + 1):  # the nearest grid point, or a neighbour inside q_range
-        grid = _significant(10.0 ** (k / RATIO_STEPS_PER_DECADE), _ROUNDED_BITS)
-        if low <= grid <= high:
-            break
-    else:
+    try:
+        step = round(math.log10(ratio) * RATIO_STEPS_PER_DECADE)
+        points = [_significant(10.0 ** (step / RATIO_STEPS_PER_DECADE), _ROUNDED_BITS)]
+        if q_range is not None:
+            low, high = q_range
+            points += [_significant(low, _ROUNDED_BITS, math.ceil), _significant(high, _ROUNDED_BITS, math.floor)]
+            points = [point for point in points if low <= point <= high]
+        if not points:  # a range narrower than 26 bits
+            return q, r
+        grid = min(points, key=lambda point: abs(math.log(point / ratio)))
+        rounded_r = _significant(r, _ROUNDED_BITS)
+        rounded_q = grid * rounded_r  # exact (26 + 26 significant bits) unless it leaves the normal range
+    except OverflowError:
         return q, r
-    rounded_r = _significant(r, _ROUNDED_BITS)
-    rounded_q = grid * rounded_r  # exact (26 + 26 significant bits) unless it leaves the normal range
     return (rounded_q, rounded_r) if rounded_q / rounded_r == grid else (q, r)
 
 
@@ -134,7 +142,7 @@ class NoiseTracker:
         q, r, evidence, boundary, status = values  # the one host read of a fit
         if status == FITTED:
             self.q, self.r = round_fitted(q, r, self.q_range)
-            self.p0 = self.p0_ratio * r if math.isfinite(self.p0_ratio) else self.p0_ratio
+            self.p0 = self.p0_ratio * self.r if math.isfinite(self.p0_ratio) else self.p0_ratio
             self._pending = False
             self.metrics.update(drift_evidence=evidence, at_boundary=boundary, refit=1.0)
         self.metrics.update(kalman_q=self.q, kalman_r=self.r, fit_status=status)

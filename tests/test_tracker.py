@@ -98,35 +98,51 @@ def test_a_failed_fit_keeps_the_previous_values():
 
 @pytest.mark.parametrize("q_range", [None, (1e-10, 1e2), (3e-7, 5e-3)])
 def test_a_fitted_ratio_is_rounded_to_the_grid_and_keeps_r(q_range):
-    """round_fitted: Q / R exactly on the grid of RATIO_STEPS_PER_DECADE steps a decade (the
-    nearest point inside q_range), within half a step of the fit; R within 26 significant bits."""
+    """round_fitted: Q / R exactly on the grid of RATIO_STEPS_PER_DECADE steps a decade, or at an
+    end of q_range (26 bits, inward), within half a step of the fit; R within 26 significant bits."""
     generator = torch.Generator().manual_seed(5)
     half_step = math.log(10.0) / RATIO_STEPS_PER_DECADE / 2
-    for log_r, log_ratio in torch.rand(2000, 2, generator=generator, dtype=torch.float64).tolist():
+    low, high = q_range or (1e-10, 1e2)
+    samples = torch.rand(2000, 2, generator=generator, dtype=torch.float64).tolist() + [[0.5, 0.0], [0.5, 1.0]]
+    for log_r, log_ratio in samples:
         r = math.exp(-60 + 70 * log_r)
-        low, high = q_range or (1e-10, 1e2)
         ratio = math.exp(math.log(low) + (math.log(high) - math.log(low)) * log_ratio)
         q2, r2 = round_fitted(ratio * r, r, q_range)
         assert abs(r2 / r - 1.0) <= 2.0**-26
         grid = q2 / r2
+        assert grid * r2 == q2 and abs(math.log(grid / ratio)) <= half_step + 1e-7
         step = math.log10(grid) * RATIO_STEPS_PER_DECADE
-        assert abs(step - round(step)) < 1e-6 and grid * r2 == q2
-        assert (q_range or (0.0, math.inf))[0] <= grid <= (q_range or (0.0, math.inf))[1]
-        inside = math.log(low) + half_step <= math.log(ratio) <= math.log(high) - half_step
-        assert abs(math.log(grid / ratio)) <= (half_step if inside else 3 * half_step) * (1 + 1e-9)
-    # nothing to round: non-finite values, and a q_range narrower than a step without a grid point
+        if q_range is not None:
+            assert low <= grid <= high
+            if log_ratio in (0.0, 1.0):  # a fit at an end of the range stays there
+                assert abs(grid / ratio - 1.0) <= 2.0**-25
+                continue
+        at_end = q_range is not None and min(abs(grid / low - 1.0), abs(grid / high - 1.0)) <= 2.0**-25
+        assert abs(step - round(step)) < 1e-6 or at_end  # on the grid, or at an end of q_range
+
+
+def test_round_fitted_leaves_what_it_cannot_round():
+    """Nothing to round (0, negative, non-finite), a q_range narrower than 26 bits, or a rounding
+    that would leave float64's range: the values as given."""
     assert math.isnan(round_fitted(math.nan, 1.0)[0])
-    assert round_fitted(1e-6, math.inf) == (1e-6, math.inf)
-    assert round_fitted(1.01e-6, 1.0, (1.005e-6, 1.02e-6)) == (1.01e-6, 1.0)
+    for q, r in [(1e-6, math.inf), (1.0, 0.0), (0.0, 1.0), (-1e-6, 1.0), (1e-6, -1.0), (1e-300, 1.7e308)]:
+        assert round_fitted(q, r) == (q, r)
+    assert round_fitted(1.01e-6, 1.0, (1.01e-6, 1.01e-6 * (1 + 1e-12))) == (1.01e-6, 1.0)
+    q, r = round_fitted(1.01e-6, 1.0, (1.005e-6, 1.02e-6))  # no grid point inside: the nearer end
+    assert 1.005e-6 <= q / r <= 1.005e-6 * (1 + 2.0**-25)
 
 
-def test_successive_fits_meet_their_rounded_ratios_tables_again():
+def test_successive_fits_meet_their_rounded_ratios_tables_again(monkeypatch):
     """Two fits whose ratios round to one grid point, with different R: the second loss builds no
     table (kpo_kernels.tables.cache.builds) and adds no CPU scan entry; its result is the loss at
     the tracker's (q, r), whatever was cached."""
+    from collections import OrderedDict
+
     from kpo_kernels import tables
     from kpo_kernels.backends import torch_scan
 
+    monkeypatch.setattr(torch_scan, "_CPU_CACHE", OrderedDict())  # empty: any new entry shows
+    monkeypatch.setattr(torch_scan, "_cpu_cache_bytes", 0)
     z, mask = batch(12)
     old = -torch.rand(z.shape, dtype=torch.float64)
     adv = torch.randn(z.shape[0], dtype=torch.float64)
@@ -138,8 +154,8 @@ def test_successive_fits_meet_their_rounded_ratios_tables_again():
     a, _ = kpo_loss(old + z, old, adv, mask, backend="torch", **first)
     builds, entries = tables.cache.builds, len(torch_scan._CPU_CACHE)
     b, metrics = kpo_loss(old + z, old, adv, mask, backend="torch", **other)
-    assert tables.cache.builds == builds and len(torch_scan._CPU_CACHE) == entries
-    torch_scan._CPU_CACHE.clear()
+    assert entries and tables.cache.builds == builds and len(torch_scan._CPU_CACHE) == entries
+    monkeypatch.setattr(torch_scan, "_CPU_CACHE", OrderedDict())
     tables.cache.clear()
     fresh, fresh_metrics = kpo_loss(old + z, old, adv, mask, backend="torch", **other)
     assert torch.equal(b, fresh) and all(torch.equal(metrics[k], fresh_metrics[k]) for k in metrics)

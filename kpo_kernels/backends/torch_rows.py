@@ -299,8 +299,9 @@ def _diagnostics(z, x, z_low, count, dtype, options):
     valid tokens of each row. z is overwritten (with the innovations)."""
     rows, length = z.shape
     r = options.r
-    w, unscored_before, neg_log_w_before = cached_on_cpu("innovation terms", length, options, z.device,
-                                                         lambda: _innovation_terms(length, options, z.device))
+    size = 1 << max(length - 1, 0).bit_length()  # a power of two: rows of other widths share it (prefixes)
+    terms = cached_on_cpu("innovation terms", size, options, z.device, lambda: _innovation_terms(size, options, z.device))
+    w, unscored_before, neg_log_w_before = terms[0][:length], terms[1][: length + 1], terms[2][: length + 1]
 
     # Innovation e = z - (the state before the token), x0 before the first token. At a row's first
     # invalid token t = n this reads -x_{n-1}: zeroed; after it z = x = 0.

@@ -384,7 +384,8 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
         out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
         if out.numel() == 0:
             return out
-        kept = plan if cu_seqlens is not None and plan is not None and plan.numel() == cu_seqlens.numel() + 1 else None
+        wanted = self.backward_plan_shape(cu_seqlens, True)
+        kept = plan if plan is not None and wanted[0] and tuple(plan.shape) == wanted else None
         _, _, tiling = self._plan(grad.shape, cu_seqlens, grad.device, kept)  # packed: the forward's tile table
         if not tiling.varlen:  # elementwise: any split will do, so use many small tiles
             tile = min(1024, _pow2_at_least(tiling.width))
