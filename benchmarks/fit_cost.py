@@ -1,11 +1,12 @@
 """Cost of the per-step noise fit beside the plain loss (issue 17): side by side, in one run.
 
     python benchmarks/fit_cost.py [--steps N] [--warmup N] [--threads T] [--rows B] [--length T]
-                                  [--max-tokens N] [--fit-noise]
+                                  [--max-tokens N] [--vary-length] [--fit-noise]
 
 A stream of fresh micro-batches, as training sees them: step i draws its own synthetic RL batch
 (kpo_kernels.bench.data.rl_batch, seed 1000 + i; 64 x 4096 float32 by default, untimed), whose
-log-ratios differ from step to step, so each step's fit finds its own Q and R. On each batch, in
+log-ratios differ from step to step, so each step's fit finds its own Q and R (with --vary-length
+its width too, drawn from 0.9 T..T: the CPU scan plans are per width). On each batch, in
 turn (CPU torch backend):
   (a) "loss": `kpo_loss` forward + backward at a fixed Q and R (the first fit's: its tables cached);
   (b) "fit+loss": what `NoiseTracker("per_step")` adds before it, with its default budget
@@ -39,6 +40,8 @@ def main():
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--max-tokens", type=int, default=0, help="also time NoiseTracker(max_tokens=N) (0: not)")
+    parser.add_argument("--vary-length", action="store_true",
+                        help="each step's batch padded to its own width, drawn from 0.9 T..T (as trainers pad to the longest)")
     parser.add_argument("--fit-noise", action="store_true", help="also time fit_noise at each step")
     args = parser.parse_args()
     import torch
@@ -83,8 +86,12 @@ def main():
         steps.append(("fit_noise", lambda: kpo_kernels.fit_noise(batch["log_prob"] - batch["old_log_prob"], batch["mask"])))
     times = {name: [] for name, _ in steps}
     new_ratios = 0
+    widths = torch.Generator().manual_seed(7)
     for step in range(args.warmup + args.steps):
-        batch = rl_batch(args.rows, args.length, seed=1000 + step)
+        length = args.length
+        if args.vary_length:
+            length = int(torch.randint(int(0.9 * args.length), args.length + 1, (), generator=widths))
+        batch = rl_batch(args.rows, length, seed=1000 + step)
         timed = step >= args.warmup
         for name, run in steps:
             before = tables.cache.builds
@@ -102,7 +109,7 @@ def main():
     summary["ratios"] = {name: summary[name]["median"] / loss for name in times if name != "loss"}
     summary["fit+loss per step"] = sorted(b / a for a, b in zip(times["loss"], times["fit+loss"]))
     summary["new ratios"] = f"{new_ratios} of {args.steps} timed fitted steps built tables"
-    summary["shape"] = [args.rows, args.length]
+    summary["shape"] = [args.rows, args.length] + (["0.9 T..T"] if args.vary_length else [])
     summary["threads"] = torch.get_num_threads()
     summary["fitted"] = {name: {k: tracker.metrics[k] for k in ("kalman_q", "kalman_r", "fit_status", "at_boundary")}
                          for name, tracker in trackers.items()}
