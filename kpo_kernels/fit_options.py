@@ -40,7 +40,7 @@ def check_min_tokens(name, value):
 # every 8th sequence, whose likelihood stays within 4e-5 nats per token of the full fit's maximum
 # (R within 1.2%); fit + loss is then about 1.7-1.8 plain losses on a CPU, and at most about 1.9
 # when a step's ratio needs new tables (benchmarks/RESULTS.md; the goal is 2). Twice the budget
-# halves nothing but the error in R, and costs about 2.0-2.1 plain losses.
+# improves only R (to within 0.5%), at about 2.0-2.1 plain losses.
 PER_STEP_MAX_TOKENS = 32768
 
 

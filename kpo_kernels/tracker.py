@@ -95,8 +95,8 @@ class NoiseTracker:
     True (pass False for a micro-batch known to be on-policy); a fit reads its few numbers back
     to the host once (`kpo_loss` takes q and r as Python numbers). A fitted Q / R is rounded to
     `RATIO_STEPS_PER_DECADE` steps a decade (`round_fitted`): the loss then reuses the tables of
-    earlier steps' ratios. `new_generation()` marks a
-    new rollout batch for "per_generation". `metrics` holds the latest values of `FIT_METRICS`.
+    earlier steps' ratios. `new_generation()` marks a new rollout batch for "per_generation".
+    `metrics` holds the latest values of `FIT_METRICS`.
     """
 
     def __init__(self, mode="per_step", *, q=1e-6, r=1.0, p0=0.0, x0=0.0, mask_mode="skip", q_range=(1e-10, 1e2),
