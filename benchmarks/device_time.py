@@ -13,12 +13,16 @@ per case:
 - the same kernel sum for `vectorized-cumsum` and `grpo-eager`, and the copy of the bytes a fused
   step must move (the bandwidth ceiling). The baselines read metrics to the host (`.item()`),
   so they cannot be captured in a graph;
-- `basic`: kpo's kernel sum with metrics="basic" (the diagnostics compiled out), and `fit`: the
-  kernel sum of the per-step noise fit (`estimate_noise` at the default budget), the two figures
-  `benchmarks.static_model` and `benchmarks.fit_model` predict.
+- `basic`: kpo's kernel sum with metrics="basic" (the diagnostics compiled out), `fit`: the
+  kernel sum of the per-step noise fit (`estimate_noise` at the default budget), and `tables`:
+  the fused loss's tables for a ratio Q / R new to the process (the table kernel), the figures
+  `benchmarks.static_model` and `benchmarks.fit_model` predict; from them a fitted step in plain
+  steps, (fit + kpo) / kpo with the ratio's tables cached and (fit + tables + kpo) / kpo without
+  (issue 17's bound: 2).
 """
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -79,8 +83,10 @@ def measure_case(timer, case, steps):
     except Exception as error:  # noqa: BLE001 - reported, the other figures still stand
         row["kpo_graph_error"] = f"{type(error).__name__}: {error}"[:300]
     log_ratio = (batch["log_prob"] - batch["old_log_prob"]).float()
+    new_ratios = itertools.count(1)
     extra = {
         "kpo_basic_us": lambda: _kpo_basic(batch),
+        "tables_us": lambda: _new_tables(case.length, next(new_ratios)),
         "fit_us": lambda: kpo_kernels.estimate_noise(log_ratio, batch["mask"], max_tokens=PER_STEP_MAX_TOKENS),
     }
     for key, step in extra.items():
@@ -100,6 +106,12 @@ def measure_case(timer, case, steps):
     return row
 
 
+def _new_tables(length, n):
+    """The fused loss's float32 tables for a ratio no call made before (DEFAULT.q times 1 + 1e-9 n):
+    one table kernel launch (its companions come with the gains)."""
+    kpo_kernels.tables.gain_table(length, DEFAULT.q * (1.0 + 1e-9 * n), 1.0, 0.0, torch.device("cuda"), torch.float32)
+
+
 def _kpo_basic(batch):
     s = DEFAULT
     log_prob = batch["log_prob"].detach().requires_grad_()
@@ -116,8 +128,11 @@ def summary(row):
             f"{row['copy_us'] / kpo:.0%} of copy's {row['copy_us']:.1f} us)")
     head += f" | graph replay {row['kpo_graph_us']:.1f} us" if "kpo_graph_us" in row else f" | graph: {row.get('kpo_graph_error')}"
     head += "".join(f" | {name} {row[f'{name}_us']:.1f} us = {row[f'{name}_us'] / kpo:.1f}x" for name in BASELINES)
-    for key, label in (("kpo_basic", "metrics=basic"), ("fit", "per-step fit")):
+    for key, label in (("kpo_basic", "metrics=basic"), ("fit", "per-step fit"), ("tables", "new tables")):
         head += f" | {label} {row[key + '_us']:.1f} us" if key + "_us" in row else f" | {label}: {row.get(key + '_error')}"
+    if "fit_us" in row and "tables_us" in row:
+        head += (f" | fitted step {(row['fit_us'] + kpo) / kpo:.2f} plain steps, "
+                 f"{(row['fit_us'] + row['tables_us'] + kpo) / kpo:.2f} with new tables")
     kernels = [f"    {us:9.2f} us  {name[:100]}" for name, us in list(row["kpo_kernels_us"].items())[:10]]
     return "\n".join([head, *kernels])
 
