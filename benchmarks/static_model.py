@@ -8,7 +8,10 @@ Triton's launch-time specialisation for sm_90a, and reads from the cubin and its
 
 - registers, spills, shared memory, and from them resident programs per SM and waves;
 - the main loop (the largest backward branch of the SASS): its instructions, barriers and
-  global loads/stores by width; per token: loop instructions x warps / BLOCK tokens per pass;
+  global loads/stores by width; per token: loop instructions x warps / BLOCK tokens per pass
+  (a loop the compiler unrolled: per block of the trip); its block steps as _locate places the
+  tiles ("x 1.09 steps": steps over the blocks the walked tokens fill; partial blocks and
+  FLAT's reach-back), passes 1 and 2 only over the tiles before each sequence's last;
 - bytes: every tensor argument touched once (inputs read, outputs written; a lower bound);
 - the tail of the fused forward (FINISHING_KERNELS: the SASS after its atomic count of finished
   programs, the finalize its last program runs): once, on one SM, after everything else, at
@@ -28,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -116,6 +120,67 @@ def main_loop(instructions):
     return max(loops(instructions), key=lambda span: span[1] - span[0], default=None)
 
 
+_SELF_INCREMENT = re.compile(r"^(R\d+), (R\d+), (0x[0-9a-f]+|\d+)")
+
+
+def loop_unroll(body, block):
+    """Blocks of `block` tokens one trip of a loop body walks: the compiler unrolls the small
+    loops (ptxas runs the backward's four blocks a trip, with remainder code for the rest). Read
+    from the induction variable: a register the body compares (ISETP) and adds a multiple of
+    `block` to itself (VIADD / IADD3 Rk, Rk, constant); 1 where none is found."""
+    compared = {reg for _, op, operands in body if op.startswith("ISETP") for reg in re.findall(r"\bR\d+\b", operands)}
+    steps = []
+    for _, op, operands in body:
+        if op.split(".")[0] in ("VIADD", "IADD3"):
+            found = _SELF_INCREMENT.match(operands)
+            if found and found.group(1) == found.group(2) and found.group(1) in compared:
+                step = int(found.group(3), 0)
+                if step >= block and step % block == 0:
+                    steps.append(step // block)
+    return max(steps, default=1)
+
+
+# Passes 1 and 2 of a multi-tile sequence skip its last tile (no tile after it reads them)
+# unless EVERY_TILE: they walk the tokens of the other tiles only.
+EARLIER_TILE_KERNELS = ("tile_count_kernel", "tile_aggregate_kernel")
+
+
+def walked(kernel, grid, args, kwargs, tokens):
+    """(tokens, block steps) of a launch's main loops, placed as triton_common._locate places
+    the tiles: per tile its steps of BLOCK tokens (FLAT: from the block that reaches back to a
+    flat index that is a multiple of 16, which can take one step more), for passes 1 and 2
+    only the tiles before the last of each sequence. Kernels without tiles: (tokens,
+    tokens / BLOCK)."""
+    named = dict(zip(kernel.arg_names, args))
+    block = kwargs.get("BLOCK")
+    if block is None or "tile_size" not in named or "cu_seqlens_ptr" not in named:
+        return tokens, tokens / block if block else 0.0
+    tile, flat = named["tile_size"], bool(kwargs.get("FLAT"))
+    if kwargs.get("IS_VARLEN"):
+        offsets = named["cu_seqlens_ptr"].to(torch.int64)
+        starts, lengths = offsets[:-1], offsets[1:] - offsets[:-1]
+    else:
+        rows, width = grid[0], named["T"]
+        starts, lengths = torch.arange(rows, dtype=torch.int64) * width, torch.full((rows,), width, dtype=torch.int64)
+    most = int(((lengths + tile - 1) // tile).max()) if lengths.numel() else 0
+    k = torch.arange(most, dtype=torch.int64)[None, :]
+    starts, lengths = starts[:, None], lengths[:, None]
+    begin, end = k * tile, torch.minimum((k + 1) * tile, lengths)
+    present = begin < lengths
+    last = end == lengths
+    if flat:
+        shift = starts % 16
+        begin = torch.clamp(begin - shift, min=0)
+        end = torch.where(last, end, torch.maximum(end - shift, begin))
+        first = begin - (starts + begin) % 16
+    else:
+        first = begin
+    if kernel.fn.__name__ in EARLIER_TILE_KERNELS and not kwargs.get("EVERY_TILE"):
+        present &= ~last
+    steps = torch.where(present & (end > begin), (end - first + block - 1) // block, 0)
+    return int(torch.where(present, end - begin, 0).sum()), float(steps.sum())
+
+
 def _memory_ops(body, prefix):
     widths = {}
     for _, opcode, _ in body:
@@ -174,13 +239,26 @@ def analyse(kernel, grid, args, kwargs, tokens):
         "sass_instructions": len(instructions), "loop_instructions": len(body),
         "loop_barriers": sum(op.startswith("BAR") for _, op, _ in body),
         "loop_loads": _memory_ops(body, "LDG"), "loop_stores": _memory_ops(body, "STG"),
-        "bytes": sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor) and a.numel() > 1),
     }
+    row["walked_tokens"], row["block_steps"] = walked(kernel, grid, args, kwargs, tokens)
+    # Bytes: each tensor argument once; a tensor of a token each (or more: a padded batch's
+    # B x T) only as far as the programs walk their tokens.
+    share = row["walked_tokens"] / tokens if tokens else 1.0
+    row["bytes"] = sum(a.numel() * a.element_size() * (share if a.numel() >= tokens else 1.0)
+                       for a in args if isinstance(a, torch.Tensor) and a.numel() > 1)
     row["programs_per_sm"] = programs_per_sm(row["registers"], warps, row["shared"])
     token_loop = block is not None and body
-    row["instructions_per_token"] = len(body) * warps / block if token_loop else None
-    outside = (len(instructions) - len(body) - len(tail)) * warps * programs  # each program runs the rest once (roughly)
-    looped = len(body) * warps * (tokens / block) if token_loop else 0
+    unroll = loop_unroll(body, block) if token_loop else 1
+    per_block = len(body) / unroll  # a block's instructions in the loop
+    row["loop_unroll"] = unroll
+    row["instructions_per_token"] = per_block * warps / block if token_loop else None
+    # block steps over the blocks the walked tokens would fill: partial and reach-back steps
+    row["step_overhead"] = row["block_steps"] * block / row["walked_tokens"] if token_loop and row["walked_tokens"] else None
+    # Each program runs the rest once (roughly), less the unrolled loop's remainder code: about
+    # unroll - 1 more blocks' worth, charged with the loop's blocks instead.
+    rest = len(instructions) - len(body) - len(tail) - (unroll - 1) * per_block
+    outside = max(rest, 0) * warps * programs
+    looped = per_block * warps * row["block_steps"] if token_loop else 0
     row["warp_instructions"] = outside + looped
     row["tail_instructions"] = len(tail)
     row["tail_warp_instructions"] = len(tail) * warps  # once, its loops counted once (as a one-program kernel's)
@@ -235,6 +313,8 @@ def report(results):
         for r in result["launches"]:
             h = r[MACHINES[-1].name]
             per_token = "" if r["instructions_per_token"] is None else f" {r['instructions_per_token']:.1f} instr/token,"
+            if r.get("step_overhead"):
+                per_token = per_token[:-1] + f" x {r['step_overhead']:.2f} steps,"
             loads = ",".join(f"{w}x{n}" for w, n in sorted(r["loop_loads"].items())) or "-"
             lines.append(
                 f"  {r['kernel']:26s} grid {r['programs']:>6} x {r['warps']}w, {r['registers']:>3} regs"

@@ -34,6 +34,53 @@ def test_main_loop_is_the_largest_backward_branch():
     assert static_model._memory_ops(body, "LDG") == {"128": 1}  # LDGSTS is an async copy, not a load
 
 
+def test_an_unrolled_loop_counts_its_blocks():
+    """ptxas unrolls the backward's loop four blocks a trip: its induction variable, compared in
+    the body, steps by 4 x BLOCK. A step of one block, a pointer's byte step (not compared) and a
+    compared register stepping by less than a block are one block a trip."""
+    unrolled = [(0x00, "LDG.E.128", "R8, desc[UR4][R18.64]"), (0x10, "VIADD", "R5, R5, 0x1000"),
+                (0x20, "IADD3", "R18, P3, R18, 0x4000, RZ"), (0x30, "ISETP.GE.AND", "P1, PT, R5, R2, PT"),
+                (0x40, "BRA", "0x0")]
+    assert static_model.loop_unroll(unrolled, 1024) == 4
+    assert static_model.loop_unroll(unrolled, 4096) == 1
+    one = [(0x00, "VIADD", "R133, R133, 0x400"), (0x10, "VIADD", "R7, R7, 0x1000"), (0x20, "ISETP.GE.AND", "P0, PT, R133, R2, PT")]
+    assert static_model.loop_unroll(one, 1024) == 1  # R7's step is not the loop's: never compared
+    assert static_model.loop_unroll([(0x00, "IADD3", "R5, R5, 0x10, RZ"), (0x10, "ISETP.LT.AND", "P0, PT, R5, R9, PT")], 16) == 1
+
+
+def test_the_model_walks_the_tiles_as_the_kernels_place_them():
+    """(tokens, block steps) of a launch: tile_count_kernel and tile_aggregate_kernel skip each
+    sequence's last tile (a packed batch of sequences shorter than a tile walks no token, padded
+    rows all tiles but one, every tile with EVERY_TILE); a partial block is a whole step; with
+    FLAT a sequence's first block reaches back to a flat index that is a multiple of 16, which
+    can take one step more."""
+    import types
+
+    import torch
+
+    def kernel(name, arg_names=("cu_seqlens_ptr", "tile_size", "T")):  # what walked() reads of a JITFunction
+        return types.SimpleNamespace(fn=types.SimpleNamespace(__name__=name), arg_names=list(arg_names))
+
+    aggregate, forward = kernel("tile_aggregate_kernel"), kernel("kpo_loss_fwd_kernel")
+    packed = (torch.tensor([0, 5000, 6020, 26020]), 8192, 0)  # lengths 5000, 1020, 20000: 0, 0, 2 earlier tiles
+    assert static_model.walked(aggregate, (40,), packed, {"IS_VARLEN": True, "BLOCK": 1024}, 26020) == (2 * 8192, 16)
+    # 5000 + 1020 + 20000 tokens in 5 + 1 + (8 + 8 + 4) steps; with FLAT (starts 0, 5000, 6020:
+    # shifts 0, 8, 4) the second sequence's 1020 tokens and 8 more pass a block, the third's
+    # tiles keep their steps (the boundaries between them move back 4 tokens)
+    assert static_model.walked(forward, (40,), packed, {"IS_VARLEN": True, "BLOCK": 1024}, 26020) == (26020, 26)
+    assert static_model.walked(forward, (40,), packed, {"IS_VARLEN": True, "BLOCK": 1024, "FLAT": True}, 26020) == (26020, 27)
+    padded = (torch.zeros(1), 1024, 4000)  # 4 tiles a row, the last of 928 tokens
+    assert static_model.walked(aggregate, (8, 4), padded, {"BLOCK": 1024}, 32000) == (8 * 3 * 1024, 24)
+    assert static_model.walked(aggregate, (8, 4), padded, {"BLOCK": 1024, "EVERY_TILE": True}, 32000) == (32000, 32)
+    # rows of 4095 tokens in one tile: starts r * 4095 shift by (-r) % 16, so every row but the
+    # first takes a fifth step with FLAT
+    whole = (torch.zeros(1), 4096, 4095)
+    assert static_model.walked(forward, (8, 1), whole, {"BLOCK": 1024}, 8 * 4095) == (8 * 4095, 32)
+    assert static_model.walked(forward, (8, 1), whole, {"BLOCK": 1024, "FLAT": True}, 8 * 4095) == (8 * 4095, 39)
+    # a kernel without tiles walks every token, BLOCK at a time
+    assert static_model.walked(kernel("other", ("x_ptr", "n")), (1,), (None, 1), {"BLOCK": 64}, 640) == (640, 10)
+
+
 def test_the_last_programs_tail_is_what_follows_the_count():
     sass = [(0x00, "LDG.E", ""), (0x10, "ATOMG.E.ADD.STRONG.GPU", ""), (0x20, "ISETP.NE.AND", ""), (0x30, "EXIT", ""),
             (0x40, "LDG.E", ""), (0x50, "ATOMG.E.EXCH.STRONG.GPU", ""), (0x60, "EXIT", "")]
