@@ -117,7 +117,8 @@ def test_state_variants_cost_no_occupancy(compiled):
 def test_flat_addressing_where_rows_are_not_aligned():
     """kpo_loss_fwd_kernel's FLAT (tiles and blocks aligned to the flat token index): packed
     batches, and padded rows of a length that is not a multiple of 16 laid end to end in every
-    token input, when no row's last block would take a step more for the reach-back; never for
+    token input, when no row's last block would take a step more for the reach-back or the
+    tiles take enough steps that one more costs less than the unaligned layout; never for
     blocks below 16 tokens (the alignment would be false) nor for aligned padded rows."""
     import torch
 
@@ -130,8 +131,16 @@ def test_flat_addressing_where_rows_are_not_aligned():
     assert not flat(False, 37, 64, (rows, torch.zeros(4, 40)[:, :37]))
     assert flat(False, 37, 64, (rows, torch.zeros(4, 74)[:, ::2]))  # token stride 2, row stride 74
     wide = torch.zeros(2, 1023)
-    assert not flat(False, 1023, 1024, (wide,))  # 1023 + 15 > 1024: a second block step
+    assert not flat(False, 1023, 1024, (wide,), warps=4)  # 1023 + 15 > 1024: a second block step
     assert flat(False, 1009, 1024, (torch.zeros(2, 1009),))  # 1009 + 15 <= 1024
+    # The step more costs at most 1 / steps: FLAT from 2 steps a tile at the wide blocks (whose
+    # unaligned layout costs 1.62x), from 4 at the others (1.1-1.9x)
+    rows = torch.zeros(2, 8191)
+    assert flat(False, 8191, 1024, (rows,), warps=4) and flat(False, 8191, 1024, (rows,), tile=2048, warps=4)
+    assert not flat(False, 8191, 1024, (rows,), tile=1024, warps=4)
+    narrow = torch.zeros(2, 2047)
+    assert flat(False, 2047, 1024, (narrow,), warps=4) and not flat(False, 2047, 1024, (narrow,), warps=8)
+    assert flat(False, 63, 16, (torch.zeros(2, 63),), warps=1) and not flat(False, 47, 16, (torch.zeros(2, 47),), warps=1)
 
 
 @pytest.mark.parametrize("block, warps, expected", [

@@ -75,6 +75,23 @@ def test_shapes_and_layouts(backend, length, layout):
     check_against_oracle(backend, batch, rtol=2e-6, q=1e-2, dual_clip=2.0)
 
 
+@pytest.mark.parametrize("length, tile", [(63, None), (63, 32), (79, None), (95, 64), (111, 64)])
+def test_unaligned_rows_whose_last_block_reaches_back(length, tile):
+    """Padded rows of T % 16 != 0 whose last block takes a step more for FLAT's reach-back
+    (T % block + 15 > block), on tiles of enough steps that the launcher takes FLAT all the
+    same (four at these 16-token blocks): whole rows, and tiles of 2 and 4 blocks whose last
+    holds the extra step. Holes, per-token advantages and weights, every metric."""
+    import kpo_kernels.backends.triton_launch as launch
+
+    impl = triton_backend(tile_size=tile)
+    rows = torch.zeros(6, length)
+    assert length % SMALL_BLOCK + 15 > SMALL_BLOCK
+    assert launch.flat_layout(False, length, SMALL_BLOCK, (rows,), tile=tile, warps=impl._warps(SMALL_BLOCK)) == (tile != 32)
+    batch = make_batch(6, length, layout="holes", seed=length, device=DEVICE, adv_per_token=True, is_weights=True)
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        check_against_oracle(impl, batch, rtol=2e-6, agg=agg, q=1e-3, dual_clip=3.0)
+
+
 @pytest.mark.parametrize("agg", AGGS)
 def test_per_token_advantages_and_is_weights(backend, agg):
     batch = make_batch(5, 40, layout="holes", seed=11, device=DEVICE, adv_per_token=True, is_weights=True)

@@ -331,7 +331,8 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             ratios = tables.variance_ratio_table(longest, filt.q, filt.r, filt.p0, batch.device, torch.float32)
             log_ratios = tables.log_variance_ratio_table(longest, filt.q, filt.r, filt.p0, batch.device, torch.float32)
         adv_per_token = batch.advantages_per_token
-        flat = flat_layout(varlen, tiling.width, block, (lp, old, mask, adv if adv_per_token else None, weights))
+        flat = flat_layout(varlen, tiling.width, block, (lp, old, mask, adv if adv_per_token else None, weights),
+                           tile=tiling.tile_size, warps=warps)
         # The tiles' maps to their last valid token serve the sign flips only (metrics="full").
         counts, aggregates = self._tile_passes(
             tiling, lp, old, mask, gains, filt, block, warps, latest=options.diagnostics, count=state_count, flat=flat
