@@ -66,8 +66,8 @@ LAUNCH_US = 2.0  # device-side cost of one kernel launch back to back in a strea
 # pass keep the schedulers from issuing every cycle). 1.0 gives the pure lower bound.
 ISSUE_EFFICIENCY = 0.55
 REGISTER_FILE, MAX_WARPS, MAX_PROGRAMS, SHARED_BYTES = 65536, 64, 32, 228 * 1024
-DEFAULT_CASES = ("64x4096:fp32,512x8192:fp32,512x8192:bf16,512x8192:bf16:packed,2x131072:fp32,8x131072:bf16,"
-                 "512x8192:fp32:basic,512x8192:bf16:packed:basic,512x8192:fp32:int64mask")
+DEFAULT_CASES = ("64x4096:fp32,512x8192:fp32,512x8192:bf16,512x8192:bf16:packed,512x8192:fp32:packed,2x131072:fp32,"
+                 "8x131072:bf16,512x8192:fp32:basic,512x8192:bf16:packed:basic,512x8192:fp32:int64mask")
 
 
 def parse_cases(text):
@@ -126,23 +126,28 @@ _SELF_INCREMENT = re.compile(r"^(R\d+), (R\d+), (0x[0-9a-f]+|\d+)")
 def loop_unroll(body, block):
     """Blocks of `block` tokens one trip of a loop body walks: the compiler unrolls the small
     loops (ptxas runs the backward's four blocks a trip, with remainder code for the rest). Read
-    from the induction variable: a register the body compares (ISETP) and adds a multiple of
-    `block` to itself (VIADD / IADD3 Rk, Rk, constant); 1 where none is found."""
-    compared = {reg for _, op, operands in body if op.startswith("ISETP") for reg in re.findall(r"\bR\d+\b", operands)}
-    steps = []
+    from the loop's counter: a register of the body's last compare (ISETP, the one that closes
+    the loop) that the body adds a multiple of `block` to (VIADD / IADD3 Rk, Rk, constant), when
+    the body's global loads are as many times a block's; 1 otherwise."""
+    compares = [operands for _, op, operands in body if op.startswith("ISETP")]
+    if not compares:
+        return 1
+    closing = set(re.findall(r"\bR\d+\b", compares[-1]))
+    loads = sum(_memory_ops(body, "LDG").values())
     for _, op, operands in body:
-        if op.split(".")[0] in ("VIADD", "IADD3"):
-            found = _SELF_INCREMENT.match(operands)
-            if found and found.group(1) == found.group(2) and found.group(1) in compared:
-                step = int(found.group(3), 0)
-                if step >= block and step % block == 0:
-                    steps.append(step // block)
-    return max(steps, default=1)
+        found = _SELF_INCREMENT.match(operands) if op.split(".")[0] in ("VIADD", "IADD3") else None
+        if found and found.group(1) == found.group(2) and found.group(1) in closing:
+            step = int(found.group(3), 0)
+            if step >= block and step % block == 0 and loads % (step // block) == 0:
+                return step // block
+    return 1
 
 
 # Passes 1 and 2 of a multi-tile sequence skip its last tile (no tile after it reads them)
 # unless EVERY_TILE: they walk the tokens of the other tiles only.
 EARLIER_TILE_KERNELS = ("tile_count_kernel", "tile_aggregate_kernel")
+# Kernels whose FLAT tiles start at the block that reaches back to a flat multiple of 16
+REACH_BACK_KERNELS = ("kpo_loss_fwd_kernel", "tile_aggregate_kernel")
 
 
 def walked(kernel, grid, args, kwargs, tokens):
@@ -168,13 +173,12 @@ def walked(kernel, grid, args, kwargs, tokens):
     begin, end = k * tile, torch.minimum((k + 1) * tile, lengths)
     present = begin < lengths
     last = end == lengths
+    first = begin
     if flat:
         shift = starts % 16
         begin = torch.clamp(begin - shift, min=0)
         end = torch.where(last, end, torch.maximum(end - shift, begin))
-        first = begin - (starts + begin) % 16
-    else:
-        first = begin
+        first = begin - (starts + begin) % 16 if kernel.fn.__name__ in REACH_BACK_KERNELS else begin
     if kernel.fn.__name__ in EARLIER_TILE_KERNELS and not kwargs.get("EVERY_TILE"):
         present &= ~last
     steps = torch.where(present & (end > begin), (end - first + block - 1) // block, 0)

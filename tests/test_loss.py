@@ -75,21 +75,24 @@ def test_shapes_and_layouts(backend, length, layout):
     check_against_oracle(backend, batch, rtol=2e-6, q=1e-2, dual_clip=2.0)
 
 
-@pytest.mark.parametrize("length, tile", [(63, None), (63, 32), (79, None), (95, 64), (111, 64)])
-def test_unaligned_rows_whose_last_block_reaches_back(length, tile):
+@pytest.mark.parametrize("length, tile", [(175, None), (191, 32), (175, 160), (335, 160)])
+def test_unaligned_rows_whose_last_block_reaches_back(length, tile, monkeypatch):
     """Padded rows of T % 16 != 0 whose last block takes a step more for FLAT's reach-back
     (T % block + 15 > block), on tiles of enough steps that the launcher takes FLAT all the
-    same (four at these 16-token blocks): whole rows, and tiles of 2 and 4 blocks whose last
-    holds the extra step. Holes, per-token advantages and weights, every metric."""
-    import kpo_kernels.backends.triton_launch as launch
+    same (10 at these 16-token blocks of 1 warp): whole rows, and tiles of 10 blocks whose
+    last holds the extra step; tiles of 2 blocks keep the unaligned layout. Holes, per-token
+    advantages and weights, every metric."""
+    import kpo_kernels.backends.triton_backend as launcher
 
+    chosen = []
+    real = launcher.flat_layout
+    monkeypatch.setattr(launcher, "flat_layout", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
     impl = triton_backend(tile_size=tile)
-    rows = torch.zeros(6, length)
-    assert length % SMALL_BLOCK + 15 > SMALL_BLOCK
-    assert launch.flat_layout(False, length, SMALL_BLOCK, (rows,), tile=tile, warps=impl._warps(SMALL_BLOCK)) == (tile != 32)
+    assert length % SMALL_BLOCK + 15 > SMALL_BLOCK and impl._warps(SMALL_BLOCK) == 1
     batch = make_batch(6, length, layout="holes", seed=length, device=DEVICE, adv_per_token=True, is_weights=True)
     for agg in ("token-mean", "seq-mean-token-mean"):
         check_against_oracle(impl, batch, rtol=2e-6, agg=agg, q=1e-3, dual_clip=3.0)
+    assert chosen and all(flat == (tile != 32) for flat in chosen), chosen  # what the launches took
 
 
 @pytest.mark.parametrize("agg", AGGS)

@@ -35,16 +35,19 @@ def test_main_loop_is_the_largest_backward_branch():
 
 
 def test_an_unrolled_loop_counts_its_blocks():
-    """ptxas unrolls the backward's loop four blocks a trip: its induction variable, compared in
-    the body, steps by 4 x BLOCK. A step of one block, a pointer's byte step (not compared) and a
-    compared register stepping by less than a block are one block a trip."""
-    unrolled = [(0x00, "LDG.E.128", "R8, desc[UR4][R18.64]"), (0x10, "VIADD", "R5, R5, 0x1000"),
-                (0x20, "IADD3", "R18, P3, R18, 0x4000, RZ"), (0x30, "ISETP.GE.AND", "P1, PT, R5, R2, PT"),
-                (0x40, "BRA", "0x0")]
+    """ptxas unrolls the backward's loop four blocks a trip: its counter, a register of the
+    compare that closes the loop, steps by 4 x BLOCK, and the body loads four blocks. A step
+    of one block, a register of another compare, a pointer's byte step (never compared) and
+    loads that do not grow with the step are one block a trip."""
+    loads = [(0x00 + i, "LDG.E.128", f"R{8 + 4 * i}, desc[UR4][R18.64+{hex(16 * i)}]") for i in range(4)]
+    unrolled = loads + [(0x10, "VIADD", "R5, R5, 0x1000"), (0x20, "IADD3", "R18, P3, R18, 0x4000, RZ"),
+                        (0x30, "ISETP.GE.AND", "P1, PT, R5, R2, PT"), (0x40, "BRA", "0x0")]
     assert static_model.loop_unroll(unrolled, 1024) == 4
     assert static_model.loop_unroll(unrolled, 4096) == 1
-    one = [(0x00, "VIADD", "R133, R133, 0x400"), (0x10, "VIADD", "R7, R7, 0x1000"), (0x20, "ISETP.GE.AND", "P0, PT, R133, R2, PT")]
-    assert static_model.loop_unroll(one, 1024) == 1  # R7's step is not the loop's: never compared
+    assert static_model.loop_unroll(unrolled[3:], 1024) == 1  # one load a trip: not four blocks
+    one = [(0x00, "VIADD", "R133, R133, 0x400"), (0x10, "VIADD", "R7, R7, 0x1000"), (0x20, "ISETP.GE.AND", "P0, PT, R7, R9, PT"),
+           (0x30, "ISETP.GE.AND", "P0, PT, R133, R2, PT")]
+    assert static_model.loop_unroll(loads + one, 1024) == 1  # R7 is compared, but the loop closes on R133
     assert static_model.loop_unroll([(0x00, "IADD3", "R5, R5, 0x10, RZ"), (0x10, "ISETP.LT.AND", "P0, PT, R5, R9, PT")], 16) == 1
 
 
@@ -69,6 +72,9 @@ def test_the_model_walks_the_tiles_as_the_kernels_place_them():
     # tiles keep their steps (the boundaries between them move back 4 tokens)
     assert static_model.walked(forward, (40,), packed, {"IS_VARLEN": True, "BLOCK": 1024}, 26020) == (26020, 26)
     assert static_model.walked(forward, (40,), packed, {"IS_VARLEN": True, "BLOCK": 1024, "FLAT": True}, 26020) == (26020, 27)
+    # pass 2 with FLAT: an emptied last tile runs no block (nor reaches back); the third
+    # sequence's first tile reaches back 4 tokens within its 8192
+    assert static_model.walked(aggregate, (40,), packed, {"IS_VARLEN": True, "BLOCK": 1024, "FLAT": True}, 26020) == (2 * 8192 - 4, 16)
     padded = (torch.zeros(1), 1024, 4000)  # 4 tiles a row, the last of 928 tokens
     assert static_model.walked(aggregate, (8, 4), padded, {"BLOCK": 1024}, 32000) == (8 * 3 * 1024, 24)
     assert static_model.walked(aggregate, (8, 4), padded, {"BLOCK": 1024, "EVERY_TILE": True}, 32000) == (32000, 32)

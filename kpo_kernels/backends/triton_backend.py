@@ -34,10 +34,10 @@ from .triton_launch import (  # noqa: F401 (facts of the backend that tests and 
     _SAME_SIZE_INT,
     flat_layout,
     kernels,
+    layout_anchor,
     triton_import_error,
 )
 from .triton_noise import NoiseFitLaunch
-
 
 
 class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
@@ -184,6 +184,7 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             *self._strides(old if old is not None else new, tiling.varlen), *self._strides(mask, tiling.varlen),
             HAS_OLD=old is not None, HAS_MASK=mask is not None, SKIP=options.skip, IS_VARLEN=tiling.varlen,
             PREFIX=PREFIX, BLOCK=block, STORE_LATEST=latest, num_warps=warps, FLAT=flat, **state_kwargs,
+            **layout_anchor(device, block, warps, (new, old, mask)),
         )
         return counts, aggregates
 
@@ -379,6 +380,7 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             **finish_settings,
             CHECK_MASK=mask_ok is not None,
             FLOAT_MASK=mask is not None and mask.dtype.is_floating_point,
+            **layout_anchor(batch.device, block, warps, (lp, old, mask)),
         )
 
     def loss_backward(self, grad, row_scale, grad_output, cu_seqlens, dtype, plan=None):

@@ -92,6 +92,7 @@ def kpo_loss_fwd_kernel(
     token_count_ptr,
     sequence_count_ptr,
     loss_scale_factor,
+    anchor_ptr,
     HAS_MASK: tl.constexpr,
     SKIP: tl.constexpr,
     ADV_PER_TOKEN: tl.constexpr,
@@ -115,6 +116,7 @@ def kpo_loss_fwd_kernel(
     TILES: tl.constexpr = 1,
     CHECK_MASK: tl.constexpr = False,
     FLOAT_MASK: tl.constexpr = False,
+    ANCHOR: tl.constexpr = False,
 ):
     """HAS_STATE: each sequence enters with the FilterState (state_x, state_count, state_sign)
     instead of (x0, 0, NO_TOKEN) (docs/math.md section 7). DIAGNOSTICS: False (metrics="basic")
@@ -129,7 +131,9 @@ def kpo_loss_fwd_kernel(
     value must be 0 or 1 (FLOAT_MASK: a float mask's bits, mask_one those of 1.0 in its dtype);
     a program that reads another sets done_ptr[1], and the last program writes 1 (all were) or
     0 to mask_ok_ptr and sets done_ptr[1] back to 0. AGG .. TILES and the arguments from done_ptr on
-    are finalize's (its loops' layout from triton_launch._fused_finalize_launch)."""
+    are finalize's (its loops' layout from triton_launch._fused_finalize_launch), but anchor_ptr:
+    zero bytes that ANCHOR loads a block of, for the register layout they give the blocks
+    (triton_launch.needs_layout_anchor)."""
     seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
         cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN, FLAT
     )
@@ -177,7 +181,9 @@ def kpo_loss_fwd_kernel(
     # knows each block's alignment as it does for aligned padded rows: without it a packed batch
     # gets a one-token-a-lane layout whose scans cost about 50% more instructions.
     lanes = tl.arange(0, BLOCK)
-    first_start = tile_start - ((seq_start + tile_start) % 16).to(tl.int32) if FLAT else tile_start
+    first_start = tile_start
+    if FLAT:  # an empty tile (a spare program's) runs no block
+        first_start = tl.where(tile_end > tile_start, tile_start - ((seq_start + tile_start) % 16).to(tl.int32), tile_end)
     for start in range(first_start, tile_end, BLOCK):
         pos = start + lanes
         in_bounds = (pos >= tile_start) & (pos < tile_end) if FLAT else pos < tile_end
@@ -199,6 +205,8 @@ def kpo_loss_fwd_kernel(
             mask_errors |= not_binary
         else:
             valid = _load_valid(mask_block, stride_mask_tok, lanes, in_bounds, HAS_MASK)
+        if ANCHOR:  # zeros, loaded for the layout they give the block (triton_launch.needs_layout_anchor)
+            valid &= tl.load(anchor_ptr + lanes) == 0
         z = _load_log_ratio(lp_block, old_block, stride_lp_tok, stride_old_tok, lanes, valid, True)
         index = pos + offset if HAS_STATE else pos  # the gain index in position mode
         if DIAGNOSTICS:

@@ -78,6 +78,7 @@ def tile_aggregate_kernel(
     stride_old_tok,
     stride_mask_row,
     stride_mask_tok,
+    anchor_ptr,
     HAS_OLD: tl.constexpr,
     HAS_MASK: tl.constexpr,
     SKIP: tl.constexpr,
@@ -88,6 +89,7 @@ def tile_aggregate_kernel(
     HAS_STATE: tl.constexpr = False,
     EVERY_TILE: tl.constexpr = False,
     FLAT: tl.constexpr = False,
+    ANCHOR: tl.constexpr = False,
 ):
     """Pass 2: the composed affine map of each tile, stored as agg[0, slot] = C, agg[1, slot] = B
     (but for the last tile of a sequence, which no tile after it reads, unless EVERY_TILE).
@@ -95,7 +97,8 @@ def tile_aggregate_kernel(
     to the state after its last valid token (agg[2], agg[3]) and that token's sign(z) + 1
     (agg[4]; 3 when the tile has none). HAS_STATE: each sequence consumed state_count[seq]
     observations before its first token (the gain index starts there; docs/math.md section 7).
-    FLAT: tiles and blocks aligned to the flat token index, as in kpo_loss_fwd_kernel."""
+    FLAT: tiles and blocks aligned to the flat token index, as in kpo_loss_fwd_kernel. ANCHOR:
+    the blocks' layout from zero bytes at anchor_ptr, as kpo_loss_fwd_kernel's."""
     seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
         cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN, FLAT
     )
@@ -114,7 +117,9 @@ def tile_aggregate_kernel(
     bl_tile = b_tile
     k_tile = c_tile + 3.0
     lanes = tl.arange(0, BLOCK)
-    first_start = tile_start - ((seq_start + tile_start) % 16).to(tl.int32) if FLAT else tile_start
+    first_start = tile_start
+    if FLAT:  # reach back to a flat multiple of 16; an emptied (last) tile runs no block
+        first_start = tl.where(tile_end > tile_start, tile_start - ((seq_start + tile_start) % 16).to(tl.int32), tile_end)
     for start in range(first_start, tile_end, BLOCK):
         pos = start + lanes
         in_bounds = (pos >= tile_start) & (pos < tile_end) if FLAT else pos < tile_end
@@ -126,6 +131,8 @@ def tile_aggregate_kernel(
             new_block, old_block = new_row + start * stride_new_tok, old_row + start * stride_old_tok
             mask_block = mask_row + start * stride_mask_tok
         valid = _load_valid(mask_block, stride_mask_tok, lanes, in_bounds, HAS_MASK)
+        if ANCHOR:  # zeros, loaded for the layout they give the block (triton_launch.needs_layout_anchor)
+            valid &= tl.load(anchor_ptr + lanes) == 0
         z = _load_log_ratio(new_block, old_block, stride_new_tok, stride_old_tok, lanes, valid, HAS_OLD)
         index = pos + offset if HAS_STATE else pos  # the gain index in position mode
         c, b, seen = _block_maps(z, valid, in_bounds, index, gains_ptr, gains_last, seen, SKIP)
