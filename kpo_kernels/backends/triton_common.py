@@ -260,6 +260,25 @@ def _locate(cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_ste
 
 
 @triton.jit
+def _first_block_start(seq_start, tile_start, tile_end, FLAT: tl.constexpr):
+    """Where a tile's loop over blocks starts: its start, or with FLAT the flat index that is a
+    multiple of 16 at or before it (the lanes before tile_start out of bounds); an empty tile
+    (an emptied last tile of pass 2, a spare program) runs no block."""
+    if FLAT:
+        return tl.where(tile_end > tile_start, tile_start - ((seq_start + tile_start) % 16).to(tl.int32), tile_end)
+    return tile_start
+
+
+@triton.jit
+def _anchored(valid, anchor_ptr, lanes, ANCHOR: tl.constexpr):
+    """valid, and with ANCHOR a block of zero bytes loaded for the register layout they give
+    the block (triton_launch.needs_layout_anchor): the result is valid itself."""
+    if ANCHOR:
+        return valid & (tl.load(anchor_ptr + lanes) == 0)
+    return valid
+
+
+@triton.jit
 def _seq_base(ptr, seq, seq_start, stride_row, stride_tok, IS_VARLEN: tl.constexpr):
     """Pointer to token 0 of a sequence of an input (padded: row stride; packed: flat)."""
     if IS_VARLEN:

@@ -22,6 +22,8 @@ from .triton_common import (
     _seq_base,
     _load_valid,
     _load_checked_valid,
+    _anchored,
+    _first_block_start,
     _load_log_ratio,
     _tile_seen,
     _entering_state,
@@ -181,10 +183,7 @@ def kpo_loss_fwd_kernel(
     # knows each block's alignment as it does for aligned padded rows: without it a packed batch
     # gets a one-token-a-lane layout whose scans cost about 50% more instructions.
     lanes = tl.arange(0, BLOCK)
-    first_start = tile_start
-    if FLAT:  # an empty tile (a spare program's) runs no block
-        first_start = tl.where(tile_end > tile_start, tile_start - ((seq_start + tile_start) % 16).to(tl.int32), tile_end)
-    for start in range(first_start, tile_end, BLOCK):
+    for start in range(_first_block_start(seq_start, tile_start, tile_end, FLAT), tile_end, BLOCK):
         pos = start + lanes
         in_bounds = (pos >= tile_start) & (pos < tile_end) if FLAT else pos < tile_end
         if FLAT:  # every token input at ptr + (seq_start + position) * token stride
@@ -205,8 +204,7 @@ def kpo_loss_fwd_kernel(
             mask_errors |= not_binary
         else:
             valid = _load_valid(mask_block, stride_mask_tok, lanes, in_bounds, HAS_MASK)
-        if ANCHOR:  # zeros, loaded for the layout they give the block (triton_launch.needs_layout_anchor)
-            valid &= tl.load(anchor_ptr + lanes) == 0
+        valid = _anchored(valid, anchor_ptr, lanes, ANCHOR)
         z = _load_log_ratio(lp_block, old_block, stride_lp_tok, stride_old_tok, lanes, valid, True)
         index = pos + offset if HAS_STATE else pos  # the gain index in position mode
         if DIAGNOSTICS:

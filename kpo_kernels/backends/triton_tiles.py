@@ -13,6 +13,8 @@ from .triton_common import (
     _seq_base,
     _load_valid,
     _load_log_ratio,
+    _anchored,
+    _first_block_start,
     _tile_seen,
     _tile_state,
     _entering_state,
@@ -117,10 +119,7 @@ def tile_aggregate_kernel(
     bl_tile = b_tile
     k_tile = c_tile + 3.0
     lanes = tl.arange(0, BLOCK)
-    first_start = tile_start
-    if FLAT:  # reach back to a flat multiple of 16; an emptied (last) tile runs no block
-        first_start = tl.where(tile_end > tile_start, tile_start - ((seq_start + tile_start) % 16).to(tl.int32), tile_end)
-    for start in range(first_start, tile_end, BLOCK):
+    for start in range(_first_block_start(seq_start, tile_start, tile_end, FLAT), tile_end, BLOCK):
         pos = start + lanes
         in_bounds = (pos >= tile_start) & (pos < tile_end) if FLAT else pos < tile_end
         if FLAT:
@@ -130,9 +129,7 @@ def tile_aggregate_kernel(
         else:
             new_block, old_block = new_row + start * stride_new_tok, old_row + start * stride_old_tok
             mask_block = mask_row + start * stride_mask_tok
-        valid = _load_valid(mask_block, stride_mask_tok, lanes, in_bounds, HAS_MASK)
-        if ANCHOR:  # zeros, loaded for the layout they give the block (triton_launch.needs_layout_anchor)
-            valid &= tl.load(anchor_ptr + lanes) == 0
+        valid = _anchored(_load_valid(mask_block, stride_mask_tok, lanes, in_bounds, HAS_MASK), anchor_ptr, lanes, ANCHOR)
         z = _load_log_ratio(new_block, old_block, stride_new_tok, stride_old_tok, lanes, valid, HAS_OLD)
         index = pos + offset if HAS_STATE else pos  # the gain index in position mode
         c, b, seen = _block_maps(z, valid, in_bounds, index, gains_ptr, gains_last, seen, SKIP)
