@@ -76,11 +76,11 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SMALL_BLOCK = 16
 
 
-def triton_backend(block_size=SMALL_BLOCK, tile_size=None):
+def triton_backend(block_size=SMALL_BLOCK, tile_size=None, num_warps=None):
     """The Triton backend with NaN-poisoned output buffers (tile_size forces the multi-tile path)."""
     if triton_import_error() is not None:
         pytest.skip(f"Triton is not importable: {triton_import_error()}")
-    return TritonBackend(block_size=block_size, tile_size=tile_size, poison=True)
+    return TritonBackend(block_size=block_size, tile_size=tile_size, num_warps=num_warps, poison=True)
 
 
 @pytest.fixture(params=["torch", "triton"])

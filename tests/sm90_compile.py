@@ -163,6 +163,20 @@ def cases():
     yield "loss-two-tiles-a-row", loss_run(two_tiles, {}, kpo_kernels.TritonBackend(tile_size=1024))
     one_row = make_batch(1, 16, seed=2, dtype=torch.float16, layout="none")
     yield "loss-one-row-16-position", loss_run(one_row, {"mask_mode": "position"})
+    # Strided views of the token inputs (2026-12-06's held-out sweep: before the anchor took
+    # them, these forwards spilled inside their loop), and warps chosen without a block.
+    views = make_batch(6, 3000, seed=2, dtype=torch.float32, layout="holes", adv_per_token=True, is_weights=True)
+    views = {k: v.t().contiguous().t() if torch.is_tensor(v) and v.dim() == 2 else v for k, v in views.items()}
+    yield "loss-transposed-everything-tiled", loss_run(
+        views, {"dual_clip": 3.0}, kpo_kernels.TritonBackend(tile_size=1024), state=True
+    )
+    halves = make_batch(4, 8191, seed=2, dtype=torch.bfloat16, layout="holes")
+    halves = {k: v.repeat_interleave(2, dim=1)[:, ::2] if torch.is_tensor(v) and v.dim() == 2 else v for k, v in halves.items()}
+    halves["mask"] = halves["mask"].to(torch.int64)
+    yield "loss-every-second-token-int64-mask-tiled", loss_run(
+        halves, {}, kpo_kernels.TritonBackend(tile_size=2048), state=True
+    )
+    yield "loss-two-warps-chosen", loss_run(make_batch(2, 4096, seed=2), {}, kpo_kernels.TritonBackend(num_warps=2))
     # Masks other than bool: the forward checks their values as it reads them (CHECK_MASK), as
     # verl's int64 response masks and TRL's int32 completion masks arrive; float masks as bits.
     for label, mask_dtype, data_dtype, options in (

@@ -27,7 +27,7 @@ from sm90_compile import KERNELS, LOSS_CONFIGS, SPILLING_CONTROL
 
 pytestmark = pytest.mark.skipif(launcher.kernels is None, reason="Triton is not importable")
 HERE = Path(__file__).parent
-SPILL_OUTSIDE_LOOPS = 16  # bytes a thread, ptxas's spill stores and loads together
+SPILL_OUTSIDE_LOOPS = 48  # bytes a thread, ptxas's spill stores and loads together
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,11 @@ def test_every_launch_compiles(compiled):
 
 
 def test_no_register_spills(compiled):
-    """No spill inside a loop, and at most SPILL_OUTSIDE_LOOPS bytes outside them: at 64-80
-    registers ptxas keeps one value of the 512-token, 8-warp forward in local memory across its
-    loop (4 bytes stored before it, loaded after; its choice for occupancy, not forced)."""
+    """No spill inside a loop, and at most SPILL_OUTSIDE_LOOPS bytes outside them: ptxas keeps
+    a few values that the forward's loop does not use in local memory across it, stored before
+    and loaded after, once a program, for a step of occupancy (its choice, not forced): one at
+    64-80 registers in the 512-token, 8-warp forward; six (36 bytes) in the bf16
+    metrics="basic" forward of 1024-token blocks, at 128 registers (4 programs an SM)."""
     launched = {k: v for k, v in compiled.items() if v["ok"] and not k.startswith(SPILLING_CONTROL)}
     spilling = {k: v for k, v in launched.items() if not _spill_free(v)}
     assert not spilling, spilling
@@ -122,7 +124,7 @@ def test_flat_addressing_where_rows_are_not_aligned():
     blocks below 16 tokens (the alignment would be false) nor for aligned padded rows."""
     import torch
 
-    from kpo_kernels.backends.triton_launch import flat_layout as flat
+    from kpo_kernels.backends.triton_layout import flat_layout as flat
     rows = torch.zeros(4, 37)
     assert flat(True, 5, 64, (torch.zeros(9),))
     assert not flat(True, 5, 8, (torch.zeros(9),))

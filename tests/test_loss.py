@@ -75,6 +75,40 @@ def test_shapes_and_layouts(backend, length, layout):
     check_against_oracle(backend, batch, rtol=2e-6, q=1e-2, dual_clip=2.0)
 
 
+@pytest.mark.parametrize("layout, tile, variant", [
+    ("holes", None, "default"), ("holes", 256, "dual_clip"), ("right", 256, "small_cap"), ("left", None, "prior"),
+    ("holes", None, "basic"),
+])
+def test_statistics_summed_per_thread_first(layout, tile, variant):
+    """Blocks of 8 tokens a thread, as the wide blocks: each thread sums its run of tokens
+    before its statistics take them (RUN), whole rows and tiles, with empty rows, a NaN at a
+    valid token in one row of a copy: the oracle's loss, metrics and gradient, and NaN where
+    the sums and maxima hold it."""
+    impl = triton_backend(block_size=256, num_warps=1, tile_size=tile)
+    assert impl._warps(256) == 1  # 256 / 32: 8 a thread
+    batch = make_batch(6, 600, layout=layout, seed=31, device=DEVICE, adv_per_token=True, is_weights=True)
+    batch["mask"] = batch["mask"].clone()
+    batch["mask"][2] = False  # a row, and in tiles of 256 its tiles, without a valid token
+    if variant == "basic":  # the oracle computes every metric: the torch backend's basic ones
+        options = {"metrics": "basic"}
+        (loss, metrics, grad), want = run_loss(impl, batch, **options), run_loss(kpo_kernels.TorchBackend(), batch, **options)
+        assert_close("loss", loss, want[0], rtol=1e-5, atol=1e-7)
+        assert_close("grad", grad, want[2], rtol=1e-5, atol=1e-9)
+        assert set(metrics) == set(want[1])
+        for name in want[1]:
+            assert_close(name, metrics[name], want[1][name], rtol=1e-5, atol=1e-6)
+    else:
+        options = VARIANTS[variant]
+        check_against_oracle(impl, batch, rtol=2e-6, **options)
+    poisoned = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+    valid = poisoned["mask"][4].nonzero()[-1].item()
+    poisoned["old_log_prob"][4, valid] = math.nan  # the last valid token of row 4
+    loss, metrics, _ = run_loss(impl, poisoned, **options)
+    assert torch.isnan(loss)
+    for name in ("ppo_kl", "ratio_mean", "ratio_max", "raw_ratio_mean", "raw_ratio_max"):
+        assert torch.isnan(metrics[name]), name
+
+
 @pytest.mark.parametrize("length, tile", [(175, None), (191, 32), (175, 160), (335, 160)])
 def test_unaligned_rows_whose_last_block_reaches_back(length, tile, monkeypatch):
     """Padded rows of T % 16 != 0 whose last block takes a step more for FLAT's reach-back

@@ -53,13 +53,15 @@ def _forward(backend, batch, mask, packed=False):
 @pytest.mark.parametrize("dtype", list(NOT_BINARY))
 def test_the_forward_refuses_values_other_than_0_and_1(dtype):
     """Each value off 0 and 1 at one token, whole rows and rows cut into tiles, padded and
-    packed: ValueError from the forward's flag; the same mask with its 0s and 1s (and -0.0 for
-    its 0s) passes right after, so the flag went back to 0."""
+    packed, and in blocks of 8 tokens a thread (the flag summed per thread first, as in the
+    wide blocks): ValueError from the forward's flag; the same mask with its 0s and 1s (and
+    -0.0 for its 0s) passes right after, so the flag went back to 0."""
     batch = make_batch(2, 48, seed=1, layout="holes", garbage=False)
     good = batch["mask"].to(dtype)
     if dtype.is_floating_point:
         good = torch.where(good == 0, torch.tensor(-0.0, dtype=dtype), good)
-    for backend, packed in ((triton_backend(), False), (triton_backend(tile_size=32), True)):
+    eight_a_thread = triton_backend(block_size=256, num_warps=1)
+    for backend, packed in ((triton_backend(), False), (triton_backend(tile_size=32), True), (eight_a_thread, False)):
         for value in NOT_BINARY[dtype]:
             bad = good.clone()
             bad[1, 37] = value

@@ -32,11 +32,10 @@ from .triton_launch import (  # noqa: F401 (facts of the backend that tests and 
     _IMPORT_ERROR,
     _pow2_at_least,
     _SAME_SIZE_INT,
-    flat_layout,
     kernels,
-    layout_anchor,
     triton_import_error,
 )
+from .triton_layout import flat_layout, layout_anchor, statistic_run
 from .triton_noise import NoiseFitLaunch
 
 
@@ -49,7 +48,7 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
 
     Args:
         block_size: tokens per scan block, a power of two from 2 (default: the rows' typical
-            length rounded up to a power of two, at most 1024).
+            length rounded up to a power of two, at most 1024, and 256 a warp with num_warps).
         tile_size: tokens per program, an int >= 1; sequences longer than a tile are split across
             programs (default on CUDA: whole rows when there are enough rows to fill the GPU,
             else tiles sized for about PROGRAMS_PER_SM (2) programs per SM, or for what fits at
@@ -184,7 +183,7 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             *self._strides(old if old is not None else new, tiling.varlen), *self._strides(mask, tiling.varlen),
             HAS_OLD=old is not None, HAS_MASK=mask is not None, SKIP=options.skip, IS_VARLEN=tiling.varlen,
             PREFIX=PREFIX, BLOCK=block, STORE_LATEST=latest, num_warps=warps, FLAT=flat, **state_kwargs,
-            **layout_anchor(device, block, warps, (new, old, mask)),
+            **layout_anchor(device, block, warps, (new, old, mask), flat),
         )
         return counts, aggregates
 
@@ -357,8 +356,7 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             math.log(options.dual_clip) if options.dual_clip is not None else 0.0,
             math.log(2 * math.pi * filt.r),
             1.0 / filt.r,
-            FINISH_COUNTERS.get(batch.device),
-            mask_ok if mask_ok is not None else stats,
+            FINISH_COUNTERS.get(batch.device), mask_ok if mask_ok is not None else stats,
             float_one_bits(mask.dtype) if mask is not None and mask.dtype.is_floating_point else 1,
             finish.row_scale, finish.loss, finish.metrics,
             *finish[finish._fields.index("dp_size"):],  # dp_size .. loss_scale_factor
@@ -372,7 +370,7 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             STORE_GRAD=grad is not None,
             IS_VARLEN=varlen,
             PREFIX=PREFIX,
-            BLOCK=block,
+            BLOCK=block, RUN=statistic_run(block, warps),
             num_warps=warps,
             **(dict(HAS_STATE=True) if state is not None else {}),
             DIAGNOSTICS=options.diagnostics,
@@ -380,7 +378,7 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
             **finish_settings,
             CHECK_MASK=mask_ok is not None,
             FLOAT_MASK=mask is not None and mask.dtype.is_floating_point,
-            **layout_anchor(batch.device, block, warps, (lp, old, mask)),
+            **layout_anchor(batch.device, block, warps, (lp, old, mask), flat),
         )
 
     def loss_backward(self, grad, row_scale, grad_output, cu_seqlens, dtype, plan=None):

@@ -75,6 +75,21 @@ def _last(values, BLOCK: tl.constexpr):
     return tl.sum(tl.where(tl.arange(0, BLOCK) == BLOCK - 1, values, 0.0), 0)
 
 
+@triton.jit
+def _run_sum(values, BLOCK: tl.constexpr, RUN: tl.constexpr):
+    """Sums of each RUN consecutive tokens of a block: with RUN the tokens a thread holds
+    (triton_layout.tokens_per_thread), within each thread, so that an accumulator of
+    BLOCK // RUN lanes takes one register a thread. Any RUN dividing BLOCK gives the same sums,
+    only at another cost: in the order the lanes are summed, which floats may round differently."""
+    return tl.sum(tl.reshape(values, [BLOCK // RUN, RUN]), 1)
+
+
+@triton.jit
+def _run_max(values, BLOCK: tl.constexpr, RUN: tl.constexpr):
+    """Maxima of each RUN consecutive tokens of a block, as _run_sum's sums."""
+    return tl.max(tl.reshape(values, [BLOCK // RUN, RUN]), 1)
+
+
 # ----------------------------------------------------------------------------- diagnostics (docs/math.md section 5b)
 
 NO_TOKEN = tl.constexpr(9)  # sign code of "no valid token yet" (FilterState.last_sign's form, 0..9)
@@ -272,7 +287,7 @@ def _first_block_start(seq_start, tile_start, tile_end, FLAT: tl.constexpr):
 @triton.jit
 def _anchored(valid, anchor_ptr, lanes, ANCHOR: tl.constexpr):
     """valid, and with ANCHOR a block of zero bytes loaded for the register layout they give
-    the block (triton_launch.needs_layout_anchor): the result is valid itself."""
+    the block (triton_layout.needs_layout_anchor): the result is valid itself."""
     if ANCHOR:
         return valid & (tl.load(anchor_ptr + lanes) == 0)
     return valid

@@ -210,43 +210,6 @@ _thread_key = threading.get_ident
 FINISH_COUNTERS = FinishCounters()
 
 
-def needs_layout_anchor(block, warps, tensors):
-    """Whether the fused forward loads zero bytes to set its blocks' register layout
-    (kpo_loss_fwd_kernel's ANCHOR). Triton gives a block the layout of its widest vector
-    load (16 bytes): float32 inputs without a 1-byte mask (packed batches, masks of 4 or 8
-    bytes) hold 4 or 2 tokens a vector, fewer than a thread's share of the wide blocks (8),
-    and each thread's tokens then come in runs that every scan of the block shuffles for:
-    about 170 instructions a warp a block more (sm_90a, 1024-token blocks of 4 warps)."""
-    widest = max((16 // t.element_size() for t in tensors if t is not None), default=1)
-    return block // (32 * warps) > widest
-
-
-class LayoutAnchors:
-    """The zero bytes of needs_layout_anchor: one buffer per device, never written. While a CUDA
-    graph is captured, a buffer of that capture (its zeroing is a node of the graph)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._buffers = {}
-
-    def get(self, device, block):
-        if tables.capturing(device):
-            return torch.zeros(block, dtype=torch.uint8, device=device)
-        with self._lock:
-            buffer = self._buffers.get(device)
-            if buffer is None or buffer.numel() < block:
-                buffer = self._buffers[device] = torch.zeros(max(block, MAX_BLOCK), dtype=torch.uint8, device=device)
-            return buffer
-
-
-LAYOUT_ANCHORS = LayoutAnchors()
-
-
-def layout_anchor(device, block, warps, tensors):
-    """The anchor_ptr and ANCHOR of kpo_loss_fwd_kernel and tile_aggregate_kernel, as keywords."""
-    return {"anchor_ptr": LAYOUT_ANCHORS.get(device, block), "ANCHOR": needs_layout_anchor(block, warps, tensors)}
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -285,7 +248,10 @@ class LaunchPlan:
     def _block(self, typical_length):
         if self.block_size is not None:
             return self.block_size
-        return min(MAX_BLOCK, max(16, _pow2_at_least(typical_length)))
+        # With chosen warps, at most the wide blocks' 8 tokens a thread: 16 a thread (1024
+        # tokens at 2 warps) spill the fused forward's registers on sm_90.
+        widest = MAX_BLOCK if self.num_warps is None else 8 * 32 * self.num_warps
+        return min(MAX_BLOCK, widest, max(16, _pow2_at_least(typical_length)))
 
     def _warps(self, block):
         if self.num_warps is not None:
@@ -347,36 +313,3 @@ class LaunchPlan:
         longest = tables.packed_longest(cu_seqlens, tokens)  # the tables' length bound
         return _Tiling(True, sequences, 0, tile, slots, (slots,), tokens > tile, steps, cu_seqlens, offsets[: sequences + 1],
                        max(longest, 1), offsets[sequences + 1:], offsets)
-
-
-def flat_layout(varlen, width, block, tensors, tile=None, warps=None):
-    """Whether the fused loss aligns its tiles and blocks to the flat token index
-    (kpo_loss_fwd_kernel's FLAT): blocks of a multiple of 16 tokens, and every token input holding
-    sequence s's token t at flat index s * width + t (in token strides; packed ones always, by
-    cu_seqlens). Padded rows of a multiple of 16 tokens are aligned already and keep their own
-    addressing. Where a row's last block would take one step more for the reach-back (up to
-    15 tokens), FLAT still pays when the tile (`tile` tokens, the whole row when None) takes
-    enough steps for one more to cost less than the unaligned layout (_reach_back_steps); a
-    packed sequence's last tile takes one step more only when its last block's tokens and its
-    reach-back together pass a block."""
-    if block % 16 != 0:
-        return False
-    if varlen:
-        return True
-    if width % 16 == 0:
-        return False
-    if width % block + 15 > block:
-        steps = _cdiv(min(width, tile or width), block)  # a tile's block steps without the reach-back
-        if steps < _reach_back_steps(block, warps):
-            return False
-    return all(t is None or t.stride(0) == width * t.stride(1) for t in tensors)
-
-
-def _reach_back_steps(block, warps):
-    """The fewest block steps a tile needs for FLAT's extra step (at most 1 / steps more) to
-    cost less than the unaligned layout. Measured on the fused forward compiled for sm_90a (8
-    rows of 8191 tokens, every metric), unaligned against FLAT warp-instructions a token: 1.62x
-    at the launcher's wide blocks (1024 tokens, 4 warps), break-even at 1.6 steps; 1.11-1.88x
-    at the other layouts measured (64-2048 tokens, 1-8 warps), break-even at up to 9.2 steps
-    (64 tokens at 1 warp). Those are chosen by the user: 10 steps, safe at every one."""
-    return 2 if block == MAX_BLOCK and warps == WIDE_BLOCK_WARPS else 10

@@ -8,6 +8,8 @@ from .triton_common import (
     _block_maps,
     _exp,
     _last,
+    _run_sum,
+    _run_max,
     _variance_ratio,
     _shift_in,
     _sign_code,
@@ -106,6 +108,7 @@ def kpo_loss_fwd_kernel(
     IS_VARLEN: tl.constexpr,
     PREFIX: tl.constexpr,
     BLOCK: tl.constexpr,
+    RUN: tl.constexpr,
     HAS_STATE: tl.constexpr = False,
     DIAGNOSTICS: tl.constexpr = True,
     FLAT: tl.constexpr = False,
@@ -125,7 +128,7 @@ def kpo_loss_fwd_kernel(
     compiles out the section-5b diagnostics: their statistics rows stay 0. FLAT: every token
     input holds sequence s's token t at flat index seq_start + t, in its token strides (packed
     batches; padded ones whose every row stride is T token strides), as the gradient does; the
-    tiles and blocks are then aligned to that index (_locate, triton_launch.flat_layout).
+    tiles and blocks are then aligned to that index (_locate, triton_layout.flat_layout).
 
     The last program to finish (a count at done_ptr, which it sets back to 0 for the next launch)
     runs triton_finalize.finalize on every tile's statistics: the loss, the sequence weights and
@@ -135,7 +138,7 @@ def kpo_loss_fwd_kernel(
     0 to mask_ok_ptr and sets done_ptr[1] back to 0. AGG .. TILES and the arguments from done_ptr on
     are finalize's (its loops' layout from triton_launch._fused_finalize_launch), but anchor_ptr:
     zero bytes that ANCHOR loads a block of, for the register layout they give the blocks
-    (triton_launch.needs_layout_anchor)."""
+    (triton_layout.needs_layout_anchor)."""
     seq, tile, first, slot, seq_start, tile_start, tile_end, length = _locate(
         cu_seqlens_ptr, tile_offsets_ptr, num_seqs, T, tile_size, search_steps, IS_VARLEN, FLAT
     )
@@ -161,21 +164,24 @@ def kpo_loss_fwd_kernel(
     else:  # no sign flips: the earlier tiles' maps alone
         state = _tile_state(agg_ptr, num_slots, first, tile, x_in, PREFIX)
 
-    # Statistics of the tile, accumulated per lane and reduced once at the end. The nine token
-    # counts share three int32 registers a lane, 10 bits each (_pack3): a lane sees one token
-    # per block and a tile holds at most MAX_BLOCKS_PER_TILE + 1 = 1023 blocks of tokens (the launcher's bound).
+    # Statistics of the tile, accumulated over its blocks and reduced once at the end. The float
+    # sums and maxima keep one value a thread (RUN, _run_sum): a lane each would hold RUN
+    # registers a statistic. The nine token counts share three int32 registers a lane, 10 bits
+    # each (_pack3): a lane sees one token per block and a tile holds at most
+    # MAX_BLOCKS_PER_TILE + 1 = 1023 blocks of tokens (the launcher's bound); a thread's RUN
+    # lanes summed could pass 10 bits.
     counts_a = tl.zeros([BLOCK], tl.int32)  # valid tokens, scored tokens, sign-flip pairs
     counts_b = tl.zeros([BLOCK], tl.int32)  # raw flips, filtered flips, capped
     counts_c = tl.zeros([BLOCK], tl.int32)  # clipped high, clipped low, dual-clip floor
-    loss_sum = tl.zeros([BLOCK], tl.float32)
-    nis_sum = tl.zeros([BLOCK], tl.float32)
-    ll_sum = tl.zeros([BLOCK], tl.float32)
-    neg_z_sum = tl.zeros([BLOCK], tl.float32)
-    ratio_sum = tl.zeros([BLOCK], tl.float32)
-    ratio_max = tl.full([BLOCK], float("-inf"), tl.float32)
-    raw_sum = tl.zeros([BLOCK], tl.float32)
-    raw_max = tl.full([BLOCK], float("-inf"), tl.float32)
-    mask_errors = tl.zeros([BLOCK], tl.int1)
+    loss_sum = tl.zeros([BLOCK // RUN], tl.float32)
+    nis_sum = tl.zeros([BLOCK // RUN], tl.float32)
+    ll_sum = tl.zeros([BLOCK // RUN], tl.float32)
+    neg_z_sum = tl.zeros([BLOCK // RUN], tl.float32)
+    ratio_sum = tl.zeros([BLOCK // RUN], tl.float32)
+    ratio_max = tl.full([BLOCK // RUN], float("-inf"), tl.float32)
+    raw_sum = tl.zeros([BLOCK // RUN], tl.float32)
+    raw_max = tl.full([BLOCK // RUN], float("-inf"), tl.float32)
+    mask_errors = tl.zeros([BLOCK // RUN], tl.int32)
 
     # FLAT: the blocks start at tokens whose flat index is a multiple of 16 (a sequence's first
     # block reaches back to one, its lanes before tile_start out of bounds; _locate puts the
@@ -201,7 +207,7 @@ def kpo_loss_fwd_kernel(
                 adv_block = adv_row + start * stride_adv_tok
         if CHECK_MASK:
             valid, not_binary = _load_checked_valid(mask_block, stride_mask_tok, lanes, in_bounds, mask_one, FLOAT_MASK)
-            mask_errors |= not_binary
+            mask_errors |= _run_max(not_binary.to(tl.int32), BLOCK, RUN)
         else:
             valid = _load_valid(mask_block, stride_mask_tok, lanes, in_bounds, HAS_MASK)
         valid = _anchored(valid, anchor_ptr, lanes, ANCHOR)
@@ -218,8 +224,8 @@ def kpo_loss_fwd_kernel(
             e = z - _shift_in(x, state, BLOCK)
             scored = valid & (w > 0.0)  # S finite: all but a diffuse prior's first observation
             nis = e * e * w * inv_r
-            nis_sum += tl.where(scored, nis, 0.0)
-            ll_sum += tl.where(scored, -0.5 * (log_2pi_r - log_w + nis), 0.0)
+            nis_sum += _run_sum(tl.where(scored, nis, 0.0), BLOCK, RUN)
+            ll_sum += _run_sum(tl.where(scored, -0.5 * (log_2pi_r - log_w + nis), 0.0), BLOCK, RUN)
             # Sign flips against the previous valid token of the sequence: the latest valid code
             # before each lane, from this block's scan or, before the block's first, the carry.
             code = _sign_code(z, x, valid)
@@ -274,13 +280,13 @@ def kpo_loss_fwd_kernel(
             tl.store(grad_block + lanes, tl.where(valid, dloss, 0.0).to(grad_ptr.dtype.element_ty), mask=in_bounds)
 
         raw = _exp(tl.where(valid, z, float("-inf")))  # 0 at other tokens, as rt
-        loss_sum += loss
+        loss_sum += _run_sum(loss, BLOCK, RUN)
         # ppo_kl as verl computes it: z clamped to [-KL_CLAMP, KL_CLAMP] (NaN stays NaN).
-        neg_z_sum -= tl.clamp(z, -KL_CLAMP, KL_CLAMP, propagate_nan=tl.PropagateNan.ALL)
-        ratio_sum += rt
-        ratio_max = tl.maximum(ratio_max, rt)  # 0 where no token was valid: finalize reports 0 then
-        raw_sum += raw
-        raw_max = tl.maximum(raw_max, raw)
+        neg_z_sum -= _run_sum(tl.clamp(z, -KL_CLAMP, KL_CLAMP, propagate_nan=tl.PropagateNan.ALL), BLOCK, RUN)
+        ratio_sum += _run_sum(rt, BLOCK, RUN)
+        ratio_max = tl.maximum(ratio_max, _run_max(rt, BLOCK, RUN))  # 0 where no token was valid: finalize reports 0 then
+        raw_sum += _run_sum(raw, BLOCK, RUN)
+        raw_max = tl.maximum(raw_max, _run_max(raw, BLOCK, RUN))
 
     # Column-major (NUM_STATS, slots) statistics, rows in aggregation.STAT_NAMES order.
     out = stats_ptr + slot
@@ -306,7 +312,7 @@ def kpo_loss_fwd_kernel(
     tl.store(out + 17 * num_slots, _unpack3_sum(counts_b, 2))
 
     if CHECK_MASK:
-        if tl.max(mask_errors.to(tl.int32), 0) > 0:
+        if tl.max(mask_errors, 0) > 0:
             tl.store(done_ptr + 1, 1)
     tl.debug_barrier()  # every thread's stores before the count's release
     if tl.atomic_add(done_ptr, 1) == tl.num_programs(0) * tl.num_programs(1) - 1:
