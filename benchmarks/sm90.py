@@ -127,7 +127,8 @@ def _cuobjdump(cubin, flag):
 
 def resources(compiled):
     """{'registers', 'shared' (static and Triton's dynamic bytes), 'stack' (bytes a thread), 'local' (local-memory
-    loads and stores in the SASS), 'local_in_loops' (those inside a loop), 'spill_bytes' (ptxas's spill stores + loads)} of a compiled
+    loads and stores in the SASS), 'local_in_loops' (those inside a loop), 'local_stores_in_loops' (the stores among
+    them), 'spill_bytes' (ptxas's spill stores + loads)} of a compiled
     kernel (compile_launch's). On sm_90 cuobjdump's LOCAL field stays 0 when ptxas spills (the
     spills sit in STACK), and local accesses also come from libdevice's local arrays (sin and
     cos keep one for huge arguments) that spill nothing: so where the SASS touches local memory
@@ -138,9 +139,11 @@ def resources(compiled):
     shared = re.search(r"SHARED:(\d+)", usage)
     found["shared"] = (int(shared.group(1)) if shared else 0) + getattr(compiled.metadata, "shared", 0)  # + Triton's dynamic
     instructions = sass(cubin)
-    local = [address for address, opcode, _ in instructions if opcode.split(".")[0] in ("LDL", "STL")]
+    local = [(address, opcode) for address, opcode, _ in instructions if opcode.split(".")[0] in ("LDL", "STL")]
+    in_loops = [opcode for a, opcode in local if any(start <= a <= end for start, end in loops(instructions))]
     found["local"] = len(local)
-    found["local_in_loops"] = sum(any(start <= a <= end for start, end in loops(instructions)) for a in local)
+    found["local_in_loops"] = len(in_loops)
+    found["local_stores_in_loops"] = sum(opcode.startswith("STL") for opcode in in_loops)
     found["spill_bytes"] = _ptxas_spill_bytes(compiled.asm["ptx"]) if found["local"] else 0
     return found
 

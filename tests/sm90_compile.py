@@ -35,6 +35,8 @@ LOSS_CONFIGS = {
     ),
     "fp64-left-norm": dict(dtype=torch.float64, layout="left", options={"agg": "seq-mean-token-sum-norm", "global_batch_size": 4}),
     "bf16-holes-basic": dict(dtype=torch.bfloat16, layout="holes", options={"metrics": "basic"}),  # no diagnostics
+    # verl's bf16 with per-token advantages and weights: at 168 registers ptxas reloads a value each block
+    "bf16-advantages-weights": dict(dtype=torch.bfloat16, layout="holes", adv_per_token=True, is_weights=True, options={}),
 }
 LENGTHS = (16, 700, 5000)
 SPILLING_CONTROL = "control-spilling-block-4096"
@@ -145,10 +147,11 @@ def cases():
             yield f"state-loss-{name}-T700", loss_run(batch, options, state=True)
             yield f"state-loss-{name}-tiled", loss_run(batch, options, tiled, state=True)
             yield f"state-loss-{name}-packed-tiled", loss_run(packed(batch), options, tiled, state=True)
-    # Rows cut into 64 tiles each: the finalize sums 128 tiles of a sequence per step (a tile
-    # count divisible by 16 is specialised: Triton 3.6 failed on this variant on the H200).
-    long_rows = make_batch(2, 8192, seed=1, dtype=torch.float32, layout="holes")
-    many_tiles = kpo_kernels.TritonBackend(tile_size=128)
+    # Rows cut into 64 tiles each (1024-token blocks, the wide blocks' finalize: 512 values a
+    # step): the finalize sums 128 tiles a step (TILES = 128; a tile count divisible by 16 is
+    # specialised: Triton 3.6 failed on such a variant on the H200).
+    long_rows = make_batch(2, 65536, seed=1, dtype=torch.float32, layout="holes")
+    many_tiles = kpo_kernels.TritonBackend(tile_size=1024)
     yield "loss-long-rows-many-tiles", loss_run(long_rows, {}, many_tiles)
     yield "loss-long-rows-many-tiles-packed", loss_run(packed(long_rows), {}, many_tiles)
     # Variants a held-out sweep found (2026-12-05) beyond the list above: rows of 257-512 tokens
@@ -245,10 +248,16 @@ def table_launches():
         yield f"table-{label}", triton_tables.table_kernel, (*outputs, 4096, *parts), flags
 
 
+# Compiled once more with RUN = 1 (each lane its own statistics): what the per-thread sums save.
+RUN_ABLATED = "loss-fp32-holes-T5000"
+
+
 def launches():
     for case, run in cases():
         for kernel, _, args, kwargs in record(run, sm_count=1):
             yield case, kernel, args, kwargs
+            if case == RUN_ABLATED and kernel.fn.__name__ == "kpo_loss_fwd_kernel":
+                yield case + "-run-1", kernel, args, {**kwargs, "RUN": 1}
     yield from table_launches()
 
 

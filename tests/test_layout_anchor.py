@@ -93,11 +93,12 @@ def anchored(monkeypatch):
 
 
 @pytest.mark.parametrize("layout, tile", [("packed", None), ("packed", 512), ("int64", None), ("int64", 512),
-                                          ("strided", None), ("strided", 512)])
+                                          ("strided", None), ("strided", 512), ("rows", None), ("rows", 512)])
 def test_anchored_kernels_match_the_torch_backend(anchored, layout, tile):
     """256-token blocks at 1 warp (8 tokens a thread, as the wide blocks): float32 packed
-    batches without a mask, padded ones with an int64 mask and strided views take the anchor, in
-    the fused forward and (tiles of 512 tokens) the tile pass, with holes and every metric."""
+    batches without a mask, padded ones with an int64 mask, strided views and rows addressed by
+    row at a stride that is not a multiple of 16 take the anchor, in the fused forward and (tiles
+    of 512 tokens) the tile pass, with holes and every metric."""
     batch = make_batch(4, 700, layout="right" if layout == "packed" else "holes", seed=3, device=DEVICE)
     if layout == "packed":
         mask = batch.pop("mask").cpu()
@@ -106,6 +107,11 @@ def test_anchored_kernels_match_the_torch_backend(anchored, layout, tile):
         for name in ("log_prob", "old_log_prob"):
             batch[name] = batch[name][mask.to(DEVICE)]
         batch["advantages"] = batch["advantages"][:, None]
+    elif layout == "rows":  # rows 703 apart: neither FLAT (row stride != width) nor 16-byte aligned
+        for name in ("log_prob", "old_log_prob", "mask"):
+            wide = torch.zeros(4, 703, dtype=batch[name].dtype, device=DEVICE)
+            wide[:, :700] = batch[name]
+            batch[name] = wide[:, :700]
     elif layout == "strided":  # every second token of wider tensors, as a view
         for name in ("log_prob", "old_log_prob", "mask"):
             wide = batch[name].repeat_interleave(2, dim=1)

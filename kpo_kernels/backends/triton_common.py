@@ -78,9 +78,9 @@ def _last(values, BLOCK: tl.constexpr):
 @triton.jit
 def _run_sum(values, BLOCK: tl.constexpr, RUN: tl.constexpr):
     """Sums of each RUN consecutive tokens of a block: with RUN the tokens a thread holds
-    (triton_layout.tokens_per_thread), within each thread, so that an accumulator of
-    BLOCK // RUN lanes takes one register a thread. Any RUN dividing BLOCK gives the same sums,
-    only at another cost: in the order the lanes are summed, which floats may round differently."""
+    (triton_layout.statistic_run), within each thread, so that an accumulator of BLOCK // RUN
+    lanes takes one register a thread. Any RUN dividing BLOCK gives the same sums, only at
+    another cost: in the order the lanes are summed, which floats may round differently."""
     return tl.sum(tl.reshape(values, [BLOCK // RUN, RUN]), 1)
 
 

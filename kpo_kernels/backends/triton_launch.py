@@ -29,9 +29,10 @@ MAX_BLOCK = 1024
 WIDE_BLOCK_WARPS = 4
 PREFIX = 64  # earlier tiles folded per scan step
 UNDERFILLED_ROWS_PER_SM = 2  # fewer rows than this per SM: split rows into tiles
-# Tiles are sized for about this many programs per SM: what the fused forward gets with the
-# 1024-token blocks at 4 warps of split rows (193-252 registers a thread on sm_90, so 2 programs
-# of 4 warps fit the register file; tests/test_compile_sm90.py holds every forward variant to it).
+# Tiles are sized for about this many programs per SM: what every fused forward gets with the
+# 1024-token blocks at 4 warps of split rows (128-255 registers a thread on sm_90: at least 2
+# programs of 4 warps fit the register file, 3 or 4 for some; tests/test_compile_sm90.py holds
+# every forward variant to 2).
 PROGRAMS_PER_SM = 2
 # Warps an SM holds at 255 registers a thread (65536 registers, 256 a thread allocated): the
 # occupancy every kernel reaches whatever its register count (_programs_per_sm).
@@ -160,7 +161,7 @@ def _fused_finalize_launch(tiles, warps, block):
     """The finalize's layout inside the fused forward's last program of `warps` warps: each step
     waits for its loads from L2 while the other SMs idle, so steps, not instructions, set its
     time, and it takes as many values a step as registers allow. The 1024-token blocks' forward
-    holds 183-245 registers a thread, room for 4 values a thread (17 statistics rows of tile
+    holds 128-255 registers a thread, room for 4 values a thread (17 statistics rows of tile
     slots, and sequence x tile values); other forwards hold 52-96 at 1 or 8 warps, room for 1
     (tests/test_compile_sm90.py holds every variant to its programs per SM without the finalize)."""
     values = 32 * warps * (4 if block >= 1024 else 1)

@@ -11,8 +11,8 @@ from .triton_launch import MAX_BLOCK, WIDE_BLOCK_WARPS, _cdiv
 
 
 def tokens_per_thread(block, warps):
-    """The tokens of a block each thread holds in the layout the launches ask for (RUN of
-    kpo_loss_fwd_kernel): consecutive ones, 8 in the wide blocks (1024 tokens, 4 warps)."""
+    """The tokens of a block each thread holds in the layout the launches ask for: consecutive
+    ones, 8 in the wide blocks (1024 tokens, 4 warps)."""
     return max(1, block // (32 * warps))
 
 
@@ -30,7 +30,8 @@ def _tokens_a_load(tensor, flat):
     """Tokens of `tensor` one 16-byte load reads in the kernels' blocks: 1 where its tokens are
     strided, or where the compiler cannot know that a block starts 16-byte aligned (Triton
     specialises pointers and integer arguments divisible by 16: the data pointer, and the row
-    stride of padded rows addressed by row; FLAT blocks start at multiples of 16 tokens)."""
+    stride of padded rows addressed by row; FLAT blocks start at multiples of 16 tokens, and
+    packed sequences not FLAT at any token: a 1-D tensor there loads one token a vector)."""
     if tensor.stride(-1) != 1 or tensor.data_ptr() % 16 != 0:
         return 1
     if not flat and (tensor.dim() < 2 or tensor.stride(0) % 16 != 0):
@@ -102,9 +103,11 @@ def flat_layout(varlen, width, block, tensors, tile=None, warps=None):
 
 def _reach_back_steps(block, warps):
     """The fewest block steps a tile needs for FLAT's extra step (at most 1 / steps more) to
-    cost less than the unaligned layout. Measured on the fused forward compiled for sm_90a (8
-    rows of 8191 tokens, every metric), unaligned against FLAT warp-instructions a token: 1.62x
-    at the launcher's wide blocks (1024 tokens, 4 warps), break-even at 1.6 steps; 1.11-1.88x
-    at the other layouts measured (64-2048 tokens, 1-8 warps), break-even at up to 9.2 steps
-    (64 tokens at 1 warp). Those are chosen by the user: 10 steps, safe at every one."""
-    return 2 if block == MAX_BLOCK and warps == WIDE_BLOCK_WARPS else 10
+    cost less than the unaligned layout. At the launcher's wide blocks (1024 tokens, 4 warps)
+    the unaligned rows take the layout anchor (needs_layout_anchor): the fused forward compiled
+    for sm_90a (512 rows of 8191 tokens, every metric) runs 5.29 warp-instructions a token
+    unaligned against FLAT's 5.02 in fp32 (break-even at 18.6 steps), 5.48 against 5.00 in bf16
+    (10.4): 16 steps. (Without the anchor the unaligned layout cost 1.62x FLAT.) Other layouts
+    are chosen by the user and were measured without the anchor, 1.11-1.88x FLAT (64-2048
+    tokens, 1-8 warps, break-even at up to 9.2 steps): 10 steps."""
+    return 16 if block == MAX_BLOCK and warps == WIDE_BLOCK_WARPS else 10
