@@ -251,7 +251,7 @@ class LaunchPlan:
             return self.block_size
         # With chosen warps, at most the wide blocks' 8 tokens a thread: 16 a thread (1024
         # tokens at 2 warps) spill the fused forward's registers on sm_90.
-        widest = MAX_BLOCK if self.num_warps is None else 8 * 32 * self.num_warps
+        widest = MAX_BLOCK if self.num_warps is None else MAX_BLOCK // WIDE_BLOCK_WARPS * self.num_warps
         return min(MAX_BLOCK, widest, max(16, _pow2_at_least(typical_length)))
 
     def _warps(self, block):
