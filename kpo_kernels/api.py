@@ -8,7 +8,6 @@ step traces them without graph breaks.
 import inspect
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 
 from . import ops, tables
 from .backends import expand_rows
@@ -183,17 +182,6 @@ class _KPOLossFunction(torch.autograd.Function):
         raise NotImplementedError(ops.VMAP_MESSAGE)
 
 
-def _needs_autograd(log_prob):
-    """Whether the loss must go through autograd: log_prob requires grad, or it carries a
-    forward-mode tangent or a torch.func transform (which the autograd.Function refuses or
-    serves; the bare op would give a silent zero derivative)."""
-    if torch.is_grad_enabled() and log_prob.requires_grad:
-        return True
-    if torch.compiler.is_compiling():
-        return False
-    return torch._C._functorch.is_functorch_wrapped_tensor(log_prob) or forward_ad.unpack_dual(log_prob).tangent is not None
-
-
 def prepare(length, *, tokens=None, q=1e-6, r=1.0, p0=0.0, device="cuda", backend="auto"):
     """Build and pin, ahead of time, the tables that later calls will read (docs/compiled-steps.md).
 
@@ -296,8 +284,8 @@ def kpo_loss(
             totals (`agg="token-sum"` with weights, or `kpo_kernels.context_parallel`).
         metrics: "full" (default): every metric of `METRIC_NAMES`; "basic": all but the
             innovation and sign-flip diagnostics (`DIAGNOSTIC_METRICS`, docs/math.md section
-            5b), which are then neither computed nor returned: about half the fused forward's
-            instructions on a GPU (benchmarks/RESULTS.md). The loss and gradient are the same.
+            5b), which are then neither computed nor returned: about a third fewer of the fused
+            forward's instructions on a GPU in the static model (benchmarks/RESULTS.md). The loss and gradient are the same.
         backend: "auto", "torch", "triton" or a `Backend` instance.
 
     Returns:
@@ -341,7 +329,8 @@ def kpo_loss(
     impl = resolve_backend(backend, batch.device, log_prob.dtype)
     if not compiling():  # compiled: the op checks the numbers (see ops.loss_arguments)
         impl.check_options(options.filter)
-    need_grad = _needs_autograd(log_prob)
+    ops.refuse_forward_mode(log_prob)
+    need_grad = ops.needs_autograd(log_prob)
     arguments = ops.loss_arguments(batch, state, options, backend_key(impl), need_grad)
     run = _KPOLossFunction.apply if need_grad else torch.ops.kpo_kernels.kpo_loss
     loss, metric_vector, *_ = run(*arguments)

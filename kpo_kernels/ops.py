@@ -32,7 +32,10 @@ Autograd sits on top, in `api` (an autograd.Function, which torch.func transform
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.types import Number
 
 from .dispatch import lookup
@@ -47,10 +50,38 @@ from .validation import (
     compiling,
 )
 
+FORWARD_MODE_MESSAGE = (
+    "kpo_kernels does not support forward mode AD (torch.func.jvp, jacfwd, torch.func.hessian, "
+    "forward_ad.make_dual): use reverse mode (backward, torch.func.grad, jacrev); the loss's Hessian "
+    "in log_prob is diagonal, d g / d log_prob = g (docs/api.md, Autograd)"
+)
 VMAP_MESSAGE = (
     "kpo_kernels does not support torch.func.vmap: its inputs are already batches of independent "
     "sequences; stack them into one (B, T) batch (or pack them with cu_seqlens)"
 )
+
+
+def refuse_forward_mode(log_prob):
+    """Forward mode AD reaches the loss as a dual tensor (forward_ad.make_dual) or under a jvp
+    transform (torch.func.jvp, jacfwd, torch.func.hessian): refused, saying what to use instead.
+    (A `jvp` method on the autograd.Function would say it too, but Dynamo refuses to trace a
+    Function that has one.)"""
+    if torch.compiler.is_compiling():
+        return
+    under_jvp = any(level.key() == TransformType.Jvp for level in retrieve_all_functorch_interpreters())
+    if under_jvp or forward_ad.unpack_dual(log_prob).tangent is not None:
+        raise NotImplementedError(FORWARD_MODE_MESSAGE)
+
+
+def needs_autograd(log_prob):
+    """Whether the loss must go through autograd: log_prob requires grad, or it carries a
+    forward-mode tangent or a torch.func transform (which the autograd.Function refuses or
+    serves; the bare op would give a silent zero derivative)."""
+    if torch.is_grad_enabled() and log_prob.requires_grad:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.is_functorch_wrapped_tensor(log_prob) or forward_ad.unpack_dual(log_prob).tangent is not None
 
 
 def _filter_options(q, r, p0, x0, skip):
