@@ -1,6 +1,6 @@
 """A static performance model of the Triton backend on H100 and H200, from its compiled code.
 
-    python -m benchmarks.static_model [--json PATH] [--markdown PATH] [--cases 512x8192:fp32,...]
+    python -m benchmarks.static_model [--json PATH] [--cases 512x8192:fp32,... | --few-long-rows]
 
 No GPU needed (nor used). For each standard case it records every launch the backend makes on a
 CUDA device (`benchmarks/sm90.py`: the launcher's CUDA plan with 132 SMs), compiles each with
@@ -23,7 +23,8 @@ Triton's launch-time specialisation for sm_90a, and reads from the cubin and its
 Then a roofline per kernel: time = max(issue, bandwidth) + tail + a launch cost, where issue =
 ceil(programs / SMs) x warp-instructions per program / (4 schedulers x clock x ISSUE_EFFICIENCY)
 (the busiest SM, at the fraction of the peak issue rate measured on an H200), bandwidth =
-bytes / copy bandwidth and tail = the tail's warp-instructions at one SM's rate. Everything
+bytes / copy bandwidth and tail = the tail's warp-instructions at one SM's rate. Last, each
+few-long-rows case's throughput against the many-row case of its dtype (`few_long_rows`). Everything
 here is a MODEL; `benchmarks/RESULTS.md` sets it beside what a GPU measured. Assumptions are in MACHINES and LAUNCH_US.
 """
 
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 import kpo_kernels
-from kpo_kernels.bench.cases import DTYPES, Case, fused_bytes
+from kpo_kernels.bench.cases import DTYPES, LONG_ROWS, Case, fused_bytes
 from kpo_kernels.bench.data import rl_batch
 
 from . import sm90
@@ -68,6 +69,10 @@ ISSUE_EFFICIENCY = 0.55
 REGISTER_FILE, MAX_WARPS, MAX_PROGRAMS, SHARED_BYTES = 65536, 64, 32, 228 * 1024
 DEFAULT_CASES = ("64x4096:fp32,512x8192:fp32,512x8192:bf16,512x8192:bf16:packed,512x8192:fp32:packed,2x131072:fp32,"
                  "8x131072:bf16,512x8192:fp32:basic,512x8192:bf16:packed:basic,512x8192:fp32:int64mask")
+# --few-long-rows: the speed issue's grid of few long rows (B = 1..8, T = 32k..128k), each dtype beside
+# the many-row case its throughput is compared with
+FEW_LONG_ROWS = ",".join(f"{rows}x{length}:{dtype}" for dtype in ("fp32", "bf16") for length in (32768, 131072)
+                         for rows in (1, 2, 4, 8)) + ",512x8192:fp32,512x8192:bf16"
 
 
 def parse_cases(text):
@@ -304,8 +309,39 @@ def model_case(case, packed, metrics="full", mask_dtype=torch.bool):
     step = {m.name: sum(r[m.name]["model_us"] for r in rows) + LAUNCH_US * len(torch_launches) for m in MACHINES}
     moved = fused_bytes(case) * tokens // case.tokens  # packed: only the valid tokens travel
     floor = {m.name: moved / (m.copy_tbps * 1e6) for m in MACHINES}
-    return {"case": label, "tokens": tokens, "fused_bytes": moved, "launches": rows, "torch_launches": torch_launches,
+    plain = not packed and metrics == "full" and mask_dtype == torch.bool
+    return {"case": label, "rows": case.rows, "length": case.length, "dtype": case.dtype_name, "plain": plain,
+            "tokens": tokens, "fused_bytes": moved, "launches": rows, "torch_launches": torch_launches,
             "step_us": step, "copy_floor_us": floor}
+
+
+def few_long_rows(results, machine):
+    """Throughput (tokens / us) of each plain few-long-rows case (T > LONG_ROWS, padded, every
+    metric, a bool mask) over that of the plain many-row case of the same dtype with the most
+    tokens in `results` (the speed issue's goal: at least 1/2), and its marginal throughput:
+    between it and the case of the same T and dtype with the next fewer rows, the added tokens
+    over the added time, over the many-row throughput. The rest of a step is a fixed cost
+    (launches, the last program's finalize) that a few rows do not amortise."""
+    def rate(result):
+        return result["tokens"] / result["step_us"][machine]
+
+    plain = [r for r in results if r.get("plain")]
+    many = {}
+    for r in plain:
+        if r["length"] <= LONG_ROWS and r["tokens"] > many.get(r["dtype"], {"tokens": 0})["tokens"]:
+            many[r["dtype"]] = r
+    rows = []
+    for r in sorted((r for r in plain if r["length"] > LONG_ROWS and r["dtype"] in many),
+                    key=lambda r: (r["dtype"], r["length"], r["rows"])):
+        base = rate(many[r["dtype"]])
+        fewer = [o for o in plain if (o["dtype"], o["length"]) == (r["dtype"], r["length"]) and o["rows"] < r["rows"]]
+        marginal = None
+        if fewer:
+            prev = max(fewer, key=lambda o: o["rows"])
+            added = r["step_us"][machine] - prev["step_us"][machine]
+            marginal = (r["tokens"] - prev["tokens"]) / added / base if added > 0 else None
+        rows.append({"case": r["case"], "against": many[r["dtype"]]["case"], "ratio": rate(r) / base, "marginal": marginal})
+    return rows
 
 
 def report(results):
@@ -327,15 +363,24 @@ def report(results):
                 f" H200 {h['model_us']:.1f} us ({h['bound']})"
             )
         lines.extend(f"  {name:26s} one launch, {LAUNCH_US:.1f} us" for name in result.get("torch_launches", []))
+    machine = MACHINES[0].name
+    compared = few_long_rows(results, machine)
+    if compared:
+        lines += ["", f"Few long rows against many rows ({machine}; tokens per us over the many-row case's, goal >= 0.5;"
+                      " marginal: the tokens added over the case with fewer rows, over the time they add):"]
+        lines += [f"  {c['case']:18s} {c['ratio']:.2f} of {c['against']}"
+                  + ("" if c["marginal"] is None else f", marginal {c['marginal']:.2f}") for c in compared]
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=DEFAULT_CASES, help="ROWSxLENGTH:DTYPE[:packed][:basic][:int64mask], comma-separated")
+    parser.add_argument("--few-long-rows", action="store_true", help="the speed issue's few-long-rows grid (B = 1..8, "
+                        "T = 32768 and 131072, fp32 and bf16) beside 512 x 8192; replaces --cases")
     parser.add_argument("--json", help="write the model here")
     args = parser.parse_args(argv)
-    cases = parse_cases(args.cases)
+    cases = parse_cases(FEW_LONG_ROWS if args.few_long_rows else args.cases)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("run without TRITON_INTERPRET=1: interpreted kernels cannot be compiled")
     results = [model_case(*item) for item in cases]

@@ -204,3 +204,26 @@ def test_a_packed_step_plans_its_tiles_once():
         names = [kernel.fn.__name__ for kernel, _, _, _ in sm90.record(run)]
         assert names.count("tile_offsets_kernel") == expected, names
         assert names.count("kpo_loss_bwd_kernel") == 1, names
+
+
+def test_few_long_rows_against_many_rows():
+    """Each plain few-long-rows case over the many-row case of its dtype with the most tokens,
+    and the marginal throughput from the case with the next fewer rows; packed or basic cases
+    and other dtypes are not compared."""
+    machine = static_model.MACHINES[0].name
+
+    def result(rows, length, us, dtype="fp32", plain=True):
+        return {"case": f"{rows}x{length} {dtype}", "rows": rows, "length": length, "dtype": dtype, "plain": plain,
+                "tokens": rows * length, "step_us": {machine: us}}
+
+    results = [result(64, 4096, 10.0), result(512, 8192, 40.0), result(512, 8192, 1.0, plain=False),
+               result(2, 131072, 16.0), result(8, 131072, 28.0), result(4, 131072, 20.0), result(1, 32768, 10.0),
+               result(8, 131072, 1.0, dtype="bf16")]
+    compared = static_model.few_long_rows(results, machine)
+    many = 512 * 8192 / 40.0
+    assert [c["case"] for c in compared] == ["1x32768 fp32", "2x131072 fp32", "4x131072 fp32", "8x131072 fp32"]
+    assert all(c["against"] == "512x8192 fp32" for c in compared)
+    assert compared[1]["ratio"] == pytest.approx(2 * 131072 / 16.0 / many)
+    assert compared[0]["marginal"] is None and compared[1]["marginal"] is None  # no case with fewer rows at its T
+    assert compared[2]["marginal"] == pytest.approx(2 * 131072 / 4.0 / many)  # 2 -> 4 rows in 4 us more
+    assert compared[3]["marginal"] == pytest.approx(4 * 131072 / 8.0 / many)
