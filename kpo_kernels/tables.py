@@ -38,6 +38,11 @@ VARIANCE_RATIOS = "variance_ratios"
 LOG_VARIANCE_RATIOS = "log_variance_ratios"  # log w, computed in float64 (the fused forward's log-likelihood)
 MAX_BYTES = 64 << 20  # per device, every kind together (README)
 MAX_ENTRIES = 1024  # per device: bounds the host memory of many small tables
+# The longest table built (2 GiB of float64 gains): past it an entering state's count (or a
+# sequence) is refused with a ValueError rather than left to the allocator. Only q = 0 or a q
+# whose gains saturate this late (q below about 1e-14) needs a table this long, and then only
+# for a count or a length of hundreds of millions of observations.
+MAX_TABLE_ENTRIES = 1 << 28
 
 
 def table_length(longest, q, r, p0):
@@ -211,6 +216,12 @@ class TableCache:
         """The `kind` table (float `dtype`, on `device`) for sequences of up to `longest` tokens."""
         device = canonical_device(device)
         length = table_length(longest, q, r, p0)
+        if length > MAX_TABLE_ENTRIES:
+            raise ValueError(
+                f"initial_state.count: the gains at q / r = {float(q) / float(r):g} do not saturate within "
+                f"{MAX_TABLE_ENTRIES} observations, and these sequences reach observation {longest} (their "
+                f"length plus the count they enter with): a table that long is refused; is the count right?"
+            )
         base = (kind, float(q) / float(r), float(p0) / float(r), dtype)
         owner = getattr(self._local, "owner", None)
         captured = capturing(device)

@@ -97,6 +97,44 @@ def test_sign_codes_out_of_the_int8_range_are_refused():
     kpo_kernels.kalman_filter(z, initial_state=state, backend="torch")
 
 
+@pytest.mark.parametrize("q", [0.0, 1e-20, 1e-6])
+def test_a_count_beyond_any_table_is_refused_or_clamped(q):
+    """An entering count the gains have not saturated by needs a table of count + length
+    entries: past tables.MAX_TABLE_ENTRIES (a garbage count, say) a ValueError naming
+    initial_state.count, not an allocator error after gigabytes (q = 0 never saturates, 1e-20
+    only after ~1e11 observations). A q whose gains saturate early clamps any count."""
+    z = torch.full((1, 8), 0.1)
+    state = FilterState(torch.zeros(1), torch.tensor([2**40]), torch.full((1,), 9, dtype=torch.int8))
+    for backend in ("torch", triton_backend()):
+        call = lambda: kpo_kernels.kalman_filter(z, q=q, initial_state=state, backend=backend)  # noqa: E731
+        if q < 1e-14:
+            with pytest.raises(ValueError, match="initial_state.count: the gains at q / r = .* do not saturate"):
+                call()
+        else:
+            saturated = kpo_kernels.kalman_filter(z, q=q, initial_state=state._replace(count=torch.tensor([10**7])),
+                                                  backend=backend)
+            assert torch.equal(call(), saturated)
+
+
+def test_triton_tables_on_cuda_are_sized_by_saturation_or_by_the_count():
+    """On CUDA the Triton backend sizes an entering state's tables to the gains' saturation (no
+    host read) unless they saturate past tables.MAX_TABLE_ENTRIES (q = 0, or q below ~1e-14):
+    then by the largest count, read once (a stand-in for a CUDA count tensor: no GPU here)."""
+    import types
+
+    from kpo_kernels.backends.triton_backend import TritonBackend
+    from kpo_kernels.gains import saturation_index
+
+    reads = []
+    count = types.SimpleNamespace(numel=lambda: 2, device=torch.device("cuda", 0),
+                                  max=lambda: reads.append(1) or torch.tensor(5))
+    tiling = types.SimpleNamespace(longest=100)
+    for q, want in ((1e-6, saturation_index(1e-6, 1.0, 0.0) + 1), (1e-20, 105), (0.0, 105)):
+        options = types.SimpleNamespace(q=q, r=1.0, p0=0.0)
+        assert TritonBackend._table_longest(tiling, options, count) == want
+    assert len(reads) == 2
+
+
 def test_context_parallel_stream_refuses_per_sequence_advantages_of_shape_s():
     """(S,) advantages of a 1-D stream would read as one per token on a rank whose token count
     happens to be S (and as one per sequence elsewhere): refused, as kpo_loss refuses them for a

@@ -195,16 +195,16 @@ class TritonBackend(LaunchPlan, NoiseFitLaunch, Backend):
         the observations consumed before when sequences enter with a state (the gain index
         runs up to count + length). Counts on the CPU give it exactly; on CUDA, without a host
         synchronisation, the tables run to the gains' saturation (q > 0), past which every
-        gain index is clamped. q = 0 never saturates: there the largest count is read (one
-        synchronisation)."""
+        gain index is clamped. q = 0 never saturates, and a q below about 1e-14 saturates past
+        tables.MAX_TABLE_ENTRIES: there the largest count is read (one synchronisation)."""
         if count is None or count.numel() == 0:
             return tiling.longest
         if count.device.type == "cpu":
             return tiling.longest + max(0, int(count.max()))
         saturation = saturation_index(options.q, options.r, options.p0)
-        if saturation is not None:
+        if saturation is not None and saturation < tables.MAX_TABLE_ENTRIES:
             return max(tiling.longest, saturation + 1)
-        return tiling.longest + max(0, int(count.max()))  # q = 0 on CUDA: the one synchronisation
+        return tiling.longest + max(0, int(count.max()))  # q = 0 (or tiny) on CUDA: the one synchronisation
 
     @staticmethod
     def _state_args(state):
