@@ -34,8 +34,6 @@ from typing import Optional
 import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
-from torch._C._functorch import TransformType
-from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.types import Number
 
 from .dispatch import lookup
@@ -61,6 +59,18 @@ VMAP_MESSAGE = (
 )
 
 
+try:  # torch.func's transform stack (private: without it, a jvp ends in PyTorch's own error)
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _functorch_levels
+
+    _JVP = TransformType.Jvp
+except ImportError:  # pragma: no cover
+    _JVP = None
+
+    def _functorch_levels():
+        return ()
+
+
 def refuse_forward_mode(log_prob):
     """Forward mode AD reaches the loss as a dual tensor (forward_ad.make_dual) or under a jvp
     transform (torch.func.jvp, jacfwd, torch.func.hessian): refused, saying what to use instead.
@@ -68,7 +78,7 @@ def refuse_forward_mode(log_prob):
     Function that has one.)"""
     if torch.compiler.is_compiling():
         return
-    under_jvp = any(level.key() == TransformType.Jvp for level in retrieve_all_functorch_interpreters())
+    under_jvp = any(level.key() == _JVP for level in _functorch_levels())
     if under_jvp or forward_ad.unpack_dual(log_prob).tangent is not None:
         raise NotImplementedError(FORWARD_MODE_MESSAGE)
 
