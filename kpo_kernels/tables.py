@@ -218,9 +218,9 @@ class TableCache:
         length = table_length(longest, q, r, p0)
         if length > MAX_TABLE_ENTRIES:
             raise ValueError(
-                f"initial_state.count: the gains at q / r = {float(q) / float(r):g} do not saturate within "
-                f"{MAX_TABLE_ENTRIES} observations, and these sequences reach observation {longest} (their "
-                f"length plus the count they enter with): a table that long is refused; is the count right?"
+                f"initial_state.count (or the sequence length): the gains at q / r = {float(q) / float(r):g} do "
+                f"not saturate within {MAX_TABLE_ENTRIES} observations, and these sequences reach observation "
+                f"{longest} (their length plus the count they enter with): a table that long is refused"
             )
         base = (kind, float(q) / float(r), float(p0) / float(r), dtype)
         owner = getattr(self._local, "owner", None)
