@@ -24,6 +24,15 @@ def _significant(value, bits, rounding=round):
     return math.ldexp(rounding(mantissa * (1 << bits)), exponent - bits)
 
 
+def _any_rank(flag, group, device):
+    """Whether `flag` is True on any rank of `group` (one all-reduce, read on the host)."""
+    import torch.distributed as dist
+
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item())
+
+
 def round_fitted(q, r, q_range=None):
     """(q', r'): a fit's Q and R with Q / R the point nearest the fit among the grid of
     `RATIO_STEPS_PER_DECADE` steps a decade and `q_range`'s ends (those inside the range; the ends
@@ -77,7 +86,9 @@ class NoiseTracker:
         min_tokens: a micro-batch (over the group) with fewer tokens keeps the previous Q and R.
         group: "auto" (default: the default `torch.distributed` group when one is initialised
             with more than one process, else none), None (no collective), or a process group:
-            the fit's sums are all-reduced over it, so every rank gets the same Q and R.
+            the fit's sums are all-reduced over it, so every rank gets the same Q and R. The ranks
+            first agree whether any of them wants a fit (one all-reduce a call); those that do
+            not join it with no tokens.
         max_tokens: the per-step fit's budget (default `PER_STEP_MAX_TOKENS`, 32768): a micro-batch
             of more positions (rows x longest sequence) is fitted on every k-th sequence,
             `estimate_noise`'s cap (cheaper, statistically noisier: docs/choosing-q-and-r.md);
@@ -131,11 +142,23 @@ class NoiseTracker:
         """Fit if the mode asks for it (see the class docstring); return `options`."""
         stale = check_bool("stale", stale)
         self.metrics["refit"] = 0.0
-        if self.mode == "off" or not stale or (self.mode == "per_generation" and not self._pending):
+        if self.mode == "off":
+            return self.options
+        wanted = stale and (self.mode == "per_step" or self._pending)
+        group = self._group()
+        if group is not None:
+            # The fit's sums are all-reduced: every rank joins a fit that any rank wants (one
+            # on-policy, or with its micro-batch all masked, would otherwise skip it and pair its
+            # next collective with the others' fit). A rank that does not want it adds no tokens.
+            if not _any_rank(wanted, group, log_ratio.device):
+                return self.options
+            if not wanted:
+                mask = torch.zeros(log_ratio.shape, dtype=torch.bool, device=log_ratio.device)
+        elif not wanted:
             return self.options
         fit = estimate_noise(
             log_ratio.detach(), mask, cu_seqlens=cu_seqlens, mask_mode=self.mask_mode, p0=self.p0_ratio, x0=self.x0,
-            q_range=self.q_range, min_tokens=self.min_tokens, fallback=(self.q, self.r), group=self._group(),
+            q_range=self.q_range, min_tokens=self.min_tokens, fallback=(self.q, self.r), group=group,
             max_tokens=self.max_tokens if self.mode == "per_step" else None, backend=self.backend,
         )
         values = torch.stack([fit.q, fit.r, fit.drift_evidence, fit.at_boundary.double(), fit.status.double()]).tolist()

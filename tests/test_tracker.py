@@ -226,6 +226,46 @@ def test_data_parallel_ranks_get_the_same_fit_that_of_the_pooled_data(tmp_path):
     assert results[0]["metrics"]["refit"] == 1.0
 
 
+def _rank_disagreeing(rank, world, path, out):
+    """Rank 1 never wants a fit (an on-policy micro-batch: stale=False); rank 0 does. A
+    collective after each call checks that the two ranks' collectives still pair up."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    try:
+        z, mask = batch(10)
+        results = {}
+        for mode in ("per_step", "per_generation"):
+            tracker = NoiseTracker(mode)
+            calls = []
+            for _ in range(2):  # per_generation: the second call is within the same generation
+                calls.append((dict(tracker(z, mask, stale=rank == 0)), tracker.metrics["refit"]))
+                marker = torch.tensor([float(rank + 1)])
+                dist.all_reduce(marker)
+                calls.append(float(marker))
+            results[mode] = calls
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_join_a_fit_any_rank_wants(tmp_path):
+    """A rank whose micro-batch is on-policy (or all masked) joins the fit the others want, with
+    no tokens of its own: skipping it would pair its next collective (a gradient all-reduce)
+    with the others' fit. Both ranks get the fit of rank 0's data alone, per_step at every
+    call, per_generation once a generation."""
+    mp.spawn(_rank_disagreeing, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert results[0] == results[1]
+    want_q, want_r = tracked(estimate_noise(*batch(10)))
+    for mode, refits in (("per_step", [1.0, 1.0]), ("per_generation", [1.0, 0.0])):
+        (first, refit_1), marker_1, (second, refit_2), marker_2 = results[0][mode]
+        assert (marker_1, marker_2) == (3.0, 3.0)
+        assert [refit_1, refit_2] == refits
+        assert first["q"] == second["q"] == pytest.approx(want_q, rel=1e-9)
+        assert first["r"] == pytest.approx(want_r, rel=1e-12)
+
+
 def test_backend_is_checked_and_passed_to_the_fit(monkeypatch):
     """`backend` is refused by name at construction when it names no backend, and each fit
     runs on the one given (trainers pass their loss's)."""

@@ -15,30 +15,36 @@ from kpo_kernels.tracker import FIT_METRICS  # noqa: E402
 from test_trl import config, prompts, reward_a, tiny_model, tiny_tokenizer  # noqa: E402
 
 
-def train(tmp_path, monkeypatch, kalman_fit):
+def train(tmp_path, monkeypatch, kalman_fit, evaluate=False):
+    """The training calls of kpo_loss (q, r, stale) and TRL's step logs; evaluate: an evaluation
+    (its own generation and loss) after every optimizer step."""
     calls = []
     real_kpo_loss = integration.kpo_loss
 
     def spy(log_prob, old_log_prob, advantages, mask, **options):
-        calls.append((options["q"], options["r"], bool((log_prob.detach() != old_log_prob).any())))
+        if log_prob.requires_grad:  # a training micro-batch (evaluation runs without gradients)
+            calls.append((options["q"], options["r"], bool((log_prob.detach() != old_log_prob).any())))
         return real_kpo_loss(log_prob, old_log_prob, advantages, mask, **options)
 
     monkeypatch.setattr(integration, "kpo_loss", spy)
+    evaluation = dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4) if evaluate else {}
     args = config(tmp_path, steps_per_generation=2, num_iterations=2, max_steps=8, kalman_fit=kalman_fit,
-                  kalman_fit_min_tokens=8, max_completion_length=16)
+                  kalman_fit_min_tokens=8, max_completion_length=16, **evaluation)
     trainer = KPOGRPOTrainer(model=tiny_model(), reward_funcs=reward_a, args=args, train_dataset=prompts(),
-                             processing_class=tiny_tokenizer())
+                             eval_dataset=prompts() if evaluate else None, processing_class=tiny_tokenizer())
     assert trainer.noise_tracker.backend == args.kpo_backend  # the fit runs where the loss runs
     trainer.train()
     steps = [log for log in trainer.state.log_history if "loss" in log]
     return calls, steps
 
 
+@pytest.mark.parametrize("evaluate", [False, True], ids=["train", "with-evaluation"])
 @pytest.mark.parametrize("kalman_fit", ["per_step", "per_generation"])
-def test_trl_fits_q_and_r_while_training(tmp_path, monkeypatch, kalman_fit):
+def test_trl_fits_q_and_r_while_training(tmp_path, monkeypatch, kalman_fit, evaluate):
     """2 generations x 4 optimizer steps: the first step of each generation is on-policy (never
-    fitted); per_step fits the other three, per_generation the first of them only."""
-    calls, steps = train(tmp_path, monkeypatch, kalman_fit)
+    fitted); per_step fits the other three, per_generation the first of them only. The same
+    with an evaluation after every step: its generation is no rollout batch of training."""
+    calls, steps = train(tmp_path, monkeypatch, kalman_fit, evaluate)
     assert len(calls) == 8 and len(steps) == 8
     assert calls[0][:2] == (1e-6, 1.0)  # before any fit: kalman_q, kalman_r
     refits = [log["kpo/refit"] for log in steps]

@@ -239,10 +239,13 @@ class KPOGRPOTrainer(GRPOTrainer):
         self._kpo_generated_at = None
 
     def _generate_and_score_completions(self, inputs):
-        """TRL's generation; marks a new rollout batch for the noise tracker."""
-        self._kpo_generated_at = self.state.global_step
-        if self.noise_tracker is not None:
-            self.noise_tracker.new_generation()
+        """TRL's generation; a training one marks a new rollout batch for the noise tracker (an
+        evaluation's generation is none: marking it would leave the next training micro-batches
+        unfitted as if on-policy, or refit per_generation in the middle of a generation)."""
+        if self.model.training:
+            self._kpo_generated_at = self.state.global_step
+            if self.noise_tracker is not None:
+                self.noise_tracker.new_generation()
         return super()._generate_and_score_completions(inputs)
 
     def _aggregation(self, batch_size, inputs, mode):
