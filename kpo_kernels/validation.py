@@ -1,7 +1,9 @@
 """Argument checks, run before any kernel. Every error names the offending argument."""
 
+import contextlib
 import math
 import numbers
+import re
 import sys
 
 import torch
@@ -236,6 +238,21 @@ def check_loss_options(
 def _check_agg(agg):
     if agg not in AGG_MODES:
         raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+
+
+@contextlib.contextmanager
+def config_names(names):
+    """Trainer configs: a TypeError or ValueError raised inside whose message begins with a
+    kpo_loss keyword of `names` (keyword -> the config's key for it) is raised again with the
+    config key in front ("kalman_q: q (process noise variance) must be >= 0, ...")."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        text = str(error)
+        keyword = next((k for k in sorted(names, key=len, reverse=True) if re.match(rf"{re.escape(k)}\b", text)), None)
+        if keyword is None or names[keyword] == keyword:
+            raise
+        raise type(error)(f"{names[keyword]}: {text}") from error
 
 
 def check_metrics(metrics, name="metrics"):

@@ -75,3 +75,20 @@ def test_trl_fits_q_and_r_while_training(tmp_path, monkeypatch, kalman_fit, eval
 def test_trl_config_refuses_bad_fit_options_by_name(tmp_path, bad, words):
     with pytest.raises((TypeError, ValueError), match=words):
         config(tmp_path, **bad)
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ({"epsilon": -0.1}, "^epsilon: clip_low must be >= 0"),
+        ({"epsilon_high": -0.1}, "^epsilon_high: clip_high must be >= 0"),
+        ({"is_clip": "yes"}, "^is_clip: clip must be a bool"),
+        ({"kalman_q": -1.0}, "^kalman_q: q .*process noise"),
+        ({"kalman_x0": math.inf}, "^kalman_x0: x0 must be finite"),
+        ({"log_ratio_cap": math.nan}, "^log_ratio_cap"),
+    ],
+)
+def test_trl_config_refuses_bad_loss_options_by_name(tmp_path, bad, words):
+    """The loss's options are checked as kpo_loss checks them, and named by the config's fields."""
+    with pytest.raises((TypeError, ValueError), match=words):
+        config(tmp_path, **bad)

@@ -187,11 +187,12 @@ def test_policy_loss_config_is_a_verl_policy_loss_config_with_kpo_defaults():
 @pytest.mark.parametrize(
     "bad, message",
     [
-        ({"kalman_r": 0.0}, "observation noise"),
-        ({"kalman_q": -1.0}, "process noise"),
-        ({"mask_mode": "holes"}, "mask_mode"),
-        ({"dual_clip": 1.0}, "dual_clip must be > 1"),
-        ({"is_clip": "yes"}, "clip must be a bool"),
+        ({"kalman_r": 0.0}, "^kalman_r: r .*observation noise"),  # the config's name first
+        ({"kalman_q": -1.0}, "^kalman_q: q .*process noise"),
+        ({"kalman_x0": float("nan")}, "^kalman_x0: x0 must be finite"),
+        ({"mask_mode": "holes"}, "^mask_mode must be one of"),
+        ({"dual_clip": 1.0}, "^dual_clip must be > 1"),
+        ({"is_clip": "yes"}, "^is_clip: clip must be a bool"),
         ({"kpo_metrics": "none"}, "kpo_metrics must be one of"),
         ({"kpo_metrics": True}, "kpo_metrics must be one of"),
     ],

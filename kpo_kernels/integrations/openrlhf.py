@@ -31,6 +31,7 @@ from openrlhf.models.loss import PolicyLoss
 from openrlhf.models.utils import masked_mean
 
 from ..api import kpo_loss
+from ..validation import config_names
 
 __all__ = ["KPO_OPTIONS", "LOGGED_METRICS", "KPOPolicyLoss", "enable", "disable", "main"]
 
@@ -231,7 +232,13 @@ def split_arguments(argv):
                 raise ValueError(f"--kpo.{name} needs a value")
             value, i = argv[i + 1], i + 1
         default = KPO_OPTIONS[name]
-        options[name] = value if isinstance(default, str) else (None if value.lower() == "none" else float(value))
+        if isinstance(default, str) or value.lower() == "none":
+            options[name] = value if isinstance(default, str) else None
+        else:
+            try:
+                options[name] = float(value)
+            except ValueError:
+                raise ValueError(f"--kpo.{name} must be a number or none, got {value!r}") from None
         i += 1
     return options, rest
 
@@ -261,7 +268,8 @@ def main(argv=None):
     from ._openrlhf_worker import ENV_VAR, HOOK
 
     options, rest = split_arguments(sys.argv[1:] if argv is None else argv)
-    KPOPolicyLoss(**options)  # fail before Ray starts
+    with config_names({name: f"--kpo.{name}" for name in KPO_OPTIONS}):
+        KPOPolicyLoss(**options)  # fail before Ray starts, naming the flag
     os.environ[ENV_VAR] = json.dumps(options)
     ray_init = ray.init
 

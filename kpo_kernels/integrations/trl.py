@@ -39,7 +39,7 @@ from ..fit_options import (
     FIT_MODES, PER_STEP_MAX_TOKENS, check_fit_mode, check_fit_prior, check_fit_range, check_max_tokens, check_min_tokens,
 )
 from ..tracker import FIT_METRICS, NoiseTracker
-from ..validation import check_metrics
+from ..validation import check_metrics, config_names
 
 __all__ = ["LOGGED_METRICS", "LOSS_TYPE_AGG", "KPOGRPOConfig", "KPOGRPOTrainer", "fit_options"]
 
@@ -185,7 +185,8 @@ class KPOGRPOConfig(GRPOConfig):
                 "which equals TRL's two-sided clip only there"
             )
         check_metrics(self.kpo_metrics, "kpo_metrics")  # by its config name
-        KPOLoss(**kpo_options(self), backend=self.kpo_backend)  # checks every value, as kpo_loss will
+        with config_names(CONFIG_NAMES):  # checks every value, as kpo_loss will, by the config's names
+            KPOLoss(**kpo_options(self), backend=self.kpo_backend)
         fit_options(self)  # and the fit's, by their config names
 
 
@@ -198,6 +199,12 @@ def fit_options(args):
     if mode != "off":
         check_fit_prior("kalman_p0", float(args.kalman_p0) / float(args.kalman_r), mode)
     return mode, {"q_range": q_range, "min_tokens": min_tokens, "max_tokens": max_tokens}
+
+
+# kpo_loss keywords -> the KPOGRPOConfig fields they come from (kpo_options)
+CONFIG_NAMES = {"q": "kalman_q", "r": "kalman_r", "p0": "kalman_p0", "x0": "kalman_x0", "clip": "is_clip",
+                "clip_low": "epsilon", "clip_high": "epsilon_high", "dual_clip": "delta", "metrics": "kpo_metrics",
+                "backend": "kpo_backend"}
 
 
 def kpo_options(args):

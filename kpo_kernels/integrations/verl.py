@@ -46,7 +46,7 @@ from ..fit_options import (
     PER_STEP_MAX_TOKENS, check_fit_mode, check_fit_prior, check_fit_range, check_max_tokens, check_min_tokens,
 )
 from ..tracker import FIT_METRICS, NoiseTracker
-from ..validation import check_metrics
+from ..validation import check_metrics, config_names
 
 __all__ = ["LOSS_MODE", "METRICS", "FIT_METRIC_NAMES", "KPOPolicyLossConfig", "compute_policy_loss_kpo", "kpo_loss_options"]
 
@@ -139,7 +139,8 @@ class KPOPolicyLossConfig(PolicyLossConfig):
                 + (f": {_BYPASS_MESSAGE}" if self.loss_mode == "bypass_mode" else "")
             )
         check_metrics(self.kpo_metrics, "kpo_metrics")  # by its config name
-        KPOLoss(**_hyperparameters(self))  # checks every value, as kpo_loss will
+        with config_names({keyword: field for field, keyword in _HYPERPARAMETERS.items()}):
+            KPOLoss(**_hyperparameters(self))  # checks every value, as kpo_loss will, by the config's names
         _fit_settings(self)  # and the fit's options, by their config names
 
 
