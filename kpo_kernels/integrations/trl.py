@@ -247,8 +247,7 @@ class KPOGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         """TRL's generation; a training one marks a new rollout batch for the noise tracker (an
-        evaluation's generation is none: marking it would leave the next training micro-batches
-        unfitted as if on-policy, or refit per_generation in the middle of a generation)."""
+        evaluation's is none: the next training steps would look on-policy, and go unfitted)."""
         if self.model.training:
             self._kpo_generated_at = self.state.global_step
             if self.noise_tracker is not None:
