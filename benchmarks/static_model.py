@@ -375,9 +375,10 @@ def report(results):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=DEFAULT_CASES, help="ROWSxLENGTH:DTYPE[:packed][:basic][:int64mask], comma-separated")
-    parser.add_argument("--few-long-rows", action="store_true", help="the speed issue's few-long-rows grid (B = 1..8, "
-                        "T = 32768 and 131072, fp32 and bf16) beside 512 x 8192; replaces --cases")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--cases", default=DEFAULT_CASES, help="ROWSxLENGTH:DTYPE[:packed][:basic][:int64mask], comma-separated")
+    which.add_argument("--few-long-rows", action="store_true", help="the speed issue's few-long-rows grid (B = 1..8, "
+                        "T = 32768 and 131072, fp32 and bf16) beside 512 x 8192")
     parser.add_argument("--json", help="write the model here")
     args = parser.parse_args(argv)
     cases = parse_cases(FEW_LONG_ROWS if args.few_long_rows else args.cases)

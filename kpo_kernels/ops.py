@@ -84,9 +84,9 @@ def refuse_forward_mode(log_prob):
 
 
 def needs_autograd(log_prob):
-    """Whether the loss must go through autograd: log_prob requires grad, or it carries a
-    forward-mode tangent or a torch.func transform (which the autograd.Function refuses or
-    serves; the bare op would give a silent zero derivative)."""
+    """Whether the loss must go through autograd: log_prob requires grad, or it is wrapped by a
+    torch.func transform (grad, jacrev: served by the autograd.Function; forward mode is refused
+    before, by refuse_forward_mode); the bare op would give a silent zero derivative."""
     if torch.is_grad_enabled() and log_prob.requires_grad:
         return True
     if torch.compiler.is_compiling():

@@ -25,9 +25,12 @@ def _significant(value, bits, rounding=round):
 
 
 def _any_rank(flag, group, device):
-    """Whether `flag` is True on any rank of `group` (one all-reduce, read on the host)."""
+    """Whether `flag` is True on any rank of `group`: one all-reduce of one number, on the CPU
+    where the group has gloo (no device synchronisation), else on `device` (the data's, where
+    the fit's own all-reduces run)."""
     import torch.distributed as dist
 
+    device = "cpu" if "gloo" in str(dist.get_backend(group)) else device
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return bool(value.item())
@@ -86,9 +89,11 @@ class NoiseTracker:
         min_tokens: a micro-batch (over the group) with fewer tokens keeps the previous Q and R.
         group: "auto" (default: the default `torch.distributed` group when one is initialised
             with more than one process, else none), None (no collective), or a process group:
-            the fit's sums are all-reduced over it, so every rank gets the same Q and R. The ranks
-            first agree whether any of them wants a fit (one all-reduce a call); those that do
-            not join it with no tokens.
+            the fit's sums are all-reduced over it, so every rank gets the same Q and R. A rank
+            that does not want a fit (stale=False, or per_generation's fit done) joins the
+            others' with no tokens: per_step fits at every call; per_generation first agrees
+            whether any rank wants one (one all-reduce of one number a call, on the CPU where
+            the group has gloo).
         max_tokens: the per-step fit's budget (default `PER_STEP_MAX_TOKENS`, 32768): a micro-batch
             of more positions (rows x longest sequence) is fitted on every k-th sequence,
             `estimate_noise`'s cap (cheaper, statistically noisier: docs/choosing-q-and-r.md);
@@ -103,8 +108,9 @@ class NoiseTracker:
 
     Calling it (`tracker(log_ratio, mask=None, *, cu_seqlens=None, stale=True)`) returns the
     keywords {"q", "r", "p0"} for `kpo_loss`. It fits when the mode asks for it and `stale` is
-    True (pass False for a micro-batch known to be on-policy); a fit reads its few numbers back
-    to the host once (`kpo_loss` takes q and r as Python numbers). A fitted Q / R is rounded to
+    True (pass False for a micro-batch known to be on-policy), or, under a group, when another
+    rank wants one (`group`); a fit reads its few numbers back to the host once (`kpo_loss`
+    takes q and r as Python numbers). A fitted Q / R is rounded to
     `RATIO_STEPS_PER_DECADE` steps a decade (`round_fitted`): the loss then reuses the tables of
     earlier steps' ratios. `new_generation()` marks a new rollout batch for "per_generation".
     `metrics` holds the latest values of `FIT_METRICS`.
@@ -149,8 +155,9 @@ class NoiseTracker:
         if group is not None:
             # The fit's sums are all-reduced: every rank joins a fit that any rank wants (one
             # on-policy, or with its micro-batch all masked, would otherwise skip it and pair its
-            # next collective with the others' fit). A rank that does not want it adds no tokens.
-            if not _any_rank(wanted, group, log_ratio.device):
+            # next collective with the others' fit), adding no tokens if it does not want it.
+            # per_step fits at every call on every rank; per_generation first agrees (_any_rank).
+            if self.mode == "per_generation" and not _any_rank(wanted, group, log_ratio.device):
                 return self.options
             if not wanted:
                 mask = torch.zeros(log_ratio.shape, dtype=torch.bool, device=log_ratio.device)

@@ -249,10 +249,16 @@ def config_names(names):
         yield
     except (TypeError, ValueError) as error:
         text = str(error)
-        keyword = next((k for k in sorted(names, key=len, reverse=True) if re.match(rf"{re.escape(k)}\b", text)), None)
+        # the keyword as the subject ("q (process noise ...) must", "clip must"), not "q / r ..."
+        keyword = next((k for k in sorted(names, key=len, reverse=True)
+                        if re.match(rf"{re.escape(k)}( \(| must| =|=|$)", text)), None)
         if keyword is None or names[keyword] == keyword:
             raise
-        raise type(error)(f"{names[keyword]}: {text}") from error
+        try:
+            renamed = type(error)(f"{names[keyword]}: {text}")
+        except Exception:  # an exception type that takes other arguments: as it was
+            raise error from None
+        raise renamed from error
 
 
 def check_metrics(metrics, name="metrics"):

@@ -341,7 +341,7 @@ def test_launcher_arguments():
         split_arguments(["--kpo.kalman_q", "1"])
     with pytest.raises(ValueError, match="needs a value"):
         split_arguments(["--kpo.q"])
-    with pytest.raises(ValueError, match=r"--kpo.q must be a number or none, got 'abc'"):
+    with pytest.raises(ValueError, match=r"--kpo.q must be a number \(or none, where the option allows it\), got 'abc'"):
         split_arguments(["--kpo.q", "abc"])
     with pytest.raises(ValueError, match=r"^--kpo.q: q \(process noise variance\) must be >= 0"):
         kpo_openrlhf.main(["--kpo.q=-1"])  # checked by the flag's name before Ray starts

@@ -204,3 +204,22 @@ def test_a_tensors_device_is_checked_without_cuda_queries(monkeypatch):
     assert check_tensor_device("log_prob", torch.device("cuda", 3)) == torch.device("cuda", 3)
     with pytest.raises(ValueError, match="log_prob is on the meta device"):
         check_tensor_device("log_prob", torch.device("meta"))
+
+
+def test_config_names_rename_the_option_an_error_is_about():
+    """A trainer config's key goes in front of an error about its kpo_loss keyword, and only
+    when the keyword is the message's subject: not "clip" in "clip_low ...", nor "q" in "q / r"."""
+    from kpo_kernels.validation import config_names
+
+    names = {"q": "kalman_q", "clip": "is_clip"}
+    cases = [
+        ("q (process noise variance) must be >= 0, got -1.0", "kalman_q: q (process noise"),
+        ("clip must be a bool, got str 'yes'", "is_clip: clip must be a bool"),
+        ("q / r must be finite, got q=1.0, r=1e-320", "q / r must be finite"),
+        ("clip_low must be >= 0, got -0.1", "clip_low must be >= 0"),
+    ]
+    for message, starts in cases:
+        with pytest.raises(ValueError) as raised:
+            with config_names(names):
+                raise ValueError(message)
+        assert str(raised.value).startswith(starts)

@@ -78,6 +78,16 @@ def test_per_generation_refits_after_each_on_policy_micro_batch():
     assert seen[4] == (*fitted(third), 1.0)
 
 
+def test_per_generation_an_all_masked_micro_batch_is_no_new_generation():
+    """A micro-batch whose tokens are all masked has no stale token, but is not on-policy: it must
+    not mark a new rollout batch (under a process group every rank would then refit)."""
+    config = actor_config("token-mean", kalman_fit="per_generation", kalman_q=1e-6, kalman_r=1.0)
+    first, second = stale_batch(3), stale_batch(4)
+    masked = {**second, "mask": torch.zeros_like(second["mask"])}
+    refits = [call_verl_loss("kpo", batch, config)[1]["actor/kpo_refit"] for batch in (first, masked, second)]
+    assert refits == [1.0, 0.0, 0.0]
+
+
 def test_off_logs_what_it_logged_before():
     _, metrics, _ = call_verl_loss("kpo", stale_batch(6), actor_config(kalman_fit="off"))
     assert set(metrics) == set(METRICS)

@@ -238,7 +238,7 @@ def split_arguments(argv):
             try:
                 options[name] = float(value)
             except ValueError:
-                raise ValueError(f"--kpo.{name} must be a number or none, got {value!r}") from None
+                raise ValueError(f"--kpo.{name} must be a number (or none, where the option allows it), got {value!r}") from None
         i += 1
     return options, rest
 

@@ -279,11 +279,11 @@ def compute_policy_loss_kpo(
     if tracker is not None:  # whether this micro-batch is on-policy, read with the metrics
         valid = response_mask.bool()
         stale = ((log_prob.detach() != old_log_prob) & valid).any()
-        stacked.append(stale.to(stacked[0].dtype))
+        stacked += [stale.to(stacked[0].dtype), valid.any().to(stacked[0].dtype)]
     values = torch.stack(stacked).tolist()  # the one host sync
     logged = dict(zip(shown, values))
     if tracker is not None:
-        if values[-1] == 0.0:  # an on-policy micro-batch: a new rollout batch begins
+        if values[-2] == 0.0 and values[-1] == 1.0:  # on-policy (not all masked): a new rollout batch
             tracker.new_generation()
         logged.update({name: float(tracker.metrics[key]) for name, key in FIT_METRIC_NAMES.items()})
     return loss, logged
