@@ -285,7 +285,8 @@ def kpo_loss(
         metrics: "full" (default): every metric of `METRIC_NAMES`; "basic": all but the
             innovation and sign-flip diagnostics (`DIAGNOSTIC_METRICS`, docs/math.md section
             5b), which are then neither computed nor returned: about a third fewer of the fused
-            forward's instructions on a GPU in the static model (benchmarks/RESULTS.md). The loss and gradient are the same.
+            forward's instructions on a GPU in the static model (benchmarks/RESULTS.md). The
+            loss and gradient are the same.
         backend: "auto", "torch", "triton" or a `Backend` instance.
 
     Returns:

@@ -85,13 +85,13 @@ def refuse_forward_mode(log_prob):
 
 def needs_autograd(log_prob):
     """Whether the loss must go through autograd: log_prob requires grad, or it is wrapped by a
-    torch.func transform (grad, jacrev: served by the autograd.Function; forward mode is refused
-    before, by refuse_forward_mode); the bare op would give a silent zero derivative."""
+    torch.func transform (grad, jacrev: served by the autograd.Function; a forward-mode tangent
+    was refused before, by refuse_forward_mode); the bare op would give a silent zero derivative."""
     if torch.is_grad_enabled() and log_prob.requires_grad:
         return True
     if torch.compiler.is_compiling():
         return False
-    return torch._C._functorch.is_functorch_wrapped_tensor(log_prob) or forward_ad.unpack_dual(log_prob).tangent is not None
+    return torch._C._functorch.is_functorch_wrapped_tensor(log_prob)
 
 
 def _filter_options(q, r, p0, x0, skip):
